@@ -1,0 +1,95 @@
+"""Choosing the accelerator: KVM only when a guest provably runs under it.
+
+``/dev/kvm`` existing is not enough: on some hosts (nested setups, broken
+firmware) Linux guests hang under KVM. So ``auto`` boots SecVF's own kernel and
+initramfs under KVM with ``secvf_probe=1``; the initramfs prints
+:data:`PROBE_MARKER` and powers off at once. If the marker arrives within
+:data:`PROBE_TIMEOUT_S`, KVM works; otherwise TCG is used. The verdict is cached
+per host boot (keyed by ``/proc/sys/kernel/random/boot_id``) and QEMU binary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from secvf import paths
+from secvf.vmconfig import Accel
+
+PROBE_MARKER = "SECVF-PROBE-OK"
+PROBE_TIMEOUT_S = 10.0
+KVM_DEVICE = Path("/dev/kvm")
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator for one run and why it was chosen."""
+
+    accel: str  # "kvm" or "tcg"
+    reason: str  # human-readable justification, shown by status
+
+
+def choose_accel(requested: Accel, kernel: Path | None, initrd: Path | None) -> AccelChoice:
+    """Resolve ``requested`` into ``kvm`` or ``tcg`` (probing and caching for ``auto``)."""
+    if requested is Accel.TCG:
+        return AccelChoice("tcg", "requested")
+    if requested is Accel.KVM:
+        return AccelChoice("kvm", "requested")
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"{KVM_DEVICE} is not available")
+    cached = _read_cache()
+    if cached is not None:
+        return cached
+    if kernel is None or initrd is None:
+        return AccelChoice("tcg", "no SecVF kernel to probe KVM with (build an image)")
+    choice = probe_kvm(kernel, initrd)
+    _write_cache(choice)
+    return choice
+
+
+def probe_kvm(kernel: Path, initrd: Path, timeout_s: float = PROBE_TIMEOUT_S) -> AccelChoice:
+    """Boot ``kernel`` under KVM and report whether its initramfs reached userspace."""
+    argv = [
+        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+        "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 quiet secvf_probe=1",
+    ]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return AccelChoice("tcg", f"KVM probe: no guest output within {timeout_s:.0f} s")
+    except OSError as exc:
+        return AccelChoice("tcg", f"KVM probe could not run QEMU: {exc}")
+    if PROBE_MARKER.encode() in proc.stdout:
+        return AccelChoice("kvm", f"KVM probe booted in {time.monotonic() - started:.1f} s")
+    tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    return AccelChoice("tcg", f"KVM probe failed: {tail[0]}")
+
+
+def _cache_path() -> Path:
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "unknown"
+    return paths.cache_dir() / f"kvm-probe-{boot_id}.json"
+
+
+def _read_cache() -> AccelChoice | None:
+    try:
+        data = json.loads(_cache_path().read_text())
+        return AccelChoice(str(data["accel"]), str(data["reason"]) + " (cached for this boot)")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(choice: AccelChoice) -> None:
+    try:
+        _cache_path().write_text(json.dumps({"accel": choice.accel, "reason": choice.reason}))
+    except OSError:
+        pass

@@ -1,0 +1,296 @@
+"""The VM library: create, list, find, clone, rename, import and delete VM bundles.
+
+Every change to a VM happens under its edit lock, and every change that could
+fail half-way builds in a temporary directory first and renames it into place, so
+a failure never leaves a half-made VM or touches another VM's data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from secvf import paths, seclog
+from secvf.bundle import Bundle
+from secvf.errors import AlreadyExists, ConfigError, NotFound, SecVFError, StateError
+from secvf.locks import locked
+from secvf.names import validate_name
+from secvf.runstate import is_running
+from secvf.vmconfig import (
+    DiskImageBoot,
+    ImageBoot,
+    IsoBoot,
+    VMConfig,
+    load_config,
+    new_mac,
+    now_iso,
+    parse_config,
+    save_config,
+)
+
+
+class DiskError(SecVFError):
+    """A disk or image file cannot be used (missing, unreadable, wrong size)."""
+
+
+def bundle_for(name: str) -> Bundle:
+    """Return the bundle of VM ``name`` (validating the name; the VM may not exist)."""
+    return Bundle(paths.vms_dir() / validate_name(name))
+
+
+def get_bundle(name: str) -> Bundle:
+    """Return the bundle of an existing VM.
+
+    Raises:
+        InvalidName: the name is not valid. NotFound: no such VM.
+    """
+    bundle = bundle_for(name)
+    if not bundle.config_file.exists():
+        raise NotFound(f"no VM named '{name}' (see: secvf vm list)")
+    return bundle
+
+
+def get_vm(name: str) -> tuple[Bundle, VMConfig]:
+    """Return an existing VM's bundle and validated config."""
+    bundle = get_bundle(name)
+    return bundle, bundle.load()
+
+
+@dataclass(frozen=True)
+class ListedVM:
+    """One row of ``vm list``: a valid config, or the error that makes it unusable."""
+
+    bundle: Bundle
+    config: VMConfig | None
+    error: str | None
+
+
+def list_vms() -> list[ListedVM]:
+    """Every VM in the library; a broken ``vm.json`` is listed with its error."""
+    out = []
+    for path in sorted(paths.vms_dir().iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        bundle = Bundle(path)
+        try:
+            out.append(ListedVM(bundle, bundle.load(), None))
+        except SecVFError as exc:
+            out.append(ListedVM(bundle, None, str(exc)))
+    return out
+
+
+def qemu_img(*args: str) -> str:
+    """Run ``qemu-img`` and return stdout, or raise :class:`DiskError` with its message."""
+    try:
+        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise DiskError("qemu-img is not installed (run scripts/install-system-deps.sh)") from None
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown error"
+        raise DiskError(f"qemu-img {args[0]} failed: {msg}")
+    return proc.stdout
+
+
+def image_info(path: Path) -> dict[str, object]:
+    """``qemu-img info`` of a disk file as a dict (format, virtual-size, ...)."""
+    if not path.is_file():
+        raise DiskError(f"disk image {path} does not exist or is not a file")
+    try:
+        data = json.loads(qemu_img("info", "--output=json", "-U", str(path)))
+    except json.JSONDecodeError as exc:
+        raise DiskError(f"cannot read disk image {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DiskError(f"cannot read disk image {path}")
+    return data
+
+
+def create_overlay(disk: Path, backing: Path, backing_format: str, size: int) -> None:
+    """Create a qcow2 copy-on-write overlay of ``backing`` (never modified)."""
+    base_size = int(image_info(backing).get("virtual-size", 0))  # type: ignore[call-overload]
+    if size < base_size:
+        raise DiskError(
+            f"disk size {size} bytes is smaller than the base image ({base_size} bytes)"
+        )
+    qemu_img("create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
+             str(disk), str(size))
+
+
+def create_vm(config: VMConfig) -> Bundle:
+    """Create a VM bundle from a validated config (disk overlay, vm.json, event).
+
+    Raises:
+        AlreadyExists, DiskError, ConfigError.
+    """
+    bundle = bundle_for(config.name)
+    if bundle.path.exists():
+        raise AlreadyExists(f"a VM named '{config.name}' already exists")
+    staging = paths.vms_dir() / f".creating-{config.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=0o700)
+    try:
+        _make_disk(Bundle(staging), config)
+        save_config(Bundle(staging).config_file, config)
+        try:
+            staging.rename(bundle.path)
+        except OSError as exc:
+            raise AlreadyExists(f"a VM named '{config.name}' already exists") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    seclog.write_event("vm_created", vm=config.name, vm_id=config.id, kind=str(config.kind),
+                       network=str(config.network), boot=config.boot.type)
+    return bundle
+
+
+def _make_disk(bundle: Bundle, config: VMConfig) -> None:
+    boot = config.boot
+    if isinstance(boot, ImageBoot):
+        from secvf.image import get_image
+
+        image = get_image(boot.image)
+        create_overlay(bundle.disk, image.rootfs, "raw", config.disk_bytes)
+    elif isinstance(boot, DiskImageBoot):
+        create_overlay(bundle.disk, Path(boot.path), boot.format, config.disk_bytes)
+    elif isinstance(boot, IsoBoot):
+        qemu_img("create", "-q", "-f", "qcow2", str(bundle.disk), str(config.disk_bytes))
+
+
+def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
+    """Delete a VM's bundle. A running VM is refused unless ``force`` (then stopped first).
+
+    Returns the config of the deleted VM (None if its vm.json was unreadable).
+    """
+    bundle = get_bundle(name)
+    config: VMConfig | None
+    try:
+        config = bundle.load()
+    except SecVFError:
+        config = None
+    if is_running(bundle):
+        if not force:
+            raise StateError(f"VM '{name}' is running; stop it first or use --force", "running")
+        from secvf.control import stop_vm
+
+        stop_vm(name, force=True)
+    with locked(bundle.edit_lock, f"VM '{name}'"):
+        trash = paths.vms_dir() / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+        bundle.path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    seclog.write_event("vm_deleted", vm=name, vm_id=config.id if config else None)
+    return config
+
+
+def clone_vm(src: str, dst: str) -> Bundle:
+    """Clone a stopped VM copy-on-write: the clone's disk is an overlay over a frozen
+    snapshot of the source's disk. New UUID and MAC; kind, network and image kept."""
+    bundle, config = get_vm(src)
+    dst_bundle = bundle_for(dst)
+    if dst_bundle.path.exists():
+        raise AlreadyExists(f"a VM named '{dst}' already exists")
+    with locked(bundle.edit_lock, f"VM '{src}'"):
+        if is_running(bundle):
+            raise StateError(f"VM '{src}' is running; stop it before cloning", "running")
+        frozen = _freeze_disk(bundle)
+        new = config.model_copy(
+            update={"id": str(uuid.uuid4()), "name": dst, "mac": new_mac(),
+                    "created_at": now_iso(), "updated_at": now_iso()}
+        )
+        staging = paths.vms_dir() / f".cloning-{dst}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(mode=0o700)
+        try:
+            qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen),
+                     str(Bundle(staging).disk), str(config.disk_bytes))
+            save_config(Bundle(staging).config_file, new)
+            staging.rename(dst_bundle.path)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    seclog.write_event("vm_cloned", vm=dst, vm_id=new.id, source=src, source_id=config.id)
+    return dst_bundle
+
+
+def _freeze_disk(bundle: Bundle) -> Path:
+    """Turn the VM's current disk into a read-only snapshot layer and give the VM a
+    fresh overlay over it, so source and clone can both keep writing safely."""
+    layers = paths.secvf_home() / "layers"
+    paths.ensure_private_dir(layers)
+    frozen = layers / f"{uuid.uuid4()}.qcow2"
+    shutil.move(bundle.disk, frozen)
+    frozen.chmod(0o400)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen), str(bundle.disk))
+    return frozen
+
+
+def rename_vm(old: str, new: str) -> None:
+    """Rename a stopped VM (its UUID, and so its runtime files, do not change)."""
+    bundle, config = get_vm(old)
+    dst = bundle_for(new)
+    with locked(bundle.edit_lock, f"VM '{old}'"):
+        if is_running(bundle):
+            raise StateError(f"VM '{old}' is running; stop it before renaming", "running")
+        if dst.path.exists():
+            raise AlreadyExists(f"a VM named '{new}' already exists")
+        save_config(bundle.config_file,
+                    config.model_copy(update={"name": new, "updated_at": now_iso()}))
+        bundle.path.rename(dst.path)
+    seclog.write_event("vm_renamed", vm=new, vm_id=config.id, old_name=old)
+
+
+def import_vm(source: Path, *, name: str | None = None) -> Bundle:
+    """Import a VM bundle directory (``vm.json`` + ``disk.qcow2``) made by export or copy.
+
+    Everything read is validated like ``create``: the config, the kind's channel
+    rules, the disk and its backing chain. The imported VM gets a new UUID and MAC.
+    """
+    src = Bundle(source)
+    if not src.config_file.is_file():
+        raise NotFound(f"{source} is not a VM bundle: no vm.json in it")
+    try:
+        raw = json.loads(src.config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{src.config_file} is not valid JSON: {exc}") from exc
+    config = parse_config(raw, source=str(src.config_file))
+    new_name = validate_name(name or config.name)
+    info = image_info(src.disk)
+    if info.get("format") != "qcow2":
+        raise DiskError(f"{src.disk} is not a qcow2 disk (format {info.get('format')})")
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if backing:
+        image_info(Path(str(backing)))
+    dst = bundle_for(new_name)
+    if dst.path.exists():
+        raise AlreadyExists(f"a VM named '{new_name}' already exists")
+    new = config.model_copy(update={"id": str(uuid.uuid4()), "name": new_name, "mac": new_mac(),
+                                    "updated_at": now_iso()})
+    staging = paths.vms_dir() / f".importing-{new_name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=0o700)
+    try:
+        shutil.copy2(src.disk, Bundle(staging).disk)
+        save_config(Bundle(staging).config_file, new)
+        staging.rename(dst.path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    seclog.write_event("vm_imported", vm=new_name, vm_id=new.id, source=str(source))
+    return dst
+
+
+def update_config(name: str, **changes: object) -> VMConfig:
+    """Change fields of a stopped VM's config (validated again before it is saved)."""
+    bundle, config = get_vm(name)
+    with locked(bundle.edit_lock, f"VM '{name}'"):
+        if is_running(bundle):
+            raise StateError(f"VM '{name}' is running; stop it first", "running")
+        data = config.model_dump(mode="json") | changes | {"updated_at": now_iso()}
+        new = parse_config(data, source=str(bundle.config_file))
+        save_config(bundle.config_file, new)
+    return new
+
+
+__all__ = [
+    "DiskError", "ListedVM", "bundle_for", "clone_vm", "create_vm", "delete_vm", "get_bundle",
+    "get_vm", "import_vm", "list_vms", "load_config", "rename_vm", "update_config",
+]

@@ -1,0 +1,39 @@
+"""The generic machine builder (the original's ``createVirtualMachine()``).
+
+Builds the QEMU machine for ``generic`` and ``malware-analysis`` VMs: disk(s), an
+optional read-only installer ISO, a NIC per the network setting, the serial
+console, virtio-rng and a pvpanic notifier. It has **no way** to produce a vsock,
+virtio-fs, 9p, virtio-serial or guest-agent device: nothing here constructs one,
+a config that asks for one is refused, and :meth:`MachinePlan.add_device`
+rejects any channel device for these kinds as a last line of defence.
+"""
+
+from __future__ import annotations
+
+from secvf.bundle import Bundle, RuntimeFiles
+from secvf.errors import ForbiddenDevice
+from secvf.machine.common import add_boot_and_disks, add_nic, add_platform_devices, base_plan
+from secvf.machine.plan import MachinePlan
+from secvf.vmconfig import VMConfig, VMKind
+
+GENERIC_KINDS = frozenset({VMKind.GENERIC, VMKind.MALWARE_ANALYSIS})
+
+
+def build_generic_machine(
+    config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str
+) -> MachinePlan:
+    """Return the plan for a generic or malware-analysis VM.
+
+    Raises:
+        ForbiddenDevice: the config is not of a generic kind or carries channels.
+        NotFound: the VM's base image is gone.
+    """
+    if config.kind not in GENERIC_KINDS:
+        raise ForbiddenDevice("kind", str(config.kind), "use the AI-sandbox machine builder")
+    if config.channels is not None:
+        raise ForbiddenDevice("channels", str(config.kind))
+    plan = base_plan(config, bundle, files, accel)
+    add_boot_and_disks(plan, config, bundle)
+    add_nic(plan, config)
+    add_platform_devices(plan)
+    return plan

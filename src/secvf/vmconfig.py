@@ -1,0 +1,230 @@
+"""The VM bundle's ``vm.json``: schema, validation and atomic persistence.
+
+``vm.json`` is the single source of truth for a VM's configuration. It is
+validated with pydantic on every read, so a hand-edited or corrupt file gives a
+one-line error naming the file and the field instead of a traceback. Host-guest
+channels (vsock, virtio-fs shares) live only in :class:`SandboxChannels`, which
+only an ``ai-sandbox`` VM may carry; any other attempt to describe a channel in
+``vm.json`` is refused as :class:`~secvf.errors.ForbiddenDevice`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from secvf.errors import ConfigError, ForbiddenDevice, InvalidName
+from secvf.names import validate_name
+
+SCHEMA_VERSION = 1
+MIN_MEMORY_MIB = 128
+MAX_MEMORY_MIB = 1 << 20
+MAX_CPUS = 64
+MIN_DISK_BYTES = 64 << 20
+MAX_DISK_BYTES = 64 << 40
+DEFAULT_GUEST_CID = 3
+
+#: Field names that describe a host-guest channel. Seen anywhere outside
+#: ``channels`` (or in ``channels`` of a non-sandbox VM) they are refused by name.
+CHANNEL_FIELDS = frozenset(
+    {
+        "channels", "vsock", "vhost_vsock", "vsock_cid", "guest_cid", "shares", "virtiofs",
+        "virtio_fs", "9p", "virtio_9p", "p9", "virtio_serial", "serial_ports", "guest_agent",
+        "qga", "workspace", "extra_args", "qemu_args", "devices",
+    }
+)
+
+
+class VMKind(StrEnum):
+    """What a VM is for; picks the machine builder."""
+
+    GENERIC = "generic"
+    MALWARE_ANALYSIS = "malware-analysis"
+    AI_SANDBOX = "ai-sandbox"
+
+
+class NetworkMode(StrEnum):
+    """How the VM's NIC is attached (``none`` means no NIC at all)."""
+
+    NONE = "none"
+    NAT = "nat"
+
+
+class Accel(StrEnum):
+    """Accelerator choice: ``auto`` probes KVM and falls back to TCG."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageBoot(_Strict):
+    """Boot the kernel/initrd of a SecVF-built image; disk is an overlay of its rootfs."""
+
+    type: Literal["image"] = "image"
+    image: str  # image name, e.g. "base"
+    recipe_hash: str  # which build of it the overlay is based on
+
+
+class DiskImageBoot(_Strict):
+    """Boot a user-supplied disk image (firmware boot); disk is an overlay of it."""
+
+    type: Literal["disk-image"] = "disk-image"
+    path: str  # absolute path of the base disk image
+    format: str  # qemu-img format of the base (raw, qcow2, ...)
+
+
+class IsoBoot(_Strict):
+    """Boot an installer ISO (read-only cdrom) with an empty disk."""
+
+    type: Literal["iso"] = "iso"
+    path: str  # absolute path of the ISO
+
+
+Boot = Annotated[ImageBoot | DiskImageBoot | IsoBoot, Field(discriminator="type")]
+
+
+class Share(_Strict):
+    """A virtio-fs share of an AI-sandbox VM."""
+
+    tag: str  # virtio-fs mount tag, also the share's name
+    host_path: str  # absolute, resolved host directory
+    guest_path: str  # absolute mount point in the guest
+    read_only: bool  # enforced on the host side
+
+
+class SandboxChannels(_Strict):
+    """The host-guest channels of an AI-sandbox VM (and only of one)."""
+
+    guest_cid: int = Field(DEFAULT_GUEST_CID, ge=3, le=0xFFFFFFFE)  # guest's vsock CID
+    vsock_backend: Literal["userspace", "kernel"] = "userspace"
+    shares: list[Share] = []
+
+
+class VMConfig(_Strict):
+    """Validated content of a VM's ``vm.json``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str  # UUID, stable for the VM's life (names the runtime files)
+    name: str
+    kind: VMKind
+    cpus: int = Field(ge=1, le=MAX_CPUS)
+    memory_mib: int = Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    disk_bytes: int = Field(ge=MIN_DISK_BYTES, le=MAX_DISK_BYTES)
+    boot: Boot
+    network: NetworkMode
+    mac: str = Field(pattern=r"^52:54:00(:[0-9a-f]{2}){3}$")
+    accel: Accel = Accel.AUTO
+    channels: SandboxChannels | None = None
+    created_at: str
+    updated_at: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_channel_fields(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        kind = str(data.get("kind", ""))
+        for key in data:
+            if key in CHANNEL_FIELDS and not (key == "channels" and kind == VMKind.AI_SANDBOX):
+                if key == "channels" and data[key] is None:
+                    continue
+                raise ForbiddenDevice(key, kind or "non-sandbox")
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        try:
+            return validate_name(value)
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _sandbox_has_channels(self) -> VMConfig:
+        if self.kind is VMKind.AI_SANDBOX and self.channels is None:
+            raise ValueError("an ai-sandbox VM needs a 'channels' section")
+        uuid.UUID(self.id)
+        return self
+
+
+def now_iso() -> str:
+    """Current UTC time as an RFC 3339 string."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_mac() -> str:
+    """A random locally administered MAC in QEMU's 52:54:00 range."""
+    tail = os.urandom(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+def load_config(path: Path) -> VMConfig:
+    """Read and validate ``vm.json``.
+
+    Raises:
+        ConfigError: unreadable, not JSON, or fails validation (names the field).
+        ForbiddenDevice: it asks for a host-guest channel its kind must not have.
+    """
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: object, *, source: str) -> VMConfig:
+    """Validate already-decoded ``vm.json`` content; ``source`` names it in errors."""
+    try:
+        return VMConfig.model_validate(data)
+    except ForbiddenDevice as exc:
+        raise ForbiddenDevice(exc.field, exc.kind, f"in {source}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ConfigError(f"{source}: field '{loc}': {err['msg']}") from None
+
+
+def save_config(path: Path, config: VMConfig) -> None:
+    """Write ``vm.json`` atomically (temp file, fsync, rename, fsync dir), mode 0600."""
+    write_json_atomic(path, config.model_dump(mode="json"))
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to ``path`` so readers see the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    payload = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
