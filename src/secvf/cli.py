@@ -22,7 +22,7 @@ from secvf.sizes import format_size
 from secvf.vmconfig import Accel, NetworkMode, VMKind
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(exc: SecVFError) -> NoReturn:

@@ -35,8 +35,9 @@ class LiveDevice:
 
     @property
     def user_visible(self) -> bool:
-        """True for devices added with -device (they have a /machine/peripheral path)."""
-        return self.path.startswith("/machine/peripheral")
+        """True for devices added with -device (direct children of /machine/peripheral*)."""
+        parent, _, _ = self.path.rpartition("/")
+        return parent in ("/machine/peripheral", "/machine/peripheral-anon")
 
     def to_json(self) -> dict[str, str | None]:
         """JSON shape stored in the runtime state and shown by ``vm status --json``."""

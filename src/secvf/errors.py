@@ -95,3 +95,9 @@ class NoExecChannel(SecVFError):
     """The VM has no exec channel, by design or because it is not running."""
 
     exit_code = 125
+
+
+class ExecError(SecVFError):
+    """The exec channel failed: the command's fate is unknown (see secvf.exec.errors)."""
+
+    exit_code = 125

@@ -147,6 +147,7 @@ class Supervisor:
             VmState.RUNNING,
             qemu_pid=self._qemu().pid,
             devices=[d.to_json() for d in devices if d.user_visible],
+            device_types=sorted({d.type for d in devices}),
             channels=[d.to_json() for d in channels_in(devices)],
             device_count=len(devices),
             guest_ready=False,
@@ -155,6 +156,7 @@ class Supervisor:
         seclog.write_event("vm_started", vm=self.config.name, vm_id=self.config.id,
                            kind=str(self.config.kind), accel=choice.accel,
                            devices=[d.type for d in devices if d.user_visible])
+
         await self._start_bridge()
 
     async def _start_helper(self, spec: HelperSpec) -> None:
@@ -351,8 +353,10 @@ class Supervisor:
 
     async def _teardown(self) -> None:
         if self.bridge is not None:
+            from secvf.exec.bridge import stop_bridge
+
             with contextlib.suppress(Exception):
-                await self.bridge.stop()
+                await stop_bridge(self.config.id)
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await self.qmp.disconnect()
@@ -420,6 +424,9 @@ class Supervisor:
         return self.qmp
 
     def _publish(self, state: VmState, **fields: Any) -> None:
+        transitions = self.record.setdefault("transitions", [])
+        if not transitions or transitions[-1][0] != str(state):
+            transitions.append([str(state), now_iso()])
         self.record.update(fields, state=str(state), name=self.config.name, id=self.config.id,
                            kind=str(self.config.kind))
         write_runtime_state(self.files, self.record)
@@ -427,7 +434,8 @@ class Supervisor:
     def _write_last_run(self, state: VmState, reason: str) -> None:
         write_json_atomic(self.bundle.last_run_file,
                           {"state": str(state), "reason": reason, "ended_at": now_iso(),
-                           "accel": self.record.get("accel")})
+                           "accel": self.record.get("accel"),
+                           "transitions": self.record.get("transitions", [])})
 
     def _report(self, message: dict[str, Any]) -> None:
         if self.report_fd is None:

@@ -188,6 +188,8 @@ def load_config(path: Path) -> VMConfig:
         raw = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -16,7 +16,10 @@ from secvf.library import DiskError, image_info
 from secvf.names import validate_name
 from secvf.sizes import parse_size
 from secvf.vmconfig import (
+    MAX_CPUS,
+    MAX_DISK_BYTES,
     MAX_MEMORY_MIB,
+    MIN_DISK_BYTES,
     MIN_MEMORY_MIB,
     DiskImageBoot,
     ImageBoot,
@@ -61,13 +64,18 @@ def build_config(
     memory_mib = parse_size(memory, default_unit="M") >> 20
     if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
         raise ConfigError(f"--memory {memory}: must be between {MIN_MEMORY_MIB}M and 1T")
+    disk_bytes = parse_size(disk_size, default_unit="G")
+    if not MIN_DISK_BYTES <= disk_bytes <= MAX_DISK_BYTES:
+        raise ConfigError(f"--disk {disk_size}: must be between 64M and 64T")
+    if not 1 <= cpus <= MAX_CPUS:
+        raise ConfigError(f"--cpus {cpus}: must be between 1 and {MAX_CPUS}")
     if kind is VMKind.AI_SANDBOX and channels is None:
         from secvf.machine.sandbox import sandbox_channels
 
         channels = sandbox_channels(name, shares=shares, workspace=workspace)
     data = {
         "id": str(uuid.uuid4()), "name": name, "kind": str(kind), "cpus": cpus,
-        "memory_mib": memory_mib, "disk_bytes": parse_size(disk_size, default_unit="G"),
+        "memory_mib": memory_mib, "disk_bytes": disk_bytes,
         "boot": _boot(kind, image, disk_image, iso).model_dump(mode="json"),
         "network": network or _default_network(kind), "mac": new_mac(), "accel": accel,
         "created_at": now_iso(), "updated_at": now_iso(),

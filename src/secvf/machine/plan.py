@@ -8,6 +8,7 @@ cannot disagree.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def build_machine(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: 
     return build_generic_machine(config, bundle, files, accel)
 
 
-def qemu_binary() -> Path:
-    """The QEMU system emulator SecVF drives."""
-    return Path("qemu-system-x86_64")
+def qemu_binary() -> str:
+    """The QEMU system emulator SecVF drives (``$SECVF_QEMU`` overrides it, e.g. for a
+    custom build; the live device-tree check applies to whatever it starts)."""
+    return os.environ.get("SECVF_QEMU", "qemu-system-x86_64")
 

@@ -1,0 +1,5 @@
+"""``python -m secvf`` runs the CLI."""
+
+from secvf.cli import main
+
+main()

@@ -1,0 +1,156 @@
+"""``secvf audit``: which VMs have a host-guest channel, and does that match their kind?
+
+For every VM in the library (running or not) the audit lists its surfaces:
+
+* devices that are channels (vsock, virtio-fs, 9p, virtio-serial, other
+  vhost-user) — from the live QMP device tree for running VMs, from the machine
+  builder's plan for stopped ones;
+* the exec bridge socket (exists? mode? owner?);
+* virtio-fs shares (host path, ro/rw) and the NIC mode.
+
+Anything that contradicts the VM's kind is a **finding**: a channel on a generic
+or malware-analysis VM, an exec socket for a VM that is not a running AI sandbox,
+a socket with the wrong mode or owner, and stray ``secvf-exec-*.sock`` files that
+belong to no VM. Findings are written to the security log as CRITICAL events.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secvf import paths, seclog
+from secvf.bundle import RuntimeFiles
+from secvf.channels import SANDBOX_CHANNELS, channel_of
+from secvf.errors import SecVFError
+from secvf.exec.bridge import read_allowlist
+from secvf.library import list_vms
+from secvf.machine import build_machine
+from secvf.runstate import VmState, current_state
+from secvf.seclog import Severity
+from secvf.vmconfig import VMConfig, VMKind
+
+_EXEC_SOCKET = re.compile(r"^secvf-exec-(?P<id>[0-9a-f-]{36})\.sock$")
+
+
+@dataclass
+class VMAudit:
+    """The surfaces of one VM and the findings about them."""
+
+    name: str
+    id: str | None
+    kind: str
+    state: str
+    source: str  # "live" (QMP device tree) or "plan" (machine builder) or "none"
+    channel_devices: list[dict[str, Any]] = field(default_factory=list)
+    exec_socket: dict[str, Any] | None = None
+    shares: list[dict[str, Any]] = field(default_factory=list)
+    network: str = ""
+    findings: list[str] = field(default_factory=list)
+
+
+def audit_all() -> tuple[list[VMAudit], list[str]]:
+    """Audit every VM; return per-VM results and findings not tied to a VM."""
+    results = []
+    known_ids: set[str] = set()
+    for item in list_vms():
+        if item.config is None:
+            results.append(VMAudit(item.bundle.name, None, "?", "invalid", "none",
+                                   findings=[f"unreadable config: {item.error}"]))
+            continue
+        known_ids.add(item.config.id)
+        results.append(audit_vm(item.config, item.bundle))
+    stray = stray_sockets(known_ids)
+    for res in results:
+        for finding in res.findings:
+            seclog.write_event("audit_finding", severity=Severity.CRITICAL, vm=res.name,
+                               vm_id=res.id, kind=res.kind, finding=finding)
+    for finding in stray:
+        seclog.write_event("audit_finding", severity=Severity.CRITICAL, finding=finding)
+    return results, stray
+
+
+def audit_vm(config: VMConfig, bundle: Any) -> VMAudit:
+    """Audit one VM (see the module docstring for what is checked)."""
+    exec_socket = _socket_facts(RuntimeFiles(config.id).exec_socket)  # before stale cleanup
+    state, record = current_state(bundle, config.id)
+    running = state in (VmState.RUNNING, VmState.STARTING, VmState.STOPPING)
+    res = VMAudit(config.name, config.id, str(config.kind), str(state),
+                  "live" if running else "plan", network=str(config.network))
+    if running:
+        res.channel_devices = list(record.get("channels", []))
+    else:
+        res.channel_devices = _planned_channels(config, bundle, res)
+    if config.channels is not None:
+        res.shares = [{"tag": s.tag, "host_path": s.host_path, "guest_path": s.guest_path,
+                       "mode": "ro" if s.read_only else "rw"} for s in config.channels.shares]
+    res.exec_socket = exec_socket
+    res.findings = _judge(config, res, running)
+    return res
+
+
+def _planned_channels(config: VMConfig, bundle: Any, res: VMAudit) -> list[dict[str, Any]]:
+    try:
+        plan = build_machine(config, bundle, RuntimeFiles(config.id), "tcg")
+    except SecVFError as exc:
+        res.source = "none"
+        if config.kind is VMKind.AI_SANDBOX:
+            return [{"type": "vhost-user-vsock-pci", "channel": "vsock",
+                     "path": f"(plan unavailable: {exc})"}]
+        return []
+    return [{"type": d.driver, "channel": channel_of(d.driver), "path": d.id}
+            for d in plan.devices if channel_of(d.driver)]
+
+
+def _socket_facts(path: Path) -> dict[str, Any] | None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return {"path": str(path), "mode": f"{stat.S_IMODE(st.st_mode):04o}", "owner_uid": st.st_uid,
+            "is_socket": stat.S_ISSOCK(st.st_mode)}
+
+
+def _judge(config: VMConfig, res: VMAudit, running: bool) -> list[str]:
+    findings = []
+    kinds = {str(d.get("channel")) for d in res.channel_devices}
+    if config.kind is not VMKind.AI_SANDBOX:
+        findings += [f"{config.kind} VM has a {d.get('channel')} device ({d.get('type')})"
+                     for d in res.channel_devices]
+        if res.exec_socket:
+            findings.append(f"{config.kind} VM has an exec socket {res.exec_socket['path']}")
+        return findings
+    findings += [f"AI sandbox has an unexpected {k} channel" for k in kinds - SANDBOX_CHANNELS]
+    sock = res.exec_socket
+    if sock and not running:
+        findings.append(f"stopped VM has a leftover exec socket {sock['path']}")
+    if sock and sock["owner_uid"] != os.getuid():
+        findings.append(f"exec socket owned by uid {sock['owner_uid']}, not by you")
+    allowed_modes = {"0600", "0666"} if read_allowlist() - {os.getuid()} else {"0600"}
+    if sock and sock["mode"] not in allowed_modes:
+        findings.append(f"exec socket mode {sock['mode']} (expected {sorted(allowed_modes)})")
+    if running and sock is None:
+        findings.append("running AI sandbox has no exec socket")
+    findings += [f"share '{s['tag']}' is writable but is not the workspace"
+                 for s in res.shares if s["mode"] == "rw" and s["tag"] != "workspace"]
+    return findings
+
+
+def stray_sockets(known_ids: set[str]) -> list[str]:
+    """Exec sockets in the runtime dir that belong to no VM in the library."""
+    findings = []
+    for path in sorted(paths.runtime_dir().glob("secvf-exec-*.sock")):
+        match = _EXEC_SOCKET.match(path.name)
+        if match is None or match.group("id") not in known_ids:
+            findings.append(f"stray exec socket {path} belongs to no VM")
+    return findings
+
+
+def as_json(results: list[VMAudit], stray: list[str]) -> dict[str, Any]:
+    """The audit as one JSON-able object."""
+    count = sum(len(r.findings) for r in results) + len(stray)
+    return {"vms": [asdict(r) for r in results], "stray": stray, "finding_count": count}

@@ -1,0 +1,324 @@
+"""The exec bridge (the original's ``VsockExecBridgeManager``), living in the supervisor.
+
+``start_bridge(vm, files)`` creates ``<runtime dir>/secvf-exec-<UUID>.sock`` and
+joins every accepted connection to the guest agent's vsock port 2222 through the
+VM's hybrid vsock socket (``CONNECT 2222`` / ``OK <port>``). For a VM without a
+vsock device it does nothing. ``stop_bridge(vm_id)`` closes it and removes the
+socket; where no bridge exists it does nothing. Both are idempotent and
+serialised per VM, so a second start can never unlink the first one's socket.
+
+Who may connect — two gates:
+
+1. **File permissions.** With an empty allowlist the runtime dir is 0700 and the
+   socket 0600: nobody but the owner can even connect. Only when
+   ``$SECVF_HOME/config/exec-allowlist`` names other users does the bridge open
+   the path (runtime dir 0711, socket 0666), and then gate 2 decides.
+2. **Peer credentials.** ``SO_PEERCRED`` of every connection must be the VM
+   owner's uid or a uid/user named in the allowlist (re-read on each connection).
+   A refusal is a security event and is answered with a protocol ``error`` frame.
+
+Per VM at most :data:`MAX_CONNECTIONS` sessions run at once. The bridge forwards
+bytes unchanged in both directions with bounded buffers (back-pressure via
+``drain``) and decodes a copy of the frames to write the exec audit log: who ran
+what, as which user, how it ended and how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secvf import paths, protocol, seclog
+from secvf.bundle import RuntimeFiles
+from secvf.seclog import Severity
+from secvf.vmconfig import VMConfig
+
+MAX_CONNECTIONS = 16
+AGENT_PORT = protocol.AGENT_VSOCK_PORT
+HYBRID_CONNECT_TIMEOUT_S = 5.0
+COPY_CHUNK_BYTES = 64 * 1024
+ALLOWLIST_NAME = "exec-allowlist"
+
+log = logging.getLogger("secvf.exec.bridge")
+
+_BRIDGES: dict[str, ExecBridge] = {}
+_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+def allowlist_path() -> Path:
+    """``$SECVF_HOME/config/exec-allowlist``."""
+    return paths.config_dir() / ALLOWLIST_NAME
+
+
+def read_allowlist(path: Path | None = None) -> set[int]:
+    """Uids named in the allowlist file (uids or user names; ``#`` starts a comment).
+
+    Unknown user names are skipped with a warning; a missing file is an empty list.
+    """
+    path = path or allowlist_path()
+    try:
+        text = path.read_text()
+    except OSError:
+        return set()
+    uids: set[int] = set()
+    for raw in text.splitlines():
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry.isdigit():
+            uids.add(int(entry))
+            continue
+        try:
+            uids.add(pwd.getpwnam(entry).pw_uid)
+        except KeyError:
+            log.warning("exec allowlist %s: unknown user %r ignored", path, entry)
+    return uids
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process on the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+@dataclass
+class ExecBridge:
+    """One VM's exec bridge: a Unix server joined to guest port 2222."""
+
+    vm: VMConfig  # the VM this bridge serves
+    files: RuntimeFiles  # its runtime paths
+    max_connections: int = MAX_CONNECTIONS
+    server: asyncio.AbstractServer | None = None
+    active: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def socket_path(self) -> Path:
+        """``<runtime dir>/secvf-exec-<UUID>.sock``."""
+        return self.files.exec_socket
+
+    async def start(self) -> None:
+        """Bind the socket (atomically: bind a temp name, set its mode, rename)."""
+        others = read_allowlist() - {os.getuid()}
+        tmp = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(tmp))
+        os.chmod(tmp, 0o666 if others else 0o600)
+        os.chmod(self.files.dir, 0o711 if others else 0o700)
+        sock.listen(64)
+        self.server = await asyncio.start_unix_server(self._on_client, sock=sock)
+        os.rename(tmp, self.socket_path)
+        seclog.write_event(
+            "exec_bridge_started",
+            vm=self.vm.name,
+            vm_id=self.vm.id,
+            socket=str(self.socket_path),
+            shared_with=sorted(others),
+        )
+
+    async def stop(self) -> None:
+        """Close the server and every session; remove the socket file."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for task in list(self.active):
+            task.cancel()
+        await asyncio.gather(*self.active, return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        seclog.write_event("exec_bridge_stopped", vm=self.vm.name, vm_id=self.vm.id)
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)
+        try:
+            await self._session(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.active.discard(task)
+            writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer.get_extra_info("socket"))
+        allowed = {os.getuid()} | read_allowlist()
+        if uid not in allowed:
+            seclog.write_event(
+                "exec_refused",
+                severity=Severity.WARNING,
+                vm=self.vm.name,
+                vm_id=self.vm.id,
+                peer_uid=uid,
+                reason="uid not allowed",
+            )
+            await _refuse(
+                writer,
+                "refused",
+                f"uid {uid} may not use the exec channel of "
+                f"VM '{self.vm.name}' (not the owner, not in the exec allowlist)",
+            )
+            return
+        if len(self.active) > self.max_connections:
+            await _refuse(
+                writer,
+                "busy",
+                f"VM '{self.vm.name}' already has {self.max_connections} exec sessions",
+            )
+            return
+        try:
+            g_reader, g_writer = await asyncio.wait_for(
+                self._dial_agent(), HYBRID_CONNECT_TIMEOUT_S
+            )
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            await _refuse(
+                writer,
+                "agent_unavailable",
+                f"the guest agent of VM '{self.vm.name}' is not reachable: {exc}",
+            )
+            return
+        audit = ExecAudit(self.vm, uid)
+        try:
+            await asyncio.gather(
+                _pump(reader, g_writer, audit.from_client),
+                _pump(g_reader, writer, audit.from_agent),
+            )
+        finally:
+            g_writer.close()
+            audit.finish()
+
+    async def _dial_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_unix_connection(str(self.files.vsock_socket))
+        writer.write(f"CONNECT {AGENT_PORT}\n".encode())
+        await writer.drain()
+        line = await reader.readline()
+        if not line.startswith(b"OK "):
+            writer.close()
+            raise ValueError("the vsock backend refused the connection (agent not listening)")
+        return reader, writer
+
+
+async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+    with contextlib.suppress(ConnectionError):
+        writer.write(protocol.encode_error_frame(code, message))
+        await writer.drain()
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, observe: Any) -> None:
+    """Copy ``src`` to ``dst`` until EOF, then half-close ``dst``; bounded by ``drain``."""
+    try:
+        while data := await src.read(COPY_CHUNK_BYTES):
+            observe(data)
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except (ConnectionError, OSError):
+        dst.close()
+
+
+class ExecAudit:
+    """Watches a copy of one session's frames and writes the exec audit records."""
+
+    def __init__(self, vm: VMConfig, uid: int) -> None:
+        self.vm = vm
+        self.uid = uid
+        self.client = protocol.FrameDecoder()
+        self.agent = protocol.FrameDecoder()
+        self.open: dict[int, dict[str, Any]] = {}
+        self.broken = False
+
+    def from_client(self, data: bytes) -> None:
+        """Observe client -> agent bytes (exec and file requests)."""
+        for msg in self._messages(self.client, data):
+            if msg.name in ("exec", "upload", "download"):
+                self.open[msg.stream_id] = {
+                    "op": msg.name,
+                    "started": time.monotonic(),
+                    **{
+                        k: msg.payload.get(k)
+                        for k in ("argv", "shell", "cwd", "user", "tty", "path")
+                        if k in msg.payload
+                    },
+                }
+
+    def from_agent(self, data: bytes) -> None:
+        """Observe agent -> client bytes (exit and failures close a record)."""
+        for msg in self._messages(self.agent, data):
+            if msg.name in ("exit", "start_failed", "upload_done", "download_end", "file_error"):
+                self._close(msg.stream_id, msg.name, msg.payload)
+
+    def _messages(self, decoder: protocol.FrameDecoder, data: bytes) -> list[protocol.Message]:
+        if self.broken:
+            return []
+        try:
+            frames = decoder.feed(data)
+            return [
+                protocol.decode_message(f)
+                for f in frames
+                if f.type in (protocol.FrameType.CONTROL, protocol.FrameType.ERROR)
+            ]
+        except protocol.ProtocolViolation:
+            self.broken = True
+            return []
+
+    def _close(self, stream_id: int, outcome: str, payload: dict[str, Any]) -> None:
+        record = self.open.pop(stream_id, None)
+        if record is None:
+            return
+        started = record.pop("started")
+        seclog.write_event(
+            "exec",
+            stream="exec",
+            vm=self.vm.name,
+            vm_id=self.vm.id,
+            caller_uid=self.uid,
+            outcome=outcome,
+            duration_ms=int((time.monotonic() - started) * 1000),
+            **record,
+            **{
+                k: payload.get(k)
+                for k in ("code", "signal", "timed_out", "kind", "errno_name")
+                if k in payload
+            },
+        )
+
+    def finish(self) -> None:
+        """Log requests that never finished (client or guest went away)."""
+        for stream_id in list(self.open):
+            self._close(stream_id, "disconnected", {})
+
+
+async def start_bridge(vm: VMConfig, files: RuntimeFiles) -> ExecBridge | None:
+    """Start ``vm``'s exec bridge; a no-op returning None for a VM without vsock.
+
+    Idempotent: a second call returns the running bridge.
+    """
+    if vm.channels is None:
+        return None
+    async with _LOCKS.setdefault(vm.id, asyncio.Lock()):
+        bridge = _BRIDGES.get(vm.id)
+        if bridge is None:
+            bridge = ExecBridge(vm, files)
+            await bridge.start()
+            _BRIDGES[vm.id] = bridge
+        return bridge
+
+
+async def stop_bridge(vm_id: str) -> None:
+    """Stop the bridge of VM ``vm_id``; a safe no-op if it has none."""
+    async with _LOCKS.setdefault(vm_id, asyncio.Lock()):
+        bridge = _BRIDGES.pop(vm_id, None)
+        if bridge is not None:
+            await bridge.stop()

@@ -1,0 +1,131 @@
+"""AI-sandbox sessions (the original's ``bootAISandboxSession``).
+
+A session is an ``ai-sandbox`` VM in the library like any other (it shows in
+``vm list``), created from the sealed ``sandbox`` image as a copy-on-write
+overlay. Starting it boots the VM, lets the supervisor start the exec bridge
+once QEMU is up, and returns only when the guest agent answers ``ping`` through
+that bridge — so ``secvf vm exec`` works the moment ``start`` returns. If the
+agent never answers, the session is stopped again (bridge, backend, virtiofsd
+and QEMU all gone) and the error carries the tail of the serial log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from secvf import control, library
+from secvf.bundle import RuntimeFiles
+from secvf.errors import SecVFError, StateError
+from secvf.exec.client import ExecClient
+from secvf.exec.errors import ExecError
+from secvf.shares import default_workspace
+from secvf.vmcreate import build_config
+from secvf.vmconfig import VMConfig, VMKind
+
+AGENT_READY_TIMEOUT_S = 120.0
+PING_CONNECT_TIMEOUT_S = 1.0
+PING_RETRY_S = 0.2
+LOG_TAIL_LINES = 30
+
+
+class SandboxBootFailed(SecVFError):
+    """A sandbox booted but its agent never became reachable; it was stopped again."""
+
+
+def create_sandbox(
+    name: str | None = None,
+    *,
+    image: str = "sandbox",
+    cpus: int = 1,
+    memory: str = "1G",
+    disk_size: str = "8G",
+    workspace: Path | None = None,
+    shares: Sequence[str] = (),
+    network: str = "nat",
+    accel: str = "auto",
+) -> VMConfig:
+    """Create a sandbox session (a new ``ai-sandbox`` VM); returns its config."""
+    name = name or f"sbx-{uuid.uuid4().hex[:8]}"
+    config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
+                          disk_size=disk_size, image=image, network=network, accel=accel,
+                          shares=shares, workspace=workspace)
+    library.create_vm(config)
+    return config
+
+
+def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S) -> dict[str, Any]:
+    """Boot sandbox ``name`` and wait until its agent answers through the exec bridge.
+
+    Raises:
+        StateError: not a sandbox, or already running.
+        LaunchFailed: QEMU or a device helper failed.
+        SandboxBootFailed: the agent never answered (the VM is stopped again).
+    """
+    bundle, config = library.get_vm(name)
+    if config.kind is not VMKind.AI_SANDBOX:
+        raise StateError(f"VM '{name}' is a {config.kind} VM, not an AI sandbox", str(config.kind))
+    started = time.monotonic()
+    control.start_vm(name)
+    try:
+        wait_for_agent(config, timeout - (time.monotonic() - started))
+    except SecVFError as exc:
+        tail = _log_tail(bundle.serial_log)
+        try:
+            control.stop_vm(name, force=True)
+        except StateError:
+            pass
+        raise SandboxBootFailed(f"sandbox '{name}' did not become ready: {exc}\n"
+                                f"--- last serial output ---\n{tail}") from exc
+    status = control.vm_status(name)
+    status["boot_s"] = round(time.monotonic() - started, 2)
+    return status
+
+
+def wait_for_agent(config: VMConfig, timeout: float) -> float:
+    """Ping the agent through the exec socket until it answers; return the ping RTT.
+
+    Uses short connect timeouts and retries, never one long blocking connect.
+    """
+    path = RuntimeFiles(config.id).exec_socket
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        bundle = library.get_bundle(config.name)
+        if not control.is_running(bundle):
+            raise StateError(f"VM '{config.name}' stopped while booting", "stopped")
+        try:
+            with ExecClient.connect(path, timeout=PING_CONNECT_TIMEOUT_S) as client:
+                return client.ping()
+        except ExecError as exc:
+            last = exc
+        time.sleep(PING_RETRY_S)
+    raise StateError(f"the guest agent did not answer within {timeout:.0f} s ({last})",
+                     "running")
+
+
+def remove_sandbox(name: str, *, purge: bool = False) -> None:
+    """Delete sandbox ``name`` (stopping it first); ``purge`` also deletes its default
+    workspace directory (a ``--workspace`` you gave is never deleted)."""
+    config = library.delete_vm(name, force=True)
+    if purge and config is not None:
+        default = default_workspace(name)
+        shutil.rmtree(default.parent, ignore_errors=True)
+
+
+def list_sandboxes() -> list[dict[str, Any]]:
+    """Status of every AI-sandbox VM."""
+    return [control.vm_status(item.bundle.name) for item in library.list_vms()
+            if item.config is not None and item.config.kind is VMKind.AI_SANDBOX]
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no serial output)"
+    return "\n".join(lines[-LOG_TAIL_LINES:])

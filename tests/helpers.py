@@ -1,0 +1,20 @@
+"""Helpers shared by tests (not fixtures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 300,
+            input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``secvf`` CLI in a subprocess with the test's environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "secvf", *args], capture_output=True, text=input_bytes is None,
+        timeout=timeout, env=os.environ.copy(), check=False, input=input_bytes,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"secvf {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
