@@ -248,6 +248,52 @@ def vm_console(name: str) -> None:
     attach_console(name)
 
 
+@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("-c", "shell", help="Run this shell string with /bin/sh -c.")
+@click.option("--user", "-u", help="Guest user (default: agent).")
+@click.option("--root", is_flag=True, help="Run as root in the guest.")
+@click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Environment variable.")
+@click.option("-w", "--workdir", help="Working directory in the guest (default /workspace).")
+@click.option("-t", "--tty", "tty_mode", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin (EOF included).")
+@click.option("--timeout", type=float, help="Kill the command's process group after S seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Capture output; print a JSON result.")
+def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | None, root: bool,
+            env: tuple[str, ...], workdir: str | None, tty_mode: bool, interactive: bool,
+            timeout: float | None, as_json: bool) -> None:
+    """Run a command in AI sandbox NAME; exits with the command's status.
+
+    Exit status: the command's code; 128+N if killed by signal N; 124 on timeout;
+    125 for a SecVF error; 126/127 if the command could not run / was not found.
+    """
+    from secvf.errors import ConfigError
+    from secvf.exec.session import result_json, run_captured, run_streaming
+
+    args = list(command[1:] if command[:1] == ("--",) else command)
+    if bool(shell) == bool(args):
+        raise ConfigError("give a command after '--' or a shell string with -c (not both)")
+    if root and user:
+        raise ConfigError("--root and --user exclude each other")
+    env_map = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-e {item!r}: expected KEY=VALUE")
+        env_map[key] = value
+    cmd: str | list[str] = shell if shell else args
+    user = "root" if root else user
+    if as_json:
+        result = run_captured(name, cmd, env=env_map, cwd=workdir, user=user, tty=tty_mode,
+                              timeout=timeout)
+        data = result_json(result)
+        print_json(data)
+        sys.exit(data["exit_status"])
+    sys.exit(run_streaming(name, cmd, env=env_map, cwd=workdir, user=user, tty_mode=tty_mode,
+                           interactive=interactive, timeout=timeout))
+
+
 # ---- image ------------------------------------------------------------------------------
 
 
@@ -285,7 +331,7 @@ def image_build(names: tuple[str, ...], force: bool, as_json: bool) -> None:
 
 
 def _image_row(info: Any) -> dict[str, Any]:
-    return {"name": info.name, "recipe_hash": info.recipe_hash, "built_at": info.built_at,
+    return {"name": info.name, "recipe_hash": info.recipe_hash, "built_at": str(info.built_at)[:19],
             "size_bytes": info.size_bytes, "kernel_version": info.kernel_version,
             "path": str(info.path)}
 
@@ -316,3 +362,158 @@ def image_rm(name: str) -> None:
     remove_image(name)
     out.print(f"removed image [bold]{name}[/]")
 
+
+
+# ---- sandbox ----------------------------------------------------------------------------
+
+
+def sandbox_options(func: Any) -> Any:
+    """Options shared by ``sandbox create`` and ``sandbox run``."""
+    for option in reversed([
+        click.option("--image", default="sandbox", show_default=True),
+        click.option("--cpus", type=int, default=1, show_default=True),
+        click.option("--memory", default="1G", show_default=True),
+        click.option("--workspace", type=click.Path(path_type=Path),
+                     help="Host dir for /workspace (default: under $SECVF_HOME/sandboxes)."),
+        click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH:ro",
+                     help="Extra read-only share (repeatable)."),
+        click.option("--network", type=click.Choice(["nat", "none"]), default="nat",
+                     show_default=True),
+        click.option("--accel", type=click.Choice([a.value for a in Accel]), default="auto",
+                     show_default=True),
+    ]):
+        func = option(func)
+    return func
+
+
+@main.group(cls=SecVFGroup)
+def sandbox() -> None:
+    """AI sandboxes: disposable VMs with an exec channel and a workspace share."""
+
+
+@sandbox.command("create")
+@click.argument("name")
+@sandbox_options
+@click.option("--json", "as_json", is_flag=True)
+def sandbox_create(name: str, image: str, cpus: int, memory: str, workspace: Path | None,
+                   shares: tuple[str, ...], network: str, accel: str, as_json: bool) -> None:
+    """Create sandbox NAME from the sealed sandbox image (copy-on-write)."""
+    from secvf.sandbox import create_sandbox
+
+    config = create_sandbox(name, image=image, cpus=cpus, memory=memory, workspace=workspace,
+                            shares=shares, network=network, accel=accel)
+    if as_json:
+        print_json(config.model_dump(mode="json"))
+    else:
+        ws = config.channels.shares[0].host_path if config.channels else "-"
+        out.print(f"created sandbox [bold]{name}[/] ({config.id}); workspace {ws}")
+
+
+@sandbox.command("start")
+@click.argument("name")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
+    """Boot sandbox NAME; returns when `secvf vm exec` works."""
+    from secvf.sandbox import start_sandbox
+
+    status = start_sandbox(name, timeout=timeout)
+    if as_json:
+        print_json(status)
+    else:
+        out.print(f"sandbox [bold]{name}[/] ready in {status['boot_s']} s "
+                  f"(exec socket {status['exec_socket']})")
+
+
+@sandbox.command("run", context_settings={"ignore_unknown_options": True,
+                                          "allow_interspersed_args": False})
+@click.option("--name", help="Session name (default: sbx-<random>).")
+@click.option("--rm", "remove", is_flag=True, help="Stop and delete the sandbox afterwards.")
+@sandbox_options
+@click.option("--timeout", type=float, help="Command timeout in seconds.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: str,
+                workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
+                timeout: float | None, command: tuple[str, ...]) -> None:
+    """Create + start a sandbox, run COMMAND, exit with its status (--rm: then delete)."""
+    from secvf.exec.session import run_streaming
+    from secvf.sandbox import create_sandbox, remove_sandbox, start_sandbox
+
+    args = list(command[1:] if command[:1] == ("--",) else command)
+    config = create_sandbox(name, image=image, cpus=cpus, memory=memory, workspace=workspace,
+                            shares=shares, network=network, accel=accel)
+    try:
+        start_sandbox(config.name)
+        code = run_streaming(config.name, args, env={}, cwd=None, user=None, tty_mode=False,
+                             interactive=False, timeout=timeout)
+    except SecVFError as exc:
+        if remove:
+            remove_sandbox(config.name, purge=workspace is None)
+        fail(exc)
+    if remove:
+        remove_sandbox(config.name, purge=workspace is None)
+    sys.exit(code)
+
+
+@sandbox.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def sandbox_list(as_json: bool) -> None:
+    """List sandboxes."""
+    from secvf.sandbox import list_sandboxes
+
+    rows = list_sandboxes()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("NAME", "STATE", "EXEC SOCKET", "ID")
+    for row in rows:
+        table.add_row(row["name"], row["state"], row["exec_socket"] or "-", row["id"])
+    out.print(table)
+
+
+@sandbox.command("stop")
+@click.argument("name")
+def sandbox_stop(name: str) -> None:
+    """Stop sandbox NAME (bridge, virtiofsd, vsock backend, QEMU: nothing left behind)."""
+    control.stop_vm(name)
+    out.print(f"stopped sandbox [bold]{name}[/]")
+
+
+@sandbox.command("rm")
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="Also delete the default workspace directory.")
+def sandbox_rm(name: str, purge: bool) -> None:
+    """Delete sandbox NAME (keeps its workspace unless --purge)."""
+    from secvf.sandbox import remove_sandbox
+
+    remove_sandbox(name, purge=purge)
+    out.print(f"removed sandbox [bold]{name}[/]")
+
+
+# ---- audit ------------------------------------------------------------------------------
+
+
+@main.command("audit")
+@click.option("--json", "as_json", is_flag=True)
+def audit_cmd(as_json: bool) -> None:
+    """Show every VM's host-guest surfaces; exit 1 if any contradicts its kind."""
+    from secvf.audit import as_json as audit_json
+    from secvf.audit import audit_all
+
+    results, stray = audit_all()
+    data = audit_json(results, stray)
+    if as_json:
+        print_json(data)
+    else:
+        table = Table("VM", "KIND", "STATE", "CHANNELS", "EXEC SOCKET", "SHARES", "NIC",
+                      "FINDINGS")
+        for res in results:
+            chans = ", ".join(sorted({str(d.get("channel")) for d in res.channel_devices})) or "-"
+            sock = (f"{res.exec_socket['mode']}" if res.exec_socket else "-")
+            shares = ", ".join(f"{s['host_path']} ({s['mode']})" for s in res.shares) or "-"
+            table.add_row(res.name, res.kind, res.state, f"{chans} [{res.source}]", sock, shares,
+                          res.network, "\n".join(res.findings) or "[green]none[/]")
+        out.print(table)
+        for finding in stray:
+            out.print(f"[red]finding:[/] {finding}")
+    sys.exit(1 if data["finding_count"] else 0)

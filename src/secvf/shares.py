@@ -169,25 +169,43 @@ def check_no_overlap(shares: Sequence[Share]) -> None:
             for attr in ("host_path", "guest_path"):
                 pa, pb = Path(getattr(a, attr)), Path(getattr(b, attr))
                 if pa == pb or pa in pb.parents or pb in pa.parents:
-                    raise ShareError(f"shares '{a.tag}' and '{b.tag}' overlap ({attr.replace('_', ' ')}:"
-                                     f" {pa} and {pb}); shares must not contain each other")
+                    where = attr.replace("_", " ")
+                    raise ShareError(f"shares '{a.tag}' and '{b.tag}' overlap ({where}: {pa}"
+                                     f" and {pb}); shares must not contain each other")
     for share in shares:
         if len(share.tag.encode()) > MAX_TAG_BYTES:
             raise ShareError(f"share tag {share.tag!r} is longer than {MAX_TAG_BYTES} bytes")
 
 
+#: Runs in a private mount namespace: pin the source with an fd, cover /tmp with a small
+#: tmpfs (so the staging path is reachable by the unprivileged uid range even when the
+#: source sits under a 0700 home), bind the source there with the share's flags, exec.
+_STAGE_SCRIPT = (
+    'set -e; exec 3<"$0"; mount -t tmpfs -o mode=0755,size=64k secvf-share /tmp; '
+    "mkdir /tmp/share; mount --no-canonicalize --bind /proc/self/fd/3 /tmp/share; "
+    'mount --no-canonicalize -o remount,bind,{flags} /tmp/share; exec 3<&-; exec "$@"'
+)
+STAGED_SOURCE = "/tmp/share"
+
+
 def virtiofsd_argv(share: Share) -> tuple[str, ...]:
-    """The command that serves ``share``: virtiofsd inside its own user+mount namespace,
-    on a ``nosuid,nodev`` bind of the source (``ro`` too for read-only shares).
+    """The command that serves ``share``: virtiofsd on a ``nosuid,nodev`` (and, for a
+    read-only share, ``ro``) bind of the source, in a private mount namespace, running
+    in a user namespace that maps guest uids to an unprivileged host range.
 
     The listening socket is handed over with ``--fd=N`` (appended by the supervisor).
     """
-    flags = "bind,nosuid,nodev" + (",ro" if share.read_only else "")
-    script = 'mount --bind "$0" "$0" && mount -o remount,' + flags + ' "$0" && exec "$@"'
+    flags = "nosuid,nodev" + (",ro" if share.read_only else "")
+    mapping = uid_map()
+    if mapping.host_base is None:
+        outer = ("unshare", *mapping.unshare_args(), "--mount", "--propagation", "private")
+        inner: tuple[str, ...] = ()
+    else:
+        outer = ("unshare", "--mount", "--propagation", "private")
+        inner = ("unshare", *mapping.unshare_args(), "--")
     return (
-        "unshare", *uid_map().unshare_args(), "--mount", "--propagation", "private", "--",
-        "sh", "-c", script, share.host_path,
-        virtiofsd_path(), "-o", f"source={share.host_path}", "-o", "sandbox=namespace",
+        *outer, "--", "sh", "-c", _STAGE_SCRIPT.format(flags=flags), share.host_path,
+        *inner, virtiofsd_path(), "-o", f"source={STAGED_SOURCE}", "-o", "sandbox=namespace",
         "-o", "cache=auto", "-o", "log_level=warn",
     )
 

@@ -36,9 +36,8 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
 def format_size(size: int) -> str:
     """Format a byte count the way ``parse_size`` reads it back (``1G``, ``512M``)."""
     for unit in ("T", "G", "M", "K"):
-        if size >= _UNITS[unit] and size % _UNITS[unit] == 0:
-            return f"{size // _UNITS[unit]}{unit}"
-    for unit in ("T", "G", "M", "K"):
         if size >= _UNITS[unit]:
+            if size % _UNITS[unit] == 0:
+                return f"{size // _UNITS[unit]}{unit}"
             return f"{size / _UNITS[unit]:.1f}{unit}"
     return f"{size}B"
