@@ -8,10 +8,17 @@ import sys
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 300,
-            input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real ``secvf`` CLI in a subprocess with the test's environment."""
+            input_bytes: bytes | None = None,
+            prog: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``secvf`` CLI in a subprocess with the test's environment.
+
+    ``prog`` names an installed console script (``secvf-cli``) to run instead of
+    ``python -m secvf``.
+    """
+    argv = [os.path.join(os.path.dirname(sys.executable), prog)] if prog else [
+        sys.executable, "-m", "secvf"]
     proc = subprocess.run(
-        [sys.executable, "-m", "secvf", *args], capture_output=True, text=input_bytes is None,
+        [*argv, *args], capture_output=True, text=input_bytes is None,
         timeout=timeout, env=os.environ.copy(), check=False, input=input_bytes,
     )
     if check and proc.returncode != 0:

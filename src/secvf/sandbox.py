@@ -23,9 +23,10 @@ from secvf.bundle import RuntimeFiles
 from secvf.errors import SecVFError, StateError
 from secvf.exec.client import ExecClient
 from secvf.exec.errors import ExecError
+from secvf.runstate import is_running
 from secvf.shares import default_workspace
-from secvf.vmcreate import build_config
 from secvf.vmconfig import VMConfig, VMKind
+from secvf.vmcreate import build_config
 
 AGENT_READY_TIMEOUT_S = 120.0
 PING_CONNECT_TIMEOUT_S = 1.0
@@ -96,7 +97,7 @@ def wait_for_agent(config: VMConfig, timeout: float) -> float:
     last: Exception | None = None
     while time.monotonic() < deadline:
         bundle = library.get_bundle(config.name)
-        if not control.is_running(bundle):
+        if not is_running(bundle):
             raise StateError(f"VM '{config.name}' stopped while booting", "stopped")
         try:
             with ExecClient.connect(path, timeout=PING_CONNECT_TIMEOUT_S) as client:

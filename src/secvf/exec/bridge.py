@@ -181,7 +181,7 @@ class ExecBridge:
             g_reader, g_writer = await asyncio.wait_for(
                 self._dial_agent(), HYBRID_CONNECT_TIMEOUT_S
             )
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             await _refuse(
                 writer,
                 "agent_unavailable",

@@ -1,0 +1,169 @@
+"""Image recipes: what goes into a guest image, and the hash that names a build.
+
+A :class:`Recipe` is everything that decides a build's output: the Debian suite, the
+package list, the kernel package and the modules the initramfs loads, files copied from
+the project's source (the exec agent), users, disk headroom and the kernel command line.
+:func:`recipe_hash` digests all of it together with the *content* of the guest scripts
+(``secvf/guest/init.sh`` and ``secvf/guest/initramfs-init.sh``), of every copied file,
+and :data:`FORMAT_VERSION` (bump it when the builder changes what it produces), so
+editing any of them yields a new hash and therefore a new build.
+
+Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2) and
+``sandbox`` (``base`` + the unprivileged user ``agent`` + the exec agent in
+``/usr/lib/secvf/agent/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from secvf.errors import ImageBuildFailed
+
+#: Version of what the builder produces; part of every recipe hash.
+FORMAT_VERSION = 1
+
+#: Characters of the recipe hash shown to users and used in directory names.
+SHORT_HASH_LEN = 12
+
+#: Where the guest scripts live in the source tree (and in the installed package).
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+GUEST_SOURCE_DIR = PACKAGE_DIR / "guest"
+INIT_SCRIPT = GUEST_SOURCE_DIR / "init.sh"
+INITRAMFS_SCRIPT = GUEST_SOURCE_DIR / "initramfs-init.sh"
+
+#: Path of the exec agent inside sandbox images; init starts it when it exists.
+AGENT_GUEST_PATH = "/usr/lib/secvf/agent/agent.py"
+
+DEFAULT_SUITE = "bookworm"
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+
+#: Modules the initramfs loads (with their dependencies) before switching to the rootfs.
+BOOT_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_rng",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "fuse",
+    "virtiofs",
+    "pvpanic_pci",
+    "pvpanic_mmio",
+    "button",  # ACPI power button: QMP system_powerdown
+    "evdev",  # /dev/input/event* for busybox acpid
+)
+
+BASE_PACKAGES = ("python3", "busybox-static", "procps", "iproute2")
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """A file copied from the project's source into the image."""
+
+    dest: str  #: absolute path inside the guest
+    source: Path  #: file on the host
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class GuestUser:
+    """An account created in the image (with its own group of the same id)."""
+
+    name: str
+    uid: int
+    home: str
+    shell: str = "/bin/sh"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides what a guest image contains."""
+
+    name: str
+    description: str
+    suite: str = DEFAULT_SUITE
+    packages: tuple[str, ...] = BASE_PACKAGES
+    kernel_package: str = "linux-image-cloud-amd64"
+    boot_modules: tuple[str, ...] = BOOT_MODULES
+    files: tuple[GuestFile, ...] = ()
+    users: tuple[GuestUser, ...] = ()
+    disk_headroom_mib: int = 1024
+    cmdline: str = DEFAULT_CMDLINE
+
+    @property
+    def has_agent(self) -> bool:
+        """True if the image carries the exec agent (init will start it)."""
+        return any(f.dest == AGENT_GUEST_PATH for f in self.files)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Return the sha256 (hex) of everything that changes ``recipe``'s build output.
+
+    Raises:
+        ImageBuildFailed: a file the recipe copies into the image does not exist.
+    """
+    described = asdict(recipe)
+    del described["description"]
+    described["files"] = [
+        {"dest": f.dest, "mode": f.mode, "sha256": _file_sha256(f.source)} for f in recipe.files
+    ]
+    described["format_version"] = FORMAT_VERSION
+    described["init_sh"] = _file_sha256(INIT_SCRIPT)
+    described["initramfs_init_sh"] = _file_sha256(INITRAMFS_SCRIPT)
+    canonical = json.dumps(described, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def host_suite(os_release: Path = Path("/etc/os-release")) -> str:
+    """Return the host's Debian codename, or :data:`DEFAULT_SUITE` on other systems."""
+    try:
+        text = os_release.read_text()
+    except OSError:
+        return DEFAULT_SUITE
+    fields = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
+    if fields.get("ID", "").strip('"') != "debian":
+        return DEFAULT_SUITE
+    return fields.get("VERSION_CODENAME", "").strip('"') or DEFAULT_SUITE
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise ImageBuildFailed(
+            "recipe", f"{path} does not exist (it is part of the image recipe)"
+        ) from None
+    except OSError as exc:
+        raise ImageBuildFailed("recipe", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _builtin_recipes() -> dict[str, Recipe]:
+    suite = host_suite()
+    base = Recipe(
+        name="base",
+        description="Debian minbase with Python 3, busybox, procps and iproute2; no exec agent",
+        suite=suite,
+    )
+    sandbox = replace(
+        base,
+        name="sandbox",
+        description="base + unprivileged user 'agent' (uid 1000) + the SecVF exec agent",
+        files=(
+            GuestFile("/usr/lib/secvf/agent/protocol.py", PACKAGE_DIR / "protocol.py"),
+            GuestFile(AGENT_GUEST_PATH, GUEST_SOURCE_DIR / "agent.py"),
+        ),
+        users=(GuestUser("agent", 1000, "/home/agent"),),
+    )
+    return {r.name: r for r in (base, sandbox)}
+
+
+#: The recipes ``secvf image build`` knows, by name.
+RECIPES: dict[str, Recipe] = _builtin_recipes()
+
+#: Images the test session and ``secvf image build`` (without a name) build.
+DEFAULT_IMAGES = ("base", "sandbox")

@@ -1,0 +1,690 @@
+"""The SecVF exec protocol: framing, message catalogue, incremental decoder.
+
+This module is the single source of truth for the wire format between the host (the
+exec client in :mod:`secvf.exec`) and the guest agent (``secvf/guest/agent.py``). It is
+**standard-library only** and is copied unchanged into guest images next to the agent
+(``/usr/lib/secvf/agent/protocol.py``); a test fails if it imports anything else.
+
+Primer
+======
+
+Every frame is a fixed 12-byte header followed by a body (all integers big-endian)::
+
+    offset  size  field
+    0       2     magic        0x5356 ("SV")
+    2       1     frame type   CONTROL, STDOUT, STDERR, STDIN, FILE_DATA, ERROR
+    3       1     flags        FLAG_START (first frame of a stream), FLAG_END (last one)
+    4       4     stream id    0 = the connection itself; >0 = one exec or file transfer
+    8       4     body length  at most MAX_FRAME_BYTES, checked before the body is buffered
+
+* CONTROL and ERROR bodies are UTF-8 JSON objects ``{"v": gen, "t": type, "p": {...}}``:
+  ``v`` is the protocol generation the sender speaks, ``t`` a message name from
+  :data:`MESSAGES`, ``p`` its payload. Unknown payload keys are ignored (so newer peers
+  may add optional fields); missing keys take the defaults listed in :data:`MESSAGES`.
+* STDOUT, STDERR, STDIN and FILE_DATA bodies are raw bytes (no base64, binary-safe).
+
+Handshake: the client sends ``hello`` on stream 0; the agent answers ``hello`` with its
+version, the negotiated generation (the minimum of both), its capabilities and its
+keepalive interval. A peer that refuses a connection (for example the host's exec bridge
+after a failed credential check) sends one ERROR frame and closes.
+
+Streams: the client opens a stream by sending ``exec``, ``upload`` or ``download`` with a
+fresh non-zero stream id and FLAG_START. Frames for that operation carry the same id;
+the agent's last frame for it carries FLAG_END (``exit``, ``start_failed``,
+``upload_done``, ``download_end``, ``file_error``). Frames the client sends for a stream
+that has already ended (a late ``signal`` or stdin chunk) are ignored by the agent.
+
+Errors raised here (all plain ``Exception`` subclasses, no secvf imports)::
+
+    ProtocolViolation           the bytes or the JSON break this specification
+     ├── BadFrame               bad magic, unknown frame type, decoder already failed
+     ├── FrameTooLarge          a header announced a body above the limit (.size, .limit)
+     ├── UnsupportedGeneration  the peer's generation is below MIN_GENERATION
+     └── BadMessage             JSON that is not a valid message (bad shape, bad field)
+          └── UnknownMessage    a message name this generation does not know (.name)
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Protocol generation implemented by this module (see docs/VERSIONING.md).
+GENERATION = 1
+#: Oldest generation this module can still speak.
+MIN_GENERATION = 1
+
+MAGIC = 0x5356
+HEADER = struct.Struct(">HBBII")
+HEADER_BYTES = HEADER.size
+#: Largest body a frame may carry; a header announcing more is rejected before reading it.
+MAX_FRAME_BYTES = 1024 * 1024
+#: Size of the data chunks (stdout, stderr, stdin, files) senders should use.
+DATA_CHUNK_BYTES = 64 * 1024
+#: Largest stream id (u32).
+MAX_STREAM_ID = 0xFFFFFFFF
+#: Guest vsock port the agent listens on.
+AGENT_VSOCK_PORT = 2222
+#: How often the agent sends a keepalive while a command runs (silent or not).
+KEEPALIVE_INTERVAL_S = 5.0
+#: How long a client waits for *any* complete frame before declaring the agent dead.
+AGENT_SILENCE_TIMEOUT_S = 30.0
+#: Grace between SIGTERM and SIGKILL when the agent kills a command's process group.
+KILL_GRACE_S = 2.0
+
+assert DATA_CHUNK_BYTES <= MAX_FRAME_BYTES
+assert AGENT_SILENCE_TIMEOUT_S >= 3 * KEEPALIVE_INTERVAL_S, "clients must tolerate lost beats"
+
+
+class FrameType(enum.IntEnum):
+    """The frame type byte: how to read the body."""
+
+    CONTROL = 0x01  # JSON message
+    STDOUT = 0x10  # raw bytes, agent -> client (also the PTY's combined output)
+    STDERR = 0x11  # raw bytes, agent -> client
+    STDIN = 0x12  # raw bytes, client -> agent
+    FILE_DATA = 0x13  # raw bytes, either direction (upload or download chunk)
+    ERROR = 0x7F  # JSON message "error"; the sender closes the connection after it
+
+
+DATA_FRAME_TYPES = frozenset(
+    {FrameType.STDOUT, FrameType.STDERR, FrameType.STDIN, FrameType.FILE_DATA}
+)
+
+FLAG_START = 0x01
+FLAG_END = 0x02
+KNOWN_FLAGS = FLAG_START | FLAG_END
+
+
+class ProtocolViolation(Exception):
+    """The peer sent bytes or JSON that break the exec protocol."""
+
+    #: Short machine-readable code, also used in ERROR frames.
+    code = "protocol_violation"
+
+
+class BadFrame(ProtocolViolation):
+    """A frame header is malformed (magic, type) or the decoder already failed."""
+
+    code = "bad_frame"
+
+
+class FrameTooLarge(ProtocolViolation):
+    """A frame announced (or a sender tried to build) a body larger than the limit."""
+
+    code = "frame_too_large"
+
+    def __init__(self, size: int, limit: int = MAX_FRAME_BYTES) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"frame body of {size} bytes exceeds the limit of {limit} bytes")
+
+
+class BadMessage(ProtocolViolation):
+    """A CONTROL or ERROR body is not a valid message."""
+
+    code = "bad_message"
+
+
+class UnsupportedGeneration(ProtocolViolation):
+    """The peer only speaks generations this side no longer supports."""
+
+    code = "unsupported_generation"
+
+
+class UnknownMessage(BadMessage):
+    """A message name that this generation does not define."""
+
+    code = "unknown_message"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"unknown message type {name!r}")
+
+
+# --------------------------------------------------------------------------- catalogue
+
+REQUIRED: Any = object()
+"""Sentinel default meaning "the sender must set this field"."""
+
+#: Field kinds and the Python values they accept. "?" suffix = may also be null.
+_KIND_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    "map[str,str]": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and isinstance(i, str) for k, i in v.items())
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One payload field of a message."""
+
+    name: str  # key in the JSON payload
+    kind: str  # one of _KIND_CHECKS, optionally suffixed "?" (null allowed)
+    default: Any = REQUIRED  # value used when absent; REQUIRED = must be present
+    introduced_in: int = 1  # generation that added the field
+
+    def accepts(self, value: Any) -> bool:
+        """Return True if ``value`` is valid for this field."""
+        if value is None:
+            return self.kind.endswith("?")
+        return _KIND_CHECKS[self.kind.rstrip("?")](value)
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """One message type: its name, direction, fields and place in a stream."""
+
+    name: str  # the "t" value on the wire
+    direction: str  # "to_agent", "to_client" or "both"
+    stream: str  # "connection" (stream 0), "opens" (starts a stream), "within", "ends"
+    fields: tuple[FieldSpec, ...] = ()
+    introduced_in: int = 1  # generation that added the message
+    doc: str = ""  # one line for docs/protocol.md and the snapshot
+
+
+def _f(name: str, kind: str, default: Any = REQUIRED) -> FieldSpec:
+    return FieldSpec(name, kind, default)
+
+
+_START_FAILURE_FIELDS = (
+    _f("kind", "str"),
+    _f("errno", "int?", None),
+    _f("errno_name", "str?", None),
+    _f("stage", "str", "exec"),
+    _f("message", "str", ""),
+)
+
+_FILE_ERROR_FIELDS = (
+    _f("kind", "str"),
+    _f("path", "str", ""),
+    _f("errno", "int?", None),
+    _f("errno_name", "str?", None),
+    _f("message", "str", ""),
+)
+
+#: Every message of this generation, keyed by wire name.
+MESSAGES: dict[str, MessageSpec] = {
+    spec.name: spec
+    for spec in (
+        MessageSpec(
+            "hello",
+            "both",
+            "connection",
+            (
+                _f("generation", "int"),
+                _f("software", "str", ""),
+                _f("capabilities", "list[str]", []),
+                _f("keepalive_interval_ms", "int?", None),
+                _f("max_frame_bytes", "int?", None),
+            ),
+            doc="handshake; client first, agent answers with the negotiated generation",
+        ),
+        MessageSpec("error", "both", "connection", (_f("code", "str"), _f("message", "str", ""))),
+        MessageSpec("keepalive", "to_client", "connection", doc="sent while commands run"),
+        MessageSpec("ping", "to_agent", "connection", doc="readiness probe"),
+        MessageSpec("pong", "to_client", "connection", (_f("agent_version", "str", ""),)),
+        MessageSpec("info", "to_agent", "connection", doc="asks for agent_info"),
+        MessageSpec(
+            "agent_info",
+            "to_client",
+            "connection",
+            (
+                _f("agent_version", "str"),
+                _f("generation", "int"),
+                _f("hostname", "str", ""),
+                _f("uptime_s", "number", 0),
+                _f("users", "list[str]", []),
+                _f("default_user", "str", ""),
+                _f("python", "str", ""),
+                _f("kernel", "str", ""),
+            ),
+        ),
+        MessageSpec(
+            "exec",
+            "to_agent",
+            "opens",
+            (
+                _f("argv", "list[str]?", None),
+                _f("shell", "str?", None),
+                _f("env", "map[str,str]", {}),
+                _f("cwd", "str?", None),
+                _f("user", "str?", None),
+                _f("tty", "bool", False),
+                _f("rows", "int", 24),
+                _f("cols", "int", 80),
+                _f("stdin", "bool", False),
+                _f("timeout_s", "number?", None),
+            ),
+            doc="run argv (or shell via /bin/sh -c); exactly one of argv/shell",
+        ),
+        MessageSpec("started", "to_client", "within", (_f("pid", "int"),)),
+        MessageSpec("start_failed", "to_client", "ends", _START_FAILURE_FIELDS),
+        MessageSpec(
+            "stdin_error",
+            "to_client",
+            "within",
+            (_f("errno", "int?", None), _f("errno_name", "str?", None), _f("message", "str", "")),
+            doc="writing stdin failed (non-terminal); further stdin is dropped",
+        ),
+        MessageSpec(
+            "exit",
+            "to_client",
+            "ends",
+            (
+                _f("code", "int?", None),
+                _f("signal", "int?", None),
+                _f("timed_out", "bool", False),
+                _f("cancelled", "bool", False),
+                _f("duration_ms", "int", 0),
+            ),
+        ),
+        MessageSpec("stdin_eof", "to_agent", "within", doc="close the command's stdin"),
+        MessageSpec("signal", "to_agent", "within", (_f("signum", "int"),)),
+        MessageSpec("resize", "to_agent", "within", (_f("rows", "int"), _f("cols", "int"))),
+        MessageSpec("cancel", "to_agent", "within", doc="kill the process group (TERM, KILL)"),
+        MessageSpec(
+            "upload",
+            "to_agent",
+            "opens",
+            (_f("path", "str"), _f("mode", "int?", None), _f("user", "str?", None)),
+            doc="write a file as user; FILE_DATA chunks follow upload_ready",
+        ),
+        MessageSpec("upload_ready", "to_client", "within"),
+        MessageSpec("upload_end", "to_agent", "within", doc="all FILE_DATA sent"),
+        MessageSpec(
+            "upload_done",
+            "to_client",
+            "ends",
+            (_f("path", "str"), _f("size", "int"), _f("mode", "int")),
+        ),
+        MessageSpec(
+            "download",
+            "to_agent",
+            "opens",
+            (_f("path", "str"), _f("user", "str?", None)),
+            doc="read a file as user",
+        ),
+        MessageSpec(
+            "download_start",
+            "to_client",
+            "within",
+            (_f("path", "str"), _f("size", "int"), _f("mode", "int")),
+        ),
+        MessageSpec("download_end", "to_client", "ends", (_f("size", "int"),)),
+        MessageSpec("file_error", "to_client", "ends", _FILE_ERROR_FIELDS),
+    )
+}
+
+#: ``start_failed.kind`` values.
+START_FAILURE_KINDS = (
+    "not_found",
+    "permission_denied",
+    "bad_cwd",
+    "unknown_user",
+    "invalid_request",
+    "other",
+)
+#: ``file_error.kind`` values.
+FILE_ERROR_KINDS = (
+    "not_found",
+    "is_a_directory",
+    "not_regular_file",
+    "permission_denied",
+    "unknown_user",
+    "other",
+)
+#: ``error.code`` values (ERROR frames).
+ERROR_CODES = (
+    "bad_frame",
+    "frame_too_large",
+    "bad_message",
+    "unknown_message",
+    "protocol_violation",
+    "unsupported_generation",
+    "refused",
+    "busy",
+)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: header fields plus the raw body."""
+
+    type: FrameType  # how to read the body
+    flags: int  # FLAG_START / FLAG_END bits
+    stream_id: int  # 0 = connection, >0 = one operation
+    body: bytes  # JSON (CONTROL, ERROR) or raw data
+
+    @property
+    def ends_stream(self) -> bool:
+        """True if this is the sender's last frame for its stream."""
+        return bool(self.flags & FLAG_END)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded CONTROL or ERROR body, validated and filled with defaults."""
+
+    name: str  # wire name ("exec", "exit", ...)
+    payload: dict[str, Any]  # every field of the spec, defaults applied
+    generation: int  # the "v" the sender put on the message
+    stream_id: int = 0  # copied from the frame
+    flags: int = 0  # copied from the frame
+
+    def __getitem__(self, key: str) -> Any:
+        return self.payload[key]
+
+
+def encode_frame(frame_type: FrameType, stream_id: int, body: bytes, flags: int = 0) -> bytes:
+    """Return header + body for one frame.
+
+    Raises:
+        FrameTooLarge: ``body`` is longer than :data:`MAX_FRAME_BYTES`.
+        ValueError: ``stream_id`` or ``flags`` out of range.
+    """
+    if len(body) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(len(body))
+    if not 0 <= stream_id <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {stream_id} out of range")
+    if flags & ~KNOWN_FLAGS:
+        raise ValueError(f"unknown flag bits {flags:#x}")
+    return HEADER.pack(MAGIC, int(frame_type), flags, stream_id, len(body)) + body
+
+
+def build_payload(name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``fields`` against message ``name`` and return the full payload.
+
+    Raises:
+        UnknownMessage: ``name`` is not in :data:`MESSAGES`.
+        BadMessage: a field is missing, unknown to the spec, or of the wrong type.
+    """
+    spec = MESSAGES.get(name)
+    if spec is None:
+        raise UnknownMessage(name)
+    unknown = set(fields) - {f.name for f in spec.fields}
+    if unknown:
+        raise BadMessage(f"{name}: unknown field(s) {sorted(unknown)}")
+    return _apply_spec(spec, fields)
+
+
+def encode_message(name: str, stream_id: int = 0, flags: int | None = None, **fields: Any) -> bytes:
+    """Return a CONTROL frame (ERROR frame for ``error``) carrying message ``name``.
+
+    ``flags`` defaults to what the message's place in a stream implies: FLAG_START for
+    messages that open a stream, FLAG_END for messages that end one.
+
+    Raises:
+        UnknownMessage, BadMessage: see :func:`build_payload`.
+        FrameTooLarge: the JSON body is over :data:`MAX_FRAME_BYTES`.
+    """
+    payload = build_payload(name, fields)
+    spec_flags = {"opens": FLAG_START, "ends": FLAG_END}.get(MESSAGES[name].stream, 0)
+    body = json.dumps(
+        {"v": GENERATION, "t": name, "p": payload}, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+    frame_type = FrameType.ERROR if name == "error" else FrameType.CONTROL
+    return encode_frame(frame_type, stream_id, body, spec_flags if flags is None else flags)
+
+
+def encode_error_frame(code: str, message: str, stream_id: int = 0) -> bytes:
+    """Return an ERROR frame; the sender should close the connection right after it.
+
+    Used by the agent for protocol violations and by the host's exec bridge to refuse a
+    connection (``code="refused"`` or ``"busy"``) before any byte reaches the guest.
+    """
+    return encode_message("error", stream_id, code=code, message=message[:4096])
+
+
+def encode_data(frame_type: FrameType, stream_id: int, data: bytes, flags: int = 0) -> bytes:
+    """Return a data frame (STDOUT, STDERR, STDIN, FILE_DATA) carrying raw ``data``."""
+    if frame_type not in DATA_FRAME_TYPES:
+        raise ValueError(f"{frame_type!r} is not a data frame type")
+    return encode_frame(frame_type, stream_id, data, flags)
+
+
+def iter_chunks(data: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield ``data`` in slices of at most ``chunk_bytes`` (nothing for empty data)."""
+    view = memoryview(data)
+    for start in range(0, len(data), chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
+
+
+def _apply_spec(spec: MessageSpec, fields: Mapping[str, Any]) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    for fs in spec.fields:
+        if fs.name in fields:
+            value = fields[fs.name]
+        elif fs.default is REQUIRED:
+            raise BadMessage(f"{spec.name}: missing required field {fs.name!r}")
+        else:
+            value = _copy_default(fs.default)
+        if not fs.accepts(value):
+            raise BadMessage(f"{spec.name}: field {fs.name!r} must be {fs.kind}, got {value!r:.80}")
+        payload[fs.name] = value
+    return payload
+
+
+def _copy_default(value: Any) -> Any:
+    return type(value)(value) if isinstance(value, list | dict) else value
+
+
+def decode_message(frame: Frame) -> Message:
+    """Parse and validate the JSON body of a CONTROL or ERROR frame.
+
+    Payload keys unknown to this generation are dropped; absent optional keys get their
+    defaults.
+
+    Raises:
+        BadMessage: the body is not UTF-8 JSON of the shape ``{"v","t","p"}``, or a field
+            has the wrong type.
+        UnknownMessage: ``t`` is not a message of this generation.
+    """
+    if frame.type not in (FrameType.CONTROL, FrameType.ERROR):
+        raise BadMessage(f"frame type {frame.type.name} has no JSON body")
+    try:
+        doc = json.loads(frame.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadMessage(f"body is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BadMessage("body must be a JSON object")
+    version, name, payload = doc.get("v"), doc.get("t"), doc.get("p", {})
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
+        raise BadMessage(f"'v' must be a positive integer, got {version!r:.40}")
+    if not isinstance(name, str):
+        raise BadMessage("'t' must be a string")
+    if not isinstance(payload, dict):
+        raise BadMessage("'p' must be an object")
+    spec = MESSAGES.get(name)
+    if spec is None:
+        raise UnknownMessage(name[:64])
+    if (frame.type is FrameType.ERROR) != (name == "error"):
+        raise BadMessage(f"message {name!r} in a {frame.type.name} frame")
+    return Message(name, _apply_spec(spec, payload), version, frame.stream_id, frame.flags)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they arrive, get whole frames back.
+
+    The header is checked as soon as it is complete: a bad magic, an unknown frame type
+    or unknown flags raise :class:`BadFrame`, and a length above ``max_frame_bytes``
+    raises :class:`FrameTooLarge` *before* any of the body is buffered, so a hostile
+    peer can make the decoder hold at most one header plus one maximum-size body.
+    After an error the decoder is poisoned: every later :meth:`feed` raises BadFrame.
+
+    Example::
+
+        decoder = FrameDecoder()
+        for frame in decoder.feed(sock.recv(65536)):
+            handle(frame)
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._failed: ProtocolViolation | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for a frame that is not complete yet."""
+        return len(self._buffer)
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """True if no partial frame is buffered (a clean place for the peer to close)."""
+        return not self._buffer
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Append ``data`` and return every frame it completes, in order.
+
+        Raises:
+            BadFrame, FrameTooLarge: the stream is corrupt; the decoder stays failed.
+        """
+        if self._failed is not None:
+            raise BadFrame(f"decoder already failed: {self._failed}")
+        self._buffer += data
+        frames: list[Frame] = []
+        try:
+            while (frame := self._next_frame()) is not None:
+                frames.append(frame)
+        except ProtocolViolation as exc:
+            self._failed = exc
+            self._buffer.clear()
+            raise
+        return frames
+
+    def _next_frame(self) -> Frame | None:
+        if len(self._buffer) < 2:
+            return None
+        if int.from_bytes(self._buffer[:2], "big") != MAGIC:
+            raise BadFrame(f"bad magic {bytes(self._buffer[:2])!r}: not a SecVF exec stream")
+        if len(self._buffer) < HEADER_BYTES:
+            return None
+        _, type_byte, flags, stream_id, length = HEADER.unpack_from(self._buffer)
+        try:
+            frame_type = FrameType(type_byte)
+        except ValueError:
+            raise BadFrame(f"unknown frame type {type_byte:#04x}") from None
+        if flags & ~KNOWN_FLAGS:
+            raise BadFrame(f"unknown flag bits {flags:#04x}")
+        if length > self.max_frame_bytes:
+            raise FrameTooLarge(length, self.max_frame_bytes)
+        end = HEADER_BYTES + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEADER_BYTES:end])
+        del self._buffer[:end]
+        return Frame(frame_type, flags, stream_id, body)
+
+
+# --------------------------------------------------------------------------- negotiation
+
+
+def negotiate_generation(peer_generation: int) -> int:
+    """Return the generation both sides speak, given the peer's ``hello.generation``.
+
+    Raises:
+        UnsupportedGeneration: the peer only speaks generations older than MIN_GENERATION.
+    """
+    chosen = min(GENERATION, peer_generation)
+    if chosen < MIN_GENERATION:
+        raise UnsupportedGeneration(
+            f"peer speaks generation {peer_generation}, this side needs >= {MIN_GENERATION}"
+        )
+    return chosen
+
+
+def describe_contract() -> dict[str, Any]:
+    """Return the wire contract as plain data (the source of tests/schema/gen-N.json)."""
+    return {
+        "generation": GENERATION,
+        "min_generation": MIN_GENERATION,
+        "frame": {
+            "magic": MAGIC,
+            "header_format": HEADER.format,
+            "header_bytes": HEADER_BYTES,
+            "max_frame_bytes": MAX_FRAME_BYTES,
+            "data_chunk_bytes": DATA_CHUNK_BYTES,
+            "types": {t.name: int(t) for t in FrameType},
+            "flags": {"FLAG_START": FLAG_START, "FLAG_END": FLAG_END},
+        },
+        "messages": {
+            spec.name: {
+                "direction": spec.direction,
+                "stream": spec.stream,
+                "introduced_in": spec.introduced_in,
+                "fields": {
+                    fs.name: {
+                        "kind": fs.kind,
+                        "required": fs.default is REQUIRED,
+                        "default": None if fs.default is REQUIRED else fs.default,
+                        "introduced_in": fs.introduced_in,
+                    }
+                    for fs in spec.fields
+                },
+            }
+            for spec in MESSAGES.values()
+        },
+        "start_failure_kinds": list(START_FAILURE_KINDS),
+        "file_error_kinds": list(FILE_ERROR_KINDS),
+        "error_codes": list(ERROR_CODES),
+        "timing": {
+            "keepalive_interval_s": KEEPALIVE_INTERVAL_S,
+            "agent_silence_timeout_s": AGENT_SILENCE_TIMEOUT_S,
+            "kill_grace_s": KILL_GRACE_S,
+        },
+        "agent_vsock_port": AGENT_VSOCK_PORT,
+    }
+
+
+__all__ = [
+    "GENERATION",
+    "MIN_GENERATION",
+    "MAX_FRAME_BYTES",
+    "DATA_CHUNK_BYTES",
+    "HEADER_BYTES",
+    "MAGIC",
+    "AGENT_VSOCK_PORT",
+    "KEEPALIVE_INTERVAL_S",
+    "AGENT_SILENCE_TIMEOUT_S",
+    "KILL_GRACE_S",
+    "FLAG_START",
+    "FLAG_END",
+    "FrameType",
+    "Frame",
+    "Message",
+    "MessageSpec",
+    "FieldSpec",
+    "MESSAGES",
+    "START_FAILURE_KINDS",
+    "FILE_ERROR_KINDS",
+    "ERROR_CODES",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_message",
+    "encode_data",
+    "encode_error_frame",
+    "decode_message",
+    "build_payload",
+    "iter_chunks",
+    "negotiate_generation",
+    "describe_contract",
+    "ProtocolViolation",
+    "BadFrame",
+    "FrameTooLarge",
+    "BadMessage",
+    "UnknownMessage",
+    "UnsupportedGeneration",
+]

@@ -1,0 +1,343 @@
+"""The backend process: listening sockets, the event loop, and clean shutdown.
+
+One backend serves one VM. It listens on the vhost-user socket (QEMU connects once) and
+on the hybrid Unix socket (host clients), both mode 0600, and then runs a single-threaded
+``selectors`` loop over the vhost-user connection, the rx/tx kick eventfds, the hybrid
+sockets and the connections' host sockets. After each batch of events it pumps the tx
+queue (guest to host) and the rx queue (host to guest), signals the call eventfds, and
+re-arms socket interest. It exits when QEMU disconnects or on SIGTERM, removing its
+socket files.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+from secvf.vsock.device import (
+    MESSAGE_READ_TIMEOUT_S,
+    RX_QUEUE,
+    TX_QUEUE,
+    VhostUserVsockDevice,
+    receive_message,
+)
+from secvf.vsock.errors import BindFailed, VhostUserError, VsockError
+from secvf.vsock.incidents import ViolationReporter
+from secvf.vsock.limits import DEFAULT_MAX_CONNECTIONS
+from secvf.vsock.muxer import Muxer
+from secvf.vsock.packet import MIN_GUEST_CID, U32_MASK
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o600
+#: Pump rounds per loop turn while tx waits for rx to drain the control backlog.
+_MAX_PUMP_ROUNDS = 8
+
+
+class VsockBackend:
+    """A vhost-user-vsock backend for one VM.
+
+    Example::
+
+        with VsockBackend(Path("vu.sock"), Path("vsock.sock"), guest_cid=3) as backend:
+            backend.run(ready_fd=None)      # returns when QEMU disconnects or stop()
+
+    Raises (from the constructor):
+        BindFailed: a socket path is taken by a live socket or is not a socket.
+        VsockError: the guest CID is reserved or out of range.
+    """
+
+    def __init__(
+        self,
+        vhost_user_socket: Path,
+        uds_path: Path,
+        guest_cid: int,
+        *,
+        vm_name: str | None = None,
+        vm_id: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if not MIN_GUEST_CID <= guest_cid < U32_MASK:
+            raise VsockError(f"guest CID {guest_cid} is reserved or out of range (3..2^32-2)")
+        if max_connections < 1:
+            raise VsockError(f"--max-connections must be at least 1, not {max_connections}")
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_w.setblocking(False)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._bh_wakeup)
+        self._bound: list[tuple[Path, int, int]] = []  # (path, st_dev, st_ino) we created
+        self._frontend: socket.socket | None = None
+        self._watched_kicks: dict[int, int] = {}  # ring index -> kick fd in the selector
+        self._stop_requested = False
+        self._failure: VsockError | None = None
+        self.device = VhostUserVsockDevice(guest_cid)
+        try:
+            self._vu_listener = self._listen(vhost_user_socket)
+            uds_listener = self._listen(uds_path)
+        except BaseException:
+            self.close()
+            raise
+        self._selector.register(self._vu_listener, selectors.EVENT_READ, self._bh_accept_frontend)
+        self.muxer = Muxer(
+            self._selector,
+            uds_listener,
+            uds_path,
+            guest_cid=guest_cid,
+            max_connections=max_connections,
+            reporter=ViolationReporter(vm_name, vm_id),
+        )
+
+    def __enter__(self) -> VsockBackend:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def run(self, ready_fd: int | None = None) -> None:
+        """Write ``READY\\n`` to ``ready_fd`` (then close it) and serve until done.
+
+        Raises:
+            VhostUserError: the frontend broke the protocol; the session was ended.
+        """
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, b"READY\n")
+            finally:
+                os.close(ready_fd)
+        busy = False
+        while not self._stop_requested:
+            for key, mask in self._selector.select(self._select_timeout(busy)):
+                key.data(mask)
+                if self._stop_requested:
+                    break
+            self.muxer.expire(time.monotonic())
+            busy = self._pump()
+        if self._failure is not None:
+            raise self._failure
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; safe from signal handlers and other threads."""
+        self._stop_requested = True
+        try:
+            self._wakeup_w.send(b"\0")
+        except OSError:
+            pass  # a wakeup is already pending, or the loop is gone
+
+    def close(self) -> None:
+        """Close every socket and fd and remove the socket files this backend created."""
+        muxer = getattr(self, "muxer", None)
+        if muxer is not None:
+            muxer.close()
+        self._unwatch_kicks()
+        self.device.close()
+        for sock in (self._frontend, getattr(self, "_vu_listener", None)):
+            if sock is not None:
+                sock.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        self._selector.close()
+        for path, dev, ino in self._bound:
+            _unlink_if_same(path, dev, ino)
+        self._bound.clear()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _listen(self, path: Path) -> socket.socket:
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, SOCKET_MODE)
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise BindFailed(path, exc) from exc
+        finally:
+            os.umask(old_umask)
+        info = os.stat(path)
+        self._bound.append((path, info.st_dev, info.st_ino))
+        log.info("listening on %s", path)
+        return sock
+
+    # -- event handlers --------------------------------------------------------------------
+
+    def _bh_wakeup(self, _mask: int) -> None:
+        self._wakeup_r.recv(64)
+
+    def _bh_accept_frontend(self, _mask: int) -> None:
+        try:
+            frontend, _ = self._vu_listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self._selector.unregister(self._vu_listener)
+        self._vu_listener.close()
+        frontend.settimeout(MESSAGE_READ_TIMEOUT_S)
+        self._frontend = frontend
+        self._selector.register(frontend, selectors.EVENT_READ, self._bh_frontend_message)
+        log.info("vhost-user frontend connected")
+
+    def _bh_frontend_message(self, _mask: int) -> None:
+        assert self._frontend is not None
+        self._unwatch_kicks()
+        try:
+            message = receive_message(self._frontend)
+            if message is None:
+                log.info("vhost-user frontend disconnected; exiting")
+                self._stop_requested = True
+                return
+            reply = self.device.handle(message)
+            if reply is not None:
+                self._frontend.sendall(reply)
+        except VhostUserError as exc:
+            log.error("vhost-user session ended: %s", exc)
+            self._failure = exc
+            self._stop_requested = True
+            return
+        except OSError as exc:
+            log.error("vhost-user socket failed: %s", exc)
+            self._failure = VhostUserError(f"vhost-user socket failed: {exc}")
+            self._stop_requested = True
+            return
+        if self.device.reset_pending:
+            self.device.reset_pending = False
+            self.muxer.reset()
+
+    def _bh_kick(self, fd: int, _mask: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- pumping ---------------------------------------------------------------------------
+
+    def _pump(self) -> bool:
+        """Move packets both ways; returns True if tx work is left over (poll again now)."""
+        queues = self.device.running_queues()
+        rx, tx = queues.get(RX_QUEUE), queues.get(TX_QUEUE)
+        tx_left = False
+        for _ in range(_MAX_PUMP_ROUNDS):
+            tx_left = self.muxer.process_tx(tx) if tx is not None else False
+            delivered = self.muxer.process_rx(rx) if rx is not None else False
+            if not (delivered and self.muxer.tx_backlogged):
+                break
+        for index, queue in queues.items():
+            if queue.take_used_added():
+                self.device.signal(index)
+        self.muxer.sync_interest()
+        self._watch_kicks()
+        return tx_left
+
+    def _select_timeout(self, busy: bool) -> float | None:
+        if busy:
+            return 0.0
+        deadline = self.muxer.next_deadline()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _watch_kicks(self) -> None:
+        wanted = {
+            index: fd
+            for index in self.device.running_queues()
+            if (fd := self.device.kick_fd(index)) is not None
+        }
+        for index, fd in list(self._watched_kicks.items()):
+            if wanted.get(index) != fd:
+                self._selector.unregister(fd)
+                del self._watched_kicks[index]
+        for index, fd in wanted.items():
+            if index not in self._watched_kicks:
+                self._selector.register(fd, selectors.EVENT_READ, partial(self._bh_kick, fd))
+                self._watched_kicks[index] = fd
+
+    def _unwatch_kicks(self) -> None:
+        for fd in self._watched_kicks.values():
+            self._selector.unregister(fd)
+        self._watched_kicks.clear()
+
+
+def serve(
+    vhost_user_socket: Path,
+    uds_path: Path,
+    guest_cid: int,
+    *,
+    ready_fd: int | None = None,
+    vm_name: str | None = None,
+    vm_id: str | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> None:
+    """Run a vsock backend until QEMU disconnects or SIGTERM/SIGINT arrives.
+
+    Listens on ``vhost_user_socket`` and ``uds_path`` (both 0600), writes ``READY\\n`` to
+    ``ready_fd`` when both listen, serves one QEMU connection, and removes both socket
+    files before returning. Signal handlers are installed only in the main thread.
+
+    Raises:
+        BindFailed: a socket path is in use.
+        VsockError: invalid arguments.
+        VhostUserError: QEMU broke the vhost-user protocol (the sockets are cleaned up).
+    """
+    with VsockBackend(
+        vhost_user_socket,
+        uds_path,
+        guest_cid,
+        vm_name=vm_name,
+        vm_id=vm_id,
+        max_connections=max_connections,
+    ) as backend:
+        if threading.current_thread() is not threading.main_thread():
+            backend.run(ready_fd)
+            return
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s received; exiting", signal.Signals(signum).name)
+            backend.stop()
+
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            backend.run(ready_fd)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a leftover socket file nobody listens on; refuse anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise BindFailed(path, "the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno != errno.ECONNREFUSED:
+            raise BindFailed(path, exc) from exc
+        log.info("removing stale socket %s", path)
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise BindFailed(path, "another process is listening on it")
+
+
+def _unlink_if_same(path: Path, dev: int, ino: int) -> None:
+    try:
+        info = os.lstat(path)
+        if (info.st_dev, info.st_ino) == (dev, ino):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)

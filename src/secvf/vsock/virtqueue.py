@@ -1,0 +1,213 @@
+"""The device side of a split virtqueue, hardened against a hostile driver.
+
+Ring layout (virtio 1.2, section 2.7), all little endian, ``size`` a power of two::
+
+    descriptor table  size x {le64 addr, le32 len, le16 flags, le16 next}   align 16
+    available ring    le16 flags, le16 idx, size x le16 ring[]               align 2
+    used ring         le16 flags, le16 idx, size x {le32 id, le32 len}       align 4
+
+The driver publishes chain heads in the available ring and bumps ``avail.idx``; the
+device walks each chain, then writes ``{id, len}`` into the used ring and bumps
+``used.idx``. Indices are free-running u16 counters.
+
+Everything the driver wrote is untrusted. A chain is accepted only if its head and every
+``next`` are below ``size``, it has at most ``size`` descriptors (so a loop is caught),
+it uses no INDIRECT descriptors (not negotiated), its device-writable descriptors come
+after its readable ones, and every buffer lies inside guest memory. ``avail.idx`` may not
+run more than ``size`` entries ahead. Any failure raises :class:`QueueViolation` and
+marks the queue broken: it is never processed again until the frontend restarts it.
+
+Notification suppression is ignored on purpose: honouring VRING_AVAIL_F_NO_INTERRUPT
+safely needs a store-load fence that pure Python cannot issue, so callers signal the
+call eventfd after every batch. Plain stores keep their order on x86-64 (TSO), which is
+what makes "write the used element, then the used index" safe here; this module is
+x86-64 only.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from secvf.vsock.errors import QueueViolation, VhostUserError
+from secvf.vsock.memory import GuestMemory, Segment, read_segments, write_segments
+
+#: Largest queue size the virtio spec allows for split rings.
+MAX_QUEUE_SIZE = 32768
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+
+_DESCRIPTOR = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_U16_MASK = 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """One entry of the descriptor table, as the driver wrote it."""
+
+    addr: int  # guest physical address of the buffer
+    length: int  # buffer length in bytes
+    flags: int  # DESC_F_* bits
+    next: int  # index of the next descriptor when DESC_F_NEXT is set
+
+
+@dataclass(frozen=True, slots=True)
+class RingAddresses:
+    """Frontend VAs of the three ring parts (from SET_VRING_ADDR)."""
+
+    desc: int  # descriptor table
+    avail: int  # available ring
+    used: int  # used ring
+
+
+def walk_chain(read: Callable[[int], Descriptor], head: int, size: int) -> list[Descriptor]:
+    """Follow the chain starting at ``head`` and return its descriptors in order.
+
+    Raises:
+        QueueViolation: an index is out of range, the chain is longer than the queue
+            (a loop), a descriptor is INDIRECT, or a readable one follows a writable one.
+    """
+    chain: list[Descriptor] = []
+    index = head
+    while True:
+        if index >= size:
+            raise QueueViolation(f"descriptor index {index} is outside a queue of {size}")
+        if len(chain) == size:
+            raise QueueViolation(f"descriptor chain from head {head} is longer than the queue")
+        desc = read(index)
+        if desc.flags & DESC_F_INDIRECT:
+            raise QueueViolation("indirect descriptor used but not negotiated")
+        if chain and chain[-1].flags & DESC_F_WRITE and not desc.flags & DESC_F_WRITE:
+            raise QueueViolation("device-readable descriptor after a device-writable one")
+        chain.append(desc)
+        if not desc.flags & DESC_F_NEXT:
+            return chain
+        index = desc.next
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """A validated chain, translated into host memory segments."""
+
+    head: int  # index of the first descriptor; identifies the chain in the used ring
+    readable: list[Segment] = field(default_factory=list)  # driver-written buffers
+    writable: list[Segment] = field(default_factory=list)  # buffers the device fills
+
+    @property
+    def readable_bytes(self) -> int:
+        """Total length of the readable buffers."""
+        return sum(length for _, _, length in self.readable)
+
+    @property
+    def writable_bytes(self) -> int:
+        """Total length of the writable buffers."""
+        return sum(length for _, _, length in self.writable)
+
+    def read(self, limit: int, skip: int = 0) -> bytes:
+        """Gather at most ``limit`` readable bytes, starting ``skip`` bytes in."""
+        return read_segments(self.readable, limit, skip)
+
+    def write(self, data: bytes) -> int:
+        """Scatter ``data`` over the writable buffers; returns the bytes written."""
+        return write_segments(self.writable, data)
+
+
+class SplitVirtqueue:
+    """The device side of one split virtqueue over mapped guest memory.
+
+    Example::
+
+        queue = SplitVirtqueue(memory, 128, addresses, next_avail=0)
+        while (chain := queue.pop()) is not None:
+            queue.add_used(chain.head, chain.write(packet))
+        if queue.take_used_added():
+            signal_call_eventfd()
+
+    Raises (from every method that touches the ring):
+        QueueViolation: the driver corrupted the ring; :attr:`broken` is then True.
+    """
+
+    def __init__(
+        self, memory: GuestMemory, size: int, addresses: RingAddresses, next_avail: int
+    ) -> None:
+        """Bind the rings at ``addresses``.
+
+        Raises:
+            VhostUserError: the size is invalid or a ring is not inside one memory region.
+        """
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise VhostUserError(f"queue size {size} is not a power of two up to 32768")
+        self.size = size
+        self._memory = memory
+        self._desc = memory.va_to_offset(addresses.desc, 16 * size)
+        self._avail = memory.va_to_offset(addresses.avail, 4 + 2 * size)
+        self._used = memory.va_to_offset(addresses.used, 4 + 8 * size)
+        self.next_avail = next_avail & _U16_MASK
+        self.next_used = self._read_u16(self._used, 2)
+        self.broken = False
+        self._used_added = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<SplitVirtqueue size={self.size} next_avail={self.next_avail} "
+            f"next_used={self.next_used} broken={self.broken}>"
+        )
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available chain, or None when the driver has published none."""
+        if self.broken:
+            return None
+        try:
+            avail_idx = self._read_u16(self._avail, 2)
+            pending = (avail_idx - self.next_avail) & _U16_MASK
+            if pending == 0:
+                return None
+            if pending > self.size:
+                raise QueueViolation(f"avail.idx {avail_idx} ran {pending} entries ahead")
+            slot = 4 + 2 * (self.next_avail % self.size)
+            head = self._read_u16(self._avail, slot)
+            chain = self._translate(head, walk_chain(self._descriptor, head, self.size))
+        except QueueViolation:
+            self.broken = True
+            raise
+        self.next_avail = (self.next_avail + 1) & _U16_MASK
+        return chain
+
+    def undo_pop(self) -> None:
+        """Give the last popped chain back, so the next :meth:`pop` returns it again."""
+        self.next_avail = (self.next_avail - 1) & _U16_MASK
+
+    def add_used(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver, saying ``written`` bytes were filled."""
+        mapping, offset = self._used
+        _USED_ELEM.pack_into(mapping, offset + 4 + 8 * (self.next_used % self.size), head, written)
+        self.next_used = (self.next_used + 1) & _U16_MASK
+        _U16.pack_into(mapping, offset + 2, self.next_used)  # x86 TSO: after the element
+        self._used_added = True
+
+    def take_used_added(self) -> bool:
+        """Return whether chains were used since the last call, and reset the flag."""
+        added, self._used_added = self._used_added, False
+        return added
+
+    def _descriptor(self, index: int) -> Descriptor:
+        mapping, offset = self._desc
+        return Descriptor(*_DESCRIPTOR.unpack_from(mapping, offset + 16 * index))
+
+    def _translate(self, head: int, descriptors: list[Descriptor]) -> DescriptorChain:
+        chain = DescriptorChain(head)
+        for desc in descriptors:
+            segments = self._memory.gpa_segments(desc.addr, desc.length)
+            (chain.writable if desc.flags & DESC_F_WRITE else chain.readable).extend(segments)
+        return chain
+
+    @staticmethod
+    def _read_u16(location: tuple[mmap.mmap, int], offset: int) -> int:
+        mapping, base = location
+        return _U16.unpack_from(mapping, base + offset)[0]

@@ -1,0 +1,191 @@
+"""secvf.protocol: framing, validation, decoder limits, stdlib-only rule."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from secvf import protocol
+from secvf.protocol import (
+    FLAG_END,
+    FLAG_START,
+    HEADER,
+    MAGIC,
+    MAX_FRAME_BYTES,
+    BadFrame,
+    BadMessage,
+    Frame,
+    FrameDecoder,
+    FrameTooLarge,
+    FrameType,
+    UnknownMessage,
+    UnsupportedGeneration,
+)
+
+PROTOCOL_SOURCE = Path(protocol.__file__)
+AGENT_SOURCE = PROTOCOL_SOURCE.parent / "guest" / "agent.py"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_protocol_imports_only_the_standard_library():
+    outside = _imported_modules(PROTOCOL_SOURCE) - set(sys.stdlib_module_names) - {"__future__"}
+    assert outside == set()
+
+
+def test_agent_imports_only_the_standard_library_and_protocol():
+    allowed = set(sys.stdlib_module_names) | {"__future__", "protocol", "secvf"}
+    assert _imported_modules(AGENT_SOURCE) - allowed == set()
+
+
+def test_constant_relations():
+    assert protocol.DATA_CHUNK_BYTES <= MAX_FRAME_BYTES
+    assert protocol.AGENT_SILENCE_TIMEOUT_S >= 3 * protocol.KEEPALIVE_INTERVAL_S
+    assert protocol.HEADER_BYTES == 12
+    assert protocol.MIN_GENERATION <= protocol.GENERATION
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def test_frame_round_trip_through_the_decoder():
+    data = protocol.encode_data(FrameType.STDOUT, 7, b"\x00\xffbinary", FLAG_END)
+    assert FrameDecoder().feed(data) == [Frame(FrameType.STDOUT, FLAG_END, 7, b"\x00\xffbinary")]
+
+
+def test_decoder_is_incremental_byte_by_byte():
+    stream = protocol.encode_message("ping") + protocol.encode_data(FrameType.STDIN, 3, b"abc")
+    decoder = FrameDecoder()
+    frames = [f for i in range(len(stream)) for f in decoder.feed(stream[i : i + 1])]
+    assert [f.type for f in frames] == [FrameType.CONTROL, FrameType.STDIN]
+    assert decoder.at_frame_boundary
+
+
+def test_oversized_header_is_rejected_before_the_body_arrives():
+    header = HEADER.pack(MAGIC, FrameType.STDOUT, 0, 1, MAX_FRAME_BYTES + 1)
+    decoder = FrameDecoder()
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.feed(header)
+    assert (info.value.size, info.value.limit) == (MAX_FRAME_BYTES + 1, MAX_FRAME_BYTES)
+    assert decoder.buffered_bytes == 0
+
+
+def test_frame_at_exactly_the_limit_is_accepted():
+    body = b"x" * MAX_FRAME_BYTES
+    (frame,) = FrameDecoder().feed(protocol.encode_data(FrameType.FILE_DATA, 1, body))
+    assert len(frame.body) == MAX_FRAME_BYTES
+
+
+def test_encoder_refuses_oversized_bodies():
+    with pytest.raises(FrameTooLarge):
+        protocol.encode_frame(FrameType.STDOUT, 1, b"x" * (MAX_FRAME_BYTES + 1))
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"GET / HTTP/1.1\r\n", "bad magic"),
+        (HEADER.pack(MAGIC, 0x55, 0, 0, 0), "unknown frame type"),
+        (HEADER.pack(MAGIC, FrameType.CONTROL, 0x80, 0, 0), "unknown flag"),
+    ],
+)
+def test_bad_headers(data, fragment):
+    with pytest.raises(BadFrame, match=fragment):
+        FrameDecoder().feed(data)
+
+
+def test_decoder_stays_failed_after_an_error():
+    decoder = FrameDecoder()
+    with pytest.raises(BadFrame):
+        decoder.feed(b"XX")
+    with pytest.raises(BadFrame, match="already failed"):
+        decoder.feed(protocol.encode_message("ping"))
+
+
+def test_message_flags_follow_stream_position():
+    (opens,) = FrameDecoder().feed(protocol.encode_message("exec", 1, argv=["true"]))
+    (ends,) = FrameDecoder().feed(protocol.encode_message("exit", 1, code=0))
+    (within,) = FrameDecoder().feed(protocol.encode_message("started", 1, pid=5))
+    assert (opens.flags, ends.flags, within.flags) == (FLAG_START, FLAG_END, 0)
+    assert ends.ends_stream and not within.ends_stream
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _decode(data: bytes) -> protocol.Message:
+    (frame,) = FrameDecoder().feed(data)
+    return protocol.decode_message(frame)
+
+
+def test_defaults_are_filled_in():
+    msg = _decode(protocol.encode_message("exec", 4, shell="echo hi"))
+    assert msg.name == "exec" and msg.stream_id == 4
+    assert msg["argv"] is None and msg["env"] == {} and msg["tty"] is False
+    assert (msg["rows"], msg["cols"], msg["timeout_s"], msg["user"]) == (24, 80, None, None)
+
+
+def test_unknown_payload_fields_from_newer_peers_are_ignored():
+    body = b'{"v":2,"t":"started","p":{"pid":9,"cgroup":"x"}}'
+    msg = protocol.decode_message(Frame(FrameType.CONTROL, 0, 1, body))
+    assert msg.payload == {"pid": 9} and msg.generation == 2
+
+
+def test_senders_cannot_add_unknown_fields():
+    with pytest.raises(BadMessage, match="unknown field"):
+        protocol.encode_message("started", 1, pid=3, extra=1)
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        (b"\xff\xfe", BadMessage),
+        (b"[1,2]", BadMessage),
+        (b'{"v":true,"t":"ping","p":{}}', BadMessage),
+        (b'{"v":1,"t":7,"p":{}}', BadMessage),
+        (b'{"v":1,"t":"ping","p":[]}', BadMessage),
+        (b'{"v":1,"t":"nope","p":{}}', UnknownMessage),
+        (b'{"v":1,"t":"started","p":{}}', BadMessage),
+        (b'{"v":1,"t":"started","p":{"pid":true}}', BadMessage),
+        (b'{"v":1,"t":"exec","p":{"env":{"A":1}}}', BadMessage),
+        (b'{"v":1,"t":"error","p":{"code":"x"}}', BadMessage),  # error outside ERROR frame
+    ],
+)
+def test_invalid_bodies(body, error):
+    with pytest.raises(error):
+        protocol.decode_message(Frame(FrameType.CONTROL, 0, 0, body))
+
+
+def test_data_frames_have_no_json_body():
+    with pytest.raises(BadMessage):
+        protocol.decode_message(Frame(FrameType.STDOUT, 0, 1, b"{}"))
+
+
+def test_error_frame_helper():
+    msg = _decode(protocol.encode_error_frame("refused", "not on the allowlist"))
+    assert (msg.name, msg["code"], msg["message"]) == ("error", "refused", "not on the allowlist")
+
+
+def test_generation_negotiation():
+    assert protocol.negotiate_generation(protocol.GENERATION + 5) == protocol.GENERATION
+    assert protocol.negotiate_generation(protocol.MIN_GENERATION) == protocol.MIN_GENERATION
+    with pytest.raises(UnsupportedGeneration):
+        protocol.negotiate_generation(protocol.MIN_GENERATION - 1)
+
+
+def test_iter_chunks_splits_and_preserves_bytes():
+    data = bytes(range(256)) * 1000
+    chunks = list(protocol.iter_chunks(data, 1000))
+    assert b"".join(chunks) == data and max(map(len, chunks)) == 1000
+    assert list(protocol.iter_chunks(b"")) == []

@@ -1,0 +1,130 @@
+"""Contract tests: the wire surface is pinned by tests/schema/gen-N.json and golden bytes.
+
+Re-bless after an intended change with ``SECVF_BLESS_SCHEMA=1 pytest tests/test_protocol_contract.py``
+and follow docs/VERSIONING.md (bump GENERATION for anything that is not purely additive).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from secvf import protocol
+
+SCHEMA_DIR = Path(__file__).parent / "schema"
+SNAPSHOT = SCHEMA_DIR / f"gen-{protocol.GENERATION}.json"
+GOLDEN = SCHEMA_DIR / f"golden-gen-{protocol.GENERATION}.json"
+BLESS = os.environ.get("SECVF_BLESS_SCHEMA") == "1"
+
+#: Sample values for required fields, by kind, for the round-trip test.
+SAMPLES = {
+    "str": "sample",
+    "int": 7,
+    "number": 1.5,
+    "bool": True,
+    "list[str]": ["a", "b"],
+    "map[str,str]": {"K": "V"},
+}
+
+#: Frames whose bytes must never change within a generation: (name, frame bytes builder).
+GOLDEN_FRAMES = {
+    "hello": lambda: protocol.encode_message(
+        "hello", generation=1, software="secvf-host", capabilities=["exec"]
+    ),
+    "exec_argv": lambda: protocol.encode_message(
+        "exec", 1, argv=["ls", "-l"], env={"A": "1"}, timeout_s=5
+    ),
+    "exec_shell_tty": lambda: protocol.encode_message(
+        "exec", 2, shell="echo hi", tty=True, rows=40, cols=120, user="root"
+    ),
+    "started": lambda: protocol.encode_message("started", 1, pid=1234),
+    "stdout": lambda: protocol.encode_data(protocol.FrameType.STDOUT, 1, b"out\x00\xff"),
+    "stdin": lambda: protocol.encode_data(protocol.FrameType.STDIN, 1, b"in\n"),
+    "exit_signal": lambda: protocol.encode_message("exit", 1, signal=9, duration_ms=12),
+    "start_failed": lambda: protocol.encode_message(
+        "start_failed", 1, kind="not_found", errno=2, errno_name="ENOENT", message="x"
+    ),
+    "upload": lambda: protocol.encode_message("upload", 3, path="/w/f", mode=0o644),
+    "file_data": lambda: protocol.encode_data(protocol.FrameType.FILE_DATA, 3, b"\x01\x02"),
+    "error": lambda: protocol.encode_error_frame("refused", "not allowed"),
+    "keepalive": lambda: protocol.encode_message("keepalive"),
+}
+
+
+def _rendered_contract() -> str:
+    return json.dumps(protocol.describe_contract(), sort_keys=True, indent=2) + "\n"
+
+
+def test_contract_matches_snapshot():
+    rendered = _rendered_contract()
+    if BLESS:
+        SCHEMA_DIR.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(rendered)
+    assert SNAPSHOT.exists(), f"missing {SNAPSHOT}; run with SECVF_BLESS_SCHEMA=1"
+    assert json.loads(rendered) == json.loads(SNAPSHOT.read_text()), (
+        "the wire contract changed; read docs/VERSIONING.md, then re-bless with "
+        "SECVF_BLESS_SCHEMA=1"
+    )
+
+
+def test_earlier_generations_are_append_only():
+    current = protocol.describe_contract()
+    for path in sorted(SCHEMA_DIR.glob("gen-*.json")):
+        old = json.loads(path.read_text())
+        for name, spec in old["messages"].items():
+            assert name in current["messages"], f"message {name!r} from {path.name} removed"
+            now = current["messages"][name]
+            assert now["introduced_in"] == spec["introduced_in"]
+            assert now["direction"] == spec["direction"]
+            for field, fspec in spec["fields"].items():
+                assert now["fields"].get(field) == fspec, f"{name}.{field} changed"
+            added = set(now["fields"]) - set(spec["fields"])
+            assert all(not now["fields"][f]["required"] for f in added), "new fields must be optional"
+        assert old["frame"]["types"].items() <= current["frame"]["types"].items()
+        assert old["frame"]["header_format"] == current["frame"]["header_format"]
+
+
+def test_new_messages_are_tagged_with_their_generation():
+    for spec in protocol.MESSAGES.values():
+        assert protocol.MIN_GENERATION <= spec.introduced_in <= protocol.GENERATION
+        assert all(f.introduced_in >= spec.introduced_in for f in spec.fields)
+
+
+@pytest.mark.parametrize("name", sorted(protocol.MESSAGES))
+def test_every_message_round_trips_by_wire_name(name):
+    spec = protocol.MESSAGES[name]
+    required = {
+        f.name: SAMPLES[f.kind.rstrip("?")]
+        for f in spec.fields
+        if f.default is protocol.REQUIRED
+    }
+    data = protocol.encode_message(name, 5, **required)
+    (frame,) = protocol.FrameDecoder().feed(data)
+    msg = protocol.decode_message(frame)
+    assert msg.name == name and msg.stream_id == 5
+    assert msg.payload == protocol.build_payload(name, required)
+
+
+def _golden_rendering() -> dict[str, str]:
+    return {name: build().hex() for name, build in sorted(GOLDEN_FRAMES.items())}
+
+
+def test_golden_bytes_decode_and_encode_identically():
+    if BLESS:
+        GOLDEN.write_text(json.dumps(_golden_rendering(), indent=2, sort_keys=True) + "\n")
+    stored = json.loads(GOLDEN.read_text())
+    assert stored == _golden_rendering(), "encoding changed within a generation"
+    for name, hexed in stored.items():
+        (frame,) = protocol.FrameDecoder().feed(bytes.fromhex(hexed))
+        if frame.type in (protocol.FrameType.CONTROL, protocol.FrameType.ERROR):
+            protocol.decode_message(frame)
+
+
+def test_golden_exec_frame_fields():
+    (frame,) = protocol.FrameDecoder().feed(bytes.fromhex(json.loads(GOLDEN.read_text())["exec_argv"]))
+    msg = protocol.decode_message(frame)
+    assert (frame.stream_id, frame.flags) == (1, protocol.FLAG_START)
+    assert msg["argv"] == ["ls", "-l"] and msg["env"] == {"A": "1"} and msg["timeout_s"] == 5
