@@ -447,7 +447,9 @@ def test_oversized_frame_from_host_is_refused_before_reading_it(agent):
         protocol.MAGIC, protocol.FrameType.STDIN, 0, 1, protocol.MAX_FRAME_BYTES + 1
     )
     frames = _raw_exchange(agent.socket_path, hello + huge)
-    codes = [protocol.decode_message(f)["code"] for f in frames if f.type is protocol.FrameType.ERROR]
+    codes = [
+        protocol.decode_message(f)["code"] for f in frames if f.type is protocol.FrameType.ERROR
+    ]
     assert codes == ["frame_too_large"]
 
 

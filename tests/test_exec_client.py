@@ -134,9 +134,7 @@ def test_endless_output_is_capped_and_bounded_by_the_host_deadline(hostile):
     client = _connect(hostile, deadline_margin_s=0.5)
     tracemalloc.start()
     try:
-        failure, _ = _elapsed(
-            lambda: client.run(["yes"], timeout=0.5, max_output_bytes=1 << 20)
-        )
+        failure, _ = _elapsed(lambda: client.run(["yes"], timeout=0.5, max_output_bytes=1 << 20))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -1,7 +1,7 @@
 """Contract tests: the wire surface is pinned by tests/schema/gen-N.json and golden bytes.
 
-Re-bless after an intended change with ``SECVF_BLESS_SCHEMA=1 pytest tests/test_protocol_contract.py``
-and follow docs/VERSIONING.md (bump GENERATION for anything that is not purely additive).
+Re-bless after an intended change with ``SECVF_BLESS_SCHEMA=1`` set, and follow
+docs/VERSIONING.md (bump GENERATION for anything that is not purely additive).
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def test_earlier_generations_are_append_only():
             for field, fspec in spec["fields"].items():
                 assert now["fields"].get(field) == fspec, f"{name}.{field} changed"
             added = set(now["fields"]) - set(spec["fields"])
-            assert all(not now["fields"][f]["required"] for f in added), "new fields must be optional"
+            assert all(not now["fields"][f]["required"] for f in added), (
+                "new fields must be optional"
+            )
         assert old["frame"]["types"].items() <= current["frame"]["types"].items()
         assert old["frame"]["header_format"] == current["frame"]["header_format"]
 
@@ -97,9 +99,7 @@ def test_new_messages_are_tagged_with_their_generation():
 def test_every_message_round_trips_by_wire_name(name):
     spec = protocol.MESSAGES[name]
     required = {
-        f.name: SAMPLES[f.kind.rstrip("?")]
-        for f in spec.fields
-        if f.default is protocol.REQUIRED
+        f.name: SAMPLES[f.kind.rstrip("?")] for f in spec.fields if f.default is protocol.REQUIRED
     }
     data = protocol.encode_message(name, 5, **required)
     (frame,) = protocol.FrameDecoder().feed(data)
@@ -117,14 +117,16 @@ def test_golden_bytes_decode_and_encode_identically():
         GOLDEN.write_text(json.dumps(_golden_rendering(), indent=2, sort_keys=True) + "\n")
     stored = json.loads(GOLDEN.read_text())
     assert stored == _golden_rendering(), "encoding changed within a generation"
-    for name, hexed in stored.items():
+    for hexed in stored.values():
         (frame,) = protocol.FrameDecoder().feed(bytes.fromhex(hexed))
         if frame.type in (protocol.FrameType.CONTROL, protocol.FrameType.ERROR):
             protocol.decode_message(frame)
 
 
 def test_golden_exec_frame_fields():
-    (frame,) = protocol.FrameDecoder().feed(bytes.fromhex(json.loads(GOLDEN.read_text())["exec_argv"]))
+    (frame,) = protocol.FrameDecoder().feed(
+        bytes.fromhex(json.loads(GOLDEN.read_text())["exec_argv"])
+    )
     msg = protocol.decode_message(frame)
     assert (frame.stream_id, frame.flags) == (1, protocol.FLAG_START)
     assert msg["argv"] == ["ls", "-l"] and msg["env"] == {"A": "1"} and msg["timeout_s"] == 5

@@ -29,7 +29,7 @@ from secvf.vmconfig import VMConfig, VMKind
 from secvf.vmcreate import build_config
 
 AGENT_READY_TIMEOUT_S = 120.0
-PING_CONNECT_TIMEOUT_S = 1.0
+PING_CONNECT_TIMEOUT_S = 5.0  # a refused connect fails at once; this bounds a slow guest
 PING_RETRY_S = 0.2
 LOG_TAIL_LINES = 30
 

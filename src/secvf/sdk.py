@@ -178,9 +178,20 @@ class Sandbox:
             CommandStartFailed: not found (127), permission denied, bad cwd, ... (126).
             AgentUnavailable, ExecRefused, ProtocolError: the channel failed.
         """
-        kwargs = dict(env=env, cwd=cwd, user=user, tty=tty, stdin=stdin, timeout=timeout)
-        kwargs.update(on_stdout=on_stdout, on_stderr=on_stderr, **options)
-        return self._call(lambda c: c.run(command, **kwargs))
+        return self._call(
+            lambda c: c.run(
+                command,
+                env=env,
+                cwd=cwd,
+                user=user,
+                tty=tty,
+                stdin=stdin,
+                timeout=timeout,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                **options,
+            )
+        )
 
     def start(self, command: Command, **options: Any) -> SandboxProcess:
         """Start a command and stream its events; options as :meth:`ExecClient.start`.

@@ -68,7 +68,7 @@ try:
     from secvf import protocol
 except ImportError:  # inside the guest image: protocol.py sits next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import protocol  # type: ignore[no-redef]
+    import protocol  # type: ignore[no-redef,import-not-found]
 
 AGENT_VERSION = "0.1.0"
 DEFAULT_USER = "agent"
@@ -327,6 +327,10 @@ class ConnectionGone(Exception):
     """Sending failed: the client went away."""
 
 
+class _InputClosed(Exception):
+    """The command's stdin is closed or the command has ended: drop the input."""
+
+
 class Connection:
     """The socket of one session; sends are serialised by a lock (thread-safe)."""
 
@@ -391,6 +395,10 @@ class ExecTask:
         self._stdin_failed = False
         self._cancel = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        # Guards every use of our fds from the reader thread against their closing by
+        # the supervisor (a closed fd number may be reused by another stream at once).
+        self._fd_lock = threading.RLock()
+        self._fds_open = True
         self._pump_done = threading.Event()
         self._drain_until: float | None = None
         self.started_at = time.monotonic()
@@ -487,19 +495,28 @@ class ExecTask:
         A failed write is reported once as ``stdin_error``; later input is dropped.
         """
         view = memoryview(data)
-        while view and self.stdin_fd is not None and self.state is TaskState.RUNNING:
+        while view:
             try:
-                view = view[os.write(self.stdin_fd, view) :]
-            except BlockingIOError:
-                self._wait_writable()
+                view = view[self._write_some(view) :]
+            except _InputClosed:
+                return
             except OSError as exc:
                 self._report_stdin_error(exc)
                 return
 
-    def _wait_writable(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.stdin_fd, selectors.EVENT_WRITE)  # type: ignore[arg-type]
-            sel.select(STDIN_POLL_S)
+    def _write_some(self, view: memoryview) -> int:
+        """Write what the pipe takes now, else wait up to STDIN_POLL_S; return bytes written."""
+        with self._fd_lock:
+            fd = self.stdin_fd
+            if not self._fds_open or fd is None or self.state is not TaskState.RUNNING:
+                raise _InputClosed
+            try:
+                return os.write(fd, view)
+            except BlockingIOError:
+                with selectors.DefaultSelector() as sel:
+                    sel.register(fd, selectors.EVENT_WRITE)
+                    sel.select(STDIN_POLL_S)
+                return 0
 
     def _report_stdin_error(self, exc: OSError) -> None:
         self.close_stdin()
@@ -510,14 +527,15 @@ class ExecTask:
 
     def close_stdin(self) -> None:
         """Signal EOF on stdin (closes the pipe; sends the EOF character to a PTY)."""
-        if self.tty_fd is not None:
-            if self.state is TaskState.RUNNING:
-                eof = termios.tcgetattr(self.tty_fd)[6][termios.VEOF]
-                self.write_stdin(eof if isinstance(eof, bytes) else bytes([eof]))
-            return
-        if self.stdin_fd is not None:
-            fd, self.stdin_fd = self.stdin_fd, None
-            os.close(fd)
+        with self._fd_lock:
+            if self.tty_fd is not None:
+                if self.state is TaskState.RUNNING:
+                    eof = termios.tcgetattr(self.tty_fd)[6][termios.VEOF]
+                    self.write_stdin(eof if isinstance(eof, bytes) else bytes([eof]))
+                return
+            if self.stdin_fd is not None:
+                fd, self.stdin_fd = self.stdin_fd, None
+                os.close(fd)
 
     def send_signal(self, signum: int) -> None:
         """Deliver ``signum`` to the command's process group."""
@@ -530,13 +548,16 @@ class ExecTask:
     def resize(self, rows: int, cols: int) -> None:
         """Set the PTY size; the kernel sends SIGWINCH to the foreground group."""
         _check_dims(rows, cols)
-        if self.tty_fd is not None and self.state is TaskState.RUNNING:
-            _set_winsize(self.tty_fd, rows, cols)
+        with self._fd_lock:
+            if self.tty_fd is not None and self.state is TaskState.RUNNING:
+                _set_winsize(self.tty_fd, rows, cols)
 
     def cancel(self) -> None:
         """Ask the supervisor to kill the process group (returns at once)."""
         self._cancel.set()
-        os.write(self._wake_w, b"x")
+        with self._fd_lock:
+            if self._fds_open:
+                os.write(self._wake_w, b"x")
 
     # -- background threads ---------------------------------------------------------------
 
@@ -622,15 +643,19 @@ class ExecTask:
         self.session.stream_ended(self.stream_id)
 
     def _close_own_fds(self) -> None:
-        fds = set(self.output_fds) | {self._wake_r, self._wake_w}
-        if self.stdin_fd is not None:
-            fds.add(self.stdin_fd)
-        self.output_fds, self.stdin_fd, self.tty_fd = {}, None, None
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._fd_lock:
+            if not self._fds_open:
+                return
+            self._fds_open = False
+            fds = set(self.output_fds) | {self._wake_r, self._wake_w}
+            if self.stdin_fd is not None:
+                fds.add(self.stdin_fd)
+            self.output_fds, self.stdin_fd, self.tty_fd = {}, None, None
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def abort(self) -> None:
         """The connection is gone: kill the command (same path as cancel)."""

@@ -11,9 +11,9 @@ socket files.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
+import platform
 import selectors
 import signal
 import socket
@@ -40,6 +40,10 @@ from secvf.vsock.packet import MIN_GUEST_CID, U32_MASK
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o600
+#: Hosts whose store ordering (x86 TSO) makes fence-free ring updates safe.
+SUPPORTED_MACHINES = ("x86_64", "AMD64")
+#: The "listening" bit in the Flags column of /proc/net/unix.
+_SO_ACCEPTCON = 0x10000
 #: Pump rounds per loop turn while tx waits for rx to drain the control backlog.
 _MAX_PUMP_ROUNDS = 8
 
@@ -54,7 +58,7 @@ class VsockBackend:
 
     Raises (from the constructor):
         BindFailed: a socket path is taken by a live socket or is not a socket.
-        VsockError: the guest CID is reserved or out of range.
+        VsockError: the host is not x86-64, or the guest CID or the limit is invalid.
     """
 
     def __init__(
@@ -67,6 +71,11 @@ class VsockBackend:
         vm_id: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if platform.machine() not in SUPPORTED_MACHINES:
+            raise VsockError(
+                f"the pure-Python vsock backend needs an x86-64 host (TSO memory ordering); "
+                f"this host is {platform.machine()}"
+            )
         if not MIN_GUEST_CID <= guest_cid < U32_MASK:
             raise VsockError(f"guest CID {guest_cid} is reserved or out of range (3..2^32-2)")
         if max_connections < 1:
@@ -153,6 +162,7 @@ class VsockBackend:
     # -- setup -----------------------------------------------------------------------------
 
     def _listen(self, path: Path) -> socket.socket:
+        path = Path(os.path.abspath(path))
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -283,7 +293,7 @@ def serve(
 
     Raises:
         BindFailed: a socket path is in use.
-        VsockError: invalid arguments.
+        VsockError: invalid arguments, or the host is not x86-64.
         VhostUserError: QEMU broke the vhost-user protocol (the sockets are cleaned up).
     """
     with VsockBackend(
@@ -311,25 +321,34 @@ def serve(
 
 
 def _remove_stale_socket(path: Path) -> None:
-    """Remove a leftover socket file nobody listens on; refuse anything else."""
+    """Remove a leftover socket file nobody listens on; refuse anything else.
+
+    Listening is checked in /proc/net/unix rather than by connecting: a probe connection
+    would be taken by a live backend as its one QEMU connection.
+    """
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise BindFailed(path, "the path exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno != errno.ECONNREFUSED:
-            raise BindFailed(path, exc) from exc
-        log.info("removing stale socket %s", path)
-        path.unlink()
-        return
-    finally:
-        probe.close()
-    raise BindFailed(path, "another process is listening on it")
+    if _has_listener(path):
+        raise BindFailed(path, "another process is listening on it")
+    log.info("removing stale socket %s", path)
+    path.unlink()
+
+
+def _has_listener(path: Path) -> bool:
+    """Whether a listening Unix socket is bound to ``path`` (per /proc/net/unix)."""
+    wanted = {str(path), os.path.abspath(path)}
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+        next(table)  # header: Num RefCount Protocol Flags Type St Inode Path
+        for line in table:
+            fields = line.split(maxsplit=7)
+            if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+                if fields[7].rstrip("\n") in wanted:
+                    return True
+    return False
 
 
 def _unlink_if_same(path: Path, dev: int, ino: int) -> None:

@@ -89,12 +89,9 @@ class GuestMemory:
         return [region for region, _ in self._regions]
 
     def close(self) -> None:
-        """Unmap every region (views still exported keep their mapping alive)."""
+        """Unmap every region."""
         for _, mapping in self._regions:
-            try:
-                mapping.close()
-            except BufferError:
-                pass  # a transient memoryview still exists; the GC unmaps it later
+            mapping.close()
         self._regions = []
 
     def va_to_offset(self, va: int, length: int) -> tuple[mmap.mmap, int]:

@@ -1,0 +1,196 @@
+"""AI-sandbox sessions: shares, isolation, the exec allowlist, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import secvf
+from secvf.exec.bridge import allowlist_path
+from secvf.exec.client import ExecClient
+from secvf.exec.session import exec_socket_for
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.vm
+
+NOBODY = 65534
+
+
+def sh(name: str, script: str, *, root: bool = False) -> subprocess.CompletedProcess[str]:
+    args = ["vm", "exec", name, *(["--root"] if root else []), "-c", script]
+    return run_cli(*args)
+
+
+def status(name: str) -> dict:
+    return json.loads(run_cli("vm", "status", name, "--json", check=True).stdout)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+
+
+def test_workspace_round_trip_and_ownership(fleet: dict, vm_library: Path) -> None:
+    workspace = vm_library / "sandboxes" / "sbx" / "workspace"
+    (workspace / "from-host.txt").write_text("hello guest\n")
+    assert sh("sbx", "cat /workspace/from-host.txt").stdout == "hello guest\n"
+    assert sh("sbx", "echo hello host > /workspace/from-guest.txt").returncode == 0
+    created = workspace / "from-guest.txt"
+    assert created.read_text() == "hello host\n"
+    # guest uid 1000 (agent) is mapped to an unprivileged host uid, never to host root
+    assert created.stat().st_uid not in (0, os.getuid()) or os.getuid() != 0
+    assert sh("sbx", "echo x > /workspace/r && chmod 4755 /workspace/r", root=True).returncode == 0
+    assert (workspace / "r").stat().st_uid != 0
+
+
+def test_read_only_share_resists_root_in_the_guest(vm_library: Path, tmp_path: Path) -> None:
+    ro = tmp_path / "reference"
+    ro.mkdir()
+    (ro / "data.txt").write_text("original\n")
+    (ro / "data.txt").chmod(0o644)
+    before = (ro / "data.txt").stat()
+    run_cli("sandbox", "create", "rosbx", "--memory", "512M", "--share", f"{ro}:/ref:ro",
+            check=True)
+    run_cli("sandbox", "start", "rosbx", check=True)
+    try:
+        assert sh("rosbx", "cat /ref/data.txt").stdout == "original\n"
+        attacks = [
+            "echo pwned > /ref/data.txt",
+            "touch /ref/new",
+            "chmod 777 /ref/data.txt",
+            "rm /ref/data.txt",
+            "mount -o remount,rw /ref && echo pwned > /ref/data.txt",
+            "umount /ref; mount -t virtiofs ro0 /ref && echo pwned > /ref/data.txt",
+        ]
+        for attack in attacks:
+            assert sh("rosbx", attack, root=True).returncode != 0, attack
+        after = (ro / "data.txt").stat()
+        assert (ro / "data.txt").read_text() == "original\n"
+        assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+        assert sorted(p.name for p in ro.iterdir()) == ["data.txt"]
+    finally:
+        run_cli("sandbox", "rm", "rosbx", "--purge", check=True)
+
+
+def test_allowlist_three_cases(fleet: dict, vm_library: Path) -> None:
+    """Empty allowlist: another uid cannot even connect. Allowlist names someone else:
+    the path opens, the other uid is refused with an error frame. Names the uid: works."""
+    sock = exec_socket_for("sbx")
+    probe = ("import sys; from pathlib import Path; from secvf.exec.client import ExecClient;"
+             "c = ExecClient.connect(Path(sys.argv[1]), timeout=5);"
+             "print(c.run(['id', '-un']).stdout.decode().strip())")
+
+    # the client runs as nobody with the system Python and a world-readable copy of the
+    # package (the checkout and the venv may live under a 0700 home)
+    pkg = Path(tempfile.mkdtemp(prefix="secvf-nobody-"))
+    shutil.copytree(Path(secvf.__file__).parent, pkg / "secvf",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [pkg, *pkg.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+    def as_nobody(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["/usr/bin/python3", "-c", probe, str(path)], capture_output=True,
+                              text=True, timeout=60, user=NOBODY, group=NOBODY,
+                              env={"PYTHONPATH": str(pkg)}, cwd="/")
+
+    refused = as_nobody(sock)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+    allowlist_path().write_text("# trusted operators\ndaemon\n")
+    try:
+        run_cli("sandbox", "create", "shared", "--memory", "512M", check=True)
+        run_cli("sandbox", "start", "shared", check=True)
+        shared = exec_socket_for("shared")
+        assert oct(shared.stat().st_mode & 0o777) == "0o666"
+        refused = as_nobody(shared)
+        assert refused.returncode != 0 and "refused" in refused.stderr, refused.stderr
+        allowlist_path().write_text("daemon\nnobody  # reviewer\n")
+        allowed = as_nobody(shared)
+        assert allowed.returncode == 0, allowed.stderr
+        assert allowed.stdout.strip() == "agent"
+        events = [json.loads(line) for p in (vm_library / "logs").glob("security-*.jsonl")
+                  for line in p.read_text().splitlines()]
+        assert any(e["event"] == "exec_refused" and e["peer_uid"] == NOBODY for e in events)
+    finally:
+        allowlist_path().unlink()
+        shutil.rmtree(pkg)
+        run_cli("sandbox", "rm", "shared", "--purge")
+
+
+def test_two_sessions_are_isolated(fleet: dict, vm_library: Path) -> None:
+    run_cli("sandbox", "create", "other", "--memory", "512M", check=True)
+    run_cli("sandbox", "start", "other", check=True)
+    try:
+        assert exec_socket_for("other") != exec_socket_for("sbx")
+        sh("sbx", "echo secret-a > /workspace/only-a.txt")
+        assert sh("other", "cat /workspace/only-a.txt").returncode != 0
+        # the other guest's vsock reaches only its own host side: CID 2 port 9999 has no
+        # listener there, even while sbx's backend exists
+        probe = ("import socket; s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM);"
+                 "s.settimeout(5); s.connect((2, 9999))")
+        assert run_cli("vm", "exec", "other", "--", "python3", "-c", probe).returncode != 0
+    finally:
+        run_cli("sandbox", "rm", "other", "--purge", check=True)
+
+
+def test_run_rm_leaves_nothing_behind(vm_library: Path) -> None:
+    runtime = Path(os.environ["SECVF_RUNTIME_DIR"])
+    before = set(runtime.iterdir())
+    proc = run_cli("sandbox", "run", "--rm", "--name", "oneshot", "--memory", "512M", "--",
+                   "sh", "-c", "echo ran; exit 5")
+    assert proc.returncode == 5 and proc.stdout.strip().endswith("ran")
+    assert not (vm_library / "vms" / "oneshot").exists()
+    assert not (vm_library / "sandboxes" / "oneshot").exists()
+    assert set(runtime.iterdir()) == before
+    assert processes_mentioning("oneshot") == []
+
+
+def test_failed_boot_cleans_up(vm_library: Path) -> None:
+    run_cli("sandbox", "create", "slow", "--memory", "512M", check=True)
+    proc = run_cli("sandbox", "start", "slow", "--timeout", "0.5")
+    assert proc.returncode != 0 and "did not become ready" in proc.stderr
+    st = status("slow")
+    assert st["state"] == "stopped"
+    assert not list(Path(os.environ["SECVF_RUNTIME_DIR"]).glob(f"*{st['id']}*"))
+    assert (vm_library / "vms" / "slow" / "disk.qcow2").exists()
+    run_cli("sandbox", "start", "slow", check=True)
+    assert sh("slow", "echo recovered").stdout == "recovered\n"
+    run_cli("sandbox", "rm", "slow", "--purge", check=True)
+
+
+def test_kill_9_of_qemu_removes_the_socket_and_marks_crashed(vm_library: Path) -> None:
+    run_cli("sandbox", "create", "victim", "--memory", "512M", check=True)
+    run_cli("sandbox", "start", "victim", check=True)
+    st = status("victim")
+    sock = Path(st["exec_socket"])
+    assert sock.exists()
+    os.kill(st["qemu_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while status("victim")["state"] not in ("crashed", "stopped"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status("victim")["state"] == "crashed"
+    assert not sock.exists()
+    assert not list(Path(os.environ["SECVF_RUNTIME_DIR"]).glob(f"*{st['id']}*"))
+    run_cli("sandbox", "rm", "victim", "--purge", check=True)
+
+
+def test_sandbox_stop_leaves_no_helper_processes(vm_library: Path) -> None:
+    run_cli("sandbox", "create", "tidy", "--memory", "512M", check=True)
+    run_cli("sandbox", "start", "tidy", check=True)
+    vm_id = status("tidy")["id"]
+    assert processes_mentioning(vm_id), "no processes for the running sandbox"
+    run_cli("sandbox", "stop", "tidy", check=True)
+    assert processes_mentioning(vm_id) == []
+    assert not list(Path(os.environ["SECVF_RUNTIME_DIR"]).glob(f"*{vm_id}*"))
+    with pytest.raises(Exception, match="not running"):
+        ExecClient.connect(exec_socket_for("tidy"))
+    run_cli("sandbox", "rm", "tidy", "--purge", check=True)
