@@ -6,7 +6,6 @@ expensive to build and are keyed by recipe hash, so reuse is always correct.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator

@@ -30,6 +30,7 @@ from secvf.errors import SecVFError
 from secvf.exec.bridge import read_allowlist
 from secvf.library import list_vms
 from secvf.machine import build_machine
+from secvf.machine.sandbox import VSOCK_DEVICE
 from secvf.runstate import VmState, current_state
 from secvf.seclog import Severity
 from secvf.vmconfig import VMConfig, VMKind
@@ -99,7 +100,7 @@ def _planned_channels(config: VMConfig, bundle: Any, res: VMAudit) -> list[dict[
     except SecVFError as exc:
         res.source = "none"
         if config.kind is VMKind.AI_SANDBOX:
-            return [{"type": "vhost-user-vsock-pci", "channel": "vsock",
+            return [{"type": VSOCK_DEVICE, "channel": "vsock",
                      "path": f"(plan unavailable: {exc})"}]
         return []
     return [{"type": d.driver, "channel": channel_of(d.driver), "path": d.id}

@@ -58,7 +58,7 @@ class RuntimeFiles:
     @property
     def vhost_vsock_socket(self) -> Path:
         """vhost-user socket between QEMU and the vsock backend (AI sandbox only)."""
-        return self._path("vhost-vsock", ".sock")
+        return self._path("vsock-backend", ".sock")
 
     @property
     def exec_socket(self) -> Path:

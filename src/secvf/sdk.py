@@ -6,7 +6,7 @@ connections per VM by default)::
 
     from secvf.sdk import Sandbox
 
-    box = Sandbox.from_socket(exec_socket_path)
+    box = Sandbox.from_vm("my-sandbox")      # or Sandbox.from_socket(exec_socket_path)
     result = box.run(["python3", "-c", "print(6 * 7)"], timeout=60)
     assert result.ok and result.stdout == b"42\\n"
 
@@ -145,6 +145,18 @@ class Sandbox:
             )
 
         return cls(connect, name or socket_path.name)
+
+    @classmethod
+    def from_vm(cls, name: str, **options: Any) -> Sandbox:
+        """Return a Sandbox for the running AI-sandbox VM ``name`` (by library name).
+
+        Raises:
+            NoExecChannel: the VM has no exec channel by design, or is not running.
+            NotFound: there is no such VM.
+        """
+        from secvf.exec.session import exec_socket_for
+
+        return cls.from_socket(exec_socket_for(name), name=name, **options)
 
     def connect(self) -> ExecClient:
         """Open a connection for several calls in a row (close it when done).
@@ -305,6 +317,11 @@ class AsyncSandbox:
     def from_socket(cls, path: Path | str, **options: Any) -> AsyncSandbox:
         """Return an AsyncSandbox dialling ``path``; options as :meth:`Sandbox.from_socket`."""
         return cls(Sandbox.from_socket(path, **options))
+
+    @classmethod
+    def from_vm(cls, name: str, **options: Any) -> AsyncSandbox:
+        """Return an AsyncSandbox for running AI-sandbox VM ``name``."""
+        return cls(Sandbox.from_vm(name, **options))
 
     async def _call(self, action: Callable[[ExecClient], T]) -> T:
         client = await asyncio.to_thread(self.sandbox.connect)

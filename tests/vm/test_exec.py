@@ -152,3 +152,22 @@ def test_exec_audit_log_records_who_ran_what(fleet: dict) -> None:
     rec = records[-1]
     assert rec["vm"] == "sbx" and rec["caller_uid"] == os.getuid() and rec["code"] == 0
     assert rec["outcome"] == "exit" and rec["duration_ms"] >= 0
+
+
+def test_sdk_binds_to_a_vm_by_name(fleet: dict) -> None:
+    import asyncio
+
+    from secvf.errors import NoExecChannel
+    from secvf.sdk import AsyncSandbox, Sandbox
+
+    box = Sandbox.from_vm("sbx")
+    assert box.run(["sh", "-c", "echo $((6 * 7))"]).stdout == b"42\n"
+
+    async def many() -> list[bytes]:
+        abox = AsyncSandbox.from_vm("sbx")
+        results = await asyncio.gather(*(abox.run(["echo", str(i)]) for i in range(4)))
+        return [r.stdout for r in results]
+
+    assert asyncio.run(many()) == [f"{i}\n".encode() for i in range(4)]
+    with pytest.raises(NoExecChannel, match="no exec channel by design"):
+        Sandbox.from_vm("gen")
