@@ -52,7 +52,8 @@ def test_no_channel_for_any_option_combination(boot_files, tmp_path, kind, netwo
     assert [d for d in plan.devices if channel_of(d.driver)] == []
     joined = " ".join(plan.args).lower()
     # the first token of every option value is the device/backend type (paths excluded)
-    kinds = [v.split(",")[0] for k, v in zip(plan.args, plan.args[1:], strict=False) if k.startswith("-")]
+    pairs = zip(plan.args, plan.args[1:], strict=False)
+    kinds = [v.split(",")[0] for k, v in pairs if k.startswith("-")]
     assert not [k for k in kinds for w in FORBIDDEN_WORDS if w in k.lower()], kinds
     assert "-nodefaults" in plan.args and "-no-user-config" in plan.args
     assert any(a.startswith("on,obsolete=deny") for a in plan.args)

@@ -171,3 +171,17 @@ def test_sdk_binds_to_a_vm_by_name(fleet: dict) -> None:
     assert asyncio.run(many()) == [f"{i}\n".encode() for i in range(4)]
     with pytest.raises(NoExecChannel, match="no exec channel by design"):
         Sandbox.from_vm("gen")
+
+
+def test_seventeenth_session_is_refused_as_busy(fleet: dict) -> None:
+    from secvf.exec.errors import ExecRefused
+
+    clients = [ExecClient.connect(exec_socket_for("sbx")) for _ in range(16)]
+    try:
+        sessions = [c.start(["sleep", "30"]) for c in clients]
+        with pytest.raises(ExecRefused, match="busy"):
+            ExecClient.connect(exec_socket_for("sbx"))
+        assert all(s.pid for s in sessions)
+    finally:
+        for c in clients:
+            c.close()

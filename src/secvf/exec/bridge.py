@@ -47,6 +47,8 @@ AGENT_PORT = protocol.AGENT_VSOCK_PORT
 HYBRID_CONNECT_TIMEOUT_S = 5.0
 COPY_CHUNK_BYTES = 64 * 1024
 ALLOWLIST_NAME = "exec-allowlist"
+REFUSE_LINGER_S = 2.0
+BUSY_WAIT_S = 5.0
 
 log = logging.getLogger("secvf.exec.bridge")
 
@@ -100,6 +102,7 @@ class ExecBridge:
     max_connections: int = MAX_CONNECTIONS
     server: asyncio.AbstractServer | None = None
     active: set[asyncio.Task[None]] = field(default_factory=set)
+    slots: asyncio.Semaphore | None = None  # one per joined session, made in start()
 
     @property
     def socket_path(self) -> Path:
@@ -117,6 +120,7 @@ class ExecBridge:
         os.chmod(tmp, 0o666 if others else 0o600)
         os.chmod(self.files.dir, 0o711 if others else 0o700)
         sock.listen(64)
+        self.slots = asyncio.Semaphore(self.max_connections)
         self.server = await asyncio.start_unix_server(self._on_client, sock=sock)
         os.rename(tmp, self.socket_path)
         seclog.write_event(
@@ -164,25 +168,40 @@ class ExecBridge:
                 reason="uid not allowed",
             )
             await _refuse(
+                reader,
                 writer,
                 "refused",
                 f"uid {uid} may not use the exec channel of "
                 f"VM '{self.vm.name}' (not the owner, not in the exec allowlist)",
             )
             return
-        if len(self.active) > self.max_connections:
+        assert self.slots is not None
+        try:
+            # a session that just ended may still be draining in the guest: wait briefly
+            await asyncio.wait_for(self.slots.acquire(), BUSY_WAIT_S)
+        except TimeoutError:
             await _refuse(
+                reader,
                 writer,
                 "busy",
                 f"VM '{self.vm.name}' already has {self.max_connections} exec sessions",
             )
             return
         try:
+            await self._joined_session(reader, writer, uid)
+        finally:
+            self.slots.release()
+
+    async def _joined_session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uid: int
+    ) -> None:
+        try:
             g_reader, g_writer = await asyncio.wait_for(
                 self._dial_agent(), HYBRID_CONNECT_TIMEOUT_S
             )
         except (TimeoutError, OSError, ValueError) as exc:
             await _refuse(
+                reader,
                 writer,
                 "agent_unavailable",
                 f"the guest agent of VM '{self.vm.name}' is not reachable: {exc}",
@@ -209,10 +228,22 @@ class ExecBridge:
         return reader, writer
 
 
-async def _refuse(writer: asyncio.StreamWriter, code: str, message: str) -> None:
-    with contextlib.suppress(ConnectionError):
+async def _refuse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, code: str, message: str
+) -> None:
+    """Answer with an ``error`` frame, then let the client finish sending (its hello) for
+    a moment before the connection closes, so it reads the frame instead of EPIPE."""
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
         writer.write(protocol.encode_error_frame(code, message))
         await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await asyncio.wait_for(_discard_until_eof(reader), REFUSE_LINGER_S)
+
+
+async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(COPY_CHUNK_BYTES):
+        pass
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, observe: Any) -> None:

@@ -407,14 +407,19 @@ class ExecClient:
     ) -> ExecClient:
         channel = FrameChannel(sock, silence_timeout_s)
         try:
-            channel.send(
-                protocol.encode_message(
-                    "hello",
-                    generation=protocol.GENERATION,
-                    software="secvf-host",
-                    capabilities=["exec", "files"],
+            try:
+                channel.send(
+                    protocol.encode_message(
+                        "hello",
+                        generation=protocol.GENERATION,
+                        software="secvf-host",
+                        capabilities=["exec", "files"],
+                    )
                 )
-            )
+            except AgentUnavailable:
+                # a refusing bridge may have written its error frame and closed before
+                # our hello arrived: the frame is still in the receive buffer
+                pass
             msg = _message(channel.recv_frame(time.monotonic() + timeout))
             if msg.name == "error":
                 raise _error_from_peer(msg)
