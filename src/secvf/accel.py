@@ -46,15 +46,21 @@ def choose_accel(requested: Accel, kernel: Path | None, initrd: Path | None) -> 
         return cached
     if kernel is None or initrd is None:
         return AccelChoice("tcg", "no SecVF kernel to probe KVM with (build an image)")
-    choice = probe_kvm(kernel, initrd)
+    choice = probe_accel("kvm", kernel, initrd)
     _write_cache(choice)
     return choice
 
 
-def probe_kvm(kernel: Path, initrd: Path, timeout_s: float = PROBE_TIMEOUT_S) -> AccelChoice:
-    """Boot ``kernel`` under KVM and report whether its initramfs reached userspace."""
+def probe_accel(
+    accel: str, kernel: Path, initrd: Path, timeout_s: float = PROBE_TIMEOUT_S
+) -> AccelChoice:
+    """Boot ``kernel`` under ``accel`` and report whether its initramfs reached userspace.
+
+    Returns ``accel`` on success, ``tcg`` (with the reason) otherwise.
+    """
     argv = [
-        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+        "qemu-system-x86_64", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+        "-m", "256", "-nodefaults",
         "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 panic=-1 quiet secvf_probe=1",
@@ -63,13 +69,14 @@ def probe_kvm(kernel: Path, initrd: Path, timeout_s: float = PROBE_TIMEOUT_S) ->
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        return AccelChoice("tcg", f"KVM probe: no guest output within {timeout_s:.0f} s")
+        return AccelChoice("tcg", f"{accel} probe: no guest output within {timeout_s:.0f} s")
     except OSError as exc:
-        return AccelChoice("tcg", f"KVM probe could not run QEMU: {exc}")
+        return AccelChoice("tcg", f"{accel} probe could not run QEMU: {exc}")
     if PROBE_MARKER.encode() in proc.stdout:
-        return AccelChoice("kvm", f"KVM probe booted in {time.monotonic() - started:.1f} s")
+        took = time.monotonic() - started
+        return AccelChoice(accel, f"{accel} probe booted a guest in {took:.1f} s")
     tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    return AccelChoice("tcg", f"KVM probe failed: {tail[0]}")
+    return AccelChoice("tcg", f"{accel} probe failed: {tail[0]}")
 
 
 def _cache_path() -> Path:

@@ -310,8 +310,13 @@ def image_build(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Build guest images (default: every image a new user needs)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from secvf.image import DEFAULT_IMAGES, build_image
+    from secvf.errors import NotFound
+    from secvf.image import DEFAULT_IMAGES, RECIPES, build_image
 
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise NotFound(f"there is no image recipe called '{unknown[0]}' "
+                       f"(known: {', '.join(sorted(RECIPES))})")
     built = []
     for name in names or DEFAULT_IMAGES:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(),

@@ -101,3 +101,28 @@ def test_audit_is_clean_on_the_fleet_and_flags_a_planted_socket(fleet: dict) -> 
         assert any("exec socket" in f for f in gen["findings"])
     finally:
         planted.unlink()
+
+
+def test_console_attaches_and_detaches_and_logs_show_the_boot(fleet: dict) -> None:
+    proc = run_cli("vm", "console", "gen", input_bytes=b"\x1d", timeout=30)
+    assert proc.returncode == 0
+    assert b"attached to 'gen'" in proc.stderr and b"detached" in proc.stderr
+    logs = run_cli("vm", "logs", "gen", check=True)
+    assert "SECVF-READY" in logs.stdout
+
+
+def test_malware_analysis_console_is_output_only(fleet: dict) -> None:
+    import subprocess
+    import sys
+
+    console = subprocess.Popen([sys.executable, "-m", "secvf", "vm", "console", "mal"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        _, err = console.communicate(b"echo typed\n", timeout=3)
+    except subprocess.TimeoutExpired:
+        console.kill()
+        _, err = console.communicate()
+    assert b"output-only" in err
+    assert b"typed" not in (Path(os.environ["SECVF_HOME"]) / "vms" / "mal" /
+                            "serial.log").read_bytes()

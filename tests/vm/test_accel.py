@@ -1,0 +1,30 @@
+"""The accelerator probe boots SecVF's own kernel and initramfs and looks for its marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from secvf.accel import choose_accel, probe_accel
+from secvf.vmconfig import Accel
+
+pytestmark = pytest.mark.vm
+
+
+def test_probe_sees_the_marker_when_the_guest_runs(built_images: dict) -> None:
+    image = built_images["base"]
+    choice = probe_accel("tcg", image.kernel, image.initrd, timeout_s=60)
+    assert choice.accel == "tcg" and "booted a guest" in choice.reason
+
+
+def test_probe_fails_over_to_tcg_when_no_guest_runs(built_images: dict, tmp_path: Path) -> None:
+    bogus = tmp_path / "not-a-kernel"
+    bogus.write_bytes(b"\0" * 4096)
+    choice = probe_accel("tcg", bogus, built_images["base"].initrd, timeout_s=20)
+    assert choice.accel == "tcg" and "failed" in choice.reason
+
+
+def test_explicit_choices_are_honoured_without_probing(tmp_path: Path) -> None:
+    assert choose_accel(Accel.TCG, None, None).accel == "tcg"
+    assert choose_accel(Accel.KVM, None, None).accel == "kvm"
