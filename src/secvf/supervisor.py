@@ -58,6 +58,7 @@ QMP_CONNECT_TIMEOUT_S = 30.0
 HELPER_READY_TIMEOUT_S = 15.0
 POWERDOWN_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 5.0
+HELPER_EXIT_GRACE_S = 1.0
 MARKER_POLL_S = 0.1
 
 log = logging.getLogger("secvf.supervisor")
@@ -311,7 +312,10 @@ class Supervisor:
 
     async def _watch_helper(self, name: str, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()
-        if self._exited.is_set() or self.stop_reason:
+        with contextlib.suppress(TimeoutError):
+            # helpers also exit when QEMU goes away: that is QEMU's story, not theirs
+            await asyncio.wait_for(self._exited.wait(), HELPER_EXIT_GRACE_S)
+        if self._exited.is_set() or self.stop_reason or self.crash_reason:
             return
         self.crash_reason = f"device helper '{name}' died (exit {rc})"
         seclog.write_event("device_helper_died", severity=Severity.ERROR, vm=self.config.name,

@@ -194,3 +194,29 @@ def test_sandbox_stop_leaves_no_helper_processes(vm_library: Path) -> None:
     with pytest.raises(Exception, match="not running"):
         ExecClient.connect(exec_socket_for("tidy"))
     run_cli("sandbox", "rm", "tidy", "--purge", check=True)
+
+
+def test_guest_panic_is_a_crash_with_an_event(vm_library: Path) -> None:
+    run_cli("sandbox", "create", "panicky", "--memory", "512M", check=True)
+    run_cli("sandbox", "start", "panicky", check=True)
+    vm_id = status("panicky")["id"]
+    sh("panicky", "echo c > /proc/sysrq-trigger", root=True)
+    deadline = time.monotonic() + 60
+    while status("panicky")["state"] not in ("crashed", "stopped"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    st = status("panicky")
+    assert st["state"] == "crashed" and st["last_run"]["reason"] == "guest panic"
+    events = [json.loads(line) for p in (vm_library / "logs").glob("security-*.jsonl")
+              for line in p.read_text().splitlines()]
+    assert any(e["event"] == "guest_panic" and e["vm_id"] == vm_id for e in events)
+    assert any(e["event"] == "vm_crashed" and e["vm_id"] == vm_id for e in events)
+    run_cli("sandbox", "rm", "panicky", "--purge", check=True)
+
+
+def test_agent_restarts_after_it_dies(fleet: dict) -> None:
+    sh("sbx", "kill -9 $(pgrep -f secvf/agent/agent.py)", root=True)
+    deadline = time.monotonic() + 60
+    while sh("sbx", "echo back").stdout != "back\n":
+        assert time.monotonic() < deadline, "agent did not come back"
+        time.sleep(0.5)

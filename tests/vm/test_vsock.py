@@ -204,6 +204,10 @@ def scratch_sandbox(name: str) -> Iterator[dict]:
     try:
         run_cli("sandbox", "start", name, check=True)
         yield status(name)
+    except BaseException:
+        log = Path(os.environ["SECVF_HOME"]) / "vms" / name / "supervisor.log"
+        print(f"---- last lines of {log}", *log.read_text().splitlines()[-80:], sep="\n")
+        raise
     finally:
         run_cli("sandbox", "rm", name, "--purge")
 

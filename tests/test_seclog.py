@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+from secvf import seclog
+from secvf.seclog import Severity
+
+
+def test_events_are_json_lines_in_private_files(secvf_env: Path) -> None:
+    rec = seclog.write_event("vm_started", severity=Severity.WARNING, vm="a", vm_id="x", n=1)
+    path = seclog.log_path()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    line = json.loads(path.read_text().splitlines()[-1])
+    assert line == rec and line["severity"] == "WARNING" and line["uid"] == os.getuid()
+    assert line["time"].endswith("Z")
+
+
+def test_concurrent_writers_never_interleave(secvf_env: Path) -> None:
+    def writer(i: int) -> None:
+        for j in range(200):
+            seclog.write_event("e", stream="exec", payload="x" * 500, i=i, j=j)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = list(seclog.read_events("exec"))
+    assert len(events) == 1600 and all(e["payload"] == "x" * 500 for e in events)
+
+
+def test_unwritable_log_never_raises(secvf_env: Path, monkeypatch, capfd) -> None:
+    monkeypatch.setattr(seclog, "log_path", lambda *a, **k: Path("/proc/nonexistent/x"))
+    seclog.write_event("dropped")
+    assert "cannot write security log" in capfd.readouterr().err
