@@ -218,10 +218,3 @@ def vm_status(name: str) -> dict[str, Any]:
         begin = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
         status["uptime_s"] = round(time.time() - begin.timestamp(), 1)
     return status
-
-
-def ensure_stopped(name: str) -> None:
-    """Raise :class:`StateError` if VM ``name`` is running."""
-    bundle, _ = get_vm(name)
-    if is_running(bundle):
-        raise StateError(f"VM '{name}' is running", "running", ["stopped"])

@@ -25,7 +25,6 @@ from secvf.vmconfig import (
     ImageBoot,
     IsoBoot,
     VMConfig,
-    load_config,
     new_mac,
     now_iso,
     parse_config,
@@ -278,19 +277,7 @@ def import_vm(source: Path, *, name: str | None = None) -> Bundle:
     return dst
 
 
-def update_config(name: str, **changes: object) -> VMConfig:
-    """Change fields of a stopped VM's config (validated again before it is saved)."""
-    bundle, config = get_vm(name)
-    with locked(bundle.edit_lock, f"VM '{name}'"):
-        if is_running(bundle):
-            raise StateError(f"VM '{name}' is running; stop it first", "running")
-        data = config.model_dump(mode="json") | changes | {"updated_at": now_iso()}
-        new = parse_config(data, source=str(bundle.config_file))
-        save_config(bundle.config_file, new)
-    return new
-
-
 __all__ = [
     "DiskError", "ListedVM", "bundle_for", "clone_vm", "create_vm", "delete_vm", "get_bundle",
-    "get_vm", "import_vm", "list_vms", "load_config", "rename_vm", "update_config",
+    "get_vm", "import_vm", "list_vms", "rename_vm",
 ]

@@ -1,4 +1,4 @@
-"""Small process helpers: tie a child's life to its parent, check and stop pids."""
+"""Tie a child process's life to its parent's."""
 
 from __future__ import annotations
 
@@ -18,22 +18,3 @@ def die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(1)
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with ``pid`` exists (zombies count as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def proc_cmdline(pid: int) -> list[str]:
-    """The command line of ``pid`` ([] if it is gone or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-    except OSError:
-        return []

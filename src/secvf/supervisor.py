@@ -478,6 +478,9 @@ def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> in
     """Run the supervisor for VM ``name`` in this process until the VM is gone."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # qemu.qmp logs QEMU's exit (EOF / EPIPE on the socket) as an error; we learn about
+    # that from the process itself, and every QMP failure we care about raises
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         supervisor = Supervisor(name, accel=accel, report_fd=report_fd)
     except SecVFError as exc:
