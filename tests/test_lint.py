@@ -15,3 +15,10 @@ def test_ruff_is_clean() -> None:
     proc = subprocess.run([ruff, "check", "src", "tests", "bench"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_is_clean() -> None:
+    mypy = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")
+    proc = subprocess.run([mypy, "src/secvf"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -104,7 +104,7 @@ def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, imag
 @click.option("--json", "as_json", is_flag=True)
 def vm_list(as_json: bool) -> None:
     """List every VM with its kind and state."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in library.list_vms():
         if item.config is None:
             rows.append({"name": item.bundle.name, "state": "invalid", "error": item.error})
@@ -323,9 +323,11 @@ def image_build(names: tuple[str, ...], force: bool, as_json: bool) -> None:
                       TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
                       console=err, transient=as_json) as progress:
             task = progress.add_task(name, total=1.0, step="")
-            info = build_image(name, force=force,
-                               progress=lambda step, frac, t=task: progress.update(
-                                   t, completed=frac, step=step))
+
+            def report(step: str, fraction: float, task: Any = task, bar: Any = progress) -> None:
+                bar.update(task, completed=fraction, step=step)
+
+            info = build_image(name, force=force, progress=report)
         built.append(_image_row(info))
     if as_json:
         print_json(built)

@@ -283,6 +283,8 @@ class Supervisor:
         async for event in qmp.events:
             name = event["event"]
             data = event.get("data", {})
+            if not isinstance(data, dict):
+                data = {}
             if name == "SHUTDOWN" and data.get("guest"):
                 self.guest_shutdown = True
             elif name == "GUEST_PANICKED":

@@ -114,7 +114,7 @@ class Share(_Strict):
 class SandboxChannels(_Strict):
     """The host-guest channels of an AI-sandbox VM (and only of one)."""
 
-    guest_cid: int = Field(DEFAULT_GUEST_CID, ge=3, le=0xFFFFFFFE)  # guest's vsock CID
+    guest_cid: int = Field(default=DEFAULT_GUEST_CID, ge=3, le=0xFFFFFFFE)  # guest's vsock CID
     vsock_backend: Literal["userspace", "kernel"] = "userspace"
     shares: list[Share] = []
 
@@ -122,7 +122,7 @@ class SandboxChannels(_Strict):
 class VMConfig(_Strict):
     """Validated content of a VM's ``vm.json``."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     id: str  # UUID, stable for the VM's life (names the runtime files)
     name: str
     kind: VMKind

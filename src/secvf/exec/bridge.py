@@ -309,6 +309,11 @@ class ExecAudit:
         if record is None:
             return
         started = record.pop("started")
+        outcome_fields: dict[str, Any] = {
+            k: payload.get(k)
+            for k in ("code", "signal", "timed_out", "kind", "errno_name")
+            if k in payload
+        }
         seclog.write_event(
             "exec",
             stream="exec",
@@ -318,11 +323,7 @@ class ExecAudit:
             outcome=outcome,
             duration_ms=int((time.monotonic() - started) * 1000),
             **record,
-            **{
-                k: payload.get(k)
-                for k in ("code", "signal", "timed_out", "kind", "errno_name")
-                if k in payload
-            },
+            **outcome_fields,
         )
 
     def finish(self) -> None:

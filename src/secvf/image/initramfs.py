@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from secvf.errors import ImageBuildFailed
 from secvf.image.kernel import KernelTree
@@ -113,13 +113,19 @@ def initramfs_entries(
     return entries
 
 
+class ByteSink(Protocol):
+    """Anything with ``write(bytes)``: a file, a gzip stream."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 def write_initramfs(entries: Iterable[CpioEntry], dest: Path) -> None:
     """Write ``entries`` as a gzip-compressed ``newc`` cpio archive to ``dest``."""
     with dest.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
         write_cpio(entries, out)
 
 
-def write_cpio(entries: Iterable[CpioEntry], out: BinaryIO) -> None:
+def write_cpio(entries: Iterable[CpioEntry], out: ByteSink) -> None:
     """Write ``entries`` and the trailer as an uncompressed ``newc`` archive."""
     ino = 0
     for ino, entry in enumerate(entries, start=1):
@@ -127,7 +133,7 @@ def write_cpio(entries: Iterable[CpioEntry], out: BinaryIO) -> None:
     _write_member(out, ino + 1, CpioEntry(_TRAILER, 0))
 
 
-def _write_member(out: BinaryIO, ino: int, entry: CpioEntry) -> None:
+def _write_member(out: ByteSink, ino: int, entry: CpioEntry) -> None:
     name = entry.name.encode() + b"\0"
     nlink = 2 if stat.S_ISDIR(entry.mode) else 1
     fields = (ino, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0, *entry.rdev, len(name), 0)

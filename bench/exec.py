@@ -1,0 +1,235 @@
+"""Exec benchmark: SecVF's exec channel vs SSH and the QEMU guest agent's guest-exec.
+
+SecVF side (one sandbox, ``secvf sandbox create/start``):
+
+* create → first exec: wall time of ``secvf sandbox create`` + ``secvf sandbox start`` +
+  ``secvf vm exec NAME -- true`` (the CLI a user runs);
+* ``true`` round trip with the SDK (``ExecClient``): one connection per call (connect +
+  handshake + run, as ``secvf vm exec`` does) and calls on one open connection; plus the
+  CLI ``secvf vm exec NAME -- true`` (includes Python start-up), fewer runs;
+* 64 MiB of stdout (``head -c 64M /dev/zero``), counted on the host.
+
+Baseline, same run, same kernel/initrd/accelerator: plain QEMU of a Debian systemd guest
+with OpenSSH (key auth, hostfwd) and qemu-guest-agent (virtio-serial, JSON on a Unix
+socket). create → first exec: ``qemu-img create`` + QEMU start until ``ssh root@ true``
+succeeds, and until ``guest-exec /bin/true`` succeeds (both probed at once in one boot).
+``ssh true`` runs through a ControlMaster connection (a fresh ssh handshake costs
+seconds under TCG; a few fresh ones are timed too). ``guest-exec`` polls
+``guest-exec-status`` every 2 ms. guest-exec caps captured output at 16 MiB, so its
+64 MiB is four 16 MiB calls.
+
+    .venv/bin/python bench/exec.py [--runs N]     (default 200 round trips per method)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import baseline_image
+import benchlib as bl
+
+from secvf.exec.client import ExecClient
+from secvf.exec.session import exec_socket_for
+from secvf.image import build_image
+
+BULK = 64 << 20
+QGA_CAP = 16 << 20
+BULK_REPEATS = 3
+CLI_RUNS = 20
+FRESH_SSH_RUNS = 5
+
+
+def secvf_side(runs: int) -> dict[str, list[float]]:
+    """All SecVF measurements on one sandbox."""
+    name = "execbench"
+    out: dict[str, list[float]] = {}
+    begin = time.monotonic()
+    bl.secvf("sandbox", "create", name, "--accel", bl.ACCEL)
+    bl.secvf("sandbox", "start", name, "--timeout", "180")
+    bl.secvf("vm", "exec", name, "--", "true")
+    out["create_first"] = [time.monotonic() - begin]
+    path = exec_socket_for(name)
+
+    def fresh() -> None:
+        with ExecClient.connect(path) as client:
+            client.run(["true"])
+
+    out["fresh"], out["reused"] = [], []
+    with ExecClient.connect(path) as client:
+        for _ in range(runs):  # interleaved, so load drifts hit both alike
+            out["fresh"].append(bl.timed(fresh))
+            out["reused"].append(bl.timed(lambda: client.run(["true"])))
+        out["bulk"] = [bl.timed(lambda: _secvf_bulk(client)) for _ in range(BULK_REPEATS)]
+    out["cli"] = [bl.secvf("vm", "exec", name, "--", "true")[0] for _ in range(CLI_RUNS)]
+    bl.secvf("vm", "stop", name, "--force")
+    return out
+
+
+def _secvf_bulk(client: ExecClient) -> None:
+    received = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal received
+        received += len(chunk)
+
+    result = client.run(["head", "-c", str(BULK), "/dev/zero"], on_stdout=count,
+                        max_output_bytes=1)  # fmt: skip
+    if received != BULK or result.exit_code != 0:
+        raise RuntimeError(f"SecVF bulk: got {received} bytes, exit {result.exit_code}")
+
+
+def baseline_side(workdir: Path, runs: int) -> tuple[dict[str, list[float]], str]:
+    """All SSH and guest-agent measurements on one plain-QEMU systemd guest."""
+    base = build_image("base")
+    disk = baseline_image.systemd_disk(base, progress=bl.log)
+    pubkey = bl.SSH.make_key(workdir)
+    append = f"{base.cmdline} {baseline_image.authkey_param(pubkey)}"
+    out: dict[str, list[float]] = {}
+    begin = time.monotonic()
+    vm = bl.PlainVM(workdir, base.kernel, base.initrd, disk.rootfs, append=append,
+                    forwards=(22,), qga=True)  # fmt: skip
+    ssh = bl.SSH(workdir, vm.ports[22])
+    try:
+        agent = bl.GuestAgent(vm.qga_socket)
+        firsts = _first_exec_both(ssh, agent, begin)
+        out["ssh_create_first"], out["qga_create_first"] = [firsts[0]], [firsts[1]]
+        out["ssh_fresh"] = [bl.timed(lambda: _check(ssh, "true")) for _ in range(FRESH_SSH_RUNS)]
+        ssh.start_master()
+        out["ssh"] = [bl.timed(lambda: _check(ssh, "true")) for _ in range(runs)]
+        out["ssh_bulk"] = [bl.timed(lambda: _ssh_bulk(ssh)) for _ in range(BULK_REPEATS)]
+        ssh.stop_master()
+        out["qga"] = [bl.timed(lambda: _qga_true(agent)) for _ in range(runs)]
+        out["qga_bulk"] = [bl.timed(lambda: _qga_bulk(agent))]
+        agent.close()
+    finally:
+        ssh.stop_master()  # a no-op if it never started
+        vm.stop()
+    return out, disk.short
+
+
+def _first_exec_both(ssh: bl.SSH, agent: bl.GuestAgent, begin: float) -> tuple[float, float]:
+    """Probe SSH and the guest agent at the same time; seconds from ``begin`` for each."""
+    found: dict[str, float] = {}
+
+    def probe_ssh() -> None:
+        found["ssh"] = ssh.wait_true(240, begin)
+
+    def probe_qga() -> None:
+        agent.wait_ready(240, begin)
+        _qga_true(agent)
+        found["qga"] = time.monotonic() - begin
+
+    threads = [threading.Thread(target=probe_ssh), threading.Thread(target=probe_qga)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if set(found) != {"ssh", "qga"}:
+        raise RuntimeError(f"baseline guest never answered on: { ({'ssh', 'qga'} - set(found)) }")
+    return found["ssh"], found["qga"]
+
+
+def _check(ssh: bl.SSH, *command: str) -> None:
+    if ssh.run(*command) != 0:
+        raise RuntimeError(f"ssh {' '.join(command)} failed")
+
+
+def _ssh_bulk(ssh: bl.SSH) -> None:
+    proc = subprocess.Popen(ssh.argv("head", "-c", str(BULK), "/dev/zero"),
+                            stdout=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None
+    received = 0
+    while chunk := proc.stdout.read(1 << 20):
+        received += len(chunk)
+    if proc.wait() != 0 or received != BULK:
+        raise RuntimeError(f"ssh bulk: got {received} bytes, exit {proc.returncode}")
+
+
+def _qga_true(agent: bl.GuestAgent) -> None:
+    status = agent.exec("/bin/true")
+    if status.get("exitcode") != 0:
+        raise RuntimeError(f"guest-exec /bin/true: {status}")
+
+
+def _qga_bulk(agent: bl.GuestAgent) -> None:
+    for _ in range(BULK // QGA_CAP):
+        status = agent.exec("/usr/bin/head", ["-c", str(QGA_CAP), "/dev/zero"])
+        if len(status["stdout"]) != QGA_CAP or status.get("out-truncated"):
+            raise RuntimeError(f"guest-exec head: {len(status['stdout'])} bytes")
+
+
+def ms_pct(values: list[float], pct: float) -> float:
+    """Percentile in milliseconds."""
+    return bl.percentile(values, pct) * 1000
+
+
+def add_rows(rep: bl.Report, sec: dict[str, list[float]], base: dict[str, list[float]]) -> None:
+    """The result rows."""
+    ssh_name, qga_name = "SSH (ControlMaster)", "qemu-guest-agent guest-exec"
+    for label, pct in (("p50", 50), ("p99", 99)):
+        s = ms_pct(sec["fresh"], pct)
+        for bname, key in ((ssh_name, "ssh"), (qga_name, "qga")):
+            b = ms_pct(base[key], pct)
+            rep.add(bl.Row(f"`true` round trip {label}, SDK, new connection per call "
+                           f"(n={len(sec['fresh'])})", f"{s:.1f} ms", bname, f"{b:.1f} ms",
+                           bl.ratio(s, b)))  # fmt: skip
+    for label, pct in (("p50", 50), ("p99", 99)):
+        s = ms_pct(sec["reused"], pct)
+        b = ms_pct(base["ssh"], pct)
+        rep.add(bl.Row(f"`true` round trip {label}, SDK, one open connection", f"{s:.1f} ms",
+                       ssh_name, f"{b:.1f} ms", bl.ratio(s, b)))  # fmt: skip
+    cli, fresh_ssh = bl.median(sec["cli"]), bl.median(base["ssh_fresh"])
+    rep.add(bl.Row(f"`true` via CLI `secvf vm exec` median (n={len(sec['cli'])})",
+                   f"{cli * 1000:.0f} ms", f"fresh `ssh root@ true`, no ControlMaster "
+                   f"(n={len(base['ssh_fresh'])})", f"{fresh_ssh * 1000:.0f} ms",
+                   bl.ratio(cli, fresh_ssh), "both include a client process start"))  # fmt: skip
+    s_mbs = BULK / bl.median(sec["bulk"]) / 1e6
+    b_mbs = BULK / bl.median(base["ssh_bulk"]) / 1e6
+    q_mbs = BULK / bl.median(base["qga_bulk"]) / 1e6
+    rep.add(bl.Row(f"64 MiB stdout (median of {BULK_REPEATS})",
+                   f"{bl.median(sec['bulk']):.2f} s = {s_mbs:.1f} MB/s", ssh_name,
+                   f"{bl.median(base['ssh_bulk']):.2f} s = {b_mbs:.1f} MB/s",
+                   bl.ratio(s_mbs, b_mbs, higher_is_better=True)))  # fmt: skip
+    rep.add(bl.Row("", "", f"{qga_name} (4 × 16 MiB, n=1)",
+                   f"{bl.median(base['qga_bulk']):.2f} s = {q_mbs:.1f} MB/s",
+                   bl.ratio(s_mbs, q_mbs, higher_is_better=True),
+                   "guest-exec caps captured output at 16 MiB"))  # fmt: skip
+    s_first = sec["create_first"][0]
+    rep.add(bl.Row("create → first successful exec (n=1)", f"{s_first:.2f} s",
+                   "qemu-img + QEMU → first `ssh root@ true`",
+                   f"{base['ssh_create_first'][0]:.2f} s",
+                   bl.ratio(s_first, base["ssh_create_first"][0]),
+                   "SecVF: sandbox create + start + vm exec (CLI)"))  # fmt: skip
+    rep.add(bl.Row("", "", "qemu-img + QEMU → first guest-exec OK",
+                   f"{base['qga_create_first'][0]:.2f} s",
+                   bl.ratio(s_first, base["qga_create_first"][0])))  # fmt: skip
+
+
+def main() -> None:
+    args = bl.parse_args(__doc__.splitlines()[0], 200)
+    rep = bl.Report("exec: SecVF exec channel vs SSH and QEMU guest agent",
+                    f"bench/exec.py --runs {args.runs}")  # fmt: skip
+    base_image, sandbox = build_image("base"), build_image("sandbox")
+    with bl.private_secvf() as root:
+        bl.log("SecVF sandbox")
+        sec = secvf_side(args.runs)
+        bl.log("baseline: systemd guest with sshd + qemu-guest-agent (plain QEMU)")
+        base, disk_key = baseline_side(Path(tempfile.mkdtemp(dir=root)), args.runs)
+    rep.facts.update({
+        "guest": f"1 vCPU, {bl.GUEST_MEMORY_MIB} MiB, -cpu max, q35; kernel "
+                 f"{sandbox.kernel_version}; the guests ran one after the other",
+        "images": f"sandbox {sandbox.short_hash}; baseline systemd-{disk_key} "
+                  f"(vmlinuz + initrd.img of base {base_image.short_hash})",
+        "guest users": "SecVF: unprivileged 'agent' (default); SSH and guest-exec: root",
+    })  # fmt: skip
+    add_rows(rep, sec, base)
+    rep.notes += ["Ratios: '× faster'/'× higher' = SecVF better; '× slower'/'× lower' = worse."]
+    rep.print()
+
+
+if __name__ == "__main__":
+    main()

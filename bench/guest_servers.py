@@ -1,0 +1,99 @@
+"""Guest-side servers for bench/vsock.py (stdlib only; runs inside the guest).
+
+``python3 guest_servers.py [vsock|tcp]`` (default ``tcp``) listens on three ports:
+
+* 5000 echo   — sends back every byte it receives;
+* 5001 sink   — reads until EOF, then sends the byte count as 8 bytes (big-endian);
+* 5002 source — reads an 8-byte length, sends that many bytes, then closes.
+
+In ``vsock`` mode it listens on AF_VSOCK (any CID); in ``tcp`` mode on 0.0.0.0. The TCP
+baseline disk runs this file in place of the exec agent, so the guest's init starts it.
+"""
+
+import socket
+import struct
+import sys
+import threading
+
+ECHO_PORT, SINK_PORT, SOURCE_PORT = 5000, 5001, 5002
+CHUNK = 256 * 1024
+ZEROS = bytes(CHUNK)
+
+
+def echo(conn):
+    while True:
+        data = conn.recv(CHUNK)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+def sink(conn):
+    total = 0
+    while True:
+        data = conn.recv(CHUNK)
+        if not data:
+            break
+        total += len(data)
+    conn.sendall(struct.pack(">Q", total))
+
+
+def source(conn):
+    header = b""
+    while len(header) < 8:
+        data = conn.recv(8 - len(header))
+        if not data:
+            return
+        header += data
+    left = struct.unpack(">Q", header)[0]
+    view = memoryview(ZEROS)
+    while left:
+        n = conn.send(view[: min(left, CHUNK)])
+        left -= n
+
+
+def serve(listener, handler):
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=run_one, args=(conn, handler), daemon=True).start()
+
+
+def run_one(conn, handler):
+    try:
+        if conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handler(conn)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def listen(mode, port):
+    if mode == "vsock":
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.bind((socket.VMADDR_CID_ANY, port))
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+    s.listen(64)
+    return s
+
+
+def main():
+    mode = sys.argv[1] if len(sys.argv) > 1 else "tcp"
+    handlers = {ECHO_PORT: echo, SINK_PORT: sink, SOURCE_PORT: source}
+    threads = [
+        threading.Thread(target=serve, args=(listen(mode, p), h), daemon=True)
+        for p, h in handlers.items()
+    ]
+    for t in threads:
+        t.start()
+    print(f"guest_servers: listening ({mode})", flush=True)
+    for t in threads:
+        t.join()
+
+
+if __name__ == "__main__":
+    main()
