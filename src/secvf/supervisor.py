@@ -483,6 +483,7 @@ def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> in
     # qemu.qmp logs QEMU's exit (EOF / EPIPE on the socket) as an error; we learn about
     # that from the process itself, and every QMP failure we care about raises
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    os.umask(0o077)  # every file and socket QEMU and the helpers create is private
     try:
         supervisor = Supervisor(name, accel=accel, report_fd=report_fd)
     except SecVFError as exc:

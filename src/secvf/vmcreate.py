@@ -115,4 +115,6 @@ def _boot(kind: VMKind, image: str | None, disk_image: Path | None,
     if kind is not VMKind.AI_SANDBOX and info.has_agent:
         raise ForbiddenDevice("image", str(kind),
                               f"image '{name}' contains the exec agent; use 'base'")
+    if kind is VMKind.AI_SANDBOX and not info.has_agent:
+        raise ConfigError(f"image '{name}' has no exec agent; an ai-sandbox needs 'sandbox'")
     return ImageBoot(image=name, recipe_hash=info.recipe_hash)

@@ -29,3 +29,10 @@ def test_unknown_images_give_one_line_errors(built_images: dict) -> None:
         proc = run_cli(*args)
         assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
         assert "nosuch" in proc.stderr
+
+
+def test_images_must_match_the_kind(built_images: dict) -> None:
+    proc = run_cli("vm", "create", "x", "--image", "sandbox")
+    assert proc.returncode != 0 and "exec agent" in proc.stderr and "'image'" in proc.stderr
+    proc = run_cli("vm", "create", "y", "--kind", "ai-sandbox", "--image", "base")
+    assert proc.returncode != 0 and "no exec agent" in proc.stderr

@@ -45,6 +45,7 @@ def test_workspace_round_trip_and_ownership(fleet: dict, vm_library: Path) -> No
     assert sh("sbx", "echo hello host > /workspace/from-guest.txt").returncode == 0
     created = workspace / "from-guest.txt"
     assert created.read_text() == "hello host\n"
+    assert created.stat().st_mode & 0o777 == 0o644  # the guest's umask, not the host's
     # guest uid 1000 (agent) is mapped to an unprivileged host uid, never to host root
     assert created.stat().st_uid not in (0, os.getuid()) or os.getuid() != 0
     assert sh("sbx", "echo x > /workspace/r && chmod 4755 /workspace/r", root=True).returncode == 0
