@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.console import Console
 from rich.table import Table
@@ -662,7 +663,7 @@ class GuestAgent:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock: socket.socket | None = None
-        self.reader = None
+        self.reader: BinaryIO | None = None
         self._sync_id = int(time.time()) & 0xFFFFFF
 
     def wait_ready(self, timeout: float, started: float) -> float:

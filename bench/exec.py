@@ -94,6 +94,7 @@ def baseline_side(workdir: Path, runs: int) -> tuple[dict[str, list[float]], str
                     forwards=(22,), qga=True)  # fmt: skip
     ssh = bl.SSH(workdir, vm.ports[22])
     try:
+        assert vm.qga_socket is not None
         agent = bl.GuestAgent(vm.qga_socket)
         firsts = _first_exec_both(ssh, agent, begin)
         out["ssh_create_first"], out["qga_create_first"] = [firsts[0]], [firsts[1]]
