@@ -19,6 +19,8 @@ from secvf.channels import channel_of
 
 MAX_QOM_NODES = 4000
 MAX_QOM_DEPTH = 12
+#: QOM types that never have devices below them (half the tree is memory regions)
+LEAF_TYPES = frozenset({"memory-region", "qemu:memory-region"})
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ async def walk_devices(qmp: QMPClient, root: str = "/machine") -> list[LiveDevic
             if not ptype.startswith("child<"):
                 continue
             child = f"{path}/{prop['name']}"
-            found.append(LiveDevice(child, ptype[len("child<"):-1]))
-            if depth < MAX_QOM_DEPTH:
+            qom_type = ptype[len("child<"):-1]
+            found.append(LiveDevice(child, qom_type))
+            if depth < MAX_QOM_DEPTH and qom_type not in LEAF_TYPES:
                 queue.append((child, depth + 1))
     return found
 

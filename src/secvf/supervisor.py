@@ -141,7 +141,10 @@ class Supervisor:
             await self._start_helper(spec)
         await self._start_qemu(plan)
         await self._connect_qmp()
+        walk_started = time.monotonic()
         devices = await walk_devices(self._qmp())
+        self.log.info("device tree: %d QOM nodes read in %.2f s", len(devices),
+                      time.monotonic() - walk_started)
         self._check_devices(devices)
         await self._qmp().execute("cont")
         self._publish(
