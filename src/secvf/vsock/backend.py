@@ -223,7 +223,12 @@ class VsockBackend:
             self.device.reset_pending = False
             self.muxer.reset()
 
-    def _bh_kick(self, fd: int, _mask: int) -> None:
+    def _bh_kick(self, index: int, fd: int, _mask: int) -> None:
+        if self._watched_kicks.get(index) != fd:
+            # An event collected before a frontend message in the same batch replaced or
+            # closed this fd: the number may now be closed or name another file. The ring
+            # is pumped after the batch anyway.
+            return
         try:
             os.eventfd_read(fd)
         except (BlockingIOError, InterruptedError):
@@ -238,9 +243,10 @@ class VsockBackend:
         tx_left = False
         for _ in range(_MAX_PUMP_ROUNDS):
             tx_left = self.muxer.process_tx(tx) if tx is not None else False
+            tx_paused = self.muxer.tx_backlogged
             delivered = self.muxer.process_rx(rx) if rx is not None else False
-            if not (delivered and self.muxer.tx_backlogged):
-                break
+            if not (delivered and tx_paused):
+                break  # else rx made room: resume tx now, the guest will not kick again
         for index, queue in queues.items():
             if queue.take_used_added():
                 self.device.signal(index)
@@ -266,7 +272,7 @@ class VsockBackend:
                 del self._watched_kicks[index]
         for index, fd in wanted.items():
             if index not in self._watched_kicks:
-                self._selector.register(fd, selectors.EVENT_READ, partial(self._bh_kick, fd))
+                self._selector.register(fd, selectors.EVENT_READ, partial(self._bh_kick, index, fd))
                 self._watched_kicks[index] = fd
 
     def _unwatch_kicks(self) -> None:
