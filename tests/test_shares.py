@@ -79,3 +79,16 @@ def test_read_only_share_is_a_read_only_nosuid_bind_in_a_user_namespace(dirs) ->
     # the default workspace is owned by the guest agent's mapped uid, never host root
     ch_default = sandbox_channels("s6")
     assert Path(ch_default.shares[0].host_path).stat().st_uid == base + 1000
+
+
+def test_options_follow_the_installed_virtiofsd(tmp_path: Path) -> None:
+    from secvf.shares import STAGED_SOURCE, virtiofsd_options
+
+    rust = tmp_path / "virtiofsd-rust"
+    rust.write_text("#!/bin/sh\necho 'Usage: virtiofsd [OPTIONS] --shared-dir <DIR>'\n")
+    rust.chmod(0o755)
+    c_style = tmp_path / "virtiofsd-c"
+    c_style.write_text("#!/bin/sh\necho '    -o source=PATH    shared directory tree'\n")
+    c_style.chmod(0o755)
+    assert virtiofsd_options(str(rust))[:2] == ("--shared-dir", STAGED_SOURCE)
+    assert virtiofsd_options(str(c_style))[:2] == ("-o", f"source={STAGED_SOURCE}")

@@ -19,9 +19,11 @@ Threat model: root in the guest is hostile. Two host-side guarantees follow:
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,11 +205,31 @@ def virtiofsd_argv(share: Share) -> tuple[str, ...]:
     else:
         outer = ("unshare", "--mount", "--propagation", "private")
         inner = ("unshare", *mapping.unshare_args(), "--")
+    binary = virtiofsd_path()
     return (
         *outer, "--", "sh", "-c", _STAGE_SCRIPT.format(flags=flags), share.host_path,
-        *inner, virtiofsd_path(), "-o", f"source={STAGED_SOURCE}", "-o", "sandbox=namespace",
-        "-o", "cache=auto", "-o", "log_level=warn",
+        *inner, binary, *virtiofsd_options(binary),
     )
+
+
+def virtiofsd_options(binary: str) -> tuple[str, ...]:
+    """Options for the installed virtiofsd: QEMU's C one (Debian 12) takes ``-o`` options,
+    the Rust one (its own package on Debian 13) takes long options."""
+    if _is_rust_virtiofsd(binary):
+        return ("--shared-dir", STAGED_SOURCE, "--sandbox", "namespace", "--cache", "auto",
+                "--log-level", "warn")
+    return ("-o", f"source={STAGED_SOURCE}", "-o", "sandbox=namespace", "-o", "cache=auto",
+            "-o", "log_level=warn")
+
+
+@functools.cache
+def _is_rust_virtiofsd(binary: str) -> bool:
+    try:
+        proc = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--shared-dir" in proc.stdout + proc.stderr
 
 
 def guest_share_param(shares: Sequence[Share]) -> str:
