@@ -143,6 +143,9 @@ def vm_status(name: str, as_json: bool) -> None:
         out.print(f"  uptime:  {status['uptime_s']} s, guest ready: {status['guest_ready']}")
     if status.get("exec_socket"):
         out.print(f"  exec:    {status['exec_socket']}")
+    for line in status.get("device_errors", []):
+        out.print(f"  [red]guest reports a dead virtio device:[/] {line}", markup=True,
+                  highlight=False)
     if status["devices"]:
         table = Table("DEVICE", "TYPE", "CHANNEL", title="live devices (QMP)")
         for dev in status["devices"]:

@@ -210,6 +210,7 @@ def vm_status(name: str) -> dict[str, Any]:
         "network": str(config.network), "cpus": config.cpus, "memory_mib": config.memory_mib,
         "exec_socket": record.get("exec_socket"), "last_run": record.get("last_run"),
         "vsock_backend": config.channels.vsock_backend if config.channels else None,
+        "device_errors": record.get("device_errors", []),
     }
     started = record.get("started_at")
     if started and state in (VmState.RUNNING, VmState.STARTING, VmState.STOPPING):

@@ -43,7 +43,7 @@ from secvf.bundle import RuntimeFiles
 from secvf.channels import SANDBOX_CHANNELS
 from secvf.devtree import LiveDevice, channels_in, walk_devices
 from secvf.errors import LaunchFailed, LockBusy, SecVFError
-from secvf.image import READY_MARKER
+from secvf.guestlog import SerialEvent, SerialScanner
 from secvf.library import get_vm
 from secvf.locks import FileLock
 from secvf.machine import MachinePlan, build_machine
@@ -60,6 +60,8 @@ POWERDOWN_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 5.0
 HELPER_EXIT_GRACE_S = 1.0
 MARKER_POLL_S = 0.1
+SERIAL_POLL_S = 1.0
+SERIAL_READ_BYTES = 1 << 20
 
 log = logging.getLogger("secvf.supervisor")
 
@@ -267,7 +269,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         tasks = [
             asyncio.create_task(self._watch_events()),
-            asyncio.create_task(self._watch_marker()),
+            asyncio.create_task(self._watch_serial()),
             *(asyncio.create_task(self._watch_helper(n, p)) for n, p in self.helpers.items()),
         ]
         rc = await self._qemu().wait()
@@ -296,24 +298,32 @@ class Supervisor:
                                    vm_id=self.config.id, info=data)
                 asyncio.get_running_loop().create_task(self._kill_qemu())
 
-    async def _watch_marker(self) -> None:
+    async def _watch_serial(self) -> None:
+        """Follow the serial log: publish readiness, report dead virtio devices."""
         offset = self.bundle.serial_log.stat().st_size if self.bundle.serial_log.exists() else 0
-        marker = READY_MARKER.encode()
-        tail = b""
+        scanner = SerialScanner()
         while True:
-            await asyncio.sleep(MARKER_POLL_S)
+            await asyncio.sleep(MARKER_POLL_S if not scanner.ready else SERIAL_POLL_S)
             try:
                 with self.bundle.serial_log.open("rb") as fh:
                     fh.seek(offset)
-                    chunk = fh.read()
+                    chunk = fh.read(SERIAL_READ_BYTES)
             except OSError:
                 continue
             offset += len(chunk)
-            tail = (tail + chunk)[-(len(marker) + 4096):]
-            if marker in tail:
-                self._publish(VmState.RUNNING, guest_ready=True, ready_at=now_iso())
-                self.log.info("guest reported ready")
-                return
+            for event in scanner.feed(chunk):
+                self._on_serial_event(event)
+
+    def _on_serial_event(self, event: SerialEvent) -> None:
+        if event.kind == "ready":
+            self._publish(VmState.RUNNING, guest_ready=True, ready_at=now_iso())
+            self.log.info("guest reported ready")
+            return
+        errors = [*self.record.get("device_errors", []), event.line]
+        self._publish(VmState(self.record["state"]), device_errors=errors)
+        self.log.error("guest kernel reports a dead virtio device: %s", event.line)
+        seclog.write_event("guest_device_error", severity=Severity.ERROR, vm=self.config.name,
+                           vm_id=self.config.id, line=event.line)
 
     async def _watch_helper(self, name: str, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()

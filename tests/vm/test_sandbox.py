@@ -221,3 +221,16 @@ def test_agent_restarts_after_it_dies(fleet: dict) -> None:
     while sh("sbx", "echo back").stdout != "back\n":
         assert time.monotonic() < deadline, "agent did not come back"
         time.sleep(0.5)
+
+
+def test_dead_virtio_device_messages_are_reported(fleet: dict, vm_library: Path) -> None:
+    line = "vmw_vsock_virtio_transport virtio0: rx:id 117 is not a head!"
+    sh("sbx", f"echo '<3>{line}' > /dev/kmsg", root=True)
+    deadline = time.monotonic() + 20
+    while not status("sbx")["device_errors"]:
+        assert time.monotonic() < deadline, "the supervisor did not notice"
+        time.sleep(0.5)
+    assert line in status("sbx")["device_errors"][0]
+    events = [json.loads(x) for p in (vm_library / "logs").glob("security-*.jsonl")
+              for x in p.read_text().splitlines()]
+    assert any(e["event"] == "guest_device_error" and line in e["line"] for e in events)
