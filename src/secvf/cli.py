@@ -452,16 +452,19 @@ def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: s
     args = list(command[1:] if command[:1] == ("--",) else command)
     config = create_sandbox(name, image=image, cpus=cpus, memory=memory, workspace=workspace,
                             shares=shares, network=network, accel=accel)
+    error: SecVFError | None = None
+    code = 125
     try:
         start_sandbox(config.name)
         code = run_streaming(config.name, args, env={}, cwd=None, user=None, tty_mode=False,
                              interactive=False, timeout=timeout)
     except SecVFError as exc:
+        error = exc
+    finally:  # also on Ctrl-C: --rm means nothing is left behind
         if remove:
             remove_sandbox(config.name, purge=workspace is None)
-        fail(exc)
-    if remove:
-        remove_sandbox(config.name, purge=workspace is None)
+    if error is not None:
+        fail(error)
     sys.exit(code)
 
 

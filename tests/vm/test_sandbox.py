@@ -234,3 +234,22 @@ def test_dead_virtio_device_messages_are_reported(fleet: dict, vm_library: Path)
     events = [json.loads(x) for p in (vm_library / "logs").glob("security-*.jsonl")
               for x in p.read_text().splitlines()]
     assert any(e["event"] == "guest_device_error" and line in e["line"] for e in events)
+
+
+def test_run_rm_cleans_up_after_ctrl_c(vm_library: Path) -> None:
+    import sys
+
+    runtime = Path(os.environ["SECVF_RUNTIME_DIR"])
+    before = set(runtime.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "secvf", "sandbox", "run", "--rm", "--name",
+                             "interrupted", "--memory", "512M", "--", "sh", "-c",
+                             "echo started; sleep 120"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not (vm_library / "vms" / "interrupted").exists()
+    assert set(runtime.iterdir()) == before
+    assert processes_mentioning("interrupted") == []
