@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 from secvf import seclog
@@ -214,8 +215,6 @@ def vm_status(name: str) -> dict[str, Any]:
     }
     started = record.get("started_at")
     if started and state in (VmState.RUNNING, VmState.STARTING, VmState.STOPPING):
-        from datetime import datetime
-
         begin = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
         status["uptime_s"] = round(time.time() - begin.timestamp(), 1)
     return status

@@ -52,7 +52,7 @@ from secvf.machine.plan import HelperSpec, qemu_binary
 from secvf.procutil import die_with_parent
 from secvf.runstate import VmState, remove_stale_runtime_files, write_runtime_state
 from secvf.seclog import Severity
-from secvf.vmconfig import ImageBoot, VMKind, now_iso, write_json_atomic
+from secvf.vmconfig import Accel, ImageBoot, VMKind, now_iso, write_json_atomic
 
 QMP_CONNECT_TIMEOUT_S = 30.0
 HELPER_READY_TIMEOUT_S = 15.0
@@ -133,8 +133,6 @@ class Supervisor:
         if isinstance(self.config.boot, ImageBoot):
             image = resolve_image(self.config.boot)
             kernel, initrd = image.kernel, image.initrd
-        from secvf.vmconfig import Accel
-
         requested = Accel(self.accel_override) if self.accel_override else self.config.accel
         choice = await asyncio.to_thread(choose_accel, requested, kernel, initrd)
         self._publish(VmState.STARTING, accel=choice.accel, accel_reason=choice.reason)
