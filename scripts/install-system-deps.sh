@@ -35,3 +35,15 @@ if [ -n "$missing" ]; then
 else
     echo "secvf: system packages already installed"
 fi
+
+# virtio-fs shares run virtiofsd in a user namespace that maps guest uids to an
+# unprivileged host range (docs/sandbox.md). When SecVF runs as root it uses root's
+# range: give root one if it has none, after every range already handed out (so it
+# never overlaps another user's subordinate ids).
+for map in /etc/subuid /etc/subgid; do
+    if ! grep -q '^root:' "$map" 2>/dev/null; then
+        start=$(awk -F: 'BEGIN { end = 100000 } NF == 3 && $2 + $3 > end { end = $2 + $3 } END { print end }' "$map" 2>/dev/null || echo 100000)
+        echo "secvf: adding root:$start:65536 to $map"
+        echo "root:$start:65536" | $SUDO tee -a "$map" >/dev/null
+    fi
+done

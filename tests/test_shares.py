@@ -92,3 +92,19 @@ def test_options_follow_the_installed_virtiofsd(tmp_path: Path) -> None:
     c_style.chmod(0o755)
     assert virtiofsd_options(str(rust))[:2] == ("--shared-dir", STAGED_SOURCE)
     assert virtiofsd_options(str(c_style))[:2] == ("-o", f"source={STAGED_SOURCE}")
+
+
+def test_subordinate_ranges_are_read_per_file(tmp_path: Path) -> None:
+    import pwd
+
+    from secvf.shares import UidMap, _subordinate_base
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    ranges = tmp_path / "subuid"
+    ranges.write_text(f"alice:100000:65536\n{me}:200000:1000\n{me}:300000:65536\n")
+    assert _subordinate_base(ranges) == 300000  # the first range big enough
+    ranges.write_text("alice:100000:65536\n")
+    assert _subordinate_base(ranges) is None
+    args = UidMap(300000, 165536).unshare_args()
+    assert "--map-users=300000,0,65536" in args and "--map-groups=165536,0,65536" in args
+    assert UidMap(300000, 165536).host_gid(1000) == 166536

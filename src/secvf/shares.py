@@ -9,8 +9,8 @@ Threat model: root in the guest is hostile. Two host-side guarantees follow:
   sandboxed worker can remount.
 * **No host-root files from the guest.** virtiofsd passes uids through, so guest
   uids are mapped to an unprivileged host range. When SecVF runs as root it uses
-  root's range from ``/etc/subuid`` (default ``100000``, 65536 ids; the install
-  script adds it), so guest root is host uid 100000 and the guest ``agent`` user
+  root's ranges from ``/etc/subuid`` and ``/etc/subgid`` (default ``100000``, 65536 ids;
+  the install script adds them), so guest root is host uid 100000 and the guest ``agent`` user
   (uid 1000) is host uid 101000 — the workspace directory SecVF creates is owned
   by that uid. A non-root user with a ``/etc/subuid`` range gets the same scheme
   on their range; without one, ``unshare -r`` maps guest root to the user (other
@@ -48,9 +48,10 @@ class ShareError(ConfigError):
 
 @dataclass(frozen=True)
 class UidMap:
-    """How guest uids map onto host uids for one virtiofsd."""
+    """How guest uids and gids map onto host ids for one virtiofsd."""
 
     host_base: int | None  # first host uid of the range; None = map guest root to caller only
+    host_gid_base: int | None = None  # first host gid of the range (/etc/subgid)
 
     def host_uid(self, guest_uid: int) -> int:
         """The host uid that guest uid ``guest_uid`` owns files as."""
@@ -58,26 +59,42 @@ class UidMap:
             return os.getuid()
         return self.host_base + guest_uid
 
+    def host_gid(self, guest_gid: int) -> int:
+        """The host gid that guest gid ``guest_gid`` owns files as."""
+        if self.host_gid_base is None:
+            return os.getgid()
+        return self.host_gid_base + guest_gid
+
     def unshare_args(self) -> list[str]:
         """``unshare`` options that create the user namespace with this map."""
-        if self.host_base is None:
+        if self.host_base is None or self.host_gid_base is None:
             return ["--map-root-user"]
-        rng = f"{self.host_base},0,{UID_RANGE_COUNT}"
-        return [f"--map-users={rng}", f"--map-groups={rng}", "--setuid=0", "--setgid=0"]
+        return [f"--map-users={self.host_base},0,{UID_RANGE_COUNT}",
+                f"--map-groups={self.host_gid_base},0,{UID_RANGE_COUNT}",
+                "--setuid=0", "--setgid=0"]
 
 
 def uid_map() -> UidMap:
-    """The uid map for the current user, from ``/etc/subuid`` when it has a range."""
+    """The id map for the current user, from its ``/etc/subuid`` and ``/etc/subgid`` ranges."""
+    uid_base = _subordinate_base(Path("/etc/subuid"))
+    gid_base = _subordinate_base(Path("/etc/subgid"))
+    if uid_base is not None and gid_base is not None:
+        return UidMap(uid_base, gid_base)
+    if os.getuid() == 0:
+        raise ShareError("root has no /etc/subuid and /etc/subgid range for sandbox shares; "
+                         "run scripts/install-system-deps.sh (it adds one)")
+    return UidMap(None)
+
+
+def _subordinate_base(path: Path) -> int | None:
+    """First id of the current user's range of at least 65536 ids in ``path``, if any."""
     user = pwd.getpwuid(os.getuid()).pw_name
-    for line in _read_lines(Path("/etc/subuid")):
+    for line in _read_lines(path):
         parts = line.split(":")
         if len(parts) == 3 and parts[0] in (user, str(os.getuid())):
-            if int(parts[2]) >= UID_RANGE_COUNT:
-                return UidMap(int(parts[1]))
-    if os.getuid() == 0:
-        raise ShareError("root has no /etc/subuid range for sandbox shares; "
-                         "run scripts/install-system-deps.sh (adds root:100000:65536)")
-    return UidMap(None)
+            if parts[1].isdigit() and parts[2].isdigit() and int(parts[2]) >= UID_RANGE_COUNT:
+                return int(parts[1])
+    return None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -109,9 +126,10 @@ def prepare_workspace(path: Path, *, created_by_secvf: bool) -> None:
         path.mkdir(parents=True, mode=0o755)
         created_by_secvf = True
     if created_by_secvf:
-        owner = uid_map().host_uid(GUEST_AGENT_UID)
+        mapping = uid_map()
+        owner = mapping.host_uid(GUEST_AGENT_UID)
         if owner != os.getuid():
-            os.chown(path, owner, owner)
+            os.chown(path, owner, mapping.host_gid(GUEST_AGENT_UID))
 
 
 def check_host_dir(raw: str | Path, what: str) -> Path:
