@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,3 +24,27 @@ def secvf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("SECVF_RUNTIME_DIR", str(runtime))
     yield home
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+# ---- the vsock backend under a fake guest driver (tests/test_vsock_*.py) ------------------
+VSOCK_TEST_CID = 42
+
+
+@pytest.fixture
+def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A real ``python -m secvf.vsock`` process serving guest CID 42."""
+    from secvf.vsock.testing import BackendProcess
+
+    monkeypatch.setenv("SECVF_HOME", str(tmp_path / "home"))
+    with BackendProcess(tmp_path, VSOCK_TEST_CID) as process:
+        yield process
+
+
+@pytest.fixture
+def guest(backend: Any) -> Iterator[object]:
+    """A fake guest driver connected to ``backend`` over vhost-user, driver started."""
+    from secvf.vsock.testing import FakeGuest
+
+    with FakeGuest(backend.vhost_user_socket, VSOCK_TEST_CID) as fake:
+        fake.start()
+        yield fake

@@ -31,20 +31,6 @@ FIRST_HOST_PORT = 2**30
 BUF_ALLOC = 256 * 1024
 
 
-@pytest.fixture
-def backend(tmp_path, monkeypatch):
-    monkeypatch.setenv("SECVF_HOME", str(tmp_path / "home"))
-    with BackendProcess(tmp_path, CID) as process:
-        yield process
-
-
-@pytest.fixture
-def guest(backend):
-    with FakeGuest(backend.vhost_user_socket, CID) as fake:
-        fake.start()
-        yield fake
-
-
 def _client(backend, line=b"CONNECT 2222\n"):
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(5)

@@ -28,20 +28,6 @@ CID = 42
 HOST_BUF_ALLOC = 256 * 1024
 
 
-@pytest.fixture
-def backend(tmp_path, monkeypatch):
-    monkeypatch.setenv("SECVF_HOME", str(tmp_path / "home"))
-    with BackendProcess(tmp_path, CID) as process:
-        yield process
-
-
-@pytest.fixture
-def guest(backend):
-    with FakeGuest(backend.vhost_user_socket, CID) as fake:
-        fake.start()
-        yield fake
-
-
 @contextmanager
 def frozen(backend: BackendProcess) -> Iterator[None]:
     """Stop the backend process while the body makes events pile up, then let it run."""
