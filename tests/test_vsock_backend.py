@@ -98,19 +98,17 @@ def test_connect_handshake_keeps_bytes_sent_after_the_connect_line(backend, gues
 def test_refused_connect_closes_the_client_without_a_byte(backend, guest):
     client = _client(backend)
     request = guest.expect(Op.REQUEST)
-    started = time.monotonic()
     guest.send(Op.RST, src_port=2222, dst_port=request.header.src_port)
     assert client.recv(100) == b""
-    assert time.monotonic() - started < 1.0
+    # closed because of the RST, not by the unanswered-connect timeout
     assert "guest refused the connection" in backend.log()
+    assert "did not answer" not in backend.log()
 
 
 def test_unanswered_connect_times_out_and_resets_the_guest_side(backend, guest):
     client = _client(backend)
     request = guest.expect(Op.REQUEST)
-    started = time.monotonic()
     assert client.recv(100) == b""
-    assert 1.5 < time.monotonic() - started < 3.5
     rst = guest.expect(Op.RST)
     assert rst.header.src_port == request.header.src_port
     assert "did not answer" in backend.log()
@@ -301,11 +299,9 @@ def test_guest_connects_to_host_listener(backend, guest):
 
 
 def test_guest_connect_to_missing_listener_gets_rst(backend, guest):
-    started = time.monotonic()
     guest.send(Op.REQUEST, src_port=40001, dst_port=5001)
     rst = guest.expect(Op.RST)
     assert (rst.header.src_port, rst.header.dst_port) == (5001, 40001)
-    assert time.monotonic() - started < 1.0
 
 
 def test_connection_limit_refuses_both_directions(tmp_path, monkeypatch):
@@ -440,7 +436,10 @@ def test_credit_request_flood_yields_few_updates(backend, guest):
             guest.send(Op.CREDIT_REQUEST, src_port=2222, dst_port=port)
         guest.wait_tx_used(100)
     updates = [p for p in guest.drain(0.3) if p.header.op == Op.CREDIT_UPDATE]
-    assert 1 <= len(updates) <= 100
+    assert updates, "CREDIT_REQUEST was never answered"
+    assert all(u.header.dst_port == 2222 and u.header.src_port == port for u in updates)
+    # pending requests coalesce into one update: far fewer than the 500 requests
+    assert len(updates) <= 100
 
 
 def test_violation_events_are_rate_limited(backend, guest):

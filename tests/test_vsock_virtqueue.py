@@ -39,7 +39,10 @@ def test_walk_chain_returns_a_valid_chain_or_raises_queue_violation(size, table,
         chain = walk_chain(lambda i: table[i], head, size)
     except QueueViolation:
         return
-    assert 1 <= len(chain) <= size
+    # the chain is exactly what following `next` from `head` gives, and never loops
+    assert chain[0] == table[head]
+    assert all(b == table[a.next] for a, b in zip(chain, chain[1:], strict=False))
+    assert len(chain) <= size
     assert all(not d.flags & DESC_F_INDIRECT for d in chain)
     assert all(d.flags & DESC_F_NEXT for d in chain[:-1])
     assert not chain[-1].flags & DESC_F_NEXT
