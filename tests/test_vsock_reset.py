@@ -98,24 +98,6 @@ def _qemu_new_driver(guest: FakeGuest) -> None:
     guest.set_mem_table()
 
 
-def _qemu_set_rings(guest: FakeGuest) -> None:
-    """SET_VRING_NUM/BASE/ADDR/KICK for both new rings (they do not run before ENABLE)."""
-    for index, queue in enumerate((guest.rx, guest.tx)):
-        guest.request(Request.SET_VRING_NUM, struct.pack("<II", index, queue.size))
-        guest.request(Request.SET_VRING_BASE, struct.pack("<II", index, 0))
-        addresses = struct.pack(
-            "<IIQQQQ",
-            index,
-            0,
-            guest.ram.va(queue.desc),
-            guest.ram.va(queue.used),
-            guest.ram.va(queue.avail),
-            0,
-        )
-        guest.request(Request.SET_VRING_ADDR, addresses)
-        guest.request(Request.SET_VRING_KICK, _vring_fd_payload(index), [guest.kick[index]])
-
-
 def _qemu_enable(guest: FakeGuest) -> None:
     for index in range(2):
         guest.request(Request.SET_VRING_ENABLE, struct.pack("<II", index, 1))
@@ -178,7 +160,7 @@ def test_reboot_sequence_closes_old_streams_and_a_new_bulk_echo_works(backend, g
     _qemu_stop(guest)
     waiting = _client(backend, 2222)  # a client dials while the rings are stopped
     _qemu_new_driver(guest)
-    _qemu_set_rings(guest)
+    guest.set_rings(with_call=False)  # QEMU sends CALL only after ENABLE
     guest.auto_refill = True
     guest.post_rx_buffers(64)  # the new driver fills rx and kicks before the backend enables
     _qemu_enable(guest)
@@ -194,7 +176,7 @@ def test_reboot_events_arriving_in_one_batch(backend, guest, kick_first):
     _qemu_stop(guest)  # GET_VRING_BASE and SET_MEM_TABLE wait for answers: not frozen
     _qemu_new_driver(guest)
     with frozen(backend):
-        _qemu_set_rings(guest)
+        guest.set_rings(with_call=False)  # QEMU sends CALL only after ENABLE
         if kick_first:
             guest.post_rx_buffers(64)
             _qemu_enable(guest)

@@ -269,6 +269,13 @@ class FakeGuest:
 
     def start_queues(self, bases: Sequence[int] = (0, 0)) -> None:
         """SET_VRING_NUM/BASE/ADDR/KICK/CALL for rx and tx, then enable both."""
+        self.set_rings(bases, with_call=True)
+        for index in range(2):
+            self.request(Request.SET_VRING_ENABLE, struct.pack("<II", index, 1), reply=True)
+
+    def set_rings(self, bases: Sequence[int] = (0, 0), *, with_call: bool) -> None:
+        """SET_VRING_NUM/BASE/ADDR/KICK (and CALL if ``with_call``) for rx and tx; the rings
+        do not run before SET_VRING_ENABLE."""
         for index, queue in enumerate((self.rx, self.tx)):
             self.request(Request.SET_VRING_NUM, struct.pack("<II", index, queue.size))
             self.request(Request.SET_VRING_BASE, struct.pack("<II", index, bases[index]))
@@ -283,9 +290,8 @@ class FakeGuest:
             )
             self.request(Request.SET_VRING_ADDR, addresses)
             self.request(Request.SET_VRING_KICK, struct.pack("<Q", index), [self.kick[index]])
-            self.request(Request.SET_VRING_CALL, struct.pack("<Q", index), [self.call[index]])
-        for index in range(2):
-            self.request(Request.SET_VRING_ENABLE, struct.pack("<II", index, 1), reply=True)
+            if with_call:
+                self.request(Request.SET_VRING_CALL, struct.pack("<Q", index), [self.call[index]])
 
     def stop_queues(self) -> list[int]:
         """GET_VRING_BASE for both rings (what QEMU does on reset); returns the indices."""
