@@ -32,11 +32,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf import paths
 from secvf.image import ImageInfo, rootfs
 from secvf.image import disk as image_disk
 from secvf.image.kernel import KernelTree
 from secvf.image.recipe import Recipe, host_suite
+from secvf.store import paths
 
 #: Bump when this module changes what it produces.
 BUILDER_VERSION = 1

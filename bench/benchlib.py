@@ -36,7 +36,7 @@ from typing import BinaryIO
 from rich.console import Console
 from rich.table import Table
 
-from secvf.procutil import die_with_parent
+from secvf.runtime.procutil import die_with_parent
 
 console = Console(width=None if sys.stdout.isatty() else 170)
 QEMU = "qemu-system-x86_64"
@@ -315,7 +315,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def _delete_all_vms() -> None:
-    from secvf import library
+    from secvf.store import library
 
     for item in library.list_vms():
         supervisor = _supervisor_pid(item.bundle.name)
@@ -328,7 +328,7 @@ def _delete_all_vms() -> None:
 
 
 def _supervisor_pid(name: str) -> int | None:
-    from secvf import control
+    from secvf.runtime import control
 
     with contextlib.suppress(Exception):
         pid = control.vm_status(name).get("pid")
@@ -357,7 +357,7 @@ def secvf(*args: str, timeout: float = 300, input_bytes: bytes | None = None) ->
 
 def vm_processes(name: str) -> dict[str, list[int]]:
     """A running SecVF VM's processes by role: supervisor, qemu, vsock, virtiofsd."""
-    from secvf import control
+    from secvf.runtime import control
 
     status = control.vm_status(name)
     supervisor = status["pid"]

@@ -33,8 +33,8 @@ import baseline_image
 import benchlib as bl
 
 from secvf.exec.client import ExecClient
-from secvf.exec.session import exec_socket_for
 from secvf.image import build_image
+from secvf.workflows.vm_exec import exec_socket_for
 
 BULK = 64 << 20
 QGA_CAP = 16 << 20

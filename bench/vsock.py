@@ -29,9 +29,9 @@ from pathlib import Path
 import baseline_image
 import benchlib as bl
 
-from secvf.bundle import RuntimeFiles
 from secvf.image import build_image
-from secvf.library import get_vm
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.library import get_vm
 
 ECHO, SINK, SOURCE = 5000, 5001, 5002
 BULK_BYTES = 64 << 20

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from secvf import protocol
 from secvf.exec import (
     CommandStartFailed,
     ExecClient,
@@ -25,8 +24,9 @@ from secvf.exec import (
     FileTransferError,
     StdinError,
     Stdout,
+    protocol,
 )
-from secvf.testing import AgentProcess
+from secvf.testing.agent import AgentProcess
 
 IS_ROOT = os.geteuid() == 0
 CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name

@@ -24,7 +24,7 @@ from secvf.exec import (
     exit_code_for,
 )
 from secvf.exec.errors import FileTransferError
-from secvf.testing import AgentProcess, HostileAgent, Misbehaviour
+from secvf.testing.agent import AgentProcess, HostileAgent, Misbehaviour
 
 CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
 

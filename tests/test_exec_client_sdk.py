@@ -11,7 +11,7 @@ import pytest
 
 from secvf.exec import CommandStartFailed, Exited, Stdout
 from secvf.sdk import AsyncSandbox, Sandbox
-from secvf.testing import AgentProcess
+from secvf.testing.agent import AgentProcess
 
 CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
 

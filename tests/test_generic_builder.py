@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from secvf.bundle import Bundle, RuntimeFiles
-from secvf.channels import channel_of
 from secvf.errors import ForbiddenDevice
 from secvf.machine.generic import build_generic_machine
 from secvf.machine.plan import MachinePlan
-from secvf.vmconfig import new_mac, now_iso, parse_config
+from secvf.model.channels import channel_of
+from secvf.model.config import new_mac, now_iso, parse_config
+from secvf.store.bundle import Bundle, RuntimeFiles
 
 FORBIDDEN_WORDS = ("vsock", "vhost-user", "virtiofs", "virtio-fs", "9p", "virtio-serial",
                    "virtserialport", "virtconsole", "guest-agent", "qga")

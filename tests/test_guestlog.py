@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from secvf.guestlog import MAX_DEVICE_ERRORS, SerialScanner
+from secvf.runtime.guestlog import MAX_DEVICE_ERRORS, SerialScanner
 
 BOOT = (b"[    1.0] virtio_blk virtio1: [vda] 2097152 512-byte logical blocks\n"
         b"secvf-init: ready: hostname x\nSECVF-READY\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from secvf import seclog
+from secvf.store import events as seclog
 from tests.helpers import run_cli
 
 

@@ -5,8 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secvf.errors import InvalidName
-from secvf.names import validate_name
-from secvf.sizes import InvalidSize, format_size, parse_size
+from secvf.model.names import validate_name
+from secvf.model.sizes import InvalidSize, format_size, parse_size
 
 
 @pytest.mark.parametrize("bad", ["", "/", "a/b", "a\\b", "..", ".hidden", "a b", "x" * 256,

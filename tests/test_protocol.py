@@ -1,4 +1,4 @@
-"""secvf.protocol: framing, validation, decoder limits, stdlib-only rule."""
+"""secvf.exec.protocol: framing, validation, decoder limits, stdlib-only rule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from secvf import protocol
-from secvf.protocol import (
+from secvf.exec import protocol
+from secvf.exec.protocol import (
     FLAG_END,
     FLAG_START,
     HEADER,
@@ -26,7 +26,7 @@ from secvf.protocol import (
 )
 
 PROTOCOL_SOURCE = Path(protocol.__file__)
-AGENT_SOURCE = PROTOCOL_SOURCE.parent / "guest" / "agent.py"
+AGENT_SOURCE = PROTOCOL_SOURCE.parent.parent / "guest" / "agent.py"
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from secvf import protocol
+from secvf.exec import protocol
 
 SCHEMA_DIR = Path(__file__).parent / "schema"
 SNAPSHOT = SCHEMA_DIR / f"gen-{protocol.GENERATION}.json"

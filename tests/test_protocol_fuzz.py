@@ -7,8 +7,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secvf import protocol
-from secvf.protocol import (
+from secvf.exec import protocol
+from secvf.exec.protocol import (
     HEADER,
     HEADER_BYTES,
     MAGIC,

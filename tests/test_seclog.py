@@ -6,8 +6,8 @@ import stat
 import threading
 from pathlib import Path
 
-from secvf import seclog
-from secvf.seclog import Severity
+from secvf.store import events as seclog
+from secvf.store.events import Severity
 
 
 def test_events_are_json_lines_in_private_files(secvf_env: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from secvf.machine.sandbox import sandbox_channels
-from secvf.shares import ShareError, guest_share_param, uid_map, virtiofsd_argv
+from secvf.machine.shares import ShareError, guest_share_param, uid_map, virtiofsd_argv
 from tests.helpers import run_cli
 
 
@@ -82,7 +82,7 @@ def test_read_only_share_is_a_read_only_nosuid_bind_in_a_user_namespace(dirs) ->
 
 
 def test_options_follow_the_installed_virtiofsd(tmp_path: Path) -> None:
-    from secvf.shares import STAGED_SOURCE, virtiofsd_options
+    from secvf.machine.shares import STAGED_SOURCE, virtiofsd_options
 
     rust = tmp_path / "virtiofsd-rust"
     rust.write_text("#!/bin/sh\necho 'Usage: virtiofsd [OPTIONS] --shared-dir <DIR>'\n")
@@ -97,7 +97,7 @@ def test_options_follow_the_installed_virtiofsd(tmp_path: Path) -> None:
 def test_subordinate_ranges_are_read_per_file(tmp_path: Path) -> None:
     import pwd
 
-    from secvf.shares import UidMap, _subordinate_base
+    from secvf.machine.shares import UidMap, _subordinate_base
 
     me = pwd.getpwuid(os.getuid()).pw_name
     ranges = tmp_path / "subuid"

@@ -15,7 +15,7 @@ DEVICE_TYPES = ("vhost-user-vsock", "vhost-vsock", "vsock-pci", "vhost-user-fs",
                 "virtio-fs-pci", "virtio-9p", "virtio-serial", "virtserialport", "virtconsole")
 # modules that name device types only to *recognise* them, and the vsock backend that
 # *serves* the device QEMU creates; none of them may build a device
-RECOGNISERS = {PACKAGE / "channels.py", *(PACKAGE / "vsock").rglob("*.py")}
+RECOGNISERS = {PACKAGE / "model" / "channels.py", *(PACKAGE / "vsock").rglob("*.py")}
 
 
 def device_strings(path: Path) -> list[str]:

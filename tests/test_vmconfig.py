@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from secvf.errors import ConfigError, ForbiddenDevice
-from secvf.vmconfig import CHANNEL_FIELDS, load_config, new_mac, now_iso, parse_config, save_config
+from secvf.model.config import (
+    CHANNEL_FIELDS,
+    load_config,
+    new_mac,
+    now_iso,
+    parse_config,
+    save_config,
+)
 
 
 def raw_config(**over: object) -> dict[str, object]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from secvf import seclog
+from secvf.store import events as seclog
 from secvf.vsock.device import Request
 from secvf.vsock.packet import HEADER_BYTES, Op, ShutdownFlag
 from secvf.vsock.testing import (

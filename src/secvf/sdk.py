@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from secvf import protocol
+from secvf.exec import protocol
 from secvf.exec.client import (
     CONNECT_TIMEOUT_S,
     AgentInfo,
@@ -154,7 +154,7 @@ class Sandbox:
             NoExecChannel: the VM has no exec channel by design, or is not running.
             NotFound: there is no such VM.
         """
-        from secvf.exec.session import exec_socket_for
+        from secvf.workflows.vm_exec import exec_socket_for
 
         return cls.from_socket(exec_socket_for(name), name=name, **options)
 

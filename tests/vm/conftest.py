@@ -65,7 +65,7 @@ def fleet(vm_library: Path) -> dict[str, dict]:
     """
     import json
 
-    from secvf.control import wait_for_ready
+    from secvf.runtime.control import wait_for_ready
 
     run_cli("vm", "create", "gen", "--memory", "512M", check=True)
     run_cli("vm", "create", "mal", "--kind", "malware-analysis", "--memory", "512M", check=True)

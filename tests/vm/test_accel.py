@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from secvf.accel import choose_accel, probe_accel
-from secvf.vmconfig import Accel
+from secvf.model.config import Accel
+from secvf.runtime.accel import choose_accel, probe_accel
 
 pytestmark = pytest.mark.vm
 

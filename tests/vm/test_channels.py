@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from secvf.bundle import RuntimeFiles
 from secvf.exec.bridge import start_bridge, stop_bridge
-from secvf.library import get_vm
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.library import get_vm
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vm

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from secvf.exec.client import ExecClient, Started, Stdout
-from secvf.exec.session import exec_socket_for
+from secvf.workflows.vm_exec import exec_socket_for
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vm
@@ -143,7 +143,7 @@ def test_twenty_megabyte_upload_and_download(client: ExecClient, tmp_path: Path)
 
 
 def test_exec_audit_log_records_who_ran_what(fleet: dict) -> None:
-    from secvf import seclog
+    from secvf.store import events as seclog
 
     run_cli("vm", "exec", "sbx", "--", "echo", "audited-marker", check=True)
     records = [e for e in seclog.read_events("exec") if e.get("argv") == ["echo",

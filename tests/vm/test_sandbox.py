@@ -16,7 +16,7 @@ import pytest
 import secvf
 from secvf.exec.bridge import allowlist_path
 from secvf.exec.client import ExecClient
-from secvf.exec.session import exec_socket_for
+from secvf.workflows.vm_exec import exec_socket_for
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vm

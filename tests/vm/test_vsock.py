@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from secvf.bundle import RuntimeFiles
+from secvf.store.bundle import RuntimeFiles
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vm

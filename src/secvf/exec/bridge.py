@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secvf import paths, protocol, seclog
-from secvf.bundle import RuntimeFiles
-from secvf.seclog import Severity
-from secvf.vmconfig import VMConfig
+from secvf.exec import protocol
+from secvf.model.config import VMConfig
+from secvf.store import events as seclog
+from secvf.store import paths
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.events import Severity
 
 MAX_CONNECTIONS = 16
 AGENT_PORT = protocol.AGENT_VSOCK_PORT

@@ -1,6 +1,6 @@
 """Host-side client of the guest exec agent.
 
-The client speaks :mod:`secvf.protocol` over a connected stream socket: the per-VM exec
+The client speaks :mod:`secvf.exec.protocol` over a connected stream socket: the per-VM exec
 bridge socket (transparent once its credential check passed), or a vsock hybrid socket
 after the ``CONNECT <port>\\n`` / ``OK <hostport>\\n`` handshake.
 
@@ -24,7 +24,7 @@ client per concurrent command; connections are cheap.
 
 Everything from the guest is treated as hostile:
 
-* frames above :data:`~secvf.protocol.MAX_FRAME_BYTES` are rejected before their body
+* frames above :data:`~secvf.exec.protocol.MAX_FRAME_BYTES` are rejected before their body
   is read (:class:`ProtocolError`);
 * if no complete frame arrives for ``silence_timeout_s`` (the agent sends keepalives
   while commands run) the client gives up with :class:`AgentUnavailable`;
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from secvf import protocol
 from secvf.errors import SecVFError, StateError
+from secvf.exec import protocol
 from secvf.exec.errors import (
     AgentUnavailable,
     CommandStartFailed,

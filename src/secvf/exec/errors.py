@@ -48,7 +48,7 @@ class ProtocolError(ExecError):
     """The peer sent something the exec protocol does not allow (treat the guest as broken)."""
 
     def __init__(self, message: str, code: str = "protocol_violation") -> None:
-        self.code = code  # protocol error code (secvf.protocol.ERROR_CODES)
+        self.code = code  # protocol error code (secvf.exec.protocol.ERROR_CODES)
         super().__init__(message)
 
 
@@ -58,7 +58,7 @@ class CommandStartFailed(ExecError):
     def __init__(
         self, kind: str, message: str, errno: int | None, errno_name: str | None, stage: str
     ) -> None:
-        self.kind = kind  # secvf.protocol.START_FAILURE_KINDS value
+        self.kind = kind  # secvf.exec.protocol.START_FAILURE_KINDS value
         self.errno = errno  # guest errno, if the failure came from a system call
         self.errno_name = errno_name  # e.g. "ENOENT"
         self.stage = stage  # the step that failed: switch_user, chdir, exec
@@ -78,7 +78,7 @@ class FileTransferError(ExecError):
         errno: int | None = None,
         errno_name: str | None = None,
     ) -> None:
-        self.kind = kind  # secvf.protocol.FILE_ERROR_KINDS value, or "too_large" (host cap)
+        self.kind = kind  # secvf.exec.protocol.FILE_ERROR_KINDS value, or "too_large" (host cap)
         self.path = path  # the guest path concerned
         self.errno = errno  # guest errno, if any
         self.errno_name = errno_name  # e.g. "EACCES"

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from typing import Any
 
 try:
-    from secvf import protocol
+    from secvf.exec import protocol
 except ImportError:  # inside the guest image: protocol.py sits next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import protocol  # type: ignore[no-redef,import-not-found]

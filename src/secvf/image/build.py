@@ -21,12 +21,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secvf import paths
 from secvf.errors import ConfigError, ImageBuildFailed, NotFound
 from secvf.image import disk, initramfs, kernel, rootfs, store
 from secvf.image.commands import check_tools
 from secvf.image.recipe import FORMAT_VERSION, INITRAMFS_SCRIPT, RECIPES, Recipe, recipe_hash
 from secvf.image.store import ImageFiles, ImageInfo, ImageManifest
+from secvf.store import paths
 
 #: ``progress(step, fraction)``: what the build is doing and how much of it is done (0..1).
 Progress = Callable[[str, float], None]

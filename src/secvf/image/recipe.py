@@ -154,7 +154,7 @@ def _builtin_recipes() -> dict[str, Recipe]:
         name="sandbox",
         description="base + unprivileged user 'agent' (uid 1000) + the SecVF exec agent",
         files=(
-            GuestFile("/usr/lib/secvf/agent/protocol.py", PACKAGE_DIR / "protocol.py"),
+            GuestFile("/usr/lib/secvf/agent/protocol.py", PACKAGE_DIR / "exec" / "protocol.py"),
             GuestFile(AGENT_GUEST_PATH, GUEST_SOURCE_DIR / "agent.py"),
         ),
         users=(GuestUser("agent", 1000, "/home/agent"),),

@@ -1,6 +1,6 @@
 """The image cache: built images on disk, their manifests, and atomic publishing.
 
-Layout under ``secvf.paths.cache_dir() / "images"``::
+Layout under ``secvf.store.paths.cache_dir() / "images"``::
 
     <name>-<hash12>/          one published build
         vmlinuz  initrd.img  rootfs.img  image.json
@@ -28,9 +28,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from secvf import paths
 from secvf.errors import ConfigError, NotFound, StateError
 from secvf.image.recipe import SHORT_HASH_LEN
+from secvf.store import paths
 
 MANIFEST = "image.json"
 STAGING_PREFIX = ".build-"

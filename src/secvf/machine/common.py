@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 
-from secvf.bundle import Bundle, RuntimeFiles
 from secvf.errors import NotFound
 from secvf.machine.plan import MachinePlan
-from secvf.vmconfig import DiskImageBoot, ImageBoot, IsoBoot, NetworkMode, VMConfig, VMKind
+from secvf.model.config import DiskImageBoot, ImageBoot, IsoBoot, NetworkMode, VMConfig, VMKind
+from secvf.store.bundle import Bundle, RuntimeFiles
 
 SANDBOX_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 

@@ -10,11 +10,11 @@ rejects any channel device for these kinds as a last line of defence.
 
 from __future__ import annotations
 
-from secvf.bundle import Bundle, RuntimeFiles
 from secvf.errors import ForbiddenDevice
 from secvf.machine.common import add_boot_and_disks, add_nic, add_platform_devices, base_plan
 from secvf.machine.plan import MachinePlan
-from secvf.vmconfig import VMConfig, VMKind
+from secvf.model.config import VMConfig, VMKind
+from secvf.store.bundle import Bundle, RuntimeFiles
 
 GENERIC_KINDS = frozenset({VMKind.GENERIC, VMKind.MALWARE_ANALYSIS})
 

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from secvf.bundle import Bundle, RuntimeFiles
-from secvf.channels import channel_of
 from secvf.errors import ForbiddenDevice
-from secvf.vmconfig import VMConfig, VMKind
+from secvf.model.channels import channel_of
+from secvf.model.config import VMConfig, VMKind
+from secvf.store.bundle import Bundle, RuntimeFiles
 
 
 @dataclass(frozen=True)

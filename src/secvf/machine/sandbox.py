@@ -7,7 +7,7 @@ notifier) and adds the host-guest channels an AI sandbox is meant to have:
   userspace backend (``python -m secvf.vsock``) — one backend per VM, started and
   ready before QEMU, reachable only through the VM's private hybrid socket;
 * one ``vhost-user-fs-pci`` device per virtio-fs share, each served by its own
-  ``virtiofsd`` in a user + mount namespace (see :mod:`secvf.shares`).
+  ``virtiofsd`` in a user + mount namespace (see :mod:`secvf.machine.shares`).
 
 **This is the only module in SecVF that constructs vsock or virtio-fs devices.**
 A test walks the source tree and fails if any other module does.
@@ -19,11 +19,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from secvf.bundle import Bundle, RuntimeFiles
 from secvf.errors import ForbiddenDevice
 from secvf.machine.common import add_boot_and_disks, add_nic, add_platform_devices, base_plan
 from secvf.machine.plan import HelperSpec, MachinePlan
-from secvf.shares import (
+from secvf.machine.shares import (
     WORKSPACE_GUEST_PATH,
     WORKSPACE_TAG,
     check_host_dir,
@@ -34,7 +33,8 @@ from secvf.shares import (
     prepare_workspace,
     virtiofsd_argv,
 )
-from secvf.vmconfig import SandboxChannels, Share, VMConfig, VMKind
+from secvf.model.config import SandboxChannels, Share, VMConfig, VMKind
+from secvf.store.bundle import Bundle, RuntimeFiles
 
 VSOCK_DEVICE = "vhost-user-vsock-pci"
 VIRTIOFS_DEVICE = "vhost-user-fs-pci"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from secvf import seclog
-from secvf.seclog import Severity
+from secvf.store import events as seclog
+from secvf.store.events import Severity
 from secvf.vsock.limits import VIOLATION_EVENTS_PER_S
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf import paths, seclog
-from secvf.bundle import Bundle
 from secvf.errors import AlreadyExists, ConfigError, NotFound, SecVFError, StateError
-from secvf.locks import locked
-from secvf.names import validate_name
-from secvf.runstate import is_running
-from secvf.vmconfig import (
+from secvf.model.config import (
     DiskImageBoot,
     ImageBoot,
     IsoBoot,
@@ -30,6 +25,12 @@ from secvf.vmconfig import (
     parse_config,
     save_config,
 )
+from secvf.model.names import validate_name
+from secvf.store import events as seclog
+from secvf.store import paths
+from secvf.store.bundle import Bundle
+from secvf.store.locks import locked
+from secvf.store.runstate import is_running
 
 
 class DiskError(SecVFError):
@@ -171,7 +172,7 @@ def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
     if is_running(bundle):
         if not force:
             raise StateError(f"VM '{name}' is running; stop it first or use --force", "running")
-        from secvf.control import stop_vm
+        from secvf.runtime.control import stop_vm
 
         stop_vm(name, force=True)
     with locked(bundle.edit_lock, f"VM '{name}'"):

@@ -16,10 +16,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from secvf import control, library
 from secvf.errors import LaunchFailed, SecVFError
-from secvf.sizes import format_size
-from secvf.vmconfig import Accel, NetworkMode, VMKind
+from secvf.model.config import Accel, NetworkMode, VMKind
+from secvf.model.sizes import format_size
+from secvf.runtime import control
+from secvf.store import library
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -86,7 +87,7 @@ def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, imag
               disk_image: Path | None, iso: Path | None, network: str | None, accel: str,
               shares: tuple[str, ...], workspace: Path | None, as_json: bool) -> None:
     """Create VM NAME (a copy-on-write overlay over its image)."""
-    from secvf.vmcreate import build_config
+    from secvf.workflows.create import build_config
 
     config = build_config(
         name=name, kind=VMKind(kind), cpus=cpus, memory=memory, disk_size=disk_size,
@@ -169,7 +170,7 @@ def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float |
              as_json: bool) -> None:
     """Start VM NAME under its own supervisor."""
     if foreground:
-        from secvf.supervisor import run_supervisor
+        from secvf.runtime.supervisor import run_supervisor
 
         sys.exit(run_supervisor(name, accel=accel, report_fd=None))
     status = control.start_vm(name, accel=accel, wait_ready=wait_ready)
@@ -236,7 +237,7 @@ def vm_import(path: Path, name: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 def vm_logs(name: str, follow: bool) -> None:
     """Print VM NAME's serial console log."""
-    from secvf.console import print_log
+    from secvf.runtime.console import print_log
 
     bundle, _ = library.get_vm(name)
     print_log(bundle, follow=follow)
@@ -246,7 +247,7 @@ def vm_logs(name: str, follow: bool) -> None:
 @click.argument("name")
 def vm_console(name: str) -> None:
     """Attach to VM NAME's serial console (detach with Ctrl-])."""
-    from secvf.console import attach_console
+    from secvf.runtime.console import attach_console
 
     attach_console(name)
 
@@ -272,7 +273,7 @@ def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | 
     125 for a SecVF error; 126/127 if the command could not run / was not found.
     """
     from secvf.errors import ConfigError
-    from secvf.exec.session import result_json, run_captured, run_streaming
+    from secvf.workflows.vm_exec import result_json, run_captured, run_streaming
 
     args = list(command[1:] if command[:1] == ("--",) else command)
     if bool(shell) == bool(args):
@@ -408,7 +409,7 @@ def sandbox() -> None:
 def sandbox_create(name: str, image: str, cpus: int, memory: str, workspace: Path | None,
                    shares: tuple[str, ...], network: str, accel: str, as_json: bool) -> None:
     """Create sandbox NAME from the sealed sandbox image (copy-on-write)."""
-    from secvf.sandbox import create_sandbox
+    from secvf.workflows.sandbox import create_sandbox
 
     config = create_sandbox(name, image=image, cpus=cpus, memory=memory, workspace=workspace,
                             shares=shares, network=network, accel=accel)
@@ -425,7 +426,7 @@ def sandbox_create(name: str, image: str, cpus: int, memory: str, workspace: Pat
 @click.option("--json", "as_json", is_flag=True)
 def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
     """Boot sandbox NAME; returns when `secvf vm exec` works."""
-    from secvf.sandbox import start_sandbox
+    from secvf.workflows.sandbox import start_sandbox
 
     status = start_sandbox(name, timeout=timeout)
     if as_json:
@@ -446,8 +447,8 @@ def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: s
                 workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
                 timeout: float | None, command: tuple[str, ...]) -> None:
     """Create + start a sandbox, run COMMAND, exit with its status (--rm: then delete)."""
-    from secvf.exec.session import run_streaming
-    from secvf.sandbox import create_sandbox, remove_sandbox, start_sandbox
+    from secvf.workflows.sandbox import create_sandbox, remove_sandbox, start_sandbox
+    from secvf.workflows.vm_exec import run_streaming
 
     args = list(command[1:] if command[:1] == ("--",) else command)
     config = create_sandbox(name, image=image, cpus=cpus, memory=memory, workspace=workspace,
@@ -472,7 +473,7 @@ def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: s
 @click.option("--json", "as_json", is_flag=True)
 def sandbox_list(as_json: bool) -> None:
     """List sandboxes."""
-    from secvf.sandbox import list_sandboxes
+    from secvf.workflows.sandbox import list_sandboxes
 
     rows = list_sandboxes()
     if as_json:
@@ -497,7 +498,7 @@ def sandbox_stop(name: str) -> None:
 @click.option("--purge", is_flag=True, help="Also delete the default workspace directory.")
 def sandbox_rm(name: str, purge: bool) -> None:
     """Delete sandbox NAME (keeps its workspace unless --purge)."""
-    from secvf.sandbox import remove_sandbox
+    from secvf.workflows.sandbox import remove_sandbox
 
     remove_sandbox(name, purge=purge)
     out.print(f"removed sandbox [bold]{name}[/]")
@@ -510,8 +511,8 @@ def sandbox_rm(name: str, purge: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def audit_cmd(as_json: bool) -> None:
     """Show every VM's host-guest surfaces; exit 1 if any contradicts its kind."""
-    from secvf.audit import as_json as audit_json
-    from secvf.audit import audit_all
+    from secvf.workflows.audit import as_json as audit_json
+    from secvf.workflows.audit import audit_all
 
     results, stray = audit_all()
     data = audit_json(results, stray)

@@ -1,6 +1,6 @@
 """Starting, stopping and inspecting VMs from any ``secvf`` process.
 
-``start_vm`` spawns a detached supervisor (``python -m secvf.supervisor``) and
+``start_vm`` spawns a detached supervisor (``python -m secvf.runtime.supervisor``) and
 waits for its one-line JSON report on a pipe: success once QEMU is up and its
 device tree passed the channel check, or the failure with QEMU's output and
 command line. ``stop_vm`` asks the supervisor over its control socket and falls
@@ -21,14 +21,14 @@ import time
 from datetime import datetime
 from typing import Any
 
-from secvf import seclog
-from secvf.bundle import Bundle, RuntimeFiles
 from secvf.errors import LaunchFailed, SecVFError, StateError
-from secvf.library import get_vm
-from secvf.locks import locked
-from secvf.runstate import VmState, current_state, is_running
-from secvf.seclog import Severity
-from secvf.vmconfig import VMConfig
+from secvf.model.config import VMConfig
+from secvf.store import events as seclog
+from secvf.store.bundle import Bundle, RuntimeFiles
+from secvf.store.events import Severity
+from secvf.store.library import get_vm
+from secvf.store.locks import locked
+from secvf.store.runstate import VmState, current_state, is_running
 
 START_REPORT_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
@@ -59,7 +59,8 @@ def start_vm(
 
 def _spawn_supervisor(bundle: Bundle, name: str, accel: str | None) -> dict[str, Any]:
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "secvf.supervisor", "--vm", name, "--report-fd", str(write_fd)]
+    argv = [sys.executable, "-m", "secvf.runtime.supervisor", "--vm", name,
+            "--report-fd", str(write_fd)]
     if accel:
         argv += ["--accel", accel]
     with bundle.supervisor_log.open("ab") as out:

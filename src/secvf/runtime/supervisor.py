@@ -37,22 +37,22 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from secvf import seclog
-from secvf.accel import choose_accel
-from secvf.bundle import RuntimeFiles
-from secvf.channels import SANDBOX_CHANNELS
-from secvf.devtree import LiveDevice, channels_in, walk_devices
 from secvf.errors import LaunchFailed, LockBusy, SecVFError
-from secvf.guestlog import SerialEvent, SerialScanner
-from secvf.library import get_vm
-from secvf.locks import FileLock
 from secvf.machine import MachinePlan, build_machine
 from secvf.machine.common import resolve_image
 from secvf.machine.plan import HelperSpec, qemu_binary
-from secvf.procutil import die_with_parent
-from secvf.runstate import VmState, remove_stale_runtime_files, write_runtime_state
-from secvf.seclog import Severity
-from secvf.vmconfig import Accel, ImageBoot, VMKind, now_iso, write_json_atomic
+from secvf.model.channels import SANDBOX_CHANNELS
+from secvf.model.config import Accel, ImageBoot, VMKind, now_iso, write_json_atomic
+from secvf.runtime.accel import choose_accel
+from secvf.runtime.devtree import LiveDevice, channels_in, walk_devices
+from secvf.runtime.guestlog import SerialEvent, SerialScanner
+from secvf.runtime.procutil import die_with_parent
+from secvf.store import events as seclog
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.events import Severity
+from secvf.store.library import get_vm
+from secvf.store.locks import FileLock
+from secvf.store.runstate import VmState, remove_stale_runtime_files, write_runtime_state
 
 QMP_CONNECT_TIMEOUT_S = 30.0
 HELPER_READY_TIMEOUT_S = 15.0
@@ -63,7 +63,7 @@ MARKER_POLL_S = 0.1
 SERIAL_POLL_S = 1.0
 SERIAL_READ_BYTES = 1 << 20
 
-log = logging.getLogger("secvf.supervisor")
+log = logging.getLogger("secvf.runtime.supervisor")
 
 
 class Supervisor:
@@ -506,7 +506,7 @@ def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m secvf.supervisor --vm NAME [--accel A] [--report-fd N]``."""
+    """``python -m secvf.runtime.supervisor --vm NAME [--accel A] [--report-fd N]``."""
     parser = argparse.ArgumentParser(prog="secvf-supervisor")
     parser.add_argument("--vm", required=True)
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"])

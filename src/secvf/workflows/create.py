@@ -1,4 +1,4 @@
-"""Turning ``vm create`` options into a validated :class:`~secvf.vmconfig.VMConfig`.
+"""Turning ``vm create`` options into a validated :class:`~secvf.model.config.VMConfig`.
 
 Every option is checked here, before anything touches the disk: sizes that cannot
 work, a missing or unreadable image/ISO/disk image, conflicting boot sources, and
@@ -12,10 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from secvf.errors import ConfigError, ForbiddenDevice
-from secvf.library import DiskError, image_info
-from secvf.names import validate_name
-from secvf.sizes import parse_size
-from secvf.vmconfig import (
+from secvf.model.config import (
     MAX_CPUS,
     MAX_DISK_BYTES,
     MAX_MEMORY_MIB,
@@ -32,6 +29,9 @@ from secvf.vmconfig import (
     now_iso,
     parse_config,
 )
+from secvf.model.names import validate_name
+from secvf.model.sizes import parse_size
+from secvf.store.library import DiskError, image_info
 
 
 def build_config(

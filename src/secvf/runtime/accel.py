@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf import paths
-from secvf.vmconfig import Accel
+from secvf.model.config import Accel
+from secvf.store import paths
 
 PROBE_MARKER = "SECVF-PROBE-OK"
 PROBE_TIMEOUT_S = 10.0

@@ -20,9 +20,9 @@ import os
 from enum import StrEnum
 from typing import Any
 
-from secvf.bundle import Bundle, RuntimeFiles
-from secvf.locks import is_locked
-from secvf.vmconfig import write_json_atomic
+from secvf.model.config import write_json_atomic
+from secvf.store.bundle import Bundle, RuntimeFiles
+from secvf.store.locks import is_locked
 
 
 class VmState(StrEnum):

@@ -2,7 +2,7 @@
 
 :class:`HostileAgent` is a fake guest agent on a Unix socket that misbehaves on purpose,
 so the host-side exec client can be tested against a guest that is broken or malicious.
-It speaks just enough of :mod:`secvf.protocol` (the handshake, ``started``) to bring the
+It speaks just enough of :mod:`secvf.exec.protocol` (the handshake, ``started``) to bring the
 client to the point where each misbehaviour hurts::
 
     with HostileAgent(tmp_path / "agent.sock", Misbehaviour.OVERSIZED_FRAME) as fake:
@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from secvf import protocol
+from secvf.exec import protocol
 
 #: Where the guest image gets the agent from (the lead's image recipe copies these).
-AGENT_SOURCE = Path(__file__).parent / "guest" / "agent.py"
-PROTOCOL_SOURCE = Path(__file__).parent / "protocol.py"
+AGENT_SOURCE = Path(__file__).parent.parent / "guest" / "agent.py"
+PROTOCOL_SOURCE = Path(__file__).parent.parent / "exec" / "protocol.py"
 #: The plain interpreter the guest has; falls back to ours where it is missing.
 GUEST_LIKE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 AGENT_START_TIMEOUT_S = 10.0

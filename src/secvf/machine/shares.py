@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf import paths
 from secvf.errors import ConfigError
-from secvf.names import validate_name
-from secvf.vmconfig import Share
+from secvf.model.config import Share
+from secvf.model.names import validate_name
+from secvf.store import paths
 
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd",
                         "/usr/lib/virtiofsd")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf import paths
-from secvf.vmconfig import VMConfig, load_config
+from secvf.model.config import VMConfig, load_config
+from secvf.store import paths
 
 
 @dataclass(frozen=True)
@@ -127,5 +127,5 @@ class Bundle:
         return self.path / "run.lock"
 
     def load(self) -> VMConfig:
-        """Read and validate ``vm.json`` (see :func:`secvf.vmconfig.load_config`)."""
+        """Read and validate ``vm.json`` (see :func:`secvf.model.config.load_config`)."""
         return load_config(self.config_file)

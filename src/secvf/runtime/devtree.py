@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
 
-from secvf.channels import channel_of
+from secvf.model.channels import channel_of
 
 MAX_QOM_NODES = 4000
 MAX_QOM_DEPTH = 12

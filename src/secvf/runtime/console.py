@@ -16,11 +16,11 @@ import termios
 import time
 import tty
 
-from secvf.bundle import Bundle, RuntimeFiles
 from secvf.errors import NoExecChannel, StateError
-from secvf.library import get_vm
-from secvf.runstate import is_running
-from secvf.vmconfig import VMKind
+from secvf.model.config import VMKind
+from secvf.store.bundle import Bundle, RuntimeFiles
+from secvf.store.library import get_vm
+from secvf.store.runstate import is_running
 
 DETACH_BYTE = b"\x1d"  # Ctrl-]
 FOLLOW_POLL_S = 0.2

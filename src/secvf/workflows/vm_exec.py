@@ -23,12 +23,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from secvf.bundle import RuntimeFiles
 from secvf.errors import NoExecChannel
 from secvf.exec.client import ExecClient, ExecResult, Exited, Stderr, Stdout, exit_code_for
-from secvf.library import get_vm
-from secvf.runstate import is_running
-from secvf.vmconfig import VMKind
+from secvf.model.config import VMKind
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.library import get_vm
+from secvf.store.runstate import is_running
 
 STDIN_CHUNK_BYTES = 64 * 1024
 

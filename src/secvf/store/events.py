@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from secvf import paths
+from secvf.store import paths
 
 LOG_FILE_MODE = 0o600
 

@@ -18,15 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from secvf import control, library
-from secvf.bundle import RuntimeFiles
 from secvf.errors import SecVFError, StateError
 from secvf.exec.client import ExecClient
 from secvf.exec.errors import ExecError
-from secvf.runstate import is_running
-from secvf.shares import default_workspace
-from secvf.vmconfig import VMConfig, VMKind
-from secvf.vmcreate import build_config
+from secvf.machine.shares import default_workspace
+from secvf.model.config import VMConfig, VMKind
+from secvf.runtime import control
+from secvf.store import library
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.runstate import is_running
+from secvf.workflows.create import build_config
 
 AGENT_READY_TIMEOUT_S = 120.0
 PING_CONNECT_TIMEOUT_S = 5.0  # a refused connect fails at once; this bounds a slow guest

@@ -23,17 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secvf import paths, seclog
-from secvf.bundle import RuntimeFiles
-from secvf.channels import SANDBOX_CHANNELS, channel_of
 from secvf.errors import SecVFError
 from secvf.exec.bridge import read_allowlist
-from secvf.library import list_vms
 from secvf.machine import build_machine
 from secvf.machine.sandbox import VSOCK_DEVICE
-from secvf.runstate import VmState, current_state
-from secvf.seclog import Severity
-from secvf.vmconfig import VMConfig, VMKind
+from secvf.model.channels import SANDBOX_CHANNELS, channel_of
+from secvf.model.config import VMConfig, VMKind
+from secvf.store import events as seclog
+from secvf.store import paths
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.events import Severity
+from secvf.store.library import list_vms
+from secvf.store.runstate import VmState, current_state
 
 _EXEC_SOCKET = re.compile(r"^secvf-exec-(?P<id>[0-9a-f-]{36})\.sock$")
 

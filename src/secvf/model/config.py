@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from secvf.errors import ConfigError, ForbiddenDevice, InvalidName
-from secvf.names import validate_name
+from secvf.model.names import validate_name
 
 SCHEMA_VERSION = 1
 MIN_MEMORY_MIB = 128
