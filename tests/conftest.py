@@ -26,7 +26,7 @@ def secvf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     shutil.rmtree(runtime, ignore_errors=True)
 
 
-# ---- the vsock backend under a fake guest driver (tests/test_vsock_*.py) ------------------
+# ---- the vsock backend under a fake guest driver (tests/unit/test_vsock_*.py) ------------------
 VSOCK_TEST_CID = 42
 
 
