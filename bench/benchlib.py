@@ -315,12 +315,12 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def _delete_all_vms() -> None:
-    from secvf.store import library
+    from secvf import api
 
-    for item in library.list_vms():
+    for item in api.list_vms():
         supervisor = _supervisor_pid(item.bundle.name)
         try:
-            library.delete_vm(item.bundle.name, force=True)
+            api.delete_vm(item.bundle.name, force=True)
         except Exception as exc:  # noqa: BLE001 - cleanup must go on
             log(f"cleanup: could not delete VM {item.bundle.name}: {exc}")
             if supervisor:

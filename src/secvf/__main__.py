@@ -1,5 +1,5 @@
 """``python -m secvf`` runs the CLI."""
 
-from secvf.faces.cli.main import main
+from secvf.faces.cli import main
 
 main()

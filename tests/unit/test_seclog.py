@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from secvf.store import events as seclog
+from secvf.store.eventlog import EventLog
 from secvf.store.events import Severity
 
 
@@ -35,6 +36,16 @@ def test_concurrent_writers_never_interleave(secvf_env: Path) -> None:
 
 
 def test_unwritable_log_never_raises(secvf_env: Path, monkeypatch, capfd) -> None:
-    monkeypatch.setattr(seclog, "log_path", lambda *a, **k: Path("/proc/nonexistent/x"))
+    monkeypatch.setattr(seclog, "default_log", lambda: EventLog(Path("/proc/nonexistent")))
     seclog.write_event("dropped")
+    assert "cannot write security log" in capfd.readouterr().err
+
+
+def test_unusable_secvf_home_never_raises(tmp_path: Path, monkeypatch, capfd) -> None:
+    """A $SECVF_HOME that cannot be created (a file is in the way) drops the event."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SECVF_HOME", str(blocker / "home"))
+    record = seclog.write_event("dropped", detail="x")
+    assert record["event"] == "dropped" and record["detail"] == "x"
     assert "cannot write security log" in capfd.readouterr().err

@@ -1,16 +1,23 @@
 """The VM library: create, list, find, clone, rename, import and delete VM bundles.
 
-Every change to a VM happens under its edit lock, and every change that could
-fail half-way builds in a temporary directory first and renames it into place, so
-a failure never leaves a half-made VM or touches another VM's data.
+A new VM (create, clone, import) is built in a staging directory in the library
+and renamed into place: that rename claims the name, so of two processes creating
+the same name one wins and the other gets :class:`AlreadyExists`, and a failure
+half-way never leaves a half-made VM. Changes to an existing VM (clone's disk
+freeze, rename, delete) happen under that VM's edit lock. Nothing here starts or
+stops VMs: deleting a running VM is refused (the workflows layer stops it first).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,49 +126,72 @@ def create_overlay(disk: Path, backing: Path, backing_format: str, size: int) ->
              str(disk), str(size))
 
 
-def create_vm(config: VMConfig) -> Bundle:
+def create_vm(config: VMConfig, *, image_rootfs: Path | None = None) -> Bundle:
     """Create a VM bundle from a validated config (disk overlay, vm.json, event).
 
+    ``image_rootfs`` is the root filesystem of the built image an image-booted VM's
+    overlay sits on (the workflows layer resolves it).
+
     Raises:
-        AlreadyExists, DiskError, ConfigError.
+        AlreadyExists: the name is taken (also when another process won the race).
+        DiskError: ``qemu-img`` could not make the disk.
+        ConfigError: an image-booted config without ``image_rootfs``.
     """
     bundle = bundle_for(config.name)
     if bundle.path.exists():
         raise AlreadyExists(f"a VM named '{config.name}' already exists")
-    staging = paths.vms_dir() / f".creating-{config.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(mode=0o700)
-    try:
-        _make_disk(Bundle(staging), config)
-        save_config(Bundle(staging).config_file, config)
-        try:
-            staging.rename(bundle.path)
-        except OSError as exc:
-            raise AlreadyExists(f"a VM named '{config.name}' already exists") from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with _staging("creating") as staging:
+        _make_disk(staging, config, image_rootfs)
+        save_config(staging.config_file, config)
+        _claim(staging, bundle)
     seclog.write_event("vm_created", vm=config.name, vm_id=config.id, kind=str(config.kind),
                        network=str(config.network), boot=config.boot.type)
     return bundle
 
 
-def _make_disk(bundle: Bundle, config: VMConfig) -> None:
+@contextlib.contextmanager
+def _staging(purpose: str) -> Iterator[Bundle]:
+    """A private staging bundle in the library, removed unless it was claimed.
+
+    Its name holds no VM name, so any valid name fits the file-name limit.
+    """
+    staging = paths.vms_dir() / f".{purpose}-{uuid.uuid4().hex}"
+    staging.mkdir(mode=0o700)
+    try:
+        yield Bundle(staging)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _claim(staging: Bundle, bundle: Bundle) -> None:
+    """Rename ``staging`` to ``bundle``'s path; the rename is what claims the name."""
+    try:
+        staging.path.rename(bundle.path)
+    except OSError as exc:
+        raise AlreadyExists(f"a VM named '{bundle.name}' already exists") from exc
+
+
+def _make_disk(bundle: Bundle, config: VMConfig, image_rootfs: Path | None) -> None:
     boot = config.boot
     if isinstance(boot, ImageBoot):
-        from secvf.image import get_image
-
-        image = get_image(boot.image)
-        create_overlay(bundle.disk, image.rootfs, "raw", config.disk_bytes)
+        if image_rootfs is None:
+            raise ConfigError(f"VM '{config.name}' boots image '{boot.image}': "
+                              "the image's root filesystem must be given")
+        create_overlay(bundle.disk, image_rootfs, "raw", config.disk_bytes)
     elif isinstance(boot, DiskImageBoot):
         create_overlay(bundle.disk, Path(boot.path), boot.format, config.disk_bytes)
     elif isinstance(boot, IsoBoot):
         qemu_img("create", "-q", "-f", "qcow2", str(bundle.disk), str(config.disk_bytes))
 
 
-def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
-    """Delete a VM's bundle. A running VM is refused unless ``force`` (then stopped first).
+def delete_vm(name: str) -> VMConfig | None:
+    """Delete a stopped VM's bundle; returns its config (None if vm.json was unreadable).
 
-    Returns the config of the deleted VM (None if its vm.json was unreadable).
+    Raises:
+        NotFound: there is no such VM.
+        StateError: the VM is running (stop it first).
+        LockBusy: another command is changing the VM.
     """
     bundle = get_bundle(name)
     config: VMConfig | None
@@ -169,14 +199,10 @@ def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
         config = bundle.load()
     except SecVFError:
         config = None
-    if is_running(bundle):
-        if not force:
-            raise StateError(f"VM '{name}' is running; stop it first or use --force", "running")
-        from secvf.runtime.control import stop_vm
-
-        stop_vm(name, force=True)
     with locked(bundle.edit_lock, f"VM '{name}'"):
-        trash = paths.vms_dir() / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+        if is_running(bundle):
+            raise StateError(f"VM '{name}' is running; stop it first or use --force", "running")
+        trash = paths.vms_dir() / f".deleting-{uuid.uuid4().hex}"
         bundle.path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
     seclog.write_event("vm_deleted", vm=name, vm_id=config.id if config else None)
@@ -198,30 +224,46 @@ def clone_vm(src: str, dst: str) -> Bundle:
             update={"id": str(uuid.uuid4()), "name": dst, "mac": new_mac(),
                     "created_at": now_iso(), "updated_at": now_iso()}
         )
-        staging = paths.vms_dir() / f".cloning-{dst}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(mode=0o700)
-        try:
+        with _staging("cloning") as staging:
             qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen),
-                     str(Bundle(staging).disk), str(config.disk_bytes))
-            save_config(Bundle(staging).config_file, new)
-            staging.rename(dst_bundle.path)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+                     str(staging.disk), str(config.disk_bytes))
+            save_config(staging.config_file, new)
+            _claim(staging, dst_bundle)
     seclog.write_event("vm_cloned", vm=dst, vm_id=new.id, source=src, source_id=config.id)
     return dst_bundle
 
 
 def _freeze_disk(bundle: Bundle) -> Path:
     """Turn the VM's current disk into a read-only snapshot layer and give the VM a
-    fresh overlay over it, so source and clone can both keep writing safely."""
+    fresh overlay over it, so source and clone can both keep writing safely.
+
+    The new overlay is made before the VM's disk moves: if ``qemu-img`` fails (a
+    full disk, say), the VM keeps its disk exactly as it was.
+    """
     layers = paths.secvf_home() / "layers"
     paths.ensure_private_dir(layers)
     frozen = layers / f"{uuid.uuid4()}.qcow2"
-    shutil.move(bundle.disk, frozen)
+    fresh = bundle.path / f".{bundle.disk.name}.new"
+    _link_or_copy(bundle.disk, frozen)  # the VM's disk stays untouched
+    try:
+        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen), str(fresh))
+        os.replace(fresh, bundle.disk)
+    except BaseException:
+        fresh.unlink(missing_ok=True)
+        frozen.unlink()
+        raise
     frozen.chmod(0o400)
-    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen), str(bundle.disk))
     return frozen
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Give ``src`` a second name ``dst`` (a copy when they are on different filesystems)."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copy2(src, dst)
 
 
 def rename_vm(old: str, new: str) -> None:
@@ -265,15 +307,10 @@ def import_vm(source: Path, *, name: str | None = None) -> Bundle:
         raise AlreadyExists(f"a VM named '{new_name}' already exists")
     new = config.model_copy(update={"id": str(uuid.uuid4()), "name": new_name, "mac": new_mac(),
                                     "updated_at": now_iso()})
-    staging = paths.vms_dir() / f".importing-{new_name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(mode=0o700)
-    try:
-        shutil.copy2(src.disk, Bundle(staging).disk)
-        save_config(Bundle(staging).config_file, new)
-        staging.rename(dst.path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with _staging("importing") as staging:
+        shutil.copy2(src.disk, staging.disk)
+        save_config(staging.config_file, new)
+        _claim(staging, dst)
     seclog.write_event("vm_imported", vm=new_name, vm_id=new.id, source=str(source))
     return dst
 

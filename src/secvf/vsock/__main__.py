@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ready-fd", type=int, help="write READY\\n here once listening")
     parser.add_argument("--vm-name", help="VM name for logs and security events")
     parser.add_argument("--vm-id", help="VM UUID for logs and security events")
+    parser.add_argument("--log-dir", type=Path,
+                        help="write security events to the JSON Lines event log here")
     parser.add_argument(
         "--max-connections",
         type=int,
@@ -65,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vm_name=args.vm_name,
             vm_id=args.vm_id,
             max_connections=args.max_connections,
+            log_dir=args.log_dir,
         )
     except VsockError as exc:
         logging.getLogger("secvf.vsock").error("%s", exc)

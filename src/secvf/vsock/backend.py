@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 
+from secvf.store.eventlog import EventLog
 from secvf.vsock.device import (
     MESSAGE_READ_TIMEOUT_S,
     RX_QUEUE,
@@ -70,6 +71,7 @@ class VsockBackend:
         vm_name: str | None = None,
         vm_id: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        log_dir: Path | None = None,
     ) -> None:
         if platform.machine() not in SUPPORTED_MACHINES:
             raise VsockError(
@@ -103,7 +105,8 @@ class VsockBackend:
             uds_path,
             guest_cid=guest_cid,
             max_connections=max_connections,
-            reporter=ViolationReporter(vm_name, vm_id),
+            reporter=ViolationReporter(vm_name, vm_id,
+                                       log=EventLog(log_dir) if log_dir else None),
         )
 
     def __enter__(self) -> VsockBackend:
@@ -290,12 +293,15 @@ def serve(
     vm_name: str | None = None,
     vm_id: str | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    log_dir: Path | None = None,
 ) -> None:
     """Run a vsock backend until QEMU disconnects or SIGTERM/SIGINT arrives.
 
     Listens on ``vhost_user_socket`` and ``uds_path`` (both 0600), writes ``READY\\n`` to
     ``ready_fd`` when both listen, serves one QEMU connection, and removes both socket
     files before returning. Signal handlers are installed only in the main thread.
+    Guest violations are written as security events to the event log in ``log_dir``
+    (see :mod:`secvf.store.eventlog`) when one is given.
 
     Raises:
         BindFailed: a socket path is in use.
@@ -309,6 +315,7 @@ def serve(
         vm_name=vm_name,
         vm_id=vm_id,
         max_connections=max_connections,
+        log_dir=log_dir,
     ) as backend:
         if threading.current_thread() is not threading.main_thread():
             backend.run(ready_fd)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from secvf.store import events as seclog
-from secvf.store.events import Severity
+from secvf.store.eventlog import EventLog, Severity
 from secvf.vsock.limits import VIOLATION_EVENTS_PER_S
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,8 @@ class ViolationReporter:
     """Writes ``vsock_guest_violation`` events, at most ``per_second`` each second.
 
     Violations beyond the rate are counted, and the count goes out as ``suppressed``
-    with the next event that is written, so nothing disappears silently.
+    with the next event that is written, so nothing disappears silently. Without an
+    event log (``log=None``) violations go to the process log only.
     """
 
     def __init__(
@@ -45,7 +45,10 @@ class ViolationReporter:
         vm: str | None,
         vm_id: str | None,
         per_second: int = VIOLATION_EVENTS_PER_S,
+        *,
+        log: EventLog | None = None,
     ) -> None:
+        self._log = log
         self._vm = vm
         self._vm_id = vm_id
         self._limiter = RateLimiter(per_second)
@@ -59,7 +62,9 @@ class ViolationReporter:
             self.suppressed += 1
             return
         log.warning("guest violation (%s): %s", severity, detail)
-        seclog.write_event(
+        if self._log is None:
+            return
+        self._log.write(
             EVENT_NAME,
             severity=severity,
             vm=self._vm,

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from secvf.store.events import Severity
+from secvf.store.eventlog import Severity
 from secvf.vsock.conn import Connection, ConnState, OutPacket
 from secvf.vsock.errors import MalformedPacket, QueueViolation
 from secvf.vsock.incidents import RateLimiter, ViolationReporter

@@ -449,7 +449,8 @@ class FakeGuest:
 class BackendProcess:
     """``python -m secvf.vsock`` in a child process, ready once the context is entered.
 
-    ``SECVF_HOME`` is pointed at ``directory`` so security events land there.
+    Security events go to the event log in ``directory/home/logs`` (what
+    ``$SECVF_HOME/logs`` is when a test points ``SECVF_HOME`` at ``directory/home``).
     """
 
     def __init__(self, directory: Path, guest_cid: int, *extra_args: str) -> None:
@@ -457,6 +458,7 @@ class BackendProcess:
         self.vhost_user_socket = directory / "vu.sock"
         self.uds_path = directory / "vsock.sock"
         self.stderr_path = directory / "backend.log"
+        self.log_dir = directory / "home" / "logs"
         self.guest_cid = guest_cid
         self._extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
@@ -477,11 +479,13 @@ class BackendProcess:
             str(write_end),
             "--vm-name",
             "fake-vm",
+            "--log-dir",
+            str(self.log_dir),
             *self._extra_args,
         ]
-        env = dict(os.environ, SECVF_HOME=str(self.directory / "home"))
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(argv, env=env, stderr=stderr, pass_fds=[write_end])
+            self.process = subprocess.Popen(argv, stderr=stderr, pass_fds=[write_end])
         os.close(write_end)
         with os.fdopen(read_end, "rb") as ready:
             line = ready.readline()

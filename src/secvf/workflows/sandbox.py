@@ -27,6 +27,7 @@ from secvf.runtime import control
 from secvf.store import library
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.runstate import is_running
+from secvf.workflows import vms
 from secvf.workflows.create import build_config
 
 AGENT_READY_TIMEOUT_S = 120.0
@@ -56,7 +57,7 @@ def create_sandbox(
     config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
                           disk_size=disk_size, image=image, network=network, accel=accel,
                           shares=shares, workspace=workspace)
-    library.create_vm(config)
+    vms.create_vm(config)
     return config
 
 
@@ -113,7 +114,7 @@ def wait_for_agent(config: VMConfig, timeout: float) -> float:
 def remove_sandbox(name: str, *, purge: bool = False) -> None:
     """Delete sandbox ``name`` (stopping it first); ``purge`` also deletes its default
     workspace directory (a ``--workspace`` you gave is never deleted)."""
-    config = library.delete_vm(name, force=True)
+    config = vms.delete_vm(name, force=True)
     if purge and config is not None:
         default = default_workspace(name)
         shutil.rmtree(default.parent, ignore_errors=True)

@@ -1,5 +1,20 @@
-"""The ``secvf`` command line: a face over :mod:`secvf.api`."""
+"""The ``secvf`` command line (alias ``secvf-cli``): a face over :mod:`secvf.api`.
 
-from secvf.faces.cli.main import main
+One module per command group; :mod:`.app` holds what they share and
+:mod:`.terminal` the local terminal handling of ``vm exec``.
+"""
+
+from secvf.faces.cli.app import main
+from secvf.faces.cli.audit import audit
+from secvf.faces.cli.image import image
+from secvf.faces.cli.sandbox import sandbox
+from secvf.faces.cli.vm import vm
+from secvf.faces.cli.vm_exec import vm_exec
+
+vm.add_command(vm_exec)
+main.add_command(vm)
+main.add_command(image)
+main.add_command(sandbox)
+main.add_command(audit)
 
 __all__ = ["main"]

@@ -1,0 +1,275 @@
+"""SecVF's public API: what the CLI uses, and what the MCP server and the TUI will use.
+
+Everything a face needs is here, so a face never imports the layers below it (a
+test enforces that). Errors are :class:`secvf.errors.SecVFError` subclasses, each
+with an ``exit_code``; see :mod:`secvf.errors`.
+
+A short tour::
+
+    from secvf import api
+
+    api.create_vm("web", kind=api.VMKind.GENERIC, memory="2G")
+    api.start_vm("web", wait_ready=120)
+    print(api.vm_status("web")["state"])          # "running"
+    api.stop_vm("web")
+
+    api.create_sandbox("agent1")
+    api.start_sandbox("agent1")                    # returns once exec works
+    result = api.Sandbox.from_vm("agent1").run(["uname", "-a"])
+    api.remove_sandbox("agent1", purge=True)
+
+    findings = api.audit()                         # every VM's host-guest surfaces
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from secvf.exec import (
+    AgentUnavailable,
+    CommandStartFailed,
+    ExecClient,
+    ExecResult,
+    ExecSession,
+    Exited,
+    Stderr,
+    Stdout,
+    exit_code_for,
+)
+from secvf.image import DEFAULT_IMAGES, RECIPES, ImageInfo, Progress, build_image, list_images
+from secvf.image import remove_image as _remove_image
+from secvf.model.config import Accel, NetworkMode, VMConfig, VMKind
+from secvf.model.sizes import format_size
+from secvf.runtime import console, control
+from secvf.runtime.supervisor import run_supervisor
+from secvf.sdk import AsyncSandbox, Sandbox
+from secvf.store import library
+from secvf.store.library import ListedVM
+from secvf.workflows import audit as _audit
+from secvf.workflows import sandbox as _sandbox
+from secvf.workflows import vm_exec, vms
+from secvf.workflows.create import build_config
+
+__all__ = [
+    # the VM library
+    "create_vm",
+    "list_vms",
+    "get_vm",
+    "vm_dir",
+    "delete_vm",
+    "clone_vm",
+    "rename_vm",
+    "import_vm",
+    # lifecycle and status
+    "start_vm",
+    "stop_vm",
+    "vm_status",
+    "wait_for_ready",
+    "run_in_foreground",
+    "print_serial_log",
+    "attach_console",
+    # AI-sandbox sessions
+    "create_sandbox",
+    "start_sandbox",
+    "list_sandboxes",
+    "remove_sandbox",
+    # exec
+    "Sandbox",
+    "AsyncSandbox",
+    "connect_exec",
+    "run_command",
+    "result_as_json",
+    "exit_code_for",
+    "ExecClient",
+    "ExecSession",
+    "ExecResult",
+    "Exited",
+    "Stdout",
+    "Stderr",
+    "AgentUnavailable",
+    "CommandStartFailed",
+    # audit
+    "audit",
+    # images
+    "build_image",
+    "list_images",
+    "remove_image",
+    "image_recipes",
+    "DEFAULT_IMAGES",
+    "ImageInfo",
+    "Progress",
+    # the model
+    "VMConfig",
+    "VMKind",
+    "NetworkMode",
+    "Accel",
+    "ListedVM",
+    "format_size",
+]
+
+
+# ---- the VM library ----------------------------------------------------------------------
+
+
+def create_vm(
+    name: str,
+    *,
+    kind: VMKind = VMKind.GENERIC,
+    cpus: int = 1,
+    memory: str = "1G",
+    disk_size: str = "8G",
+    image: str | None = None,
+    disk_image: Path | None = None,
+    iso: Path | None = None,
+    network: str | None = None,
+    accel: str = "auto",
+    shares: Sequence[str] = (),
+    workspace: Path | None = None,
+) -> VMConfig:
+    """Validate the options, create VM ``name`` and return its config.
+
+    Raises:
+        InvalidName, ConfigError, ForbiddenDevice: the options cannot work (nothing
+            was written).
+        NotFound: the image is not built. AlreadyExists, DiskError.
+    """
+    config = build_config(name=name, kind=kind, cpus=cpus, memory=memory,
+                          disk_size=disk_size, image=image, disk_image=disk_image, iso=iso,
+                          network=network, accel=accel, shares=shares, workspace=workspace)
+    vms.create_vm(config)
+    return config
+
+
+def list_vms() -> list[ListedVM]:
+    """Every VM bundle in the library, by name; an unreadable one carries its error."""
+    return library.list_vms()
+
+
+def get_vm(name: str) -> VMConfig:
+    """The config of VM ``name``. Raises NotFound, ConfigError (corrupt vm.json)."""
+    return library.get_vm(name)[1]
+
+
+def vm_dir(name: str) -> Path:
+    """Where VM ``name``'s bundle (vm.json, disk, logs) lives. Raises NotFound."""
+    return library.get_bundle(name).path
+
+
+def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
+    """Delete VM ``name`` (``force``: stop it first if it runs); returns its config."""
+    return vms.delete_vm(name, force=force)
+
+
+def clone_vm(src: str, dst: str) -> VMConfig:
+    """Clone stopped VM ``src`` as ``dst`` copy-on-write (new UUID and MAC)."""
+    return library.clone_vm(src, dst).load()
+
+
+def rename_vm(old: str, new: str) -> None:
+    """Rename stopped VM ``old`` to ``new``."""
+    library.rename_vm(old, new)
+
+
+def import_vm(path: Path, *, name: str | None = None) -> VMConfig:
+    """Import the VM bundle directory ``path`` (validated like create)."""
+    return library.import_vm(path, name=name).load()
+
+
+# ---- lifecycle and status ----------------------------------------------------------------
+
+
+def start_vm(name: str, *, accel: str | None = None,
+             wait_ready: float | None = None) -> dict[str, Any]:
+    """Start VM ``name`` under its own supervisor; returns its status.
+
+    Raises:
+        StateError: already running. LaunchFailed: QEMU or a helper did not start,
+        or the device-tree check refused the VM.
+    """
+    return control.start_vm(name, accel=accel, wait_ready=wait_ready)
+
+
+def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[str, Any]:
+    """Stop VM ``name`` (ACPI powerdown, forced after ``timeout``); returns its status."""
+    return control.stop_vm(name, force=force, timeout=timeout)
+
+
+def vm_status(name: str) -> dict[str, Any]:
+    """State, accelerator, uptime, live devices and last run of VM ``name``."""
+    return control.vm_status(name)
+
+
+def wait_for_ready(name: str, timeout: float) -> dict[str, Any]:
+    """Wait until VM ``name``'s guest printed its ready marker; returns its status."""
+    return control.wait_for_ready(name, timeout)
+
+
+def run_in_foreground(name: str, *, accel: str | None = None) -> int:
+    """Run VM ``name``'s supervisor in this process until the VM stops; its exit status."""
+    return run_supervisor(name, accel=accel, report_fd=None)
+
+
+def print_serial_log(name: str, *, follow: bool = False) -> None:
+    """Copy VM ``name``'s serial console log to stdout (``follow``: keep going)."""
+    bundle, _ = library.get_vm(name)
+    console.print_log(bundle, follow=follow)
+
+
+def attach_console(name: str) -> None:
+    """Attach this terminal to running VM ``name``'s serial console (detach: Ctrl-])."""
+    console.attach_console(name)
+
+
+# ---- AI-sandbox sessions -----------------------------------------------------------------
+
+create_sandbox = _sandbox.create_sandbox
+start_sandbox = _sandbox.start_sandbox
+list_sandboxes = _sandbox.list_sandboxes
+remove_sandbox = _sandbox.remove_sandbox
+
+
+# ---- exec ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect_exec(name: str) -> Iterator[ExecClient]:
+    """A handshaken connection to running AI sandbox ``name``'s agent.
+
+    Raises:
+        NoExecChannel: the VM has no exec channel (by design) or is not running.
+        AgentUnavailable: the agent does not answer.
+    """
+    with ExecClient.connect(vm_exec.exec_socket_for(name)) as client:
+        yield client
+
+
+def run_command(name: str, command: str | Sequence[str], **options: Any) -> ExecResult:
+    """Run ``command`` in sandbox ``name`` and capture its output (see ``ExecClient.run``)."""
+    return vm_exec.run_captured(name, command, **options)
+
+
+def result_as_json(result: ExecResult) -> dict[str, Any]:
+    """The ``--json`` shape of an exec result: exit status, timing, decoded output."""
+    return vm_exec.result_json(result)
+
+
+# ---- audit and images ----------------------------------------------------------------------
+
+
+def audit() -> dict[str, Any]:
+    """Every VM's host-guest surfaces and findings, as ``secvf audit --json`` prints them."""
+    results, stray = _audit.audit_all()
+    return _audit.as_json(results, stray)
+
+
+def remove_image(name: str) -> None:
+    """Remove the built image ``name``."""
+    _remove_image(name)
+
+
+def image_recipes() -> list[str]:
+    """Names of the image recipes ``build_image`` knows."""
+    return sorted(RECIPES)

@@ -1,0 +1,36 @@
+"""``secvf audit``: every VM's host-guest surfaces; exit 1 on any finding."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from secvf import api
+from secvf.faces.cli.app import out, print_json
+
+
+@click.command("audit")
+@click.option("--json", "as_json", is_flag=True)
+def audit(as_json: bool) -> None:
+    """Show every VM's host-guest surfaces; exit 1 if any contradicts its kind."""
+    data = api.audit()
+    if as_json:
+        print_json(data)
+    else:
+        table = Table("VM", "KIND", "STATE", "CHANNELS", "EXEC SOCKET", "SHARES", "NIC",
+                      "FINDINGS")
+        for res in data["vms"]:
+            chans = ", ".join(sorted({str(d.get("channel")) for d in res["channel_devices"]}))
+            sock = f"{res['exec_socket']['mode']}" if res["exec_socket"] else "-"
+            shares = ", ".join(f"{s['host_path']} ({s['mode']})" for s in res["shares"]) or "-"
+            table.add_row(res["name"], res["kind"], res["state"],
+                          escape(f"{chans or '-'} [{res['source']}]"), escape(sock),
+                          escape(shares), res["network"],
+                          escape("\n".join(res["findings"])) or "[green]none[/]")
+        out.print(table)
+        for finding in data["stray"]:
+            out.print(f"[red]finding:[/] {escape(finding)}")
+    sys.exit(1 if data["finding_count"] else 0)

@@ -1,0 +1,193 @@
+"""``secvf vm …``: the VM library, lifecycle, status, serial console and logs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from secvf import api
+from secvf.faces.cli.app import SecVFGroup, out, print_json
+
+
+@click.group(cls=SecVFGroup)
+def vm() -> None:
+    """Create, run and inspect VMs."""
+
+
+@vm.command("create")
+@click.argument("name")
+@click.option("--kind", type=click.Choice([k.value for k in api.VMKind]), default="generic",
+              show_default=True)
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", default="1G", show_default=True, help="Guest RAM (e.g. 512M, 2G).")
+@click.option("--disk", "disk_size", default="8G", show_default=True, help="Disk size.")
+@click.option("--image", help="SecVF image to boot (default: base; sandbox for ai-sandbox).")
+@click.option("--disk-image", type=click.Path(path_type=Path), help="Boot this disk image.")
+@click.option("--iso", type=click.Path(path_type=Path), help="Boot this installer ISO.")
+@click.option("--network", type=click.Choice([n.value for n in api.NetworkMode]),
+              help="none or nat (default: nat; none for malware-analysis).")
+@click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
+              show_default=True)
+@click.option("--share", "shares", multiple=True, help="HOSTDIR:GUESTPATH:ro (ai-sandbox only).")
+@click.option("--workspace", type=click.Path(path_type=Path), help="Workspace dir (ai-sandbox).")
+@click.option("--json", "as_json", is_flag=True, help="Print the new VM's config as JSON.")
+def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, image: str | None,
+              disk_image: Path | None, iso: Path | None, network: str | None, accel: str,
+              shares: tuple[str, ...], workspace: Path | None, as_json: bool) -> None:
+    """Create VM NAME (a copy-on-write overlay over its image)."""
+    config = api.create_vm(name, kind=api.VMKind(kind), cpus=cpus, memory=memory,
+                           disk_size=disk_size, image=image, disk_image=disk_image, iso=iso,
+                           network=network, accel=accel, shares=shares, workspace=workspace)
+    if as_json:
+        print_json(config.model_dump(mode="json"))
+    else:
+        out.print(f"created {config.kind} VM [bold]{name}[/] ({config.id}) in "
+                  f"{api.vm_dir(name)}")
+
+
+@vm.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def vm_list(as_json: bool) -> None:
+    """List every VM with its kind and state."""
+    rows: list[dict[str, Any]] = []
+    for item in api.list_vms():
+        if item.config is None:
+            rows.append({"name": item.bundle.name, "state": "invalid", "error": item.error})
+            continue
+        status = api.vm_status(item.bundle.name)
+        rows.append({k: status[k] for k in ("name", "id", "kind", "state", "accel", "network",
+                                            "cpus", "memory_mib")})
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("NAME", "KIND", "STATE", "CPUS", "MEMORY", "NETWORK", "ACCEL", "ID")
+    for row in rows:
+        if row["state"] == "invalid":
+            table.add_row(row["name"], "?", "[red]invalid[/]", "", "", "", "", row["error"])
+            continue
+        table.add_row(row["name"], row["kind"], row["state"], str(row["cpus"]),
+                      api.format_size(row["memory_mib"] << 20), row["network"],
+                      row["accel"] or "-", row["id"])
+    out.print(table)
+
+
+@vm.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def vm_status(name: str, as_json: bool) -> None:
+    """Show a VM's state, accelerator, uptime and live device list."""
+    status = api.vm_status(name)
+    if as_json:
+        print_json(status)
+        return
+    out.print(f"[bold]{status['name']}[/] ({status['kind']}) {status['id']}")
+    out.print(f"  state:   {status['state']}")
+    if status["pid"]:
+        out.print(f"  pid:     supervisor {status['pid']}, qemu {status['qemu_pid']}")
+        out.print(f"  accel:   {status['accel']} ({status['accel_reason']})")
+        out.print(f"  uptime:  {status['uptime_s']} s, guest ready: {status['guest_ready']}")
+    if status.get("exec_socket"):
+        out.print(f"  exec:    {status['exec_socket']}")
+    for line in status.get("device_errors", []):
+        out.print(f"  [red]guest reports a dead virtio device:[/] {line}", markup=True,
+                  highlight=False)
+    if status["devices"]:
+        table = Table("DEVICE", "TYPE", "CHANNEL", title="live devices (QMP)")
+        for dev in status["devices"]:
+            table.add_row(dev["path"].rsplit("/", 1)[-1], dev["type"], dev["channel"] or "-")
+        out.print(table)
+    last = status.get("last_run")
+    if last:
+        out.print(f"  last run: {last.get('state')} ({last.get('reason')})"
+                  f" at {last.get('ended_at')}")
+
+
+@vm.command("start")
+@click.argument("name")
+@click.option("--accel", type=click.Choice([a.value for a in api.Accel]),
+              help="Override the VM's accelerator for this run.")
+@click.option("--foreground", is_flag=True, help="Keep the supervisor attached.")
+@click.option("--wait-ready", type=float, default=None, metavar="SECONDS",
+              help="Also wait for the guest's ready marker.")
+@click.option("--json", "as_json", is_flag=True)
+def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float | None,
+             as_json: bool) -> None:
+    """Start VM NAME under its own supervisor."""
+    if foreground:
+        sys.exit(api.run_in_foreground(name, accel=accel))
+    status = api.start_vm(name, accel=accel, wait_ready=wait_ready)
+    if as_json:
+        print_json(status)
+    else:
+        out.print(f"started [bold]{name}[/] (accel {status['accel']}, "
+                  f"{len(status['devices'])} devices)")
+
+
+@vm.command("stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Do not wait for the guest: quit QEMU now.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for a graceful powerdown before forcing.")
+@click.option("--json", "as_json", is_flag=True)
+def vm_stop(name: str, force: bool, timeout: float, as_json: bool) -> None:
+    """Stop VM NAME (ACPI powerdown, then forced after --timeout)."""
+    status = api.stop_vm(name, force=force, timeout=timeout)
+    if as_json:
+        print_json(status)
+    else:
+        out.print(f"stopped [bold]{name}[/]")
+
+
+@vm.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Stop the VM first if it is running.")
+def vm_delete(name: str, force: bool) -> None:
+    """Delete VM NAME and its disk."""
+    api.delete_vm(name, force=force)
+    out.print(f"deleted [bold]{name}[/]")
+
+
+@vm.command("clone")
+@click.argument("src")
+@click.argument("dst")
+def vm_clone(src: str, dst: str) -> None:
+    """Clone stopped VM SRC as DST (copy-on-write; new UUID and MAC)."""
+    api.clone_vm(src, dst)
+    out.print(f"cloned [bold]{src}[/] to [bold]{dst}[/]")
+
+
+@vm.command("rename")
+@click.argument("old")
+@click.argument("new")
+def vm_rename(old: str, new: str) -> None:
+    """Rename stopped VM OLD to NEW."""
+    api.rename_vm(old, new)
+    out.print(f"renamed [bold]{old}[/] to [bold]{new}[/]")
+
+
+@vm.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", help="Name for the imported VM (default: the name in its vm.json).")
+def vm_import(path: Path, name: str | None) -> None:
+    """Import a VM bundle directory (vm.json + disk.qcow2), validating everything."""
+    config = api.import_vm(path, name=name)
+    out.print(f"imported [bold]{config.name}[/]")
+
+
+@vm.command("logs")
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+def vm_logs(name: str, follow: bool) -> None:
+    """Print VM NAME's serial console log."""
+    api.print_serial_log(name, follow=follow)
+
+
+@vm.command("console")
+@click.argument("name")
+def vm_console(name: str) -> None:
+    """Attach to VM NAME's serial console (detach with Ctrl-])."""
+    api.attach_console(name)
