@@ -33,3 +33,10 @@ def test_a_flooding_guest_is_bounded() -> None:
     events = scanner.feed(flood)
     assert len(events) == MAX_DEVICE_ERRORS
     assert len(scanner._partial) <= 4096
+
+
+def test_the_guest_init_prints_the_marker_the_host_waits_for() -> None:
+    from secvf.image.recipe import INIT_SCRIPT
+    from secvf.model.guest import READY_MARKER
+
+    assert f"READY_MARKER={READY_MARKER}\n" in INIT_SCRIPT.read_text()

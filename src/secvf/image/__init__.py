@@ -18,9 +18,7 @@ See ``docs/images.md`` for the recipes, the build steps and the cache.
 from secvf.image.build import Progress, build_image
 from secvf.image.recipe import DEFAULT_IMAGES, RECIPES, Recipe, recipe_hash
 from secvf.image.store import ImageInfo, get_image, list_images, remove_image
-
-#: The line the guest init prints on the serial console (ttyS0) once the guest is up.
-READY_MARKER = "SECVF-READY"
+from secvf.model.guest import READY_MARKER
 
 __all__ = [
     "DEFAULT_IMAGES",

@@ -30,7 +30,6 @@ from pydantic import (
 from secvf.errors import ConfigError, ForbiddenDevice, InvalidName
 from secvf.model.names import validate_name
 
-SCHEMA_VERSION = 1
 MIN_MEMORY_MIB = 128
 MAX_MEMORY_MIB = 1 << 20
 MAX_CPUS = 64
@@ -122,7 +121,7 @@ class SandboxChannels(_Strict):
 class VMConfig(_Strict):
     """Validated content of a VM's ``vm.json``."""
 
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # vm.json format version; a new format bumps it
     id: str  # UUID, stable for the VM's life (names the runtime files)
     name: str
     kind: VMKind

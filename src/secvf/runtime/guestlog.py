@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from secvf.image import READY_MARKER
+from secvf.model.guest import READY_MARKER
 
 MAX_LINE_BYTES = 4096
 MAX_DEVICE_ERRORS = 10

@@ -52,9 +52,6 @@ class ShutdownFlag(IntFlag):
     SEND = 2  # the sender will send no more data
 
 
-BOTH_DIRECTIONS = ShutdownFlag.RCV | ShutdownFlag.SEND
-
-
 class SocketType(IntEnum):
     """The vsock socket type of a packet; only STREAM is offered to guests."""
 
