@@ -1,33 +1,67 @@
-"""SecVF's exception hierarchy.
+"""SecVF's exception hierarchy and the CLI's exit codes.
 
 Every error SecVF raises on purpose derives from :class:`SecVFError`, carries a
-message a user can act on, and is turned into a one-line message and a non-zero
-exit code by the CLI::
+message a user can act on, and is turned into a one-line message and the exit code in
+its ``exit_code`` (an :class:`ExitCode`) by the CLI::
 
-    SecVFError
-     ├── InvalidName          a VM/image/share name that cannot be used
-     ├── ConfigError          a vm.json (or other config file) that is corrupt or invalid
-     ├── ForbiddenDevice      a request for a device the VM's kind must never have
-     ├── NotFound             a VM or image that does not exist
-     ├── AlreadyExists        a VM or image name that is already taken
-     ├── StateError           an operation that needs another VM state
-     ├── LockBusy             another secvf process holds the VM's lock
-     ├── ImageBuildFailed     building a guest image failed (names the step)
-     ├── LaunchFailed         QEMU (or a helper) did not start; has argv and stderr
-     ├── NoExecChannel        exec on a VM without a channel (by design)
-     └── ExecError            the exec channel failed (see secvf.exec)
+    SecVFError                        exit 1 unless noted
+     ├── InvalidName                  a VM/image/share name that cannot be used
+     ├── ConfigError                  a vm.json (or other config file) that is corrupt or invalid
+     │    └── CorruptRecord           a runtime record or inter-process message is unreadable
+     ├── ForbiddenDevice              a request for a device the VM's kind must never have
+     ├── NotFound                     a VM or image that does not exist
+     ├── AlreadyExists                a VM or image name that is already taken
+     ├── StateError                   an operation that needs another state (.state, .required)
+     │    └── IllegalTransition       a lifecycle transition the supervisor's table forbids
+     ├── LockBusy                     another secvf process holds the VM's lock
+     ├── ImageBuildFailed             building a guest image failed (.step)
+     ├── LaunchFailed                 QEMU (or a helper) did not start (.argv, .output, .exitcode)
+     ├── SupervisorFailed             a supervisor step failed (.stage, .errno)
+     ├── NoExecChannel                exec on a VM without a channel (by design)   125
+     ├── ExecError                    the exec channel failed                      125
+     │    ├── AgentUnavailable        no working agent behind the socket
+     │    │    └── ConnectFailed      connecting to the exec socket failed (.path)
+     │    ├── ExecRefused             the bridge or agent refused the connection (.code)
+     │    ├── ProtocolError           the peer broke the exec protocol (.code)
+     │    ├── CommandStartFailed      the command did not start (.kind, .errno …)  126/127
+     │    └── FileTransferError       an upload or download failed (.kind, .path …)
+     └── VsockError                   the vsock backend's errors (in secvf.vsock.errors)
+
+The ``.code`` and ``.kind`` attributes hold the exec protocol's values
+(``secvf.exec.protocol.ErrorCode``, ``StartFailureKind``, ``FileErrorKind``; all
+``str`` enums). This module is the bottom layer and standard-library only, so it
+names those values but does not import them.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+from pathlib import Path
+
+
+class ExitCode(enum.IntEnum):
+    """The CLI's exit codes: the one table (docs/cli.md, "Errors and exit status").
+
+    ``vm exec`` and ``sandbox run`` exit with the guest command's own status, or one of
+    the 124-128 codes below (the conventions of ``timeout(1)`` and POSIX shells); every
+    other command exits 0, :attr:`ERROR` or :attr:`USAGE`.
+    """
+
+    ERROR = 1  # a SecVF error (the default of every SecVFError)
+    USAGE = 2  # a bad command line (click's usage errors)
+    TIMEOUT = 124  # exec: the command's timeout passed and the guest killed it
+    SECVF_ERROR = 125  # exec: SecVF itself failed (no channel, refused, agent gone …)
+    CANNOT_EXECUTE = 126  # exec: the command exists but could not be started
+    NOT_FOUND = 127  # exec: the command was not found
+    SIGNAL_BASE = 128  # exec: 128 + N when signal N ended the command
 
 
 class SecVFError(Exception):
     """Root of every error SecVF raises deliberately."""
 
     #: Process exit code the CLI uses for this error.
-    exit_code: int = 1
+    exit_code: int = ExitCode.ERROR
 
 
 class InvalidName(SecVFError):
@@ -94,10 +128,102 @@ class LaunchFailed(SecVFError):
 class NoExecChannel(SecVFError):
     """The VM has no exec channel, by design or because it is not running."""
 
-    exit_code = 125
+    exit_code = ExitCode.SECVF_ERROR
 
 
 class ExecError(SecVFError):
-    """The exec channel failed: the command's fate is unknown (see secvf.exec.errors)."""
+    """The exec channel failed: the command's fate is unknown."""
 
-    exit_code = 125
+    exit_code = ExitCode.SECVF_ERROR
+
+
+class AgentUnavailable(ExecError):
+    """The guest agent cannot be reached, stopped answering, or hung up mid-operation."""
+
+
+class ConnectFailed(AgentUnavailable):
+    """Connecting to the exec socket (or the vsock hybrid handshake) failed."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path  # the Unix socket that was dialled
+        super().__init__(f"cannot connect to exec socket {path}: {detail}")
+
+
+class ExecRefused(ExecError):
+    """The bridge or the agent refused the connection with an ERROR frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code  # the ERROR frame's ErrorCode: "refused" or "busy"
+        self.detail = message  # the peer's explanation (untrusted text)
+        super().__init__(f"exec connection refused ({code}): {message}")
+
+
+class ProtocolError(ExecError):
+    """The peer sent something the exec protocol does not allow (treat the guest as broken)."""
+
+    def __init__(self, message: str, code: str = "protocol_violation") -> None:
+        self.code = code  # an ErrorCode value, or the unknown code a peer sent
+        super().__init__(message)
+
+
+class CommandStartFailed(ExecError):
+    """The guest could not start the command (not found, no permission, bad cwd, ...).
+
+    Its exit code follows the shell: 127 for ``not_found``, 126 for any other kind.
+    """
+
+    def __init__(
+        self, kind: str, message: str, errno: int | None, errno_name: str | None, stage: str
+    ) -> None:
+        self.kind = kind  # a StartFailureKind value (an unknown one from a newer agent: 126)
+        self.errno = errno  # guest errno, if the failure came from a system call
+        self.errno_name = errno_name  # e.g. "ENOENT"
+        self.stage = stage  # the step that failed: switch_user, chdir, exec
+        self.exit_code = (
+            ExitCode.NOT_FOUND if kind == "not_found" else ExitCode.CANNOT_EXECUTE
+        )
+        where = f" [{errno_name}]" if errno_name else ""
+        super().__init__(f"command did not start ({kind} at {stage}){where}: {message}")
+
+
+class FileTransferError(ExecError):
+    """An upload or download failed (missing path, directory, permission, size cap)."""
+
+    #: The kind the host adds to the guest's FileErrorKind values: over the size cap.
+    TOO_LARGE = "too_large"
+
+    def __init__(
+        self,
+        kind: str,
+        path: str,
+        message: str,
+        errno: int | None = None,
+        errno_name: str | None = None,
+    ) -> None:
+        self.kind = kind  # a FileErrorKind value, or TOO_LARGE
+        self.path = path  # the guest path concerned
+        self.errno = errno  # guest errno, if any
+        self.errno_name = errno_name  # e.g. "EACCES"
+        super().__init__(f"file transfer failed ({kind}) for {path}: {message}")
+
+
+class SupervisorFailed(SecVFError):
+    """A VM's supervisor failed at a step of its own (control socket, QMP, its report).
+
+    The VM is torn down and its run recorded as crashed; ``stage`` names the step
+    (a ``secvf.model.runtime.LaunchStage`` value) and ``errno`` the OS error, if any.
+    """
+
+    def __init__(self, stage: str, message: str, errno: int | None = None) -> None:
+        self.stage = stage  # the supervisor step that failed, e.g. "control"
+        self.errno = errno  # the OS errno behind it, if it was an OS error
+        super().__init__(message)
+
+
+class IllegalTransition(StateError):
+    """The supervisor tried a lifecycle transition its table does not allow (a bug)."""
+
+
+class CorruptRecord(ConfigError):
+    """A runtime record or message between SecVF processes is unreadable or of an
+    unknown shape (state file, ``last_run.json``, start report, control message)."""

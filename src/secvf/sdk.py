@@ -30,18 +30,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from secvf.exec import protocol
-from secvf.exec.client import (
-    CONNECT_TIMEOUT_S,
-    AgentInfo,
-    Command,
-    ExecClient,
-    ExecEvent,
-    ExecResult,
-    ExecSession,
-    Exited,
-    FileTransfer,
-    OutputCallback,
-)
+from secvf.exec.channel import CONNECT_TIMEOUT_S
+from secvf.exec.client import Command, ExecClient
+from secvf.exec.outcome import AgentInfo, ExecEvent, ExecResult, Exited, FileTransfer
+from secvf.exec.stream import ExecSession, OutputCallback
 
 T = TypeVar("T")
 Connector = Callable[[], ExecClient]

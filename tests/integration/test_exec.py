@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from secvf.exec.client import ExecClient, Started, Stdout
+from secvf.exec import ExecClient, Started, Stdout
 from secvf.workflows.vm_exec import exec_socket_for
 from tests.helpers import run_cli
 
@@ -174,7 +174,7 @@ def test_sdk_binds_to_a_vm_by_name(fleet: dict) -> None:
 
 
 def test_seventeenth_session_is_refused_as_busy(fleet: dict) -> None:
-    from secvf.exec.errors import ExecRefused
+    from secvf.errors import ExecRefused
 
     clients = [ExecClient.connect(exec_socket_for("sbx")) for _ in range(16)]
     try:

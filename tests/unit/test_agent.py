@@ -280,6 +280,25 @@ def test_signal_reaches_the_process_group(client):
     assert exited.signal == signal.SIGINT
 
 
+def _ignore_sigint_and_sigquit() -> None:
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
+def test_commands_get_default_signals_though_the_agent_inherited_them_ignored(tmp_path, signum):
+    # init starts the agent with `&`, and a shell's background jobs ignore SIGINT and SIGQUIT
+    options = {"preexec_fn": _ignore_sigint_and_sigquit}
+    with AgentProcess(tmp_path, default_user=CURRENT_USER, popen_options=options) as agent, \
+            ExecClient.connect(agent.socket_path, timeout=5) as client:
+        session = client.start(["sleep", "100"], timeout=60)
+        session.send_signal(signum)
+        exited = [e for e in session if isinstance(e, Exited)][0]
+        assert (exited.signal, exited.timed_out) == (signum, False)
+        os.kill(agent.proc.pid, signum)  # the agent itself still ignores them
+        assert client.run(["true"]).exit_code == 0
+
+
 def test_client_disconnect_kills_the_command(agent):
     client = ExecClient.connect(agent.socket_path, timeout=5)
     session = client.start("sleep 300 & echo $!; wait")

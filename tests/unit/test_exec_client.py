@@ -1,7 +1,9 @@
-"""The host exec client against hostile agents, the hybrid handshake, and exit-code mapping."""
+"""The host exec client against hostile agents, the hybrid handshake, peer ERROR frames,
+and the exit-code table."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
@@ -12,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from secvf.errors import StateError
+from secvf.errors import (
+    ExitCode,
+    FileTransferError,
+    NoExecChannel,
+    NotFound,
+    SecVFError,
+    StateError,
+)
 from secvf.exec import (
     AgentUnavailable,
     CommandStartFailed,
@@ -22,9 +31,11 @@ from secvf.exec import (
     ExecResult,
     ProtocolError,
     exit_code_for,
+    protocol,
 )
-from secvf.exec.errors import FileTransferError
 from secvf.testing.agent import AgentProcess, HostileAgent, Misbehaviour
+from secvf.testing.vsock_backend import FakeVsockBackend
+from tests.helpers import run_cli
 
 CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
 
@@ -79,6 +90,54 @@ def test_garbage_hello_is_a_protocol_error(hostile):
     with pytest.raises(ProtocolError) as info:
         _connect(hostile)
     assert info.value.code == "bad_frame"
+
+
+class OneReply:
+    """A socket that answers the client's hello with fixed bytes, then closes."""
+
+    def __init__(self, path: Path, reply: bytes) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self._serve, args=(reply,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, reply: bytes) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            decoder = protocol.FrameDecoder()
+            while not decoder.feed(conn.recv(65536)):
+                pass
+            conn.sendall(reply)
+        self.listener.close()
+
+
+def test_agent_unavailable_from_the_bridge_is_agent_unavailable(tmp_path):
+    # the code as a plain string: the bridge has always sent exactly these bytes
+    frame = protocol.encode_error_frame("agent_unavailable", "the guest agent is not reachable")
+    peer = OneReply(tmp_path / "bridge.sock", frame)
+    with pytest.raises(AgentUnavailable) as info:
+        ExecClient.connect(peer.path, timeout=5)
+    assert "not reachable" in str(info.value)
+    assert not isinstance(info.value, ProtocolError | ConnectFailed)
+
+
+@pytest.mark.parametrize("code", ["refused", "busy"])
+def test_refused_and_busy_are_exec_refused(tmp_path, code):
+    peer = OneReply(tmp_path / "bridge.sock", protocol.encode_error_frame(code, "no"))
+    with pytest.raises(ExecRefused) as info:
+        ExecClient.connect(peer.path, timeout=5)
+    assert info.value.code is protocol.ErrorCode(code)
+
+
+def test_an_error_code_this_side_does_not_know_is_a_protocol_error(tmp_path):
+    body = json.dumps({"v": 1, "t": "error", "p": {"code": "x" * 5000, "message": "?"}})
+    frame = protocol.encode_frame(protocol.FrameType.ERROR, 0, body.encode())
+    peer = OneReply(tmp_path / "agent.sock", frame)
+    with pytest.raises(ProtocolError) as info:
+        ExecClient.connect(peer.path, timeout=5)
+    assert info.value.code == "x" * 64  # kept, but shortened
 
 
 # --------------------------------------------------------------------------- hostile exec
@@ -200,60 +259,37 @@ def test_download_size_cap(agent, tmp_path):
     with ExecClient.connect(agent.socket_path, timeout=5) as client:
         with pytest.raises(FileTransferError) as info:
             client.get_file(str(big), tmp_path / "copy", max_bytes=1000)
+        assert client.state == "closed"  # the rest of the file is not waited for
     assert info.value.kind == "too_large"
     assert not (tmp_path / "copy").exists()
+
+
+def test_start_failure_and_file_error_kinds_are_enum_members(agent, tmp_path):
+    with ExecClient.connect(agent.socket_path, timeout=5) as client:
+        with pytest.raises(CommandStartFailed) as started:
+            client.run(["/nonexistent/program"])
+        with pytest.raises(FileTransferError) as missing:
+            client.get_file(str(tmp_path / "absent"), tmp_path / "copy")
+        assert client.run(["true"]).exit_code == 0  # neither failure broke the connection
+    assert started.value.kind is protocol.StartFailureKind.NOT_FOUND
+    assert missing.value.kind is protocol.FileErrorKind.NOT_FOUND
 
 
 # --------------------------------------------------------------------------- hybrid vsock
 
 
-class HybridFront:
-    """A minimal hybrid-vsock front: answers CONNECT <port> with OK, then splices."""
-
-    def __init__(self, path: Path, target: Path, reply: bytes = b"OK 1073741824\n") -> None:
-        self.path, self.target, self.reply = path, target, reply
-        self.requests: list[bytes] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(4)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        conn, _ = self.listener.accept()
-        line = b""
-        while not line.endswith(b"\n"):
-            line += conn.recv(1)
-        self.requests.append(line)
-        conn.sendall(self.reply)
-        if not self.reply.startswith(b"OK"):
-            conn.close()
-            return
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        upstream.connect(str(self.target))
-        for a, b in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
 def test_connect_hybrid_does_the_connect_handshake(agent, tmp_path):
-    front = HybridFront(tmp_path / "vsock.sock", agent.socket_path)
-    with ExecClient.connect_hybrid(front.path, 2222, timeout=5) as client:
-        assert client.run("echo via-vsock").stdout == b"via-vsock\n"
-    assert front.requests == [b"CONNECT 2222\n"]
+    with FakeVsockBackend(tmp_path / "vsock.sock", {2222: agent.socket_path}) as backend:
+        with ExecClient.connect_hybrid(backend.path, 2222, timeout=5) as client:
+            assert client.run("echo via-vsock").stdout == b"via-vsock\n"
+    assert backend.requests == [2222]
 
 
 def test_connect_hybrid_rejected_port(agent, tmp_path):
-    front = HybridFront(tmp_path / "vsock.sock", agent.socket_path, reply=b"FAILED\n")
-    with pytest.raises(ConnectFailed, match="not OK"):
-        ExecClient.connect_hybrid(front.path, 2222, timeout=5)
+    with FakeVsockBackend(tmp_path / "vsock.sock", {2222: agent.socket_path}) as backend:
+        with pytest.raises(ConnectFailed, match="not OK"):
+            ExecClient.connect_hybrid(backend.path, 2223, timeout=5)
+    assert (backend.requests, backend.refused) == ([2223], 1)
 
 
 # --------------------------------------------------------------------------- exit codes
@@ -285,10 +321,35 @@ def _result(**overrides) -> ExecResult:
         (CommandStartFailed("not_found", "x", 2, "ENOENT", "exec"), 127),
         (CommandStartFailed("permission_denied", "x", 13, "EACCES", "exec"), 126),
         (CommandStartFailed("bad_cwd", "x", 2, "ENOENT", "chdir"), 126),
+        (CommandStartFailed("kind_from_a_newer_agent", "x", None, None, "exec"), 126),
         (AgentUnavailable("gone"), 125),
         (ProtocolError("bad"), 125),
+        (ExecRefused("busy", "full"), 125),
+        (NoExecChannel("generic VM"), 125),
+        (NotFound("no VM named 'x'"), 125),
         (RuntimeError("bug"), 125),
     ],
 )
 def test_exit_code_mapping(outcome, code):
     assert exit_code_for(outcome) == code
+
+
+def test_the_exit_code_table():
+    assert {c.name: c.value for c in ExitCode} == {
+        "ERROR": 1,
+        "USAGE": 2,
+        "TIMEOUT": 124,
+        "SECVF_ERROR": 125,
+        "CANNOT_EXECUTE": 126,
+        "NOT_FOUND": 127,
+        "SIGNAL_BASE": 128,
+    }
+    assert SecVFError.exit_code == NotFound("x").exit_code == ExitCode.ERROR
+    assert AgentUnavailable("x").exit_code == NoExecChannel("x").exit_code == 125
+
+
+def test_the_cli_uses_the_table_for_errors_and_usage():
+    error = run_cli("vm", "status", "no-such-vm")
+    assert (error.returncode, error.stderr.startswith("secvf: error: ")) == (ExitCode.ERROR, True)
+    usage = run_cli("vm", "no-such-command")
+    assert (usage.returncode, "Usage:" in usage.stderr) == (ExitCode.USAGE, True)

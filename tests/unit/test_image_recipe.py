@@ -90,10 +90,9 @@ def test_builtin_recipes() -> None:
     assert [(u.name, u.uid, u.home, u.shell) for u in sandbox.users] == [
         ("agent", 1000, "/home/agent", "/bin/sh")
     ]
-    assert {f.dest for f in sandbox.files} == {
-        "/usr/lib/secvf/agent/agent.py",
-        "/usr/lib/secvf/agent/protocol.py",
-    }
+    assert [(f.dest, f.build) for f in sandbox.files] == [
+        ("/usr/lib/secvf/agent/agent.pyz", recipe_mod.agent_zipapp)
+    ]
     assert "python3" in base.packages and "busybox-static" in base.packages
 
 
@@ -120,3 +119,9 @@ def test_guest_scripts_are_valid_sh_and_print_the_ready_marker() -> None:
     for script in (recipe_mod.INIT_SCRIPT, recipe_mod.INITRAMFS_SCRIPT):
         subprocess.run(["sh", "-n", str(script)], check=True)
     assert f"READY_MARKER={READY_MARKER}\n" in recipe_mod.INIT_SCRIPT.read_text()
+
+
+def test_init_starts_the_agent_zipapp_the_recipe_installs() -> None:
+    init = recipe_mod.INIT_SCRIPT.read_text()
+    assert f"AGENT={recipe_mod.AGENT_GUEST_PATH}\n" in init
+    assert 'python3 -I -u "$AGENT"' in init

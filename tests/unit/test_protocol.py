@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from secvf.exec.protocol import (
     UnknownMessage,
     UnsupportedGeneration,
 )
+from secvf.image.agent_zipapp import agent_zipapp
+from secvf.testing.agent import GUEST_LIKE_PYTHON
 
 PROTOCOL_SOURCE = Path(protocol.__file__)
-AGENT_SOURCE = PROTOCOL_SOURCE.parent.parent / "guest" / "agent.py"
+AGENT_MODULES = sorted((PROTOCOL_SOURCE.parent.parent / "guest" / "agent").glob("*.py"))
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -44,9 +47,41 @@ def test_protocol_imports_only_the_standard_library():
     assert outside == set()
 
 
-def test_agent_imports_only_the_standard_library_and_protocol():
-    allowed = set(sys.stdlib_module_names) | {"__future__", "protocol", "secvf"}
-    assert _imported_modules(AGENT_SOURCE) - allowed == set()
+def _secvf_imports(path: Path) -> set[tuple[str, str]]:
+    """(module, name) for every ``from secvf… import name`` and ``import secvf…`` in ``path``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update((a.name, "") for a in node.names if a.name.split(".")[0] == "secvf")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "secvf":
+            found.update((node.module, a.name) for a in node.names)
+    return found
+
+
+@pytest.mark.parametrize("module", AGENT_MODULES, ids=lambda path: path.stem)
+def test_agent_module_imports_only_the_standard_library_protocol_and_agent(module: Path):
+    allowed = set(sys.stdlib_module_names) | {"__future__", "secvf"}
+    assert _imported_modules(module) - allowed == set()
+    agent = {"secvf.guest.agent"} | {f"secvf.guest.agent.{m.stem}" for m in AGENT_MODULES}
+    allowed_secvf = agent | {"secvf.exec.protocol"}
+    outside = {(m, n) for m, n in _secvf_imports(module)
+               if m not in allowed_secvf and f"{m}.{n}" not in allowed_secvf}
+    assert outside == set()
+
+
+def test_the_agent_is_a_package_of_several_modules():
+    assert {m.stem for m in AGENT_MODULES} >= {"__init__", "__main__", "session", "server"}
+
+
+def test_agent_zipapp_runs_with_python_isolated_from_an_empty_directory(tmp_path: Path):
+    app = tmp_path / "agent.pyz"
+    app.write_bytes(agent_zipapp())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([GUEST_LIKE_PYTHON, "-I", str(app), "--help"], cwd=empty,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "SecVF guest exec agent" in proc.stdout and "--unix PATH" in proc.stdout
 
 
 def test_constant_relations():

@@ -54,6 +54,14 @@ GOLDEN_FRAMES = {
 }
 
 
+#: The snapshot's enumerations, and the (message, field) each one constrains.
+ENUMERATIONS = {
+    "error_codes": (("error", "code"), protocol.ErrorCode),
+    "start_failure_kinds": (("start_failed", "kind"), protocol.StartFailureKind),
+    "file_error_kinds": (("file_error", "kind"), protocol.FileErrorKind),
+}
+
+
 def _rendered_contract() -> str:
     return json.dumps(protocol.describe_contract(), sort_keys=True, indent=2) + "\n"
 
@@ -87,6 +95,11 @@ def test_earlier_generations_are_append_only():
             )
         assert old["frame"]["types"].items() <= current["frame"]["types"].items()
         assert old["frame"]["header_format"] == current["frame"]["header_format"]
+        for enumeration in ENUMERATIONS:
+            values = current[enumeration]
+            assert values[: len(old[enumeration])] == old[enumeration], (
+                f"{enumeration}: values are append-only ({path.name})"
+            )
 
 
 def test_new_messages_are_tagged_with_their_generation():
@@ -95,11 +108,17 @@ def test_new_messages_are_tagged_with_their_generation():
         assert all(f.introduced_in >= spec.introduced_in for f in spec.fields)
 
 
+def _sample(field: protocol.FieldSpec) -> object:
+    if field.choices is not None:
+        return list(field.choices)[-1].value
+    return SAMPLES[field.kind.rstrip("?")]
+
+
 @pytest.mark.parametrize("name", sorted(protocol.MESSAGES))
 def test_every_message_round_trips_by_wire_name(name):
     spec = protocol.MESSAGES[name]
     required = {
-        f.name: SAMPLES[f.kind.rstrip("?")] for f in spec.fields if f.default is protocol.REQUIRED
+        f.name: _sample(f) for f in spec.fields if f.default is protocol.REQUIRED
     }
     data = protocol.encode_message(name, 5, **required)
     (frame,) = protocol.FrameDecoder().feed(data)
@@ -130,3 +149,55 @@ def test_golden_exec_frame_fields():
     msg = protocol.decode_message(frame)
     assert (frame.stream_id, frame.flags) == (1, protocol.FLAG_START)
     assert msg["argv"] == ["ls", "-l"] and msg["env"] == {"A": "1"} and msg["timeout_s"] == 5
+
+
+# --------------------------------------------------------------------------- enumerations
+
+
+def test_enumerated_fields_are_exactly_the_snapshot_enumerations():
+    enumerated = {
+        (spec.name, f.name): f.choices
+        for spec in protocol.MESSAGES.values()
+        for f in spec.fields
+        if f.choices is not None
+    }
+    assert enumerated == dict(ENUMERATIONS.values())
+    contract = protocol.describe_contract()
+    for key, (_, choices) in ENUMERATIONS.items():
+        assert contract[key] == [member.value for member in choices]
+
+
+@pytest.mark.parametrize("message, field", [where for where, _ in ENUMERATIONS.values()])
+def test_senders_cannot_encode_a_value_outside_the_enumeration(message, field):
+    required = {
+        f.name: _sample(f)
+        for f in protocol.MESSAGES[message].fields
+        if f.default is protocol.REQUIRED
+    }
+    with pytest.raises(protocol.BadMessage, match=field):
+        protocol.encode_message(message, 1, **{**required, field: "not_a_value"})
+
+
+def test_encode_error_frame_refuses_an_unknown_code():
+    with pytest.raises(protocol.BadMessage):
+        protocol.encode_error_frame("no_such_code", "x")
+
+
+def test_receivers_keep_values_a_newer_peer_may_add():
+    body = b'{"v":1,"t":"start_failed","p":{"kind":"added_later"}}'
+    frame = protocol.Frame(protocol.FrameType.CONTROL, protocol.FLAG_END, 1, body)
+    assert protocol.decode_message(frame)["kind"] == "added_later"
+
+
+def test_every_protocol_violation_has_an_error_code():
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    for cls in subclasses(protocol.ProtocolViolation):
+        assert isinstance(cls.code, protocol.ErrorCode), cls
+
+
+def test_every_error_code_is_documented():
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    assert "`agent_unavailable`" in doc
+    assert all(f"`{code.value}`" in doc for code in protocol.ErrorCode)

@@ -3,17 +3,30 @@
 The CLI (``secvf vm exec``), the SDK (:mod:`secvf.sdk`) and the MCP server are thin
 layers over :class:`ExecClient`: they connect to a VM's exec socket, call ``run`` /
 ``start`` / ``put_file`` / ``get_file``, and map outcomes with :func:`exit_code_for`.
+
+Modules, one concept each: ``protocol`` (the wire format, standard-library only, shared
+with the guest agent), ``channel`` (the framed connection: dialling, frames, deadlines,
+limits), ``outcome`` (events, results, exit codes), ``stream`` (a running command:
+events, stdin, signals, resize), ``client`` (:class:`ExecClient`: run, start, files,
+info) and ``bridge`` (the supervisor's per-VM exec socket). The errors are in
+:mod:`secvf.errors`.
 """
 
 import logging
 
-from secvf.exec.client import (
+from secvf.errors import (
+    AgentUnavailable,
+    CommandStartFailed,
+    ConnectFailed,
+    ExecRefused,
+    FileTransferError,
+    ProtocolError,
+)
+from secvf.exec.client import Command, ExecClient
+from secvf.exec.outcome import (
     AgentInfo,
-    Command,
-    ExecClient,
     ExecEvent,
     ExecResult,
-    ExecSession,
     Exited,
     FileTransfer,
     Started,
@@ -22,14 +35,7 @@ from secvf.exec.client import (
     Stdout,
     exit_code_for,
 )
-from secvf.exec.errors import (
-    AgentUnavailable,
-    CommandStartFailed,
-    ConnectFailed,
-    ExecRefused,
-    FileTransferError,
-    ProtocolError,
-)
+from secvf.exec.stream import ExecSession
 
 __all__ = [
     "ExecClient",

@@ -15,7 +15,12 @@ Who may connect — two gates:
    the path (runtime dir 0711, socket 0666), and then gate 2 decides.
 2. **Peer credentials.** ``SO_PEERCRED`` of every connection must be the VM
    owner's uid or a uid/user named in the allowlist (re-read on each connection).
-   A refusal is a security event and is answered with a protocol ``error`` frame.
+   A refusal is a security event.
+
+Refusals are answered with one protocol ERROR frame before any byte reaches the
+guest: ``refused`` (gate 2 said no), ``busy`` (the cap below is reached) or
+``agent_unavailable`` (the vsock backend would not connect to guest port 2222). The
+client reads them as ``ExecRefused`` and ``AgentUnavailable``.
 
 Per VM at most :data:`MAX_CONNECTIONS` sessions run at once. The bridge forwards
 bytes unchanged in both directions with bounded buffers (back-pressure via
@@ -33,6 +38,7 @@ import pwd
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +178,7 @@ class ExecBridge:
             await _refuse(
                 reader,
                 writer,
-                "refused",
+                protocol.ErrorCode.REFUSED,
                 f"uid {uid} may not use the exec channel of "
                 f"VM '{self.vm.name}' (not the owner, not in the exec allowlist)",
             )
@@ -185,7 +191,7 @@ class ExecBridge:
             await _refuse(
                 reader,
                 writer,
-                "busy",
+                protocol.ErrorCode.BUSY,
                 f"VM '{self.vm.name}' already has {self.max_connections} exec sessions",
             )
             return
@@ -205,7 +211,7 @@ class ExecBridge:
             await _refuse(
                 reader,
                 writer,
-                "agent_unavailable",
+                protocol.ErrorCode.AGENT_UNAVAILABLE,
                 f"the guest agent of VM '{self.vm.name}' is not reachable: {exc}",
             )
             return
@@ -231,11 +237,14 @@ class ExecBridge:
 
 
 async def _refuse(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, code: str, message: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    code: protocol.ErrorCode,
+    message: str,
 ) -> None:
     """Answer with an ``error`` frame, then let the client finish sending (its hello) for
     a moment before the connection closes, so it reads the frame instead of EPIPE."""
-    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+    with contextlib.suppress(ConnectionError, TimeoutError):
         writer.write(protocol.encode_error_frame(code, message))
         await writer.drain()
         if writer.can_write_eof():
@@ -248,7 +257,9 @@ async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
         pass
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, observe: Any) -> None:
+async def _pump(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, observe: Callable[[bytes], None]
+) -> None:
     """Copy ``src`` to ``dst`` until EOF, then half-close ``dst``; bounded by ``drain``."""
     try:
         while data := await src.read(COPY_CHUNK_BYTES):
@@ -257,7 +268,7 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, observe: A
             await dst.drain()
         if dst.can_write_eof():
             dst.write_eof()
-    except (ConnectionError, OSError):
+    except OSError:  # a connection reset or broken pipe on either side
         dst.close()
 
 

@@ -22,6 +22,10 @@ Every frame is a fixed 12-byte header followed by a body (all integers big-endia
   :data:`MESSAGES`, ``p`` its payload. Unknown payload keys are ignored (so newer peers
   may add optional fields); missing keys take the defaults listed in :data:`MESSAGES`.
 * STDOUT, STDERR, STDIN and FILE_DATA bodies are raw bytes (no base64, binary-safe).
+* Three payload fields are enumerations, ``str`` enums here: ``error.code``
+  (:class:`ErrorCode`), ``start_failed.kind`` (:class:`StartFailureKind`) and
+  ``file_error.kind`` (:class:`FileErrorKind`). Their values are append-only; a sender
+  cannot encode a value outside them, and a receiver keeps one it does not know.
 
 Handshake: the client sends ``hello`` on stream 0; the agent answers ``hello`` with its
 version, the negotiated generation (the minimum of both), its capabilities and its
@@ -100,23 +104,63 @@ FLAG_END = 0x02
 KNOWN_FLAGS = FLAG_START | FLAG_END
 
 
+class ErrorCode(enum.StrEnum):
+    """``error.code``: why a peer sent an ERROR frame (and closed the connection).
+
+    Values are append-only (docs/VERSIONING.md). A receiver accepts a code it does not
+    know and treats it as a protocol error; a sender cannot encode one.
+    """
+
+    BAD_FRAME = "bad_frame"  # bad magic, unknown frame type or flags, handshake timeout
+    FRAME_TOO_LARGE = "frame_too_large"  # a header announced a body above the limit
+    BAD_MESSAGE = "bad_message"  # JSON that is not a valid message
+    UNKNOWN_MESSAGE = "unknown_message"  # a message name this generation does not define
+    PROTOCOL_VIOLATION = "protocol_violation"  # any other break of this specification
+    UNSUPPORTED_GENERATION = "unsupported_generation"  # peer below MIN_GENERATION
+    REFUSED = "refused"  # the bridge: the caller may not use this VM's exec channel
+    BUSY = "busy"  # the bridge or the agent: too many sessions, retry later
+    AGENT_UNAVAILABLE = "agent_unavailable"  # the bridge only: it cannot reach the agent
+
+
+class StartFailureKind(enum.StrEnum):
+    """``start_failed.kind``: why a command did not start."""
+
+    NOT_FOUND = "not_found"  # no such program (a shell would exit 127)
+    PERMISSION_DENIED = "permission_denied"  # not executable, or the user switch is denied
+    BAD_CWD = "bad_cwd"  # the user cannot enter the working directory
+    UNKNOWN_USER = "unknown_user"  # no such guest account
+    INVALID_REQUEST = "invalid_request"  # the exec request itself is unusable
+    OTHER = "other"  # any other system-call failure (see errno)
+
+
+class FileErrorKind(enum.StrEnum):
+    """``file_error.kind``: why an upload or download failed."""
+
+    NOT_FOUND = "not_found"  # the path (or a directory on it) does not exist
+    IS_A_DIRECTORY = "is_a_directory"  # the path names a directory
+    NOT_REGULAR_FILE = "not_regular_file"  # a device, FIFO, socket ...
+    PERMISSION_DENIED = "permission_denied"  # the user may not read or write it
+    UNKNOWN_USER = "unknown_user"  # no such guest account
+    OTHER = "other"  # any other system-call failure (see errno)
+
+
 class ProtocolViolation(Exception):
     """The peer sent bytes or JSON that break the exec protocol."""
 
-    #: Short machine-readable code, also used in ERROR frames.
-    code = "protocol_violation"
+    #: Machine-readable code, also sent in ERROR frames.
+    code: ErrorCode = ErrorCode.PROTOCOL_VIOLATION
 
 
 class BadFrame(ProtocolViolation):
     """A frame header is malformed (magic, type) or the decoder already failed."""
 
-    code = "bad_frame"
+    code = ErrorCode.BAD_FRAME
 
 
 class FrameTooLarge(ProtocolViolation):
     """A frame announced (or a sender tried to build) a body larger than the limit."""
 
-    code = "frame_too_large"
+    code = ErrorCode.FRAME_TOO_LARGE
 
     def __init__(self, size: int, limit: int = MAX_FRAME_BYTES) -> None:
         self.size = size
@@ -127,19 +171,19 @@ class FrameTooLarge(ProtocolViolation):
 class BadMessage(ProtocolViolation):
     """A CONTROL or ERROR body is not a valid message."""
 
-    code = "bad_message"
+    code = ErrorCode.BAD_MESSAGE
 
 
 class UnsupportedGeneration(ProtocolViolation):
     """The peer only speaks generations this side no longer supports."""
 
-    code = "unsupported_generation"
+    code = ErrorCode.UNSUPPORTED_GENERATION
 
 
 class UnknownMessage(BadMessage):
     """A message name that this generation does not define."""
 
-    code = "unknown_message"
+    code = ErrorCode.UNKNOWN_MESSAGE
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -172,12 +216,21 @@ class FieldSpec:
     kind: str  # one of _KIND_CHECKS, optionally suffixed "?" (null allowed)
     default: Any = REQUIRED  # value used when absent; REQUIRED = must be present
     introduced_in: int = 1  # generation that added the field
+    choices: type[enum.StrEnum] | None = None  # the values a sender may use, if enumerated
 
     def accepts(self, value: Any) -> bool:
         """Return True if ``value`` is valid for this field."""
         if value is None:
             return self.kind.endswith("?")
         return _KIND_CHECKS[self.kind.rstrip("?")](value)
+
+    def may_send(self, value: Any) -> bool:
+        """Return True unless the field is enumerated and ``value`` is not one of its values.
+
+        Only senders check this: a receiver keeps a value it does not know, so a value
+        appended later does not break old peers (docs/VERSIONING.md).
+        """
+        return self.choices is None or value in {member.value for member in self.choices}
 
 
 @dataclass(frozen=True)
@@ -192,12 +245,14 @@ class MessageSpec:
     doc: str = ""  # one line for docs/protocol.md and the snapshot
 
 
-def _f(name: str, kind: str, default: Any = REQUIRED) -> FieldSpec:
-    return FieldSpec(name, kind, default)
+def _f(
+    name: str, kind: str, default: Any = REQUIRED, choices: type[enum.StrEnum] | None = None
+) -> FieldSpec:
+    return FieldSpec(name, kind, default, choices=choices)
 
 
 _START_FAILURE_FIELDS = (
-    _f("kind", "str"),
+    _f("kind", "str", choices=StartFailureKind),
     _f("errno", "int?", None),
     _f("errno_name", "str?", None),
     _f("stage", "str", "exec"),
@@ -205,7 +260,7 @@ _START_FAILURE_FIELDS = (
 )
 
 _FILE_ERROR_FIELDS = (
-    _f("kind", "str"),
+    _f("kind", "str", choices=FileErrorKind),
     _f("path", "str", ""),
     _f("errno", "int?", None),
     _f("errno_name", "str?", None),
@@ -229,7 +284,12 @@ MESSAGES: dict[str, MessageSpec] = {
             ),
             doc="handshake; client first, agent answers with the negotiated generation",
         ),
-        MessageSpec("error", "both", "connection", (_f("code", "str"), _f("message", "str", ""))),
+        MessageSpec(
+            "error",
+            "both",
+            "connection",
+            (_f("code", "str", choices=ErrorCode), _f("message", "str", "")),
+        ),
         MessageSpec("keepalive", "to_client", "connection", doc="sent while commands run"),
         MessageSpec("ping", "to_agent", "connection", doc="readiness probe"),
         MessageSpec("pong", "to_client", "connection", (_f("agent_version", "str", ""),)),
@@ -325,36 +385,6 @@ MESSAGES: dict[str, MessageSpec] = {
     )
 }
 
-#: ``start_failed.kind`` values.
-START_FAILURE_KINDS = (
-    "not_found",
-    "permission_denied",
-    "bad_cwd",
-    "unknown_user",
-    "invalid_request",
-    "other",
-)
-#: ``file_error.kind`` values.
-FILE_ERROR_KINDS = (
-    "not_found",
-    "is_a_directory",
-    "not_regular_file",
-    "permission_denied",
-    "unknown_user",
-    "other",
-)
-#: ``error.code`` values (ERROR frames).
-ERROR_CODES = (
-    "bad_frame",
-    "frame_too_large",
-    "bad_message",
-    "unknown_message",
-    "protocol_violation",
-    "unsupported_generation",
-    "refused",
-    "busy",
-)
-
 
 # --------------------------------------------------------------------------- frames
 
@@ -409,7 +439,8 @@ def build_payload(name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         UnknownMessage: ``name`` is not in :data:`MESSAGES`.
-        BadMessage: a field is missing, unknown to the spec, or of the wrong type.
+        BadMessage: a field is missing, unknown to the spec, of the wrong type, or not
+            one of its enumeration's values.
     """
     spec = MESSAGES.get(name)
     if spec is None:
@@ -417,7 +448,12 @@ def build_payload(name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(fields) - {f.name for f in spec.fields}
     if unknown:
         raise BadMessage(f"{name}: unknown field(s) {sorted(unknown)}")
-    return _apply_spec(spec, fields)
+    payload = _apply_spec(spec, fields)
+    for fs in spec.fields:
+        if not fs.may_send(payload[fs.name]):
+            value = payload[fs.name]
+            raise BadMessage(f"{name}: field {fs.name!r} has no value {value!r:.80}")
+    return payload
 
 
 def encode_message(name: str, stream_id: int = 0, flags: int | None = None, **fields: Any) -> bytes:
@@ -443,7 +479,10 @@ def encode_error_frame(code: str, message: str, stream_id: int = 0) -> bytes:
     """Return an ERROR frame; the sender should close the connection right after it.
 
     Used by the agent for protocol violations and by the host's exec bridge to refuse a
-    connection (``code="refused"`` or ``"busy"``) before any byte reaches the guest.
+    connection (``refused``, ``busy``, ``agent_unavailable``).
+
+    Raises:
+        BadMessage: ``code`` is not an :class:`ErrorCode` value.
     """
     return encode_message("error", stream_id, code=code, message=message[:4096])
 
@@ -637,9 +676,9 @@ def describe_contract() -> dict[str, Any]:
             }
             for spec in MESSAGES.values()
         },
-        "start_failure_kinds": list(START_FAILURE_KINDS),
-        "file_error_kinds": list(FILE_ERROR_KINDS),
-        "error_codes": list(ERROR_CODES),
+        "start_failure_kinds": [kind.value for kind in StartFailureKind],
+        "file_error_kinds": [kind.value for kind in FileErrorKind],
+        "error_codes": [code.value for code in ErrorCode],
         "timing": {
             "keepalive_interval_s": KEEPALIVE_INTERVAL_S,
             "agent_silence_timeout_s": AGENT_SILENCE_TIMEOUT_S,
@@ -668,9 +707,9 @@ __all__ = [
     "MessageSpec",
     "FieldSpec",
     "MESSAGES",
-    "START_FAILURE_KINDS",
-    "FILE_ERROR_KINDS",
-    "ERROR_CODES",
+    "ErrorCode",
+    "StartFailureKind",
+    "FileErrorKind",
     "FrameDecoder",
     "encode_frame",
     "encode_message",

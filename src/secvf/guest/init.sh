@@ -22,7 +22,7 @@ umask 022
 BB=/bin/busybox
 SELF=/sbin/secvf-init
 READY_MARKER=SECVF-READY
-AGENT=/usr/lib/secvf/agent/agent.py
+AGENT=/usr/lib/secvf/agent/agent.pyz
 AGENT_LOG_FIFO=/run/secvf/agent-log
 ACPI_DIR=/run/secvf/acpi
 
@@ -101,10 +101,12 @@ start_agent() {
 	mkfifo -m 0600 "$AGENT_LOG_FIFO"
 	# Opened read-write, the FIFO never reports EOF, so the prefixer outlives each agent run.
 	sed -u 's/^/secvf-agent: /' <>"$AGENT_LOG_FIFO" >/dev/console 2>&1 &
+	# Started with & the agent inherits SIGINT and SIGQUIT ignored; it gives its commands
+	# default dispositions itself (secvf.guest.agent.__main__).
 	(
 		cd /
 		while :; do
-			python3 -u "$AGENT" </dev/null >"$AGENT_LOG_FIFO" 2>&1
+			python3 -I -u "$AGENT" </dev/null >"$AGENT_LOG_FIFO" 2>&1
 			say "agent exited (status $?); restarting in 1 s"
 			sleep 1
 		done

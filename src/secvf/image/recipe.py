@@ -1,26 +1,28 @@
 """Image recipes: what goes into a guest image, and the hash that names a build.
 
 A :class:`Recipe` is everything that decides a build's output: the Debian suite, the
-package list, the kernel package and the modules the initramfs loads, files copied from
-the project's source (the exec agent), users, disk headroom and the kernel command line.
-:func:`recipe_hash` digests all of it together with the *content* of the guest scripts
-(``secvf/guest/init.sh`` and ``secvf/guest/initramfs-init.sh``), of every copied file,
-and :data:`FORMAT_VERSION` (bump it when the builder changes what it produces), so
-editing any of them yields a new hash and therefore a new build.
+package list, the kernel package and the modules the initramfs loads, files the image
+gets from the project's source (the exec agent), users, disk headroom and the kernel
+command line. :func:`recipe_hash` digests all of it together with the *content* of the
+guest scripts (``secvf/guest/init.sh`` and ``secvf/guest/initramfs-init.sh``), of every
+file the image gets, and :data:`FORMAT_VERSION` (bump it when the builder changes what it
+produces), so editing any of them yields a new hash and therefore a new build.
 
 Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2) and
-``sandbox`` (``base`` + the unprivileged user ``agent`` + the exec agent in
-``/usr/lib/secvf/agent/``).
+``sandbox`` (``base`` + the unprivileged user ``agent`` + the exec agent as one zipapp,
+``/usr/lib/secvf/agent/agent.pyz``, built by :func:`~secvf.image.agent_zipapp.agent_zipapp`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from secvf.errors import ImageBuildFailed
+from secvf.image.agent_zipapp import agent_zipapp
 
 #: Version of what the builder produces; part of every recipe hash.
 FORMAT_VERSION = 1
@@ -34,8 +36,10 @@ GUEST_SOURCE_DIR = PACKAGE_DIR / "guest"
 INIT_SCRIPT = GUEST_SOURCE_DIR / "init.sh"
 INITRAMFS_SCRIPT = GUEST_SOURCE_DIR / "initramfs-init.sh"
 
-#: Path of the exec agent inside sandbox images; init starts it when it exists.
-AGENT_GUEST_PATH = "/usr/lib/secvf/agent/agent.py"
+#: Path of the exec agent zipapp inside sandbox images; init starts it when it exists.
+AGENT_GUEST_PATH = "/usr/lib/secvf/agent/agent.pyz"
+
+#: The agent zipapp's parent packages, as stubs: their real ``__init__`` is host code.
 
 DEFAULT_SUITE = "bookworm"
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
@@ -61,11 +65,20 @@ BASE_PACKAGES = ("python3", "busybox-static", "procps", "iproute2")
 
 @dataclass(frozen=True)
 class GuestFile:
-    """A file copied from the project's source into the image."""
+    """A file the image gets from the project's source: a copy, or built from it."""
 
     dest: str  #: absolute path inside the guest
-    source: Path  #: file on the host
+    source: Path  #: file on the host (with ``build``: what it is built from)
     mode: int = 0o644
+    build: Callable[[Path], bytes] | None = None  #: makes the file's bytes from ``source``
+
+    def content(self) -> bytes:
+        """Return the file's bytes in the image.
+
+        Raises:
+            OSError: a source file cannot be read.
+        """
+        return self.build(self.source) if self.build else self.source.read_bytes()
 
 
 @dataclass(frozen=True)
@@ -108,11 +121,12 @@ def recipe_hash(recipe: Recipe) -> str:
     described = asdict(recipe)
     del described["description"]
     described["files"] = [
-        {"dest": f.dest, "mode": f.mode, "sha256": _file_sha256(f.source)} for f in recipe.files
+        {"dest": f.dest, "mode": f.mode, "sha256": _sha256(f.content, f.source)}
+        for f in recipe.files
     ]
     described["format_version"] = FORMAT_VERSION
-    described["init_sh"] = _file_sha256(INIT_SCRIPT)
-    described["initramfs_init_sh"] = _file_sha256(INITRAMFS_SCRIPT)
+    described["init_sh"] = _sha256(INIT_SCRIPT.read_bytes, INIT_SCRIPT)
+    described["initramfs_init_sh"] = _sha256(INITRAMFS_SCRIPT.read_bytes, INITRAMFS_SCRIPT)
     canonical = json.dumps(described, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -131,15 +145,16 @@ def host_suite(os_release: Path = Path("/etc/os-release")) -> str:
     return fields.get("VERSION_CODENAME", "").strip('"') or DEFAULT_SUITE
 
 
-def _file_sha256(path: Path) -> str:
+def _sha256(read: Callable[[], bytes], source: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
+        return hashlib.sha256(read()).hexdigest()
+    except FileNotFoundError as exc:
         raise ImageBuildFailed(
-            "recipe", f"{path} does not exist (it is part of the image recipe)"
+            "recipe", f"{exc.filename or source} does not exist (it is part of the image recipe)"
         ) from None
     except OSError as exc:
-        raise ImageBuildFailed("recipe", f"cannot read {path}: {exc.strerror}") from None
+        where = exc.filename or source
+        raise ImageBuildFailed("recipe", f"cannot read {where}: {exc.strerror}") from None
 
 
 def _builtin_recipes() -> dict[str, Recipe]:
@@ -153,10 +168,7 @@ def _builtin_recipes() -> dict[str, Recipe]:
         base,
         name="sandbox",
         description="base + unprivileged user 'agent' (uid 1000) + the SecVF exec agent",
-        files=(
-            GuestFile("/usr/lib/secvf/agent/protocol.py", PACKAGE_DIR / "exec" / "protocol.py"),
-            GuestFile(AGENT_GUEST_PATH, GUEST_SOURCE_DIR / "agent.py"),
-        ),
+        files=(GuestFile(AGENT_GUEST_PATH, PACKAGE_DIR, build=agent_zipapp),),
         users=(GuestUser("agent", 1000, "/home/agent"),),
     )
     return {r.name: r for r in (base, sandbox)}

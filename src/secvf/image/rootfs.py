@@ -9,7 +9,8 @@ Two stages:
    init-script edit skip mmdebstrap altogether. Downloaded ``.deb`` files are kept in
    ``<cache>/debs/`` and synced into and out of every mmdebstrap run.
 2. **Customisation** of an unpacked copy: the kernel's whole module tree, the guest
-   init as ``/sbin/secvf-init``, the recipe's files and users.
+   init as ``/sbin/secvf-init``, the recipe's files (copied or built, e.g. the agent
+   zipapp) and users.
 
 The apt sources are the host's entries for the suite (``SUITE``, ``SUITE-updates``,
 ``SUITE-security``), or ``deb.debian.org`` when the host has none.
@@ -84,7 +85,7 @@ def customize(tree: Path, recipe: Recipe, kernel: KernelTree) -> None:
     run(STEP, ["cp", "-a", kernel.modules_dir, modules_dest])
     _install(tree, GUEST_INIT_PATH, INIT_SCRIPT.read_bytes(), 0o755)
     for item in recipe.files:
-        _install(tree, item.dest, item.source.read_bytes(), item.mode)
+        _install(tree, item.dest, item.content(), item.mode)
     for user in recipe.users:
         add_user(tree, user)
     guest_path(tree, "/etc/hostname").write_text("secvf\n")

@@ -10,15 +10,14 @@ client to the point where each misbehaviour hurts::
             ExecClient.connect(fake.path).run(["true"])
 
 :class:`AgentProcess` runs the *real* guest agent on the host, as the guest would (plain
-``python3 -I`` on a directory holding only ``agent.py`` and ``protocol.py``), listening
-on a Unix socket instead of vsock.
+``python3 -I`` on the agent zipapp the sandbox image carries), listening on a Unix socket
+instead of vsock.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from secvf.exec import protocol
+from secvf.image.agent_zipapp import agent_zipapp
 
-#: Where the guest image gets the agent from (the lead's image recipe copies these).
-AGENT_SOURCE = Path(__file__).parent.parent / "guest" / "agent.py"
-PROTOCOL_SOURCE = Path(__file__).parent.parent / "exec" / "protocol.py"
 #: The plain interpreter the guest has; falls back to ours where it is missing.
 GUEST_LIKE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 AGENT_START_TIMEOUT_S = 10.0
@@ -237,9 +234,9 @@ class HostileAgent:
 class AgentProcess:
     """The real guest agent as a host subprocess listening on ``<workdir>/agent.sock``.
 
-    The agent and protocol modules are copied into ``<workdir>/agent/`` and started with
-    ``python3 -I``, so the test fails if the agent needs anything but the standard
-    library or its sibling ``protocol.py``.
+    The agent zipapp the sandbox image gets (:func:`~secvf.image.agent_zipapp.agent_zipapp`) is
+    written to ``<workdir>/agent.pyz`` and started with ``python3 -I``, so the test fails
+    if the agent needs anything but the standard library and what the zipapp holds.
 
     Example::
 
@@ -259,10 +256,11 @@ class AgentProcess:
         self.workdir = Path(workdir)
         self.socket_path = self.workdir / "agent.sock"
         self.log_path = self.workdir / "agent.log"
+        self.zipapp_path = self.workdir / "agent.pyz"
         self.argv = [
             GUEST_LIKE_PYTHON,
             "-I",
-            os.fspath(self.workdir / "agent" / "agent.py"),
+            os.fspath(self.zipapp_path),
             "--unix",
             os.fspath(self.socket_path),
             "--default-user",
@@ -286,16 +284,14 @@ class AgentProcess:
         self.stop()
 
     def start(self) -> None:
-        """Copy the agent, start it, wait until its socket accepts connections.
+        """Write the agent zipapp, start it, wait until its socket accepts connections.
 
         Raises:
             RuntimeError: the agent exited or did not listen within AGENT_START_TIMEOUT_S
                 (the message carries its log).
         """
-        agent_dir = self.workdir / "agent"
-        agent_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(AGENT_SOURCE, agent_dir / "agent.py")
-        shutil.copy(PROTOCOL_SOURCE, agent_dir / "protocol.py")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.zipapp_path.write_bytes(agent_zipapp())
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=log, cwd=self.workdir, **self._popen_options

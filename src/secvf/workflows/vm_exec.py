@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from secvf.errors import NoExecChannel
-from secvf.exec.client import ExecClient, ExecResult, exit_code_for
+from secvf.exec import ExecClient, ExecResult, exit_code_for
 from secvf.model.config import VMKind
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.library import get_vm

@@ -1,0 +1,83 @@
+"""The agent's command line and process start-up: ``python3 -I agent.pyz [options]``.
+
+This file is also the zipapp's top-level ``__main__.py``, so it imports absolutely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import types
+
+from secvf.exec import protocol
+from secvf.guest.agent import AGENT_VERSION
+from secvf.guest.agent.server import (
+    DEFAULT_USER,
+    MAX_SESSIONS,
+    Agent,
+    listen_unix,
+    listen_vsock,
+)
+
+#: Signals Python itself ignores at start-up; subprocess restores them in every child.
+PYTHON_IGNORED_SIGNALS = frozenset({signal.SIGPIPE, signal.SIGXFSZ})
+
+log = logging.getLogger("secvf.agent")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the agent's command line."""
+    parser = argparse.ArgumentParser(description="SecVF guest exec agent")
+    parser.add_argument("--port", type=int, default=protocol.AGENT_VSOCK_PORT, help="vsock port")
+    parser.add_argument("--unix", metavar="PATH", help="listen on a Unix socket instead of vsock")
+    parser.add_argument("--default-user", default=DEFAULT_USER, help="user when none is asked")
+    parser.add_argument(
+        "--keepalive-interval", type=float, default=protocol.KEEPALIVE_INTERVAL_S, metavar="S"
+    )
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS)
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def reset_ignored_signals_for_commands() -> None:
+    """Make commands start with default dispositions for signals the agent inherited ignored.
+
+    A shell starts background jobs (init's ``… &``) with SIGINT and SIGQUIT ignored, and
+    an ignored signal stays ignored across fork and exec, so every command would inherit
+    it. Each such signal gets a handler that does nothing instead: the agent still
+    ignores it, and exec resets a handled signal to its default in the command.
+    """
+    for signum in signal.valid_signals() - PYTHON_IGNORED_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _ignore_signal)
+
+
+def _ignore_signal(signum: int, frame: types.FrameType | None) -> None:
+    """Handler standing in for SIG_IGN (see :func:`reset_ignored_signals_for_commands`)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: listen and serve until killed."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="secvf-agent %(levelname)s %(name)s: %(message)s"
+    )
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    reset_ignored_signals_for_commands()
+    listener = listen_unix(args.unix) if args.unix else listen_vsock(args.port)
+    where = args.unix or f"vsock port {args.port}"
+    log.info("agent %s listening on %s (generation %d)", AGENT_VERSION, where, protocol.GENERATION)
+    agent = Agent(
+        listener,
+        default_user=args.default_user,
+        keepalive_interval_s=args.keepalive_interval,
+        max_sessions=args.max_sessions,
+    )
+    agent.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
