@@ -35,7 +35,7 @@ from pathlib import Path
 from secvf.image import ImageInfo, rootfs
 from secvf.image import disk as image_disk
 from secvf.image.kernel import KernelTree
-from secvf.image.recipe import Recipe, host_suite
+from secvf.image.recipe import AGENT_GUEST_PATH, Recipe, host_suite
 from secvf.store import paths
 
 #: Bump when this module changes what it produces.
@@ -173,7 +173,7 @@ def tcp_server_disk(sandbox: ImageInfo, server_script: Path, progress=print) -> 
     if disk.rootfs.is_file():
         return disk
     progress(f"building baseline disk {target.name} (copy of sandbox, agent swapped)")
-    agent = "/usr/lib/secvf/agent/agent.py"
+    agent = AGENT_GUEST_PATH  # python3 runs a plain script under this name too
     with _staging(target) as work:
         image = work / "rootfs.img"
         subprocess.run(["cp", "--sparse=always", str(sandbox.rootfs), str(image)], check=True)
