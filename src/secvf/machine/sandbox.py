@@ -26,14 +26,14 @@ from secvf.machine.shares import (
     WORKSPACE_GUEST_PATH,
     WORKSPACE_TAG,
     check_host_dir,
-    check_no_overlap,
-    default_workspace,
     guest_share_param,
     parse_share_spec,
-    prepare_workspace,
+    prepare_default_workspace,
+    validate_shares,
     virtiofsd_argv,
 )
 from secvf.model.config import SandboxChannels, Share, VMConfig, VMKind
+from secvf.store import paths
 from secvf.store.bundle import Bundle, RuntimeFiles
 
 VSOCK_DEVICE = "vhost-user-vsock-pci"
@@ -45,22 +45,20 @@ def sandbox_channels(
 ) -> SandboxChannels:
     """Validate sandbox share options and return the VM's channel section.
 
-    The workspace is ``$SECVF_HOME/sandboxes/<name>/workspace`` unless given;
-    extra shares are ``HOSTDIR:GUESTPATH:ro``.
+    The workspace is ``$SECVF_HOME/sandboxes/<name>/workspace`` (created, yours) unless
+    given; extra shares are ``HOSTDIR:GUESTPATH[:ro|:rw]``, read-only by default.
 
     Raises:
-        ShareError: a bad directory, a non-ro extra share, or overlapping shares.
+        ShareError: a share breaks a rule of :func:`~secvf.machine.shares.validate_shares`.
     """
     if workspace is None:
-        ws_path = default_workspace(name)
-        prepare_workspace(ws_path, created_by_secvf=True)
+        ws_path = prepare_default_workspace(name)
     else:
         ws_path = check_host_dir(workspace, "workspace")
-        prepare_workspace(ws_path, created_by_secvf=False)
     all_shares = [Share(tag=WORKSPACE_TAG, host_path=str(ws_path),
                         guest_path=WORKSPACE_GUEST_PATH, read_only=False)]
     all_shares += [parse_share_spec(spec, i) for i, spec in enumerate(shares)]
-    check_no_overlap(all_shares)
+    validate_shares(all_shares, name=name)
     return SandboxChannels(shares=all_shares)
 
 
@@ -71,10 +69,11 @@ def build_sandbox_machine(
 
     Raises:
         ForbiddenDevice: the config is not an AI sandbox.
-        ShareError: a share directory is no longer usable.
+        ShareError: a share breaks a rule (a directory changed, or vm.json was edited).
     """
     if config.kind is not VMKind.AI_SANDBOX or config.channels is None:
         raise ForbiddenDevice("kind", str(config.kind), "only ai-sandbox VMs get channels")
+    validate_shares(config)
     channels = config.channels
     plan = base_plan(config, bundle, files, accel)
     add_vsock(plan, channels, files, config)
@@ -100,7 +99,8 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
               "--vhost-user-socket", str(files.vhost_vsock_socket),
               "--uds-path", str(files.vsock_socket),
               "--guest-cid", str(channels.guest_cid),
-              "--vm-name", config.name, "--vm-id", config.id),
+              "--vm-name", config.name, "--vm-id", config.id,
+              "--log-dir", str(paths.logs_dir())),
         ready_fd_arg="--ready-fd",
     ))
     plan.add_backend("-chardev", f"socket,id=vsock0,path={files.vhost_vsock_socket}")
@@ -108,8 +108,7 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
 
 
 def add_virtiofs_share(plan: MachinePlan, share: Share, files: RuntimeFiles) -> None:
-    """One virtio-fs device and the virtiofsd that serves it."""
-    check_host_dir(share.host_path, f"share '{share.tag}'")
+    """One virtio-fs device and the virtiofsd that serves it (``share`` is validated)."""
     sock = files.virtiofs_socket(share.tag)
     plan.helpers.append(HelperSpec(name=f"virtiofsd-{share.tag}", argv=virtiofsd_argv(share),
                                    listen_socket=sock, fd_arg="--fd={fd}"))

@@ -1,20 +1,26 @@
-"""virtio-fs shares of AI-sandbox VMs: validation, uid mapping, and the virtiofsd launch.
+"""virtio-fs shares of AI-sandbox VMs: validation, the id map, and the virtiofsd launch.
 
-Threat model: root in the guest is hostile. Two host-side guarantees follow:
+Threat model: root in the guest is hostile. The host-side guarantees:
 
 * **Read-only is enforced on the host.** Each share's ``virtiofsd`` runs in its own
-  user and mount namespace; its source directory is a ``nosuid,nodev`` bind mount
-  there, and for a read-only share the bind is remounted ``ro``. A guest remount
-  or raw FUSE requests cannot make it writable: neither the guest nor virtiofsd's
-  sandboxed worker can remount.
-* **No host-root files from the guest.** virtiofsd passes uids through, so guest
-  uids are mapped to an unprivileged host range. When SecVF runs as root it uses
-  root's ranges from ``/etc/subuid`` and ``/etc/subgid`` (default ``100000``, 65536 ids;
-  the install script adds them), so guest root is host uid 100000 and the guest ``agent`` user
-  (uid 1000) is host uid 101000 — the workspace directory SecVF creates is owned
-  by that uid. A non-root user with a ``/etc/subuid`` range gets the same scheme
-  on their range; without one, ``unshare -r`` maps guest root to the user (other
-  guest uids then cannot own files: the agent runs file operations as root).
+  mount namespace, where its source directory is a ``nosuid,nodev`` bind mount, and
+  for a read-only share the bind is remounted ``ro``. A guest remount or raw FUSE
+  requests cannot make it writable: neither the guest nor virtiofsd's sandboxed worker
+  can remount.
+* **The guest works as you, never as host root by accident.** virtiofsd passes uids
+  through, so it runs in a user namespace (:mod:`secvf.machine.share_launcher`) where
+  guest uid and gid 1000 (the image's ``agent`` user) are the invoking host user and
+  group, and every other guest id, guest root included, is an id of the user's
+  subordinate range from ``/etc/subuid`` and ``/etc/subgid``. Files you own show as
+  the agent's in the guest; files the agent creates are yours on the host.
+* **No setuid, setgid or device files on the host.** Guest root has capabilities over
+  your files inside that namespace, so virtiofsd runs under the seccomp filter of
+  :mod:`secvf.machine.seccomp`, which refuses to set ``S_ISUID``/``S_ISGID``, to make
+  device nodes, and to set extended attributes (file capabilities).
+* **Shares cannot reach what they must not:** :func:`validate_shares` refuses system
+  trees and world-writable directories for writable shares, SecVF's own state, your
+  home and what contains it, and guest mount points over the guest's system
+  directories. Create, import and start all run it.
 """
 
 from __future__ import annotations
@@ -22,14 +28,18 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import re
 import shutil
+import stat
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from secvf.errors import ConfigError
-from secvf.model.config import Share
+from secvf.machine.seccomp import native_arch
+from secvf.model.config import Share, VMConfig
 from secvf.model.names import validate_name
 from secvf.store import paths
 
@@ -37,53 +47,90 @@ VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd",
                         "/usr/lib/virtiofsd")
 WORKSPACE_TAG = "workspace"
 WORKSPACE_GUEST_PATH = "/workspace"
-GUEST_AGENT_UID = 1000
-UID_RANGE_COUNT = 65536
-MAX_TAG_BYTES = 36
+GUEST_AGENT_ID = 1000  # uid and gid of the sandbox image's ``agent`` user
+ID_RANGE_COUNT = 65536  # guest ids 0..65535 are mapped
+MAX_TAG_BYTES = 36  # virtio-fs limit
+DEFAULT_SHARE_MODE = "ro"  # for ``--share HOSTDIR:GUESTPATH`` without a mode
+
+#: Host trees the OS lives in: never shared read-write; the trees themselves are never
+#: shared at all (a read-only share of a directory below them is fine).
+HOST_SYSTEM_TREES = tuple(Path(p) for p in (
+    "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/run", "/sbin",
+    "/snap", "/usr", "/var"))
+#: Kernel and device filesystems: nothing in them is ever shared.
+HOST_KERNEL_TREES = tuple(Path(p) for p in ("/dev", "/proc", "/sys"))
+#: Guest directories a share must not be mounted on or below (they hold the guest's OS,
+#: its users' homes and its scratch space; ``/home`` covers ``/home/agent``).
+GUEST_SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32",
+                     "proc", "root", "run", "sbin", "sys", "tmp", "usr", "var")
+_GUEST_PATH_CHARS = re.compile(r"^[A-Za-z0-9._@+/-]+$")
+_TAG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 class ShareError(ConfigError):
     """A share cannot be used as asked (bad path, overlap, unsafe directory)."""
 
 
+# ---- the id map --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class UidMap:
-    """How guest uids and gids map onto host ids for one virtiofsd."""
+    """How guest uids and gids map onto host ids for one virtiofsd.
 
-    host_base: int | None  # first host uid of the range; None = map guest root to caller only
-    host_gid_base: int | None = None  # first host gid of the range (/etc/subgid)
+    Guest id 1000 is the invoking user (``owner_uid``/``owner_gid``); every other guest
+    id ``g`` in 0..65535 is ``sub_uid_base + g`` (``sub_gid_base + g``).
+    """
+
+    owner_uid: int  # host uid the guest's agent user is
+    owner_gid: int  # host gid the guest's agent group is
+    sub_uid_base: int  # first host uid of the subordinate range (/etc/subuid)
+    sub_gid_base: int  # first host gid of the subordinate range (/etc/subgid)
 
     def host_uid(self, guest_uid: int) -> int:
         """The host uid that guest uid ``guest_uid`` owns files as."""
-        if self.host_base is None:
-            return os.getuid()
-        return self.host_base + guest_uid
+        return self.owner_uid if guest_uid == GUEST_AGENT_ID else self.sub_uid_base + guest_uid
 
     def host_gid(self, guest_gid: int) -> int:
         """The host gid that guest gid ``guest_gid`` owns files as."""
-        if self.host_gid_base is None:
-            return os.getgid()
-        return self.host_gid_base + guest_gid
+        return self.owner_gid if guest_gid == GUEST_AGENT_ID else self.sub_gid_base + guest_gid
 
-    def unshare_args(self) -> list[str]:
-        """``unshare`` options that create the user namespace with this map."""
-        if self.host_base is None or self.host_gid_base is None:
-            return ["--map-root-user"]
-        return [f"--map-users={self.host_base},0,{UID_RANGE_COUNT}",
-                f"--map-groups={self.host_gid_base},0,{UID_RANGE_COUNT}",
-                "--setuid=0", "--setgid=0"]
+    def launcher_args(self) -> list[str]:
+        """The ``--uid-map``/``--gid-map`` options of the share launcher for this map."""
+        args: list[str] = []
+        for option, owner, base in (("--uid-map", self.owner_uid, self.sub_uid_base),
+                                    ("--gid-map", self.owner_gid, self.sub_gid_base)):
+            after = GUEST_AGENT_ID + 1
+            for inside, outside, count in ((0, base, GUEST_AGENT_ID), (GUEST_AGENT_ID, owner, 1),
+                                           (after, base + after, ID_RANGE_COUNT - after)):
+                args += [option, f"{inside}:{outside}:{count}"]
+        return args
 
 
 def uid_map() -> UidMap:
-    """The id map for the current user, from its ``/etc/subuid`` and ``/etc/subgid`` ranges."""
+    """The id map for the current user, from its ``/etc/subuid`` and ``/etc/subgid`` ranges.
+
+    Raises:
+        ShareError: the user has no usable range, or ``newuidmap`` is missing.
+    """
+    user = pwd.getpwuid(os.getuid()).pw_name
     uid_base = _subordinate_base(Path("/etc/subuid"))
     gid_base = _subordinate_base(Path("/etc/subgid"))
-    if uid_base is not None and gid_base is not None:
-        return UidMap(uid_base, gid_base)
-    if os.getuid() == 0:
-        raise ShareError("root has no /etc/subuid and /etc/subgid range for sandbox shares; "
-                         "run scripts/install-system-deps.sh (it adds one)")
-    return UidMap(None)
+    if uid_base is None or gid_base is None:
+        raise ShareError(
+            f"sandbox shares need a range of {ID_RANGE_COUNT} ids for user {user} in "
+            "/etc/subuid and /etc/subgid (guest root and other guest users become those "
+            "ids); run scripts/install-system-deps.sh, or as root: usermod "
+            f"--add-subuids 100000-165535 --add-subgids 100000-165535 {user}")
+    for own, base, table in ((os.getuid(), uid_base, "subuid"), (os.getgid(), gid_base, "subgid")):
+        if base <= own < base + ID_RANGE_COUNT:
+            raise ShareError(f"your id {own} lies inside your own /etc/{table} range "
+                             f"{base}-{base + ID_RANGE_COUNT - 1}; give {user} a range "
+                             "that does not contain it")
+    for tool in ("newuidmap", "newgidmap"):
+        if shutil.which(tool) is None:
+            raise ShareError(f"sandbox shares need {tool} (install the uidmap package)")
+    return UidMap(os.getuid(), os.getgid(), uid_base, gid_base)
 
 
 def _subordinate_base(path: Path) -> int | None:
@@ -92,7 +139,7 @@ def _subordinate_base(path: Path) -> int | None:
     for line in _read_lines(path):
         parts = line.split(":")
         if len(parts) == 3 and parts[0] in (user, str(os.getuid())):
-            if parts[1].isdigit() and parts[2].isdigit() and int(parts[2]) >= UID_RANGE_COUNT:
+            if parts[1].isdigit() and parts[2].isdigit() and int(parts[2]) >= ID_RANGE_COUNT:
                 return int(parts[1])
     return None
 
@@ -104,15 +151,7 @@ def _read_lines(path: Path) -> list[str]:
         return []
 
 
-def virtiofsd_path() -> str:
-    """Path of the installed virtiofsd, or raise a ShareError saying how to get one."""
-    for candidate in VIRTIOFSD_CANDIDATES:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("virtiofsd")
-    if found:
-        return found
-    raise ShareError("virtiofsd is not installed (run scripts/install-system-deps.sh)")
+# ---- validation --------------------------------------------------------------------------
 
 
 def default_workspace(name: str) -> Path:
@@ -120,23 +159,36 @@ def default_workspace(name: str) -> Path:
     return paths.secvf_home() / "sandboxes" / validate_name(name) / "workspace"
 
 
-def prepare_workspace(path: Path, *, created_by_secvf: bool) -> None:
-    """Create the workspace dir if needed and let the guest's agent user own it."""
-    if not path.exists():
-        path.mkdir(parents=True, mode=0o755)
-        created_by_secvf = True
-    if created_by_secvf:
-        mapping = uid_map()
-        owner = mapping.host_uid(GUEST_AGENT_UID)
-        if owner != os.getuid():
-            os.chown(path, owner, mapping.host_gid(GUEST_AGENT_UID))
+def prepare_default_workspace(name: str) -> Path:
+    """Create sandbox ``name``'s default workspace (yours, mode 0700) if needed; return it."""
+    path = default_workspace(name)
+    path.mkdir(parents=True, mode=0o700, exist_ok=True)
+    return path
+
+
+def parse_share_spec(spec: str, index: int) -> Share:
+    """Parse ``HOSTDIR:GUESTPATH[:ro|:rw]`` (read-only when no mode is given).
+
+    Only the syntax and the host directory (:func:`check_host_dir`) are checked here;
+    :func:`validate_shares` judges the share.
+    """
+    head, _, mode = spec.rpartition(":")
+    if mode.startswith("/"):
+        head, mode = spec, DEFAULT_SHARE_MODE
+    host, _, guest = head.rpartition(":")
+    if mode not in ("ro", "rw") or not host or not guest:
+        raise ShareError(f"--share {spec!r}: expected HOSTDIR:GUESTPATH[:ro|:rw] with an "
+                         "absolute GUESTPATH")
+    return Share(tag=f"{mode}{index}", host_path=str(check_host_dir(host, "share")),
+                 guest_path=os.path.normpath(guest), read_only=mode == "ro")
 
 
 def check_host_dir(raw: str | Path, what: str) -> Path:
-    """Validate a host directory for sharing and return its resolved path.
+    """Return the resolved path of an existing real directory that may be shared at all.
 
-    Refuses: missing paths, non-directories, symlinks, ``/``, the user's home
-    directory itself, and system directories.
+    Refuses: missing paths, non-directories, symlinks anywhere on the path, ``/``,
+    ``/home``, your home and any directory containing it, the system trees themselves
+    (``/etc``, ``/usr``, …) and anything in ``/dev``, ``/proc`` or ``/sys``.
     """
     path = Path(raw).expanduser()
     if not path.is_absolute():
@@ -150,32 +202,144 @@ def check_host_dir(raw: str | Path, what: str) -> Path:
     resolved = path.resolve(strict=True)
     if resolved != Path(os.path.normpath(path)):
         raise ShareError(f"{what} {path} goes through a symlink (to {resolved})")
-    forbidden = {Path("/"), Path.home().resolve(), *(Path(p) for p in (
-        "/etc", "/usr", "/bin", "/sbin", "/lib", "/boot", "/dev", "/proc", "/sys", "/root",
-        "/var", "/run"))}
-    if resolved in forbidden:
-        raise ShareError(f"refusing to share {resolved} as {what}: too broad or a system dir")
+    home = Path.home().resolve()
+    if resolved in (Path("/"), Path("/home"), *HOST_SYSTEM_TREES) or _within(home, resolved):
+        raise ShareError(f"refusing to share {resolved} as {what}: too broad (/, /home, a "
+                         "system tree, or it contains your home); share a project "
+                         "directory instead")
+    if any(_within(resolved, tree) for tree in HOST_KERNEL_TREES):
+        raise ShareError(f"refusing to share {resolved} as {what}: kernel and device "
+                         "filesystems (/dev, /proc, /sys) are never shared")
     return resolved
 
 
-def parse_share_spec(spec: str, index: int) -> Share:
-    """Parse ``HOSTDIR:GUESTPATH:ro`` (only read-only extra shares are allowed)."""
-    parts = spec.rsplit(":", 2)
-    if len(parts) != 3 or parts[2] != "ro":
-        raise ShareError(f"--share {spec!r}: expected HOSTDIR:GUESTPATH:ro")
-    host, guest, _ = parts
-    guest_path = _check_guest_path(guest)
-    return Share(tag=f"ro{index}", host_path=str(check_host_dir(host, "share")),
-                 guest_path=guest_path, read_only=True)
+def validate_shares(config_or_shares: VMConfig | Sequence[Share], *,
+                    name: str | None = None) -> None:
+    """Check every share of an AI sandbox; create, import and start all call this.
+
+    ``config_or_shares`` is a VM's config (its name is used) or its list of shares
+    (then pass the sandbox's ``name``, which allows its own default workspace under
+    ``$SECVF_HOME``). A config without shares passes.
+
+    Raises:
+        ShareError: the first rule a share breaks, in one line saying why and what to do.
+    """
+    if isinstance(config_or_shares, VMConfig):
+        name = config_or_shares.name
+        shares = list(config_or_shares.channels.shares) if config_or_shares.channels else []
+    else:
+        shares = list(config_or_shares)
+    if not shares:
+        return
+    _check_servable()
+    tags: set[str] = set()
+    for share in shares:
+        _check_tag(share.tag, tags)
+        what = "workspace" if share.tag == WORKSPACE_TAG else f"share '{share.tag}'"
+        _check_guest_path(share.guest_path, what)
+        host = check_host_dir(share.host_path, what)
+        if str(host) != share.host_path:
+            raise ShareError(f"{what} host path {share.host_path!r} is not an absolute, "
+                             f"resolved path (it is {host})")
+        _check_outside_secvf_state(host, share, what, name)
+        if not share.read_only:
+            _check_writable(host, what)
+        _check_reachable(host, what)
+    check_no_overlap(shares)
 
 
-def _check_guest_path(guest: str) -> str:
-    norm = os.path.normpath(guest)
-    if not guest.startswith("/") or norm in ("/", "/proc", "/sys", "/dev") or ".." in guest:
-        raise ShareError(f"guest path {guest!r} must be an absolute, non-system directory")
-    if any(c in guest for c in ", :\n\t"):
-        raise ShareError(f"guest path {guest!r} must not contain ',', ':' or whitespace")
-    return norm
+def _check_servable() -> None:
+    """Refuse shares where this host cannot serve them safely (no id range, no
+    ``newuidmap``, no virtiofsd, no seccomp table for this CPU architecture)."""
+    uid_map()
+    virtiofsd_path()
+    if native_arch() is None:
+        raise ShareError(f"sandbox shares are not supported on {os.uname().machine}: SecVF "
+                         "has no seccomp filter for it; create the sandbox without shares")
+
+
+def _check_tag(tag: str, seen: set[str]) -> None:
+    if not _TAG.match(tag) or len(tag.encode()) > MAX_TAG_BYTES:
+        raise ShareError(f"share tag {tag!r} must be a letter then letters, digits, '_' or "
+                         f"'-', at most {MAX_TAG_BYTES} bytes")
+    if tag in seen:
+        raise ShareError(f"two shares are tagged {tag!r}; tags must be unique")
+    seen.add(tag)
+
+
+def _check_guest_path(guest: str, what: str) -> None:
+    """A guest mount point: absolute, plain characters, off the guest's system dirs."""
+    parts = guest.split("/")
+    if guest != "/" and (parts[0] or any(p in ("", ".", "..") for p in parts[1:])):
+        raise ShareError(f"{what}: guest path {guest!r} must be absolute and normalised "
+                         "(no '.', '..' or empty components)")
+    if not _GUEST_PATH_CHARS.match(guest):
+        raise ShareError(f"{what}: guest path {guest!r} may only contain letters, digits "
+                         "and . _ @ + - /")
+    top = parts[1]
+    if guest == "/" or top in GUEST_SYSTEM_DIRS:
+        raise ShareError(f"{what}: guest path {guest!r} would hide the guest's own /{top} "
+                         "(shares may not be mounted on /, /etc, /usr, /home, /tmp, /var and "
+                         "the like); use /workspace, /mnt/..., /srv/..., /data/... or a new "
+                         "top-level directory")
+
+
+def _check_outside_secvf_state(host: Path, share: Share, what: str, name: str | None) -> None:
+    """No share inside or around SecVF's library, image cache or runtime dir; the
+    sandbox's own default workspace (inside the library) is the one exception."""
+    if (name is not None and share.tag == WORKSPACE_TAG
+            and host == default_workspace(name).resolve()):
+        return
+    for label, state in (("$SECVF_HOME", paths.secvf_home()), ("the image cache",
+                         paths.cache_dir()), ("the runtime dir", paths.runtime_dir())):
+        state = state.resolve()
+        if _within(host, state) or _within(state, host):
+            raise ShareError(f"{what} {host} overlaps {label} {state}: the guest could reach "
+                             "SecVF's own files (VM disks, images, other workspaces, "
+                             "sockets); share a directory outside it")
+
+
+def _check_writable(host: Path, what: str) -> None:
+    """Rules for read-write shares: no system tree, no dot-directory of your home, not
+    world-writable, and yours."""
+    tree = next((t for t in HOST_SYSTEM_TREES if _within(host, t)), None)
+    if tree is not None:
+        raise ShareError(f"{what} {host} is in the system tree {tree}: the guest would "
+                         "change what the host runs; share it read-only (:ro) or use your "
+                         "own directory")
+    home = Path.home().resolve()
+    below_home = host.relative_to(home).parts if home in host.parents else ()
+    if below_home and below_home[0].startswith("."):
+        dot = home / below_home[0]
+        raise ShareError(f"{what} {host} is in {dot}, where programs keep settings and "
+                         "state: the guest could change how your programs run; share it "
+                         "read-only (:ro) or use a project directory")
+    st = host.stat()
+    if st.st_mode & stat.S_IWOTH:
+        raise ShareError(f"{what} {host} is world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+                         ": other users could plant or swap files in it; use a directory "
+                         "only you can write (e.g. from mktemp -d)")
+    if st.st_uid != os.getuid():
+        raise ShareError(f"{what} {host} is owned by uid {st.st_uid}, not by you (uid "
+                         f"{os.getuid()}): the guest writes as you; use your own directory "
+                         f"or chown -R {os.getuid()}:{os.getgid()} {host}")
+
+
+def _check_reachable(host: Path, what: str) -> None:
+    """The share server works as you (and as ids of your subordinate range), so it can
+    open the directory only if it is yours (user and group) or world-readable."""
+    st = host.stat()
+    mine = (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    if not mine and st.st_mode & 0o005 != 0o005:
+        raise ShareError(f"{what} {host} (uid {st.st_uid}, gid {st.st_gid}, mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}) cannot be opened by the share "
+                         f"server, which works as you (uid {os.getuid()}, gid {os.getgid()}); "
+                         f"chown {os.getuid()}:{os.getgid()} it or make it world-readable")
+
+
+def _within(path: Path, tree: Path) -> bool:
+    """``path`` is ``tree`` or lies below it."""
+    return path == tree or tree in path.parents
 
 
 def check_no_overlap(shares: Sequence[Share]) -> None:
@@ -188,18 +352,29 @@ def check_no_overlap(shares: Sequence[Share]) -> None:
         for b in shares[i + 1:]:
             for attr in ("host_path", "guest_path"):
                 pa, pb = Path(getattr(a, attr)), Path(getattr(b, attr))
-                if pa == pb or pa in pb.parents or pb in pa.parents:
+                if _within(pa, pb) or _within(pb, pa):
                     where = attr.replace("_", " ")
                     raise ShareError(f"shares '{a.tag}' and '{b.tag}' overlap ({where}: {pa}"
                                      f" and {pb}); shares must not contain each other")
-    for share in shares:
-        if len(share.tag.encode()) > MAX_TAG_BYTES:
-            raise ShareError(f"share tag {share.tag!r} is longer than {MAX_TAG_BYTES} bytes")
+
+
+# ---- the virtiofsd command ---------------------------------------------------------------
+
+
+def virtiofsd_path() -> str:
+    """Path of the installed virtiofsd, or raise a ShareError saying how to get one."""
+    for candidate in VIRTIOFSD_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("virtiofsd")
+    if found:
+        return found
+    raise ShareError("virtiofsd is not installed (run scripts/install-system-deps.sh)")
 
 
 #: Runs in a private mount namespace: pin the source with an fd, cover /tmp with a small
-#: tmpfs (so the staging path is reachable by the unprivileged uid range even when the
-#: source sits under a 0700 home), bind the source there with the share's flags, exec.
+#: tmpfs (so the staging path is reachable by the mapped ids even when the source sits
+#: under a 0700 directory), bind the source there with the share's flags, exec.
 _STAGE_SCRIPT = (
     'set -e; exec 3<"$0"; mount -t tmpfs -o mode=0755,size=64k secvf-share /tmp; '
     "mkdir /tmp/share; mount --no-canonicalize --bind /proc/self/fd/3 /tmp/share; "
@@ -210,29 +385,29 @@ STAGED_SOURCE = "/tmp/share"
 
 def virtiofsd_argv(share: Share) -> tuple[str, ...]:
     """The command that serves ``share``: virtiofsd on a ``nosuid,nodev`` (and, for a
-    read-only share, ``ro``) bind of the source, in a private mount namespace, running
-    in a user namespace that maps guest uids to an unprivileged host range.
+    read-only share, ``ro``) bind of the source in a private mount namespace, run by the
+    share launcher in the id-mapped user namespace under the seccomp filter.
 
+    As root the mount namespace comes first (real root opens the source, whatever the
+    directories above it allow); otherwise the user namespace does (mounting needs it).
     The listening socket is handed over with ``--fd=N`` (appended by the supervisor).
     """
     flags = "nosuid,nodev" + (",ro" if share.read_only else "")
-    mapping = uid_map()
-    if mapping.host_base is None:
-        outer = ("unshare", *mapping.unshare_args(), "--mount", "--propagation", "private")
-        inner: tuple[str, ...] = ()
-    else:
-        outer = ("unshare", "--mount", "--propagation", "private")
-        inner = ("unshare", *mapping.unshare_args(), "--")
+    stage = ("unshare", "--mount", "--propagation", "private", "--",
+             "sh", "-c", _STAGE_SCRIPT.format(flags=flags), share.host_path)
+    launcher = (sys.executable, "-m", "secvf.machine.share_launcher",
+                *uid_map().launcher_args(), "--")
     binary = virtiofsd_path()
-    return (
-        *outer, "--", "sh", "-c", _STAGE_SCRIPT.format(flags=flags), share.host_path,
-        *inner, binary, *virtiofsd_options(binary),
-    )
+    server = (binary, *virtiofsd_options(binary))
+    if os.getuid() == 0:
+        return (*stage, *launcher, *server)
+    return (*launcher, *stage, *server)
 
 
 def virtiofsd_options(binary: str) -> tuple[str, ...]:
     """Options for the installed virtiofsd: QEMU's C one (Debian 12) takes ``-o`` options,
-    the Rust one (its own package on Debian 13) takes long options."""
+    the Rust one (its own package on Debian 13) takes long options. Neither serves
+    extended attributes unless asked (the seccomp filter refuses setting them anyway)."""
     if _is_rust_virtiofsd(binary):
         return ("--shared-dir", STAGED_SOURCE, "--sandbox", "namespace", "--cache", "auto",
                 "--log-level", "warn")

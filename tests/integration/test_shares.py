@@ -1,0 +1,193 @@
+"""Shares in a real guest: your own private files work, privileged files never reach the host.
+
+One sandbox serves every test here: a 0700 workspace with 0600 files and a 0700
+read-only share, both made by the test the way ``mktemp -d`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from secvf.machine.shares import uid_map
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.vm
+
+NAME = "shares"
+SECRET = "only the owner may read this\n"
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    workspace: Path  # host side of /workspace
+    reference: Path  # host side of /data/ref (read-only)
+
+
+def sh(script: str, *, root: bool = False) -> subprocess.CompletedProcess[str]:
+    return run_cli("vm", "exec", NAME, *(["--root"] if root else []), "-c", script)
+
+
+def private_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="secvf-share-"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+@pytest.fixture(scope="module")
+def sandbox(vm_library: Path) -> Iterator[Sandbox]:
+    ws, ref = private_dir(), private_dir()
+    write_private(ws / "notes.txt", SECRET)
+    (ws / "src").mkdir(mode=0o700)
+    write_private(ws / "src" / "test_one.py", "def test_one():\n    assert True\n")
+    write_private(ref / "data.txt", SECRET)
+    (ref / "deep").mkdir(mode=0o700)
+    write_private(ref / "deep" / "more.txt", "more\n")
+    try:
+        run_cli("sandbox", "create", NAME, "--memory", "512M", "--workspace", str(ws),
+                "--share", f"{ref}:/data/ref:ro", check=True)
+        run_cli("sandbox", "start", NAME, check=True)
+        yield Sandbox(ws, ref)
+    finally:
+        run_cli("sandbox", "stop", NAME)
+        run_cli("sandbox", "rm", NAME, "--purge")
+        shutil.rmtree(ws, ignore_errors=True)
+        shutil.rmtree(ref, ignore_errors=True)
+
+
+def tree_facts(root: Path) -> dict[str, tuple[int, int, int, int, bytes]]:
+    """Mode, owner, group, mtime and content of everything under ``root``."""
+    facts = {}
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        body = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        facts[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid,
+                                              st.st_mtime_ns, body)
+    return facts
+
+
+def privileged_files(root: Path) -> list[str]:
+    """Everything under ``root`` that is setuid, setgid, a device node or has file
+    capabilities."""
+    found = []
+    for path in [root, *root.rglob("*")]:
+        mode = path.lstat().st_mode
+        if mode & (stat.S_ISUID | stat.S_ISGID) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            found.append(f"{path} {stat.filemode(mode)}")
+        if "security.capability" in os.listxattr(path, follow_symlinks=False):
+            found.append(f"{path} has file capabilities")
+    return found
+
+
+def test_agent_owns_your_private_files(sandbox: Sandbox) -> None:
+    listing = sh("stat -c '%u:%g %a %n' /workspace /workspace/notes.txt /workspace/src "
+                 "/data/ref /data/ref/data.txt")
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[:2] for line in listing.stdout.splitlines()] == [
+        ["1000:1000", "700"], ["1000:1000", "600"], ["1000:1000", "700"],
+        ["1000:1000", "700"], ["1000:1000", "600"]]
+    read = sh("cat /workspace/notes.txt /data/ref/data.txt /data/ref/deep/more.txt")
+    assert read.returncode == 0 and read.stdout == SECRET + SECRET + "more\n", read.stderr
+
+
+def test_agent_writes_and_the_files_are_yours_on_the_host(sandbox: Sandbox) -> None:
+    proc = sh("echo appended >> /workspace/notes.txt && mkdir /workspace/src/pkg && "
+              "echo made > /workspace/src/pkg/new.txt && cd /workspace/src && "
+              "python3 -c 'import test_one; test_one.test_one()'")
+    assert proc.returncode == 0, proc.stderr
+    assert (sandbox.workspace / "notes.txt").read_text() == SECRET + "appended\n"
+    for path in (sandbox.workspace / "src" / "pkg", sandbox.workspace / "src" / "pkg" / "new.txt"):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()), path
+    # editable on the host as yourself, and the guest sees the edit
+    (sandbox.workspace / "src" / "pkg" / "new.txt").write_text("edited on the host\n")
+    assert sh("cat /workspace/src/pkg/new.txt").stdout == "edited on the host\n"
+
+
+def test_guest_root_creates_files_as_the_subordinate_range(sandbox: Sandbox) -> None:
+    assert sh("echo r > /workspace/by-root", root=True).returncode == 0
+    st = (sandbox.workspace / "by-root").stat()
+    ids = uid_map()
+    assert (st.st_uid, st.st_gid) == (ids.host_uid(0), ids.host_gid(0))
+    assert st.st_uid not in (0, os.getuid())
+
+
+#: Every way (as a shell or a program) to make a setuid/setgid file or a device node.
+ATTACKS = {
+    "chmod u+s": "echo x > {p}u && chmod u+s {p}u",
+    "chmod g+s": "echo x > {p}g && chmod g+s {p}g",
+    "chmod 6755": "echo x > {p}6 && chmod 6755 {p}6",
+    "chmod g+s dir": "mkdir {p}dg && chmod g+s {p}dg",
+    "mkdir -m 2755": "mkdir -m 2755 {p}dm && stat -c %a {p}dm | grep -q 2755",
+    "install -m 4755": "install -m 4755 /bin/true {p}inst",
+    "cp -p setuid su": "cp -p /bin/su {p}su && test -u {p}su",
+    "create with 04755": ("python3 -c \"import os; "
+                          "os.open('{p}o', os.O_CREAT | os.O_RDWR, 0o4755)\""),
+    "create with 02755": ("python3 -c \"import os; "
+                          "os.open('{p}g', os.O_CREAT | os.O_RDWR, 0o2755)\""),
+    "mknod char": "mknod {p}null c 1 3",
+    "mknod block": "mknod {p}loop b 7 0",
+    "mknod whiteout": "mknod {p}wo c 0 0",
+    "rename whiteout": ("touch {p}ws && python3 -c \"import ctypes; l = ctypes.CDLL(None); "
+                        "exit(l.syscall(316, -100, b'{p}ws', -100, b'{p}wd', 4) != 0)\""),
+    "chown to you then u+s": "echo x > {p}c && chown 1000:1000 {p}c && chmod 4755 {p}c",
+    "chown to root then u+s": "echo x > {p}c0 && chown 0:0 {p}c0 && chmod 4755 {p}c0",
+    "file capability": ("echo x > {p}cap && python3 -c \"import os; os.setxattr('{p}cap', "
+                        "'security.capability', bytes([1, 0, 0, 2]) + bytes([255] * 16))\""),
+}
+
+
+@pytest.mark.parametrize("root", [False, True], ids=["agent", "root"])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_no_privileged_file_reaches_the_host(sandbox: Sandbox, attack: str, root: bool) -> None:
+    prefix = f"/workspace/{'root' if root else 'agent'}-{attack.replace(' ', '_')}-"
+    proc = sh(ATTACKS[attack].format(p=prefix), root=root)
+    assert proc.returncode != 0, f"{attack} succeeded: {proc.stdout}"
+    assert privileged_files(sandbox.workspace) == []
+
+
+def test_read_only_share_resists_guest_root(sandbox: Sandbox) -> None:
+    before = tree_facts(sandbox.reference)
+    attacks = [
+        "echo pwned > /data/ref/data.txt", "echo pwned >> /data/ref/deep/more.txt",
+        "touch /data/ref/new", "mkdir /data/ref/d", "chmod 777 /data/ref/data.txt",
+        "chmod u+s /data/ref/data.txt", "chown 0:0 /data/ref/data.txt", "rm /data/ref/data.txt",
+        "mv /data/ref/data.txt /data/ref/moved", "mknod /data/ref/null c 1 3",
+        "ln -s /etc/passwd /data/ref/link",
+        "mount -o remount,rw /data/ref && echo pwned > /data/ref/data.txt",
+        "umount /data/ref; mount -t virtiofs ro0 /data/ref && echo pwned > /data/ref/data.txt",
+    ]
+    for attack in attacks:
+        for root in (False, True):
+            assert sh(attack, root=root).returncode != 0, (attack, root)
+    assert tree_facts(sandbox.reference) == before
+    assert sh("cat /data/ref/data.txt", root=True).stdout == SECRET
+
+
+def test_start_refuses_a_hand_edited_share(sandbox: Sandbox, vm_library: Path) -> None:
+    run_cli("sandbox", "create", "edited", "--memory", "512M", "--workspace",
+            str(sandbox.reference), check=True)
+    try:
+        config_file = vm_library / "vms" / "edited" / "vm.json"
+        config = json.loads(config_file.read_text())
+        config["channels"]["shares"][0]["guest_path"] = "/etc"
+        config_file.write_text(json.dumps(config))
+        proc = run_cli("sandbox", "start", "edited")
+        assert proc.returncode != 0 and "would hide the guest's own /etc" in proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    finally:
+        run_cli("sandbox", "rm", "edited", "--purge", check=True)
