@@ -6,6 +6,7 @@ expensive to build and are keyed by recipe hash, so reuse is always correct.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +24,22 @@ def secvf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("SECVF_HOME", str(home))
     monkeypatch.setenv("SECVF_RUNTIME_DIR", str(runtime))
     yield home
+    _stop_leftover_vms(home)
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _stop_leftover_vms(home: Path) -> None:
+    """Force-stop every VM a test left running (a failed assertion skips its own stop),
+    so no supervisor or QEMU outlives the test."""
+    vms = home / "vms"
+    if not vms.is_dir():
+        return
+    from secvf import api
+
+    for vm_dir in vms.iterdir():
+        with contextlib.suppress(Exception):
+            if api.vm_status(vm_dir.name)["state"] != "stopped":
+                api.stop_vm(vm_dir.name, force=True)
 
 
 # ---- the vsock backend under a fake guest driver (tests/unit/test_vsock_*.py) ------------------

@@ -16,7 +16,7 @@ A short tour::
     api.create_sandbox("agent1")
     api.start_sandbox("agent1")                    # returns once exec works
     result = api.Sandbox.from_vm("agent1").run(["uname", "-a"])
-    api.remove_sandbox("agent1", purge=True)
+    api.remove_sandbox("agent1", purge=True, force=True)  # force: it is running
 
     findings = api.audit()                         # every VM's host-guest surfaces
 """
@@ -46,12 +46,12 @@ from secvf.model.sizes import format_size
 from secvf.runtime import console, control
 from secvf.runtime.supervisor import run_supervisor
 from secvf.sdk import AsyncSandbox, Sandbox
-from secvf.store import library
+from secvf.store import gc, library
 from secvf.store.library import ListedVM
 from secvf.workflows import audit as _audit
 from secvf.workflows import sandbox as _sandbox
-from secvf.workflows import vm_exec, vms
-from secvf.workflows.create import build_config
+from secvf.workflows import vm_exec, vms, workspaces
+from secvf.workflows.create import build_config, check_accel
 
 __all__ = [
     # the VM library
@@ -63,11 +63,13 @@ __all__ = [
     "clone_vm",
     "rename_vm",
     "import_vm",
+    "collect_garbage",
     # lifecycle and status
     "start_vm",
     "stop_vm",
     "vm_status",
     "wait_for_ready",
+    "check_accel",
     "run_in_foreground",
     "print_serial_log",
     "attach_console",
@@ -134,12 +136,16 @@ def create_vm(
     Raises:
         InvalidName, ConfigError, ForbiddenDevice: the options cannot work (nothing
             was written).
-        NotFound: the image is not built. AlreadyExists, DiskError.
+        NotFound: the image is not built. DiskError.
+        AlreadyExists: the name is taken, or (an AI sandbox without ``workspace``) an
+            earlier sandbox of that name left its default workspace behind.
     """
-    config = build_config(name=name, kind=kind, cpus=cpus, memory=memory,
-                          disk_size=disk_size, image=image, disk_image=disk_image, iso=iso,
-                          network=network, accel=accel, shares=shares, workspace=workspace)
-    vms.create_vm(config)
+    with workspaces.for_new_vm(name, kind, workspace):
+        config = build_config(name=name, kind=kind, cpus=cpus, memory=memory,
+                              disk_size=disk_size, image=image, disk_image=disk_image,
+                              iso=iso, network=network, accel=accel, shares=shares,
+                              workspace=workspace)
+        vms.create_vm(config)
     return config
 
 
@@ -163,19 +169,39 @@ def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
     return vms.delete_vm(name, force=force)
 
 
-def clone_vm(src: str, dst: str) -> VMConfig:
-    """Clone stopped VM ``src`` as ``dst`` copy-on-write (new UUID and MAC)."""
-    return library.clone_vm(src, dst).load()
+def clone_vm(src: str, dst: str, *, copy_workspace: bool = False) -> VMConfig:
+    """Clone stopped VM ``src`` as ``dst`` copy-on-write (new UUID and MAC). A sandbox
+    clone gets its own workspace: empty, or a copy of the source's (``copy_workspace``)."""
+    return vms.clone_vm(src, dst, copy_workspace=copy_workspace).load()
 
 
 def rename_vm(old: str, new: str) -> None:
-    """Rename stopped VM ``old`` to ``new``."""
-    library.rename_vm(old, new)
+    """Rename stopped VM ``old`` to ``new`` (a sandbox's default workspace moves along)."""
+    vms.rename_vm(old, new)
+
+
+def collect_garbage(*, dry_run: bool = False) -> dict[str, Any]:
+    """Remove disk layers no VM uses and work directories killed commands left
+    (``dry_run``: only list them); the report as ``secvf gc --json`` prints it.
+
+    Raises:
+        LockBusy: a clone is in progress.
+    """
+    return gc.collect(dry_run=dry_run).as_json()
 
 
 def import_vm(path: Path, *, name: str | None = None) -> VMConfig:
-    """Import the VM bundle directory ``path`` (validated like create)."""
-    return library.import_vm(path, name=name).load()
+    """Import the VM bundle directory ``path`` as ``name`` (default: its vm.json's name).
+
+    The bundle is treated as hostile: its config, boot source, shares and every file of
+    its disk chain are checked before anything is written (see
+    :func:`secvf.workflows.vms.import_vm`); the new VM gets a new UUID and MAC.
+
+    Raises:
+        NotFound, ConfigError, ForbiddenDevice, InvalidName, AlreadyExists.
+        UnsafeDisk (a DiskError): the bundle names a host file SecVF will not open.
+    """
+    return vms.import_vm(path, name=name).load()
 
 
 # ---- lifecycle and status ----------------------------------------------------------------

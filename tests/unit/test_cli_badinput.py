@@ -86,10 +86,10 @@ def test_corrupt_and_hand_edited_vm_json(iso: Path, secvf_env: Path) -> None:
         "generic"
 
 
-def test_stop_and_delete_of_unknown_or_stopped_vm(iso: Path) -> None:
+def test_stop_and_delete_of_unknown_vm_and_bad_rename_or_clone(iso: Path) -> None:
     assert_clean_error(run_cli("vm", "stop", "ghost"), "no VM named 'ghost'")
+    assert_clean_error(run_cli("vm", "delete", "ghost"), "no VM named 'ghost'")
     run_cli("vm", "create", "idle", "--iso", str(iso), check=True)
-    assert_clean_error(run_cli("vm", "stop", "idle"), "not running")
     assert_clean_error(run_cli("vm", "rename", "idle", "../x"), "name")
     assert_clean_error(run_cli("vm", "clone", "idle", "idle"), "already exists")
 

@@ -41,3 +41,13 @@ def format_size(size: int) -> str:
                 return f"{size // _UNITS[unit]}{unit}"
             return f"{size / _UNITS[unit]:.1f}{unit}"
     return f"{size}B"
+
+
+def round_up_size(size: int) -> int:
+    """``size`` rounded up to a whole number of its largest unit, so that
+    :func:`format_size` writes it exactly: 1.3G becomes 2G, 300M stays 300M."""
+    for unit in ("T", "G", "M", "K"):
+        step = _UNITS[unit]
+        if size >= step:
+            return -(-size // step) * step
+    return size

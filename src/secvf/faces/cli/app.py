@@ -2,13 +2,22 @@
 
 Each command turns flags into one :mod:`secvf.api` call and the result (or a
 :class:`~secvf.errors.SecVFError`) into output: a rich table or text for people,
-``--json`` for scripts, a one-line error and the error's exit code on failure.
+``--json`` for scripts, a one-line error and the error's exit code on failure (with
+``--json``, the error as JSON on stdout as well).
+
+Text from users, guests and the file system (names, paths, messages) goes through
+rich markup only escaped (:func:`rich.markup.escape`): ``[plan]`` stays ``[plan]``.
+When stdout is not a terminal, nothing is cut or wrapped to fit a width.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
@@ -16,12 +25,43 @@ from rich.console import Console
 
 from secvf.errors import LaunchFailed, SecVFError
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+#: Width for output that is not a terminal: wide enough that no line is cut or wrapped.
+UNLIMITED_WIDTH = 1 << 20
+
+#: The longest timeout a ``SECONDS`` option takes (a year).
+MAX_SECONDS = 365 * 24 * 3600.0
+
+#: ``vm status`` states in which a supervisor runs the VM (any other: it is not running).
+LIVE_STATES = ("starting", "running", "stopping")
+
+
+def _console(*, stderr: bool) -> Console:
+    console = Console(stderr=stderr, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = UNLIMITED_WIDTH
+    return console
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
+
+
+def error_json(exc: SecVFError) -> dict[str, Any]:
+    """The ``--json`` form of a failed command: ``{"error": {type, message, exit_code}}``."""
+    return {"error": {"type": type(exc).__name__, "message": str(exc),
+                      "exit_code": int(exc.exit_code)}}
 
 
 def fail(exc: SecVFError) -> NoReturn:
-    """Print ``exc`` as a one-line error (plus QEMU's output for launch failures) and exit."""
+    """Report ``exc`` and exit with its exit code.
+
+    stderr gets the one-line error (plus QEMU's command line and output for a launch
+    failure); if the running command was given ``--json`` (its ``as_json`` parameter),
+    stdout gets :func:`error_json` too.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("as_json"):
+        print_json(error_json(exc))
     err.print(f"secvf: error: {exc}", markup=False, highlight=False)
     if isinstance(exc, LaunchFailed):
         if exc.argv:
@@ -31,14 +71,81 @@ def fail(exc: SecVFError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def note(message: str) -> None:
+    """Tell the user something on stderr that is neither output nor an error."""
+    err.print(f"secvf: note: {message}", markup=False, highlight=False)
+
+
+def _reporting_errors(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command's callback so its SecVF errors are reported by :func:`fail`
+    while the command's context (and so its ``--json`` flag) is still current."""
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except SecVFError as exc:
+            fail(exc)
+
+    return run
+
+
 class SecVFGroup(click.Group):
-    """A click group that turns SecVF errors into clean one-line messages."""
+    """A click group whose commands report SecVF errors cleanly (see :func:`fail`).
+
+    Every command added to it, wherever it is defined, is covered; a command's
+    ``--json`` flag must be its ``as_json`` parameter for errors to be JSON as well.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Add ``cmd``; its SecVF errors become one-line (and ``--json``) errors."""
+        if not isinstance(cmd, click.Group) and cmd.callback is not None:
+            cmd.callback = _reporting_errors(cmd.callback)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the group; a SecVF error outside any command's callback fails cleanly too."""
         try:
             return super().invoke(ctx)
         except SecVFError as exc:
             fail(exc)
+
+
+class Seconds(click.ParamType[float]):
+    """A duration option in seconds: a finite number, not negative, at most a year.
+
+    ``zero_ok`` says whether 0 is meaningful for the option (``vm stop --timeout 0``:
+    do not wait for the guest); where it is not, 0 is refused like a negative number.
+    """
+
+    name = "seconds"
+
+    def __init__(self, *, zero_ok: bool = False) -> None:
+        self.zero_ok = zero_ok
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        """Return ``value`` as seconds, or fail with a usage error saying what is allowed."""
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        low_ok = seconds >= 0 if self.zero_ok else seconds > 0
+        if not (math.isfinite(seconds) and low_ok and seconds <= MAX_SECONDS):
+            lowest = "0 or more" if self.zero_ok else "more than 0"
+            self.fail(f"{value!r}: expected {lowest} seconds, at most {MAX_SECONDS:.0f}",
+                      param, ctx)
+        return seconds
+
+
+class _WarningFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"secvf: {record.levelname.lower()}: {record.getMessage()}"
+
+
+_warnings = logging.StreamHandler(sys.stderr)
+_warnings.setLevel(logging.WARNING)
+_warnings.setFormatter(_WarningFormatter())
 
 
 def print_json(data: object) -> None:
@@ -50,3 +157,6 @@ def print_json(data: object) -> None:
 @click.version_option(package_name="secvf")
 def main() -> None:
     """SecVF: VMs for security work, with a host-guest channel only where it is meant to be."""
+    library_log = logging.getLogger("secvf")
+    if _warnings not in library_log.handlers:  # once, also when main runs twice in a process
+        library_log.addHandler(_warnings)

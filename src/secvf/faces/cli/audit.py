@@ -26,9 +26,9 @@ def audit(as_json: bool) -> None:
             chans = ", ".join(sorted({str(d.get("channel")) for d in res["channel_devices"]}))
             sock = f"{res['exec_socket']['mode']}" if res["exec_socket"] else "-"
             shares = ", ".join(f"{s['host_path']} ({s['mode']})" for s in res["shares"]) or "-"
-            table.add_row(res["name"], res["kind"], res["state"],
+            table.add_row(escape(res["name"]), escape(res["kind"]), escape(res["state"]),
                           escape(f"{chans or '-'} [{res['source']}]"), escape(sock),
-                          escape(shares), res["network"],
+                          escape(shares), escape(res["network"]),
                           escape("\n".join(res["findings"])) or "[green]none[/]")
         out.print(table)
         for finding in data["stray"]:

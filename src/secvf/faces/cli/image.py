@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,8 +46,8 @@ def image_build(names: tuple[str, ...], force: bool, as_json: bool) -> None:
         print_json(built)
     else:
         for row in built:
-            out.print(f"image [bold]{row['name']}[/] {row['recipe_hash'][:12]} "
-                      f"({api.format_size(row['size_bytes'])}) ready at {row['path']}")
+            out.print(f"image [bold]{escape(row['name'])}[/] {row['recipe_hash'][:12]} "
+                      f"({api.format_size(row['size_bytes'])}) ready at {escape(row['path'])}")
 
 
 def _image_row(info: api.ImageInfo) -> dict[str, Any]:
@@ -65,8 +66,9 @@ def image_list(as_json: bool) -> None:
         return
     table = Table("NAME", "RECIPE", "SIZE", "KERNEL", "BUILT")
     for row in rows:
-        table.add_row(row["name"], row["recipe_hash"][:12], api.format_size(row["size_bytes"]),
-                      row["kernel_version"], row["built_at"])
+        table.add_row(*map(escape, (row["name"], row["recipe_hash"][:12],
+                                    api.format_size(row["size_bytes"]), row["kernel_version"],
+                                    row["built_at"])))
     out.print(table)
 
 
@@ -75,4 +77,4 @@ def image_list(as_json: bool) -> None:
 def image_rm(name: str) -> None:
     """Remove a built image."""
     api.remove_image(name)
-    out.print(f"removed image [bold]{name}[/]")
+    out.print(f"removed image [bold]{escape(name)}[/]")

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from secvf import api
-from secvf.errors import SecVFError
-from secvf.faces.cli.app import SecVFGroup, fail, out, print_json
+from secvf.errors import SecVFError, StateError
+from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, fail, note, out, print_json
 from secvf.faces.cli.terminal import run_streaming
 
 Command = Callable[..., Any]
@@ -26,8 +27,8 @@ def sandbox_options(func: Command) -> Command:
         click.option("--memory", default="1G", show_default=True),
         click.option("--workspace", type=click.Path(path_type=Path),
                      help="Host dir for /workspace (default: under $SECVF_HOME/sandboxes)."),
-        click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH:ro",
-                     help="Extra read-only share (repeatable)."),
+        click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH[:ro|:rw]",
+                     help="Extra share, read-only unless :rw (repeatable)."),
         click.option("--network", type=click.Choice(["nat", "none"]), default="nat",
                      show_default=True),
         click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
@@ -60,16 +61,22 @@ def sandbox_create(name: str, image: str, cpus: int, memory: str, workspace: Pat
 
 @sandbox.command("start")
 @click.argument("name")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--timeout", type=Seconds(), default=120.0, show_default=True,
+              help="Seconds to wait for the guest agent to answer.")
 @click.option("--json", "as_json", is_flag=True)
 def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
-    """Boot sandbox NAME; returns when `secvf vm exec` works."""
-    status = api.start_sandbox(name, timeout=timeout)
+    """Boot sandbox NAME; returns when `secvf vm exec` works (already running: a note)."""
+    status = api.vm_status(name)
+    if status["kind"] == "ai-sandbox" and status["state"] == "running":
+        note(f"sandbox '{name}' is already running")
+    else:
+        api.check_accel(api.get_vm(name).accel)
+        status = api.start_sandbox(name, timeout=timeout)
+        if not as_json:
+            out.print(f"sandbox [bold]{escape(name)}[/] ready in {status['boot_s']} s "
+                      f"(exec socket {escape(str(status['exec_socket']))})")
     if as_json:
         print_json(status)
-    else:
-        out.print(f"sandbox [bold]{name}[/] ready in {status['boot_s']} s "
-                  f"(exec socket {status['exec_socket']})")
 
 
 @sandbox.command("run", context_settings={"ignore_unknown_options": True,
@@ -77,7 +84,7 @@ def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
 @click.option("--name", help="Session name (default: sbx-<random>).")
 @click.option("--rm", "remove", is_flag=True, help="Stop and delete the sandbox afterwards.")
 @sandbox_options
-@click.option("--timeout", type=float, help="Command timeout in seconds.")
+@click.option("--timeout", type=Seconds(), help="Command timeout in seconds (default: none).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: str,
                 workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
@@ -97,7 +104,7 @@ def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: s
         error = exc
     finally:  # also on Ctrl-C: --rm means nothing is left behind
         if remove:
-            api.remove_sandbox(config.name, purge=workspace is None)
+            api.remove_sandbox(config.name, purge=workspace is None, force=True)
     if error is not None:
         fail(error)
     sys.exit(code)
@@ -120,15 +127,31 @@ def sandbox_list(as_json: bool) -> None:
 @sandbox.command("stop")
 @click.argument("name")
 def sandbox_stop(name: str) -> None:
-    """Stop sandbox NAME (bridge, virtiofsd, vsock backend, QEMU: nothing left behind)."""
+    """Stop sandbox NAME (bridge, virtiofsd, vsock backend, QEMU: nothing left behind).
+
+    A sandbox that is not running is left as it is: a note, exit 0.
+    """
+    if api.vm_status(name)["state"] not in LIVE_STATES:
+        note(f"sandbox '{name}' is not running")
+        return
     api.stop_vm(name)
-    out.print(f"stopped sandbox [bold]{name}[/]")
+    out.print(f"stopped sandbox [bold]{escape(name)}[/]")
 
 
 @sandbox.command("rm")
 @click.argument("name")
 @click.option("--purge", is_flag=True, help="Also delete the default workspace directory.")
-def sandbox_rm(name: str, purge: bool) -> None:
-    """Delete sandbox NAME (keeps its workspace unless --purge)."""
-    api.remove_sandbox(name, purge=purge)
-    out.print(f"removed sandbox [bold]{name}[/]")
+@click.option("--force", is_flag=True, help="Stop the sandbox first if it is running.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before stopping a running sandbox.")
+def sandbox_rm(name: str, purge: bool, force: bool, yes: bool) -> None:
+    """Delete sandbox NAME (keeps its workspace unless --purge). A running sandbox needs
+    --force, or a yes on a terminal; VMs that are not AI sandboxes are refused."""
+    try:
+        api.remove_sandbox(name, purge=purge, force=force or yes)
+    except StateError as exc:
+        if exc.state != "running" or not sys.stdin.isatty():
+            raise
+        click.confirm(f"sandbox '{name}' is running; stop it and delete it?", abort=True,
+                      err=True)
+        api.remove_sandbox(name, purge=purge, force=True)
+    out.print(f"removed sandbox [bold]{escape(name)}[/]")

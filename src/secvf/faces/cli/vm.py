@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from secvf import api
-from secvf.faces.cli.app import SecVFGroup, out, print_json
+from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, note, out, print_json
 
 
 @click.group(cls=SecVFGroup)
@@ -32,7 +33,8 @@ def vm() -> None:
               help="none or nat (default: nat; none for malware-analysis).")
 @click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
               show_default=True)
-@click.option("--share", "shares", multiple=True, help="HOSTDIR:GUESTPATH:ro (ai-sandbox only).")
+@click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH[:ro|:rw]",
+              help="Share a host directory (read-only unless :rw; repeatable; ai-sandbox only).")
 @click.option("--workspace", type=click.Path(path_type=Path), help="Workspace dir (ai-sandbox).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new VM's config as JSON.")
 def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, image: str | None,
@@ -45,8 +47,8 @@ def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, imag
     if as_json:
         print_json(config.model_dump(mode="json"))
     else:
-        out.print(f"created {config.kind} VM [bold]{name}[/] ({config.id}) in "
-                  f"{api.vm_dir(name)}")
+        out.print(f"created {config.kind} VM [bold]{escape(name)}[/] ({config.id}) in "
+                  f"{escape(str(api.vm_dir(name)))}")
 
 
 @vm.command("list")
@@ -67,11 +69,12 @@ def vm_list(as_json: bool) -> None:
     table = Table("NAME", "KIND", "STATE", "CPUS", "MEMORY", "NETWORK", "ACCEL", "ID")
     for row in rows:
         if row["state"] == "invalid":
-            table.add_row(row["name"], "?", "[red]invalid[/]", "", "", "", "", row["error"])
+            table.add_row(escape(row["name"]), "?", "[red]invalid[/]", "", "", "", "",
+                          escape(row["error"]))
             continue
-        table.add_row(row["name"], row["kind"], row["state"], str(row["cpus"]),
-                      api.format_size(row["memory_mib"] << 20), row["network"],
-                      row["accel"] or "-", row["id"])
+        table.add_row(*map(escape, (row["name"], row["kind"], row["state"], str(row["cpus"]),
+                                    api.format_size(row["memory_mib"] << 20), row["network"],
+                                    row["accel"] or "-", row["id"])))
     out.print(table)
 
 
@@ -84,26 +87,28 @@ def vm_status(name: str, as_json: bool) -> None:
     if as_json:
         print_json(status)
         return
-    out.print(f"[bold]{status['name']}[/] ({status['kind']}) {status['id']}")
-    out.print(f"  state:   {status['state']}")
+    out.print(f"[bold]{escape(status['name'])}[/] ({escape(status['kind'])}) {status['id']}")
+    out.print(f"  state:   {escape(status['state'])}")
     if status["pid"]:
         out.print(f"  pid:     supervisor {status['pid']}, qemu {status['qemu_pid']}")
-        out.print(f"  accel:   {status['accel']} ({status['accel_reason']})")
+        out.print(f"  accel:   {escape(str(status['accel']))} "
+                  f"({escape(str(status['accel_reason']))})")
         out.print(f"  uptime:  {status['uptime_s']} s, guest ready: {status['guest_ready']}")
     if status.get("exec_socket"):
-        out.print(f"  exec:    {status['exec_socket']}")
+        out.print(f"  exec:    {escape(status['exec_socket'])}")
     for line in status.get("device_errors", []):
-        out.print(f"  [red]guest reports a dead virtio device:[/] {line}", markup=True,
+        out.print(f"  [red]guest reports a dead virtio device:[/] {escape(line)}",
                   highlight=False)
     if status["devices"]:
         table = Table("DEVICE", "TYPE", "CHANNEL", title="live devices (QMP)")
         for dev in status["devices"]:
-            table.add_row(dev["path"].rsplit("/", 1)[-1], dev["type"], dev["channel"] or "-")
+            table.add_row(*map(escape, (dev["path"].rsplit("/", 1)[-1], dev["type"],
+                                        dev["channel"] or "-")))
         out.print(table)
     last = status.get("last_run")
     if last:
-        out.print(f"  last run: {last.get('state')} ({last.get('reason')})"
-                  f" at {last.get('ended_at')}")
+        out.print(escape(f"  last run: {last.get('state')} ({last.get('reason')})"
+                         f" at {last.get('ended_at')}"))
 
 
 @vm.command("start")
@@ -111,35 +116,47 @@ def vm_status(name: str, as_json: bool) -> None:
 @click.option("--accel", type=click.Choice([a.value for a in api.Accel]),
               help="Override the VM's accelerator for this run.")
 @click.option("--foreground", is_flag=True, help="Keep the supervisor attached.")
-@click.option("--wait-ready", type=float, default=None, metavar="SECONDS",
-              help="Also wait for the guest's ready marker.")
+@click.option("--wait-ready", type=Seconds(), default=None, metavar="SECONDS",
+              help="Also wait up to SECONDS for the guest's ready marker.")
 @click.option("--json", "as_json", is_flag=True)
 def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float | None,
              as_json: bool) -> None:
-    """Start VM NAME under its own supervisor."""
+    """Start VM NAME under its own supervisor (already running: a note, exit 0)."""
     if foreground:
+        api.check_accel(accel or api.get_vm(name).accel)
         sys.exit(api.run_in_foreground(name, accel=accel))
-    status = api.start_vm(name, accel=accel, wait_ready=wait_ready)
+    status = api.vm_status(name)
+    if status["state"] == "running":
+        note(f"VM '{name}' is already running")
+        if wait_ready:
+            status = api.wait_for_ready(name, wait_ready)
+    else:
+        api.check_accel(accel or api.get_vm(name).accel)
+        status = api.start_vm(name, accel=accel, wait_ready=wait_ready)
+        if not as_json:
+            out.print(f"started [bold]{escape(name)}[/] (accel {status['accel']}, "
+                      f"{len(status['devices'])} devices)")
     if as_json:
         print_json(status)
-    else:
-        out.print(f"started [bold]{name}[/] (accel {status['accel']}, "
-                  f"{len(status['devices'])} devices)")
 
 
 @vm.command("stop")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Do not wait for the guest: quit QEMU now.")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for a graceful powerdown before forcing.")
+@click.option("--timeout", type=Seconds(zero_ok=True), default=30.0, show_default=True,
+              help="Seconds to wait for a graceful powerdown before forcing (0: like --force).")
 @click.option("--json", "as_json", is_flag=True)
 def vm_stop(name: str, force: bool, timeout: float, as_json: bool) -> None:
-    """Stop VM NAME (ACPI powerdown, then forced after --timeout)."""
-    status = api.stop_vm(name, force=force, timeout=timeout)
+    """Stop VM NAME (ACPI powerdown, then forced after --timeout; not running: a note, exit 0)."""
+    status = api.vm_status(name)
+    if status["state"] not in LIVE_STATES:
+        note(f"VM '{name}' is not running")
+    else:
+        status = api.stop_vm(name, force=force, timeout=timeout)
+        if not as_json:
+            out.print(f"stopped [bold]{escape(name)}[/]")
     if as_json:
         print_json(status)
-    else:
-        out.print(f"stopped [bold]{name}[/]")
 
 
 @vm.command("delete")
@@ -148,16 +165,19 @@ def vm_stop(name: str, force: bool, timeout: float, as_json: bool) -> None:
 def vm_delete(name: str, force: bool) -> None:
     """Delete VM NAME and its disk."""
     api.delete_vm(name, force=force)
-    out.print(f"deleted [bold]{name}[/]")
+    out.print(f"deleted [bold]{escape(name)}[/]")
 
 
 @vm.command("clone")
 @click.argument("src")
 @click.argument("dst")
-def vm_clone(src: str, dst: str) -> None:
-    """Clone stopped VM SRC as DST (copy-on-write; new UUID and MAC)."""
-    api.clone_vm(src, dst)
-    out.print(f"cloned [bold]{src}[/] to [bold]{dst}[/]")
+@click.option("--copy-workspace", is_flag=True,
+              help="AI sandbox: copy SRC's workspace into DST's (default: DST's is empty).")
+def vm_clone(src: str, dst: str, copy_workspace: bool) -> None:
+    """Clone stopped VM SRC as DST (copy-on-write; new UUID and MAC; a sandbox clone
+    gets its own workspace)."""
+    api.clone_vm(src, dst, copy_workspace=copy_workspace)
+    out.print(f"cloned [bold]{escape(src)}[/] to [bold]{escape(dst)}[/]")
 
 
 @vm.command("rename")
