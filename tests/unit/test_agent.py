@@ -196,6 +196,7 @@ def test_command_not_found(client):
         "ENOENT",
         127,
     )
+    assert "cannot execute '/nonexistent/program'" in str(info.value)
 
 
 def test_permission_denied_on_non_executable(client, tmp_path):

@@ -87,7 +87,7 @@ def _check_cwd_access(identity: Identity, cwd: str) -> None:
         raise RequestFailed("bad_cwd", msg, exc.errno, "chdir") from exc
 
 
-def _start_failure(exc: OSError, cwd: str) -> RequestFailed:
+def _start_failure(exc: OSError, program: str, cwd: str) -> RequestFailed:
     err = exc.errno
     if exc.filename == cwd:
         return RequestFailed("bad_cwd", f"cannot enter {cwd}: {exc.strerror}", err, "chdir")
@@ -96,8 +96,7 @@ def _start_failure(exc: OSError, cwd: str) -> RequestFailed:
         errno.EACCES: "permission_denied",
         errno.EPERM: "permission_denied",
     }.get(err or 0, "other")
-    return RequestFailed(kind, f"cannot execute: {exc.strerror}", err, "exec")
-
+    return RequestFailed(kind, f"cannot execute {program!r}: {exc.strerror}", err, "exec")
 
 
 class _InputClosed(Exception):
@@ -184,7 +183,7 @@ class ExecTask:
             self.proc = subprocess.Popen(argv, **kwargs)
         except OSError as exc:
             self._close_own_fds()
-            raise _start_failure(exc, cwd) from exc
+            raise _start_failure(exc, argv[0], cwd) from exc
         except (ValueError, TypeError) as exc:
             self._close_own_fds()
             raise RequestFailed("invalid_request", str(exc)) from exc
