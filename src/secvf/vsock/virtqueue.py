@@ -210,4 +210,5 @@ class SplitVirtqueue:
     @staticmethod
     def _read_u16(location: tuple[mmap.mmap, int], offset: int) -> int:
         mapping, base = location
-        return _U16.unpack_from(mapping, base + offset)[0]
+        value: int = _U16.unpack_from(mapping, base + offset)[0]
+        return value
