@@ -210,8 +210,9 @@ class FileTransferError(ExecError):
 class SupervisorFailed(SecVFError):
     """A VM's supervisor failed at a step of its own (control socket, QMP, its report).
 
-    The VM is torn down and its run recorded as crashed; ``stage`` names the step
-    (a ``secvf.model.runtime.LaunchStage`` value) and ``errno`` the OS error, if any.
+    The supervisor tears the VM down and records the run as crashed. ``stage`` names
+    the step (a ``secvf.model.runtime.LaunchStage`` value; ``report`` when ``vm start``
+    got no usable report at all) and ``errno`` the OS error, if any.
     """
 
     def __init__(self, stage: str, message: str, errno: int | None = None) -> None:

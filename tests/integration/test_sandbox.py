@@ -46,10 +46,11 @@ def test_workspace_round_trip_and_ownership(fleet: dict, vm_library: Path) -> No
     created = workspace / "from-guest.txt"
     assert created.read_text() == "hello host\n"
     assert created.stat().st_mode & 0o777 == 0o644  # the guest's umask, not the host's
-    # guest uid 1000 (agent) is mapped to an unprivileged host uid, never to host root
-    assert created.stat().st_uid not in (0, os.getuid()) or os.getuid() != 0
-    assert sh("sbx", "echo x > /workspace/r && chmod 4755 /workspace/r", root=True).returncode == 0
-    assert (workspace / "r").stat().st_uid != 0
+    # guest uid 1000 (agent) is you on the host; guest root is your subordinate range
+    assert (created.stat().st_uid, created.stat().st_gid) == (os.getuid(), os.getgid())
+    assert sh("sbx", "echo x > /workspace/r && chmod 4755 /workspace/r", root=True).returncode != 0
+    assert not (workspace / "r").stat().st_mode & 0o6000
+    assert (workspace / "r").stat().st_uid not in (0, os.getuid())
 
 
 def test_read_only_share_resists_root_in_the_guest(vm_library: Path, tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_read_only_share_resists_root_in_the_guest(vm_library: Path, tmp_path: P
         assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
         assert sorted(p.name for p in ro.iterdir()) == ["data.txt"]
     finally:
-        run_cli("sandbox", "rm", "rosbx", "--purge", check=True)
+        run_cli("sandbox", "rm", "rosbx", "--purge", "--force", check=True)
 
 
 def test_allowlist_three_cases(fleet: dict, vm_library: Path) -> None:
@@ -123,7 +124,7 @@ def test_allowlist_three_cases(fleet: dict, vm_library: Path) -> None:
     finally:
         allowlist_path().unlink()
         shutil.rmtree(pkg)
-        run_cli("sandbox", "rm", "shared", "--purge")
+        run_cli("sandbox", "rm", "shared", "--purge", "--force")
 
 
 def test_two_sessions_are_isolated(fleet: dict, vm_library: Path) -> None:
@@ -139,7 +140,7 @@ def test_two_sessions_are_isolated(fleet: dict, vm_library: Path) -> None:
                  "s.settimeout(5); s.connect((2, 9999))")
         assert run_cli("vm", "exec", "other", "--", "python3", "-c", probe).returncode != 0
     finally:
-        run_cli("sandbox", "rm", "other", "--purge", check=True)
+        run_cli("sandbox", "rm", "other", "--purge", "--force", check=True)
 
 
 def test_run_rm_leaves_nothing_behind(vm_library: Path) -> None:
@@ -154,8 +155,8 @@ def test_run_rm_leaves_nothing_behind(vm_library: Path) -> None:
     assert processes_mentioning("oneshot") == []
 
 
-def test_failed_boot_cleans_up(vm_library: Path) -> None:
-    run_cli("sandbox", "create", "slow", "--memory", "512M", check=True)
+def test_failed_boot_cleans_up(vm_library: Path, vm_factory) -> None:
+    vm_factory.sandbox("slow", "--memory", "512M")
     proc = run_cli("sandbox", "start", "slow", "--timeout", "0.5")
     assert proc.returncode != 0 and "did not become ready" in proc.stderr
     st = status("slow")
@@ -164,11 +165,11 @@ def test_failed_boot_cleans_up(vm_library: Path) -> None:
     assert (vm_library / "vms" / "slow" / "disk.qcow2").exists()
     run_cli("sandbox", "start", "slow", check=True)
     assert sh("slow", "echo recovered").stdout == "recovered\n"
-    run_cli("sandbox", "rm", "slow", "--purge", check=True)
+    run_cli("sandbox", "rm", "slow", "--purge", "--force", check=True)
 
 
-def test_kill_9_of_qemu_removes_the_socket_and_marks_crashed(vm_library: Path) -> None:
-    run_cli("sandbox", "create", "victim", "--memory", "512M", check=True)
+def test_kill_9_of_qemu_removes_the_socket_and_marks_crashed(vm_library: Path, vm_factory) -> None:
+    vm_factory.sandbox("victim", "--memory", "512M")
     run_cli("sandbox", "start", "victim", check=True)
     st = status("victim")
     sock = Path(st["exec_socket"])
@@ -181,11 +182,11 @@ def test_kill_9_of_qemu_removes_the_socket_and_marks_crashed(vm_library: Path) -
     assert status("victim")["state"] == "crashed"
     assert not sock.exists()
     assert not list(Path(os.environ["SECVF_RUNTIME_DIR"]).glob(f"*{st['id']}*"))
-    run_cli("sandbox", "rm", "victim", "--purge", check=True)
+    run_cli("sandbox", "rm", "victim", "--purge", "--force", check=True)
 
 
-def test_sandbox_stop_leaves_no_helper_processes(vm_library: Path) -> None:
-    run_cli("sandbox", "create", "tidy", "--memory", "512M", check=True)
+def test_sandbox_stop_leaves_no_helper_processes(vm_library: Path, vm_factory) -> None:
+    vm_factory.sandbox("tidy", "--memory", "512M")
     run_cli("sandbox", "start", "tidy", check=True)
     vm_id = status("tidy")["id"]
     assert processes_mentioning(vm_id), "no processes for the running sandbox"
@@ -194,11 +195,11 @@ def test_sandbox_stop_leaves_no_helper_processes(vm_library: Path) -> None:
     assert not list(Path(os.environ["SECVF_RUNTIME_DIR"]).glob(f"*{vm_id}*"))
     with pytest.raises(Exception, match="not running"):
         ExecClient.connect(exec_socket_for("tidy"))
-    run_cli("sandbox", "rm", "tidy", "--purge", check=True)
+    run_cli("sandbox", "rm", "tidy", "--purge", "--force", check=True)
 
 
-def test_guest_panic_is_a_crash_with_an_event(vm_library: Path) -> None:
-    run_cli("sandbox", "create", "panicky", "--memory", "512M", check=True)
+def test_guest_panic_is_a_crash_with_an_event(vm_library: Path, vm_factory) -> None:
+    vm_factory.sandbox("panicky", "--memory", "512M")
     run_cli("sandbox", "start", "panicky", check=True)
     vm_id = status("panicky")["id"]
     sh("panicky", "echo c > /proc/sysrq-trigger", root=True)
@@ -212,11 +213,11 @@ def test_guest_panic_is_a_crash_with_an_event(vm_library: Path) -> None:
               for line in p.read_text().splitlines()]
     assert any(e["event"] == "guest_panic" and e["vm_id"] == vm_id for e in events)
     assert any(e["event"] == "vm_crashed" and e["vm_id"] == vm_id for e in events)
-    run_cli("sandbox", "rm", "panicky", "--purge", check=True)
+    run_cli("sandbox", "rm", "panicky", "--purge", "--force", check=True)
 
 
 def test_agent_restarts_after_it_dies(fleet: dict) -> None:
-    sh("sbx", "kill -9 $(pgrep -f secvf/agent/agent.py)", root=True)
+    sh("sbx", "kill -9 $(pgrep -f secvf/agent/agent.pyz)", root=True)
     deadline = time.monotonic() + 60
     while sh("sbx", "echo back").stdout != "back\n":
         assert time.monotonic() < deadline, "agent did not come back"

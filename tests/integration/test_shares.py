@@ -64,7 +64,7 @@ def sandbox(vm_library: Path) -> Iterator[Sandbox]:
         yield Sandbox(ws, ref)
     finally:
         run_cli("sandbox", "stop", NAME)
-        run_cli("sandbox", "rm", NAME, "--purge")
+        run_cli("sandbox", "rm", NAME, "--purge", "--force")
         shutil.rmtree(ws, ignore_errors=True)
         shutil.rmtree(ref, ignore_errors=True)
 
@@ -190,4 +190,4 @@ def test_start_refuses_a_hand_edited_share(sandbox: Sandbox, vm_library: Path) -
         assert proc.returncode != 0 and "would hide the guest's own /etc" in proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr
     finally:
-        run_cli("sandbox", "rm", "edited", "--purge", check=True)
+        run_cli("sandbox", "rm", "edited", "--purge", "--force", check=True)

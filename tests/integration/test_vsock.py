@@ -210,7 +210,7 @@ def scratch_sandbox(name: str) -> Iterator[dict]:
             print(f"---- last lines of {log}", *log.read_text().splitlines()[-80:], sep="\n")
         raise
     finally:
-        run_cli("sandbox", "rm", name, "--purge")
+        run_cli("sandbox", "rm", name, "--purge", "--force")
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from secvf.errors import CorruptRecord, IllegalTransition, StateError
+from secvf.model.config import VMKind
+from secvf.model.runtime import RuntimeRecord, VmState
+from secvf.runtime.lifecycle import FINAL_STATES, TRANSITIONS, Lifecycle
 from secvf.store import events as seclog
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.library import get_vm
+from secvf.store.locks import FileLock
+from secvf.store.runstate import current_state, reap_stale_runtime
+from secvf.workflows.audit import audit_vm
 from tests.helpers import run_cli
 
 
@@ -55,8 +64,8 @@ def test_start_status_stop_transitions_in_order(iso: Path) -> None:
     types = {d["type"] for d in st["devices"]}
     assert {"virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "ide-cd", "pvpanic"} <= types
     assert st["channels"] == []
-    proc = run_cli("vm", "start", "life")
-    assert proc.returncode != 0 and "already running" in proc.stderr
+    proc = run_cli("vm", "start", "life")  # idempotent, like systemctl start
+    assert proc.returncode == 0 and "already running" in proc.stderr
     run_cli("vm", "stop", "life", "--timeout", "1", check=True)
     qemu_pid = st["qemu_pid"]
     st = status("life")
@@ -83,15 +92,21 @@ def test_kill_9_of_the_supervisor_takes_qemu_down(iso: Path) -> None:
 def test_concurrent_starts_exactly_one_wins(iso: Path) -> None:
     run_cli("vm", "create", "race", "--iso", str(iso), "--memory", "256M", "--accel", "tcg",
             check=True)
-    results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        run_cli("vm", "start", "race").returncode)) for _ in range(3)]
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(run_cli("vm", "start", "race")))
+               for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results).count(0) == 1, results
+    winners = [p for p in results if p.returncode == 0 and "already running" not in p.stderr]
+    assert len(winners) == 1, [(p.returncode, p.stderr) for p in results]
+    losers = [p for p in results if p is not winners[0]]
+    assert all(p.returncode != 0 or "already running" in p.stderr for p in losers)
     assert status("race")["state"] == "running"
+    started = [e for e in seclog.read_events() if e.get("vm") == "race"
+               and e["event"] == "vm_started"]
+    assert len(started) == 1
     run_cli("vm", "stop", "race", "--force", check=True)
 
 
@@ -148,3 +163,144 @@ def test_clone_and_rename_keep_kind_and_get_new_identity(iso: Path) -> None:
     run_cli("vm", "start", "dst2", "--accel", "tcg", check=True)
     assert status("dst2")["state"] == "running"
     run_cli("vm", "stop", "dst2", "--force", check=True)
+
+
+# ---- the supervisor's state machine (no QEMU) ----------------------------------------------
+
+#: The shortest way to each state from a fresh lifecycle.
+PATH_TO = {
+    VmState.STOPPED: [],
+    VmState.STARTING: [VmState.STARTING],
+    VmState.RUNNING: [VmState.STARTING, VmState.RUNNING],
+    VmState.STOPPING: [VmState.STARTING, VmState.RUNNING, VmState.STOPPING],
+    VmState.CRASHED: [VmState.STARTING, VmState.CRASHED],
+}
+EXPECTED_EDGES = {
+    (VmState.STOPPED, VmState.STARTING),
+    (VmState.STARTING, VmState.RUNNING), (VmState.STARTING, VmState.STOPPING),
+    (VmState.STARTING, VmState.STOPPED), (VmState.STARTING, VmState.CRASHED),
+    (VmState.RUNNING, VmState.STOPPING), (VmState.RUNNING, VmState.STOPPED),
+    (VmState.RUNNING, VmState.CRASHED),
+    (VmState.STOPPING, VmState.STOPPED), (VmState.STOPPING, VmState.CRASHED),
+}
+
+
+def new_lifecycle(published: list[RuntimeRecord] | None = None) -> Lifecycle:
+    sink = published.append if published is not None else (lambda record: None)
+    return Lifecycle(name="vm", vm_id="00000000-0000-0000-0000-000000000001",
+                     kind=VMKind.GENERIC, publish=sink)
+
+
+def walk(life: Lifecycle, states: list[VmState]) -> None:
+    for state in states:
+        extra = {"supervisor_pid": 1, "started_at": "t"} if state is VmState.STARTING else {}
+        life.transition(state, **extra)
+
+
+def test_the_table_is_the_documented_one() -> None:
+    assert {(a, b) for a, targets in TRANSITIONS.items() for b in targets} == EXPECTED_EDGES
+    assert set(TRANSITIONS) == set(VmState)
+
+
+@pytest.mark.parametrize("src", list(VmState))
+@pytest.mark.parametrize("dst", list(VmState))
+def test_every_transition_is_checked(src: VmState, dst: VmState) -> None:
+    life = new_lifecycle()
+    walk(life, PATH_TO[src])
+    extra = {"supervisor_pid": 1, "started_at": "t"} if dst is VmState.STARTING else {}
+    if (src, dst) in EXPECTED_EDGES:
+        assert life.transition(dst, **extra).state is dst
+    else:
+        with pytest.raises(IllegalTransition) as caught:
+            life.transition(dst, **extra)
+        assert caught.value.state == src.value
+        assert life.state is src
+
+
+def test_publishes_every_change_and_records_the_sequence() -> None:
+    published: list[RuntimeRecord] = []
+    life = new_lifecycle(published)
+    walk(life, [VmState.STARTING])
+    life.update(accel="tcg", accel_reason="requested")
+    walk(life, [VmState.RUNNING])
+    life.update(guest_ready=True)
+    walk(life, [VmState.STOPPING, VmState.STOPPED])
+    assert [r.state for r in published] == [
+        VmState.STARTING, VmState.STARTING, VmState.RUNNING, VmState.RUNNING,
+        VmState.STOPPING, VmState.STOPPED]
+    assert [t.state for t in published[-1].transitions] == [
+        VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.STOPPED]
+    assert published[-1].accel == "tcg" and published[-1].guest_ready
+    assert life.record == published[-1]
+
+
+def test_updates_never_change_the_state_and_need_a_live_run() -> None:
+    life = new_lifecycle()
+    with pytest.raises(StateError):
+        life.update(accel="tcg")  # not started
+    walk(life, [VmState.STARTING])
+    with pytest.raises(TypeError):
+        life.update(state=VmState.RUNNING)
+    with pytest.raises(TypeError):
+        life.transition(VmState.RUNNING, transitions=[])
+    walk(life, [VmState.STOPPED])
+    with pytest.raises(StateError):
+        life.update(accel="tcg")  # ended
+    with pytest.raises(IllegalTransition, match="ended"):
+        walk(life, [VmState.STARTING])  # one run per lifecycle
+    assert VmState.STOPPED in FINAL_STATES
+
+
+def test_require_names_the_state_it_needed() -> None:
+    life = new_lifecycle()
+    walk(life, [VmState.STARTING, VmState.STOPPING])
+    with pytest.raises(StateError) as caught:
+        life.require(VmState.STARTING)
+    assert caught.value.state == "stopping" and caught.value.required == ("starting",)
+
+
+# ---- reading is pure; reaping is explicit ----------------------------------------------------
+
+def test_current_state_is_pure_and_reaping_is_explicit(iso: Path) -> None:
+    run_cli("vm", "create", "stale", "--iso", str(iso), check=True)
+    bundle, config = get_vm("stale")
+    files = RuntimeFiles(config.id)
+    for path in (files.state_file, files.control_socket, files.exec_socket):
+        path.write_text("left by a supervisor that was killed")
+    view = current_state(bundle, config.id)
+    assert view.state is VmState.STOPPED and view.record is None and not view.live
+    assert files.state_file.exists() and files.exec_socket.exists()
+    with FileLock(bundle.run_lock, "test"):  # a live supervisor: nothing is touched
+        assert reap_stale_runtime(bundle, config.id) == []
+        assert files.control_socket.exists()
+    assert sorted(reap_stale_runtime(bundle, config.id)) == sorted(
+        p.name for p in (files.state_file, files.control_socket, files.exec_socket))
+    assert not files.state_file.exists() and reap_stale_runtime(bundle, config.id) == []
+
+
+def test_audit_reports_leftovers_before_it_reaps_them(iso: Path) -> None:
+    run_cli("vm", "create", "leaky", "--iso", str(iso), check=True)
+    bundle, config = get_vm("leaky")
+    files = RuntimeFiles(config.id)
+    files.exec_socket.write_text("")
+    files.state_file.write_text("{}")
+    result = audit_vm(config, bundle)
+    assert result.state == "stopped"
+    assert result.exec_socket is not None and result.exec_socket["path"] == str(files.exec_socket)
+    assert any("exec socket" in f for f in result.findings)
+    assert not files.exec_socket.exists() and not files.state_file.exists()
+    assert audit_vm(config, bundle).findings == []
+
+
+def test_corrupt_run_records_are_one_line_errors_naming_the_file(iso: Path) -> None:
+    run_cli("vm", "create", "torn", "--iso", str(iso), check=True)
+    bundle, config = get_vm("torn")
+    bundle.last_run_file.write_text('{"state": "exploded", "reason": "?", "ended_at": "t"}')
+    with pytest.raises(CorruptRecord, match=r"last_run\.json: field 'state'"):
+        current_state(bundle, config.id)
+    proc = run_cli("vm", "status", "torn")
+    assert proc.returncode == 1 and "last_run.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    RuntimeFiles(config.id).state_file.write_text("not json")
+    with FileLock(bundle.run_lock, "test"), pytest.raises(CorruptRecord, match="not valid JSON"):
+        current_state(bundle, config.id)

@@ -34,7 +34,8 @@ class HelperSpec:
     Readiness is one of: the helper writes a line to the fd given by
     ``--ready-fd N`` (``ready_fd_arg``), or the supervisor binds and listens on
     ``listen_socket`` itself and hands the helper the listening fd (``fd_arg``,
-    formatted with ``{fd}``), so QEMU's connect waits in the backlog.
+    formatted with ``{fd}``), so QEMU's connect waits in the backlog. Every helper is
+    critical: if one dies while the VM runs, the supervisor stops the VM as crashed.
     """
 
     name: str  # short name for logs and status, e.g. "vsock"
@@ -42,7 +43,6 @@ class HelperSpec:
     ready_fd_arg: str | None = None  # e.g. "--ready-fd"
     listen_socket: Path | None = None  # socket the supervisor creates for the helper
     fd_arg: str | None = None  # e.g. "--fd={fd}"
-    critical: bool = True  # if it dies while the VM runs, the VM is stopped
 
 
 @dataclass

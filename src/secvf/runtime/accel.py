@@ -4,19 +4,25 @@
 firmware) Linux guests hang under KVM. So ``auto`` boots SecVF's own kernel and
 initramfs under KVM with ``secvf_probe=1``; the initramfs prints
 :data:`PROBE_MARKER` and powers off at once. If the marker arrives within
-:data:`PROBE_TIMEOUT_S`, KVM works; otherwise TCG is used. The verdict is cached
-per host boot (keyed by ``/proc/sys/kernel/random/boot_id``) and QEMU binary.
+:data:`PROBE_TIMEOUT_S`, KVM works; otherwise TCG is used. The probe runs the QEMU
+SecVF drives (``$SECVF_QEMU`` or ``qemu-system-x86_64``), and the verdict is cached
+per host boot and QEMU binary: the cache file is named by
+``/proc/sys/kernel/random/boot_id`` and a hash of the binary's resolved path, size
+and mtime, so another or a rebuilt QEMU is probed afresh (:func:`probe_cache_path`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from secvf.machine.plan import qemu_binary
 from secvf.model.config import Accel
 from secvf.store import paths
 
@@ -41,25 +47,27 @@ def choose_accel(requested: Accel, kernel: Path | None, initrd: Path | None) -> 
         return AccelChoice("kvm", "requested")
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
         return AccelChoice("tcg", f"{KVM_DEVICE} is not available")
-    cached = _read_cache()
+    cache = probe_cache_path()
+    cached = _read_cache(cache)
     if cached is not None:
         return cached
     if kernel is None or initrd is None:
         return AccelChoice("tcg", "no SecVF kernel to probe KVM with (build an image)")
     choice = probe_accel("kvm", kernel, initrd)
-    _write_cache(choice)
+    _write_cache(cache, choice)
     return choice
 
 
 def probe_accel(
     accel: str, kernel: Path, initrd: Path, timeout_s: float = PROBE_TIMEOUT_S
 ) -> AccelChoice:
-    """Boot ``kernel`` under ``accel`` and report whether its initramfs reached userspace.
+    """Boot ``kernel`` under ``accel`` with SecVF's QEMU (:func:`qemu_binary`) and report
+    whether its initramfs reached userspace.
 
     Returns ``accel`` on success, ``tcg`` (with the reason) otherwise.
     """
     argv = [
-        "qemu-system-x86_64", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+        qemu_binary(), "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
         "-m", "256", "-nodefaults",
         "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd),
@@ -79,24 +87,42 @@ def probe_accel(
     return AccelChoice("tcg", f"{accel} probe failed: {tail[0]}")
 
 
-def _cache_path() -> Path:
+def probe_cache_path(qemu: str | None = None) -> Path:
+    """The cache file of the KVM verdict for this host boot and QEMU binary
+    (``qemu``, default :func:`qemu_binary`)."""
     try:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot_id = "unknown"
-    return paths.cache_dir() / f"kvm-probe-{boot_id}.json"
+    binary = _binary_identity(qemu or qemu_binary())
+    digest = hashlib.sha256(binary.encode()).hexdigest()[:16]
+    return paths.cache_dir() / f"kvm-probe-{boot_id}-{digest}.json"
 
 
-def _read_cache() -> AccelChoice | None:
+def _binary_identity(qemu: str) -> str:
+    """Resolved path, size and mtime of ``qemu`` (just the name if it cannot be found)."""
+    found = shutil.which(qemu)
+    if found is None:
+        return qemu
+    real = os.path.realpath(found)
     try:
-        data = json.loads(_cache_path().read_text())
+        st = os.stat(real)
+    except OSError:
+        return real
+    return f"{real}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def _read_cache(path: Path) -> AccelChoice | None:
+    try:
+        data = json.loads(path.read_text())
         return AccelChoice(str(data["accel"]), str(data["reason"]) + " (cached for this boot)")
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _write_cache(choice: AccelChoice) -> None:
+def _write_cache(path: Path, choice: AccelChoice) -> None:
     try:
-        _cache_path().write_text(json.dumps({"accel": choice.accel, "reason": choice.reason}))
+        path.write_text(json.dumps({"accel": choice.accel, "reason": choice.reason,
+                                    "qemu": qemu_binary()}))
     except OSError:
         pass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from qemu.qmp import QMPClient
 
 from secvf.model.channels import channel_of
+from secvf.model.runtime import DeviceInfo
 
 MAX_QOM_NODES = 4000
 MAX_QOM_DEPTH = 12
@@ -41,13 +42,17 @@ class LiveDevice:
         parent, _, _ = self.path.rpartition("/")
         return parent in ("/machine/peripheral", "/machine/peripheral-anon")
 
-    def to_json(self) -> dict[str, str | None]:
-        """JSON shape stored in the runtime state and shown by ``vm status --json``."""
-        return {"path": self.path, "type": self.type, "channel": self.channel}
+    def info(self) -> DeviceInfo:
+        """The record stored in the runtime state and shown by ``vm status --json``."""
+        return DeviceInfo(path=self.path, type=self.type, channel=self.channel)
 
 
 async def walk_devices(qmp: QMPClient, root: str = "/machine") -> list[LiveDevice]:
-    """Return every QOM child below ``root`` (breadth first, bounded)."""
+    """Return every QOM child below ``root`` (breadth first, bounded).
+
+    Raises:
+        qemu.qmp.QMPError: a ``qom-list`` failed or the connection broke.
+    """
     found: list[LiveDevice] = []
     queue: list[tuple[str, int]] = [(root, 0)]
     while queue and len(found) < MAX_QOM_NODES:

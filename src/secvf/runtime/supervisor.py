@@ -1,23 +1,44 @@
 """The per-VM supervisor: one process per running VM, owning QEMU and its helpers.
 
-Launch sequence (``Supervisor.run``), each step undone in ``finally``:
+Launch sequence (``Supervisor.run``); a failure names the
+:class:`~secvf.model.runtime.LaunchStage` it happened in:
 
-1. take the bundle's ``run.lock`` (held for the whole run: the truth of "running");
-2. publish state ``starting``; choose the accelerator (KVM only if probed good);
-3. build the machine plan with the builder for the VM's kind;
-4. start the plan's helpers (vsock backend, virtiofsd) and wait until each is ready;
-5. start QEMU paused (``-S``), every child bound to us with ``PR_SET_PDEATHSIG``;
-6. connect QMP, walk the live device tree and check it against the VM's kind — a
+1. take the bundle's ``run.lock`` (held for the whole run: the truth of "running"),
+   remove a dead run's leftovers and enter ``starting`` (``lock``);
+2. listen on the control socket, so a stop request works from now on (``control``);
+3. find the VM's image and choose the accelerator, KVM only if probed good
+   (``image``, ``accel``);
+4. build the machine plan with the builder for the VM's kind (``plan``);
+5. start the plan's helpers (vsock backend, virtiofsd), each ready before QEMU
+   (``helpers``);
+6. start QEMU paused (``-S``), every child bound to us with ``PR_SET_PDEATHSIG``
+   (``qemu``);
+7. connect QMP, walk the live device tree and check it against the VM's kind — a
    channel device on a non-sandbox VM stops the VM before the guest runs one
-   instruction, with a CRITICAL event;
-7. resume the guest, publish ``running``, report success to whoever started us;
-8. start the exec bridge (AI sandboxes only), then watch: QEMU's exit, QMP events
-   (shutdown, guest panic), helpers dying, the guest's ready marker on the serial
-   log, and stop requests on the control socket or SIGTERM.
+   instruction, with a CRITICAL event (``qmp``, ``devices``);
+8. resume the guest and enter ``running`` (``resume``), start the exec bridge (AI
+   sandboxes only, ``bridge``), report success to whoever started us;
+9. watch: QEMU's exit, QMP events (shutdown, guest panic), helpers dying, the guest's
+   ready marker on the serial log, and stop requests on the control socket or SIGTERM
+   (both also work while starting: the launch then ends at its next step).
 
-Stopping: ``system_powerdown`` and wait; on timeout (or ``force``) QMP ``quit``,
-then SIGKILL. How the run ended (stopped or crashed, and why) goes to
-``last_run.json`` and the security log.
+Whatever happens, teardown runs in ``finally``: the bridge, QMP, QEMU and the helpers
+are stopped, the final state is published, ``last_run.json`` is written and the
+runtime files are removed; only then, with ``run.lock`` released, does a failed
+start send its report, so the starter sees a VM that is already cleaned up. How a
+run ends:
+
+* a deliberate launch failure (a :class:`~secvf.errors.SecVFError`: QEMU or a helper
+  did not start, a forbidden device, a missing image) → ``stopped``,
+  "launch failed: …";
+* the supervisor's own failure (a QMP error, an OS error such as a control socket
+  that cannot be bound, a bug) → ``crashed``, "supervisor failed at step …";
+* after ``running``: ``crashed`` for a guest panic, a dead helper or QEMU dying on
+  its own, ``stopped`` for a stop request or a guest that powered off.
+
+Stopping: ``system_powerdown`` and wait; on timeout (or ``force``) QMP ``quit``, then
+SIGKILL. The state machine is :mod:`secvf.runtime.lifecycle`; the messages on the
+report pipe and the control socket are in :mod:`secvf.model.runtime`.
 """
 
 from __future__ import annotations
@@ -25,173 +46,270 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import errno
+import functools
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
-from secvf.errors import LaunchFailed, LockBusy, SecVFError
+from secvf.errors import (
+    ConfigError,
+    CorruptRecord,
+    ForbiddenDevice,
+    IllegalTransition,
+    LaunchFailed,
+    LockBusy,
+    NotFound,
+    SecVFError,
+    StateError,
+    SupervisorFailed,
+)
 from secvf.machine import MachinePlan, build_machine
 from secvf.machine.common import resolve_image
 from secvf.machine.plan import HelperSpec, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
-from secvf.model.config import Accel, ImageBoot, VMKind, now_iso, write_json_atomic
+from secvf.model.config import Accel, ImageBoot, VMKind, now_iso
+from secvf.model.runtime import (
+    MAX_FAILURE_OUTPUT_CHARS,
+    ControlReply,
+    FailureKind,
+    LastRun,
+    LaunchStage,
+    PlannedDeviceInfo,
+    Started,
+    StartFailed,
+    StopRequest,
+    VmState,
+    decode,
+    encode,
+)
 from secvf.runtime.accel import choose_accel
 from secvf.runtime.devtree import LiveDevice, channels_in, walk_devices
 from secvf.runtime.guestlog import SerialEvent, SerialScanner
+from secvf.runtime.lifecycle import Lifecycle
 from secvf.runtime.procutil import die_with_parent
 from secvf.store import events as seclog
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.events import Severity
 from secvf.store.library import get_vm
 from secvf.store.locks import FileLock
-from secvf.store.runstate import VmState, remove_stale_runtime_files, write_runtime_state
+from secvf.store.runstate import (
+    LIVE_STATES,
+    remove_runtime_files,
+    write_last_run,
+    write_runtime_state,
+)
+
+if TYPE_CHECKING:
+    from secvf.exec.bridge import ExecBridge
 
 QMP_CONNECT_TIMEOUT_S = 30.0
 HELPER_READY_TIMEOUT_S = 15.0
+HELPER_TERM_GRACE_S = 3.0
 POWERDOWN_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 5.0
 HELPER_EXIT_GRACE_S = 1.0
+CONTROL_READ_TIMEOUT_S = 5.0
+#: How long to wait for run.lock while readers or a reaper hold it shared for a moment.
+RUN_LOCK_WAIT_S = 2.0
+RUN_LOCK_POLL_S = 0.02
 MARKER_POLL_S = 0.1
 SERIAL_POLL_S = 1.0
 SERIAL_READ_BYTES = 1 << 20
 
+EXIT_STOPPED = 0
+EXIT_LAUNCH_FAILED = 1
+EXIT_CRASHED = 2
+EXIT_ALREADY_RUNNING = 3
+
 log = logging.getLogger("secvf.runtime.supervisor")
+
+T = TypeVar("T")
 
 
 class Supervisor:
-    """Runs one VM from launch to exit. Use :meth:`run` (blocking, asyncio)."""
+    """Runs one VM from launch to exit. Use :meth:`run` (blocking, asyncio), once."""
 
-    def __init__(self, name: str, *, accel: str | None = None, report_fd: int | None = None):
+    def __init__(self, name: str, *, accel: str | None = None,
+                 report_fd: int | None = None) -> None:
+        """Load VM ``name``; ``report_fd`` is the write end of the starter's report pipe.
+
+        Raises:
+            NotFound, ConfigError, ForbiddenDevice: ``vm.json`` is missing or invalid.
+        """
         self.bundle, self.config = get_vm(name)
         self.files = RuntimeFiles(self.config.id)
         self.accel_override = accel
-        self.report_fd = report_fd
+        self.report_fd = report_fd  # None once the report was sent
         self.log = log.getChild(name)
-        self.record: dict[str, Any] = {}
+        self.lifecycle = Lifecycle(name=self.config.name, vm_id=self.config.id,
+                                   kind=self.config.kind,
+                                   publish=functools.partial(write_runtime_state, self.files))
+        self.stage = LaunchStage.LOCK  # the launch step in progress
+        self.qemu_log = self.bundle.path / "qemu.log"
+        self.qemu_argv: list[str] = []  # set when QEMU is started
         self.qemu: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
         self.helpers: dict[str, asyncio.subprocess.Process] = {}
+        self.bridge: ExecBridge | None = None
         self.stop_reason: str | None = None  # set once a stop was requested
         self.crash_reason: str | None = None  # set when the run ended abnormally
-        self.guest_shutdown = False
-        self.bridge: Any = None
+        self.failure: StartFailed | None = None  # set when an exception ended the run
+        self.guest_shutdown = False  # the guest powered itself off
         self._stop_lock = asyncio.Lock()
-        self._exited = asyncio.Event()
+        self._exited = asyncio.Event()  # QEMU is gone (or was never started and never will)
+        self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept alive
 
     def __repr__(self) -> str:
-        return f"Supervisor(vm={self.config.name!r}, state={self.record.get('state')!r})"
+        return f"Supervisor(vm={self.config.name!r}, state={self.lifecycle.state.value!r})"
 
     # ---- entry point -------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Launch, watch and clean up the VM; return the process exit code."""
+        """Launch, watch and tear down the VM; return the process exit code.
+
+        0: stopped; 1: the launch failed; 2: crashed; 3: the VM was already running.
+        Every failure is recorded (``last_run.json``, the report pipe), not raised;
+        only cancellation propagates (after teardown).
+        """
         lock = FileLock(self.bundle.run_lock, f"VM '{self.config.name}'")
         try:
-            lock.acquire()
+            await _take_lock(lock)
         except LockBusy:
-            self._report({"ok": False, "type": "StateError",
-                          "error": f"VM '{self.config.name}' is already running"})
-            return 3
+            self._report(StartFailed(
+                kind=FailureKind.STATE, stage=LaunchStage.LOCK,
+                message=f"VM '{self.config.name}' is already running",
+                state=VmState.RUNNING, required=[VmState.STOPPED]))
+            return EXIT_ALREADY_RUNNING
         try:
-            return await self._run_locked()
+            code = await self._run_locked()
         finally:
-            remove_stale_runtime_files(self.files)
+            remove_runtime_files(self.files)
             lock.release()
+        if self.failure is not None:
+            self._report(self.failure)  # a no-op if success was reported already
+        return code
 
     async def _run_locked(self) -> int:
-        remove_stale_runtime_files(self.files)
-        self._publish(VmState.STARTING, supervisor_pid=os.getpid(), started_at=now_iso())
-        control = await asyncio.start_unix_server(self._serve_control,
-                                                  path=str(self.files.control_socket))
-        os.chmod(self.files.control_socket, 0o600)
+        control: asyncio.Server | None = None
         try:
+            remove_runtime_files(self.files)  # a dead run's leftovers
+            self.lifecycle.transition(VmState.STARTING, supervisor_pid=os.getpid(),
+                                      started_at=now_iso())
+            self._handle_signals()
+            self._step(LaunchStage.CONTROL)
+            control = await self._listen_control()
             await self._launch()
-        except SecVFError as exc:
-            self._report_failure(exc)
+            self.stage = LaunchStage.WATCH
+            self._report(Started(state=self.lifecycle.state, accel=self._accel() or ""))
+            await self._watch()
+        except Exception as exc:  # every failure is recorded, then torn down
+            self._fail(exc)
+        finally:
+            if control is not None:
+                control.close()
             await self._teardown()
-            self._write_last_run(VmState.STOPPED, f"launch failed: {exc}")
-            control.close()
-            return 1
-        self._report({"ok": True, "state": str(VmState.RUNNING), "accel": self.record["accel"]})
-        await self._watch()
-        control.close()
-        await self._teardown()
-        return self._finish()
+            code = self._finish()
+        return code
+
+    def _step(self, stage: LaunchStage) -> None:
+        """Enter launch step ``stage``; a stop request since the last step ends the launch.
+
+        Raises:
+            StateError: the VM is no longer starting (a stop request came in).
+        """
+        self.stage = stage
+        self.lifecycle.require(VmState.STARTING)
 
     # ---- launch --------------------------------------------------------------------------
 
     async def _launch(self) -> None:
+        self._step(LaunchStage.IMAGE)
         kernel = initrd = None
         if isinstance(self.config.boot, ImageBoot):
             image = resolve_image(self.config.boot)
             kernel, initrd = image.kernel, image.initrd
+        self._step(LaunchStage.ACCEL)
         requested = Accel(self.accel_override) if self.accel_override else self.config.accel
         choice = await asyncio.to_thread(choose_accel, requested, kernel, initrd)
-        self._publish(VmState.STARTING, accel=choice.accel, accel_reason=choice.reason)
+        self.lifecycle.update(accel=choice.accel, accel_reason=choice.reason)
+        self._step(LaunchStage.PLAN)
         plan = build_machine(self.config, self.bundle, self.files, choice.accel)
+        self._step(LaunchStage.HELPERS)
         for spec in plan.helpers:
             await self._start_helper(spec)
+        self._step(LaunchStage.QEMU)
         await self._start_qemu(plan)
+        self._step(LaunchStage.QMP)
         await self._connect_qmp()
+        self._step(LaunchStage.DEVICES)
         walk_started = time.monotonic()
-        devices = await walk_devices(self._qmp())
+        devices = await self._qmp_step("reading the device tree", walk_devices(self._qmp()))
         self.log.info("device tree: %d QOM nodes read in %.2f s", len(devices),
                       time.monotonic() - walk_started)
         self._check_devices(devices)
-        await self._qmp().execute("cont")
-        self._publish(
+        self._step(LaunchStage.RESUME)
+        await self._qmp_step("resuming the guest", self._qmp().execute("cont"))
+        self.lifecycle.require(VmState.STARTING)  # a stop request may have come in meanwhile
+        self.lifecycle.transition(
             VmState.RUNNING,
             qemu_pid=self._qemu().pid,
-            devices=[d.to_json() for d in devices if d.user_visible],
+            devices=[d.info() for d in devices if d.user_visible],
             device_types=sorted({d.type for d in devices}),
-            channels=[d.to_json() for d in channels_in(devices)],
+            channels=[d.info() for d in channels_in(devices)],
             device_count=len(devices),
             guest_ready=False,
-            planned_devices=[d.__dict__ for d in plan.devices],
+            planned_devices=[PlannedDeviceInfo(id=d.id, driver=d.driver, purpose=d.purpose)
+                             for d in plan.devices],
         )
         seclog.write_event("vm_started", vm=self.config.name, vm_id=self.config.id,
                            kind=str(self.config.kind), accel=choice.accel,
                            devices=[d.type for d in devices if d.user_visible])
-
+        self.stage = LaunchStage.BRIDGE
         await self._start_bridge()
 
     async def _start_helper(self, spec: HelperSpec) -> None:
+        """Start one helper and wait until it is ready.
+
+        Raises:
+            LaunchFailed: it could not be started or did not report ready.
+            SupervisorFailed: its listening socket could not be created.
+        """
         argv = list(spec.argv)
         pass_fds: list[int] = []
         listener: socket.socket | None = None
         read_fd = write_fd = -1
-        if spec.listen_socket is not None and spec.fd_arg:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                spec.listen_socket.unlink()
-            listener.bind(str(spec.listen_socket))
-            os.chmod(spec.listen_socket, 0o600)
-            listener.listen(1)
-            listener.set_inheritable(True)
-            pass_fds.append(listener.fileno())
-            argv.append(spec.fd_arg.format(fd=listener.fileno()))
-        if spec.ready_fd_arg:
-            read_fd, write_fd = os.pipe()
-            pass_fds.append(write_fd)
-            argv += [spec.ready_fd_arg, str(write_fd)]
-        with self.bundle.supervisor_log.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                pass_fds=pass_fds, preexec_fn=die_with_parent,
-            )
-        if listener is not None:
-            listener.close()
+        try:
+            if spec.listen_socket is not None and spec.fd_arg:
+                listener = _listen_for(spec.listen_socket, f"helper '{spec.name}'")
+                pass_fds.append(listener.fileno())
+                argv.append(spec.fd_arg.format(fd=listener.fileno()))
+            if spec.ready_fd_arg:
+                read_fd, write_fd = os.pipe()
+                pass_fds.append(write_fd)
+                argv += [spec.ready_fd_arg, str(write_fd)]
+            proc = await self._spawn(f"device helper '{spec.name}'", argv, pass_fds,
+                                     self.bundle.supervisor_log, append=True)
+        except BaseException:
+            if read_fd >= 0:
+                os.close(read_fd)
+            raise
+        finally:
+            if listener is not None:
+                listener.close()
+            if write_fd >= 0:
+                os.close(write_fd)
         self.helpers[spec.name] = proc
-        if write_fd >= 0:
-            os.close(write_fd)
+        if read_fd >= 0:
             line = await asyncio.to_thread(_read_line_with_timeout, read_fd,
                                            HELPER_READY_TIMEOUT_S)
             if not line.startswith("READY"):
@@ -199,42 +317,67 @@ class Supervisor:
                                    _tail(self.bundle.supervisor_log), proc.returncode)
         self.log.info("helper %s started (pid %d)", spec.name, proc.pid)
 
-    async def _start_qemu(self, plan: MachinePlan) -> None:
-        argv = [str(qemu_binary()), *plan.argv_tail]
-        self.record["qemu_argv"] = argv
-        self.qemu_log = self.bundle.path / "qemu.log"
-        with self.qemu_log.open("wb") as out:
+    async def _spawn(self, what: str, argv: list[str], pass_fds: list[int], out_path: Path,
+                     *, append: bool) -> asyncio.subprocess.Process:
+        """Start a child that dies with us, its output going to ``out_path``.
+
+        Raises:
+            LaunchFailed: the program could not be executed (named ``what``).
+        """
+        with out_path.open("ab" if append else "wb") as out:
             try:
-                self.qemu = await asyncio.create_subprocess_exec(
+                return await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    preexec_fn=die_with_parent,
+                    pass_fds=pass_fds, preexec_fn=die_with_parent,
                 )
             except OSError as exc:
-                raise LaunchFailed("QEMU", argv, str(exc), None) from exc
-        self.log.info("QEMU started (pid %d): %s", self.qemu.pid, " ".join(argv))
+                raise LaunchFailed(what, argv, str(exc), None) from exc
+
+    async def _start_qemu(self, plan: MachinePlan) -> None:
+        self.qemu_argv = [str(qemu_binary()), *plan.argv_tail]
+        self.lifecycle.update(qemu_argv=self.qemu_argv)
+        self.qemu = await self._spawn("QEMU", self.qemu_argv, [], self.qemu_log, append=False)
+        self.log.info("QEMU started (pid %d): %s", self.qemu.pid, " ".join(self.qemu_argv))
 
     async def _connect_qmp(self) -> None:
+        """Connect QMP (greeting and negotiation included) within the connect timeout.
+
+        Raises:
+            LaunchFailed: QEMU exited, or QMP did not come up in time.
+        """
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT_S
-        qmp = QMPClient(self.config.name)
         while True:
             if self._qemu().returncode is not None:
                 raise self._qemu_failed()
             if self.files.qmp_socket.exists():
+                qmp = QMPClient(self.config.name)
                 try:
-                    await qmp.connect(str(self.files.qmp_socket))
+                    await asyncio.wait_for(qmp.connect(str(self.files.qmp_socket)),
+                                           max(deadline - time.monotonic(), 0.1))
                     self.qmp = qmp
                     return
-                except QMPError:
+                except (QMPError, TimeoutError):
                     pass
             if time.monotonic() > deadline:
-                raise LaunchFailed("QEMU", self.record["qemu_argv"],
-                                   "QMP socket did not come up", None)
+                raise LaunchFailed("QEMU", self.qemu_argv, "QMP socket did not come up", None)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._qemu().wait(), 0.05)
 
+    async def _qmp_step(self, what: str, call: Awaitable[T]) -> T:
+        """Await one QMP exchange of the launch.
+
+        Raises:
+            SupervisorFailed: QMP failed (an error reply or a broken connection).
+        """
+        try:
+            return await call
+        except QMPError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise SupervisorFailed(self.stage, f"QMP failed while {what}: {detail}") from exc
+
     def _qemu_failed(self) -> LaunchFailed:
-        return LaunchFailed("QEMU", self.record.get("qemu_argv", []),
-                            self.qemu_log.read_text(errors="replace"), self._qemu().returncode)
+        return LaunchFailed("QEMU", self.qemu_argv, self.qemu_log.read_text(errors="replace"),
+                            self._qemu().returncode)
 
     def _check_devices(self, devices: list[LiveDevice]) -> None:
         found = channels_in(devices)
@@ -246,9 +389,10 @@ class Supervisor:
             detail = ", ".join(f"{d.type} at {d.path}" for d in bad)
             seclog.write_event("forbidden_device", severity=Severity.CRITICAL,
                                vm=self.config.name, vm_id=self.config.id,
-                               kind=str(self.config.kind), devices=[d.to_json() for d in bad])
+                               kind=str(self.config.kind),
+                               devices=[d.info().model_dump() for d in bad])
             raise LaunchFailed(
-                "QEMU", self.record.get("qemu_argv", []),
+                "QEMU", self.qemu_argv,
                 f"forbidden host-guest channel on a {self.config.kind} VM: {detail}", None)
 
     async def _start_bridge(self) -> None:
@@ -257,14 +401,17 @@ class Supervisor:
         from secvf.exec.bridge import start_bridge
 
         self.bridge = await start_bridge(self.config, self.files)
-        self._publish(VmState.RUNNING, exec_socket=str(self.files.exec_socket))
+        self.lifecycle.update(exec_socket=str(self.files.exec_socket))
 
     # ---- watching ----------------------------------------------------------------------
 
-    async def _watch(self) -> None:
+    def _handle_signals(self) -> None:
+        """SIGTERM, SIGINT and SIGHUP stop the VM (while starting too) instead of killing us."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
+
+    async def _watch(self) -> None:
         tasks = [
             asyncio.create_task(self._watch_events()),
             asyncio.create_task(self._watch_serial()),
@@ -277,9 +424,19 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task of its own; what it raises is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task failed: %s", task.exception())
+
     def _on_signal(self, sig: int) -> None:
-        asyncio.get_running_loop().create_task(
-            self.stop(force=False, reason=f"signal {signal.Signals(sig).name}"))
+        self._background(self.stop(force=False, reason=f"signal {signal.Signals(sig).name}"))
 
     async def _watch_events(self) -> None:
         qmp = self._qmp()
@@ -294,7 +451,7 @@ class Supervisor:
                 self.crash_reason = "guest panic"
                 seclog.write_event("guest_panic", severity=Severity.ERROR, vm=self.config.name,
                                    vm_id=self.config.id, info=data)
-                asyncio.get_running_loop().create_task(self._kill_qemu())
+                self._background(self._kill_qemu())
 
     async def _watch_serial(self) -> None:
         """Follow the serial log: publish readiness, report dead virtio devices."""
@@ -314,11 +471,12 @@ class Supervisor:
 
     def _on_serial_event(self, event: SerialEvent) -> None:
         if event.kind == "ready":
-            self._publish(VmState.RUNNING, guest_ready=True, ready_at=now_iso())
+            self.lifecycle.update(guest_ready=True, ready_at=now_iso())
             self.log.info("guest reported ready")
             return
-        errors = [*self.record.get("device_errors", []), event.line]
-        self._publish(VmState(self.record["state"]), device_errors=errors)
+        record = self.lifecycle.record
+        errors = [*(record.device_errors if record else []), event.line]
+        self.lifecycle.update(device_errors=errors)
         self.log.error("guest kernel reports a dead virtio device: %s", event.line)
         seclog.write_event("guest_device_error", severity=Severity.ERROR, vm=self.config.name,
                            vm_id=self.config.id, line=event.line)
@@ -339,12 +497,22 @@ class Supervisor:
     # ---- stopping ----------------------------------------------------------------------
 
     async def stop(self, *, force: bool, reason: str, timeout: float = POWERDOWN_TIMEOUT_S) -> None:
-        """Stop the VM: ACPI powerdown with ``timeout``, then quit, then SIGKILL."""
+        """Stop the VM: ACPI powerdown within ``timeout``, then QMP quit, then SIGKILL.
+
+        A running guest gets the powerdown unless ``force``; while the VM is still
+        starting QEMU is quit at once and the launch ends at its next step. Returns
+        at once if QEMU is already gone; returns before QEMU is reaped after a kill.
+        """
         async with self._stop_lock:
             if self._exited.is_set():
                 return
             self.stop_reason = self.stop_reason or reason
-            self._publish(VmState.STOPPING)
+            was_running = self.lifecycle.state is VmState.RUNNING
+            if self.lifecycle.state in (VmState.STARTING, VmState.RUNNING):
+                self.lifecycle.transition(VmState.STOPPING)
+            if not was_running:
+                await self._kill_qemu()
+                return
             if not force and await self._powerdown(timeout):
                 return
             seclog.write_event("vm_forced_stop", severity=Severity.WARNING, vm=self.config.name,
@@ -352,83 +520,149 @@ class Supervisor:
             await self._kill_qemu()
 
     async def _powerdown(self, timeout: float) -> bool:
+        if self.qmp is None:
+            return False
         try:
-            await self._qmp().execute("system_powerdown")
-        except (QMPError, AttributeError):
+            await self.qmp.execute("system_powerdown")
+        except QMPError:
             return False
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
         return self._exited.is_set()
 
     async def _kill_qemu(self) -> None:
-        with contextlib.suppress(QMPError, AttributeError):
-            await asyncio.wait_for(self._qmp().execute("quit"), QUIT_TIMEOUT_S)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), QUIT_TIMEOUT_S)
-        if not self._exited.is_set() and self.qemu and self.qemu.returncode is None:
-            self.qemu.kill()
+        """QMP ``quit``, and SIGKILL if QEMU is still there :data:`QUIT_TIMEOUT_S` later."""
+        qemu = self.qemu
+        if qemu is None or qemu.returncode is not None:
+            return
+        if self.qmp is not None:
+            with contextlib.suppress(QMPError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.qmp.execute("quit"), QUIT_TIMEOUT_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(qemu.wait(), QUIT_TIMEOUT_S)
+        if qemu.returncode is None:
+            qemu.kill()
 
     async def _teardown(self) -> None:
+        """Stop whatever this run started; one step failing never skips the others."""
         if self.bridge is not None:
             from secvf.exec.bridge import stop_bridge
 
-            with contextlib.suppress(Exception):
-                await stop_bridge(self.config.id)
+            await self._quietly("stopping the exec bridge", stop_bridge(self.config.id))
         if self.qmp is not None:
-            with contextlib.suppress(Exception):
-                await self.qmp.disconnect()
-        if self.qemu is not None and self.qemu.returncode is None:
-            self.qemu.kill()
-            await self.qemu.wait()
+            # disconnect() re-raises whatever broke the connection: that was handled
+            await self._quietly("closing QMP", self.qmp.disconnect())
+        if self.qemu is not None:
+            await _end_process(self.qemu, grace=0)
         for proc in self.helpers.values():
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 3)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await _end_process(proc, grace=HELPER_TERM_GRACE_S)
+        self._exited.set()
+
+    async def _quietly(self, what: str, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except Exception as exc:  # teardown goes on regardless
+            self.log.debug("%s: %s", what, exc)
+
+    # ---- the end of a run ----------------------------------------------------------------
+
+    def _fail(self, exc: Exception) -> None:
+        self.failure = failure_of(exc, self.stage)
+        if self.failure.kind is not FailureKind.SUPERVISOR_FAILED:
+            self.log.error("launch failed: %s", exc)
+        else:  # a traceback only for what nobody meant to raise
+            self.log.error("supervisor failed at step '%s': %s", self.failure.stage, exc,
+                           exc_info=None if isinstance(exc, SecVFError) else exc)
+
+    def _verdict(self) -> tuple[VmState, str]:
+        """How the run ended: the final state and why."""
+        failure = self.failure
+        if failure is not None and failure.stage is not LaunchStage.WATCH:
+            if self.stop_reason:
+                return VmState.STOPPED, f"{self.stop_reason} while starting"
+            if failure.kind is FailureKind.SUPERVISOR_FAILED:
+                return (VmState.CRASHED,
+                        f"supervisor failed at step '{failure.stage}': {failure.message}")
+            return VmState.STOPPED, f"launch failed: {failure.message}"
+        if failure is not None:
+            return VmState.CRASHED, f"supervisor failed while running: {failure.message}"
+        rc = self.qemu.returncode if self.qemu else None
+        if self.crash_reason:
+            return VmState.CRASHED, self.crash_reason
+        if self.stop_reason or self.guest_shutdown or rc == 0:
+            return VmState.STOPPED, self.stop_reason or "guest powered off"
+        return VmState.CRASHED, f"QEMU exited with {rc}: {_tail(self.qemu_log)}"
 
     def _finish(self) -> int:
-        rc = self._qemu().returncode
-        if self.crash_reason:
-            state, reason = VmState.CRASHED, self.crash_reason
-        elif self.stop_reason or self.guest_shutdown or rc == 0:
-            state, reason = VmState.STOPPED, self.stop_reason or "guest powered off"
-        else:
-            state, reason = VmState.CRASHED, f"QEMU exited with {rc}: {_tail(self.qemu_log)}"
-        self._publish(state)
-        self._write_last_run(state, reason)
-        event = "vm_stopped" if state is VmState.STOPPED else "vm_crashed"
-        seclog.write_event(event, severity=Severity.INFO if state is VmState.STOPPED
-                           else Severity.ERROR, vm=self.config.name, vm_id=self.config.id,
-                           reason=reason, qemu_exit=rc)
-        return 0 if state is VmState.STOPPED else 2
+        """Publish the final state, write ``last_run.json`` and the security event."""
+        state, reason = self._verdict()
+        ran = any(t.state is VmState.RUNNING for t in self.lifecycle.transitions)
+        if self.lifecycle.state in LIVE_STATES:
+            try:
+                self.lifecycle.transition(state)
+            except OSError as exc:
+                self.log.error("could not publish the final state: %s", exc)
+        try:
+            write_last_run(self.bundle, LastRun(state=state, reason=reason, ended_at=now_iso(),
+                                                accel=self._accel(),
+                                                transitions=self.lifecycle.transitions))
+        except OSError as exc:
+            self.log.error("could not write %s: %s", self.bundle.last_run_file, exc)
+        if ran or state is VmState.CRASHED:
+            event = "vm_stopped" if state is VmState.STOPPED else "vm_crashed"
+            seclog.write_event(event, severity=Severity.INFO if state is VmState.STOPPED
+                               else Severity.ERROR, vm=self.config.name, vm_id=self.config.id,
+                               reason=reason,
+                               qemu_exit=self.qemu.returncode if self.qemu else None)
+        if self.failure is not None and self.failure.stage is not LaunchStage.WATCH:
+            return EXIT_LAUNCH_FAILED
+        return EXIT_STOPPED if state is VmState.STOPPED else EXIT_CRASHED
 
     # ---- control socket --------------------------------------------------------------
 
+    async def _listen_control(self) -> asyncio.Server:
+        """Listen on the control socket (mode 0600).
+
+        Raises:
+            SupervisorFailed: the socket could not be created (stage ``control``).
+        """
+        path = self.files.control_socket
+        server: asyncio.Server | None = None
+        try:
+            server = await asyncio.start_unix_server(self._serve_control, path=str(path))
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            if server is not None:
+                server.close()
+            raise SupervisorFailed(LaunchStage.CONTROL, f"cannot listen on the control socket "
+                                   f"{path}: {exc.strerror or exc}", exc.errno) from exc
+        return server
+
     async def _serve_control(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
+        """Answer one control connection: a :class:`StopRequest` line, a reply line."""
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            request = json.loads(line or b"{}")
-            op = request.get("op")
-            if op == "status":
-                reply: dict[str, Any] = {"ok": True, "record": self.record}
-            elif op == "stop":
-                timeout = float(request.get("timeout", POWERDOWN_TIMEOUT_S))
-                await self.stop(force=bool(request.get("force")), reason="stop requested",
-                                timeout=timeout)
-                await self._exited.wait()
-                reply = {"ok": True}
-            else:
-                reply = {"ok": False, "error": f"unknown op {op!r}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
+            line = await asyncio.wait_for(reader.readline(), CONTROL_READ_TIMEOUT_S)
+            writer.write(encode(await self._answer(line)))
             await writer.drain()
-        except (TimeoutError, ValueError, ConnectionError, AttributeError) as exc:
-            self.log.warning("bad control request: %s", exc)
+        except (TimeoutError, ConnectionError) as exc:
+            self.log.warning("control connection dropped: %s", exc)
         finally:
             writer.close()
+
+    async def _answer(self, line: bytes) -> ControlReply:
+        try:
+            request = decode(StopRequest, line, source="control request")
+        except CorruptRecord as exc:
+            self.log.warning("%s", exc)
+            return ControlReply(ok=False, error=str(exc))
+        try:
+            await self.stop(force=request.force, reason="stop requested",
+                            timeout=request.timeout)
+        except SecVFError as exc:
+            return ControlReply(ok=False, error=str(exc))
+        await self._exited.wait()
+        return ControlReply(ok=True)
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -440,39 +674,126 @@ class Supervisor:
         assert self.qmp is not None
         return self.qmp
 
-    def _publish(self, state: VmState, **fields: Any) -> None:
-        transitions = self.record.setdefault("transitions", [])
-        if not transitions or transitions[-1][0] != str(state):
-            transitions.append([str(state), now_iso()])
-        self.record.update(fields, state=str(state), name=self.config.name, id=self.config.id,
-                           kind=str(self.config.kind))
-        write_runtime_state(self.files, self.record)
+    def _accel(self) -> str | None:
+        record = self.lifecycle.record
+        return record.accel if record else None
 
-    def _write_last_run(self, state: VmState, reason: str) -> None:
-        write_json_atomic(self.bundle.last_run_file,
-                          {"state": str(state), "reason": reason, "ended_at": now_iso(),
-                           "accel": self.record.get("accel"),
-                           "transitions": self.record.get("transitions", [])})
+    def _report(self, message: Started | StartFailed) -> None:
+        if self.report_fd is not None:
+            send_report(self.report_fd, message)
+            self.report_fd = None
 
-    def _report(self, message: dict[str, Any]) -> None:
-        if self.report_fd is None:
+
+def failure_of(exc: BaseException, stage: LaunchStage) -> StartFailed:
+    """The start report for ``exc``, raised during launch step ``stage``.
+
+    Each :class:`~secvf.errors.SecVFError` subclass maps to one
+    :class:`~secvf.model.runtime.FailureKind` with the fields needed to rebuild it
+    (``runtime.control`` does); anything else — an OS or QMP error nobody wrapped,
+    a bug — is ``supervisor_failed``.
+    """
+    message = str(exc) or type(exc).__name__
+    kind = FailureKind.SUPERVISOR_FAILED
+    if isinstance(exc, SupervisorFailed):
+        return StartFailed(kind=kind, stage=_stage(exc.stage, stage), message=message,
+                           errno=exc.errno, errno_name=_errno_name(exc.errno))
+    if isinstance(exc, IllegalTransition):
+        return StartFailed(kind=kind, stage=stage, message=message)
+    if isinstance(exc, LaunchFailed):
+        return StartFailed(kind=FailureKind.LAUNCH_FAILED, stage=stage, message=message,
+                           what=exc.what, argv=exc.argv,
+                           output=exc.output[-MAX_FAILURE_OUTPUT_CHARS:], exitcode=exc.exitcode)
+    if isinstance(exc, StateError):
+        return StartFailed(kind=FailureKind.STATE, stage=stage, message=message,
+                           state=exc.state, required=list(exc.required))
+    if isinstance(exc, ForbiddenDevice):
+        return StartFailed(kind=FailureKind.FORBIDDEN_DEVICE, stage=stage, message=message,
+                           field=exc.field, vm_kind=exc.kind)
+    for cls, simple in ((NotFound, FailureKind.NOT_FOUND),
+                        (ConfigError, FailureKind.INVALID_CONFIG),
+                        (SecVFError, FailureKind.ERROR)):
+        if isinstance(exc, cls):
+            return StartFailed(kind=simple, stage=stage, message=message)
+    code = exc.errno if isinstance(exc, OSError) else None
+    return StartFailed(kind=kind, stage=stage,
+                       message=f"unexpected {type(exc).__name__}: {message}",
+                       errno=code, errno_name=_errno_name(code))
+
+
+def _errno_name(code: int | None) -> str | None:
+    return errno.errorcode.get(code) if code is not None else None
+
+
+def _stage(value: str, default: LaunchStage) -> LaunchStage:
+    try:
+        return LaunchStage(value)
+    except ValueError:
+        return default
+
+
+def send_report(fd: int, message: Started | StartFailed) -> None:
+    """Write the start report line to ``fd`` and close it (a starter that left is fine)."""
+    with contextlib.suppress(OSError):
+        os.write(fd, encode(message))
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+async def _take_lock(lock: FileLock) -> None:
+    """Take ``lock``, waiting out readers and reapers that hold it shared for a moment.
+
+    Raises:
+        LockBusy: another supervisor holds it (the VM is running).
+    """
+    deadline = time.monotonic() + RUN_LOCK_WAIT_S
+    while True:
+        try:
+            lock.acquire()
             return
-        with contextlib.suppress(OSError):
-            os.write(self.report_fd, json.dumps(message).encode() + b"\n")
-            os.close(self.report_fd)
-        self.report_fd = None
+        except LockBusy:
+            if time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(RUN_LOCK_POLL_S)
 
-    def _report_failure(self, exc: SecVFError) -> None:
-        self.log.error("launch failed: %s", exc)
-        msg: dict[str, Any] = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
-        if isinstance(exc, LaunchFailed):
-            msg.update(argv=exc.argv, output=exc.output[-4000:])
-        self._report(msg)
+
+def _listen_for(path: Path, what: str) -> socket.socket:
+    """A listening Unix socket at ``path`` (0600) whose fd a helper inherits.
+
+    Raises:
+        SupervisorFailed: it could not be created (stage ``helpers``).
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(1)
+        listener.set_inheritable(True)
+    except OSError as exc:
+        listener.close()
+        raise SupervisorFailed(LaunchStage.HELPERS, f"cannot listen on {path} for {what}: "
+                               f"{exc.strerror or exc}", exc.errno) from exc
+    return listener
+
+
+async def _end_process(proc: asyncio.subprocess.Process, *, grace: float) -> None:
+    """SIGTERM ``proc`` and SIGKILL it after ``grace`` seconds (at once if 0); reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            if grace > 0:
+                proc.terminate()
+            else:
+                proc.kill()
+        try:
+            await asyncio.wait_for(proc.wait(), grace or None)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 def _read_line_with_timeout(fd: int, timeout: float) -> str:
-    import select
-
     try:
         ready, _, _ = select.select([fd], [], [], timeout)
         return os.read(fd, 256).decode(errors="replace") if ready else ""
@@ -499,9 +820,8 @@ def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> in
         supervisor = Supervisor(name, accel=accel, report_fd=report_fd)
     except SecVFError as exc:
         if report_fd is not None:
-            os.write(report_fd, json.dumps({"ok": False, "type": type(exc).__name__,
-                                            "error": str(exc)}).encode() + b"\n")
-        return 1
+            send_report(report_fd, failure_of(exc, LaunchStage.CONFIG))
+        return EXIT_LAUNCH_FAILED
     return asyncio.run(supervisor.run())
 
 

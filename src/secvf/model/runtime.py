@@ -1,0 +1,256 @@
+"""Typed records and messages about a VM's run, exchanged between SecVF processes.
+
+A running VM is a detached supervisor process; every other ``secvf`` process learns
+about it only through the contracts below. All are pydantic models, strict
+(``extra="forbid"``, frozen), one JSON document each; this module does no I/O.
+
+* :class:`RuntimeRecord` — ``state-<UUID>.json`` in the runtime dir: written by the
+  supervisor on every change, read by any command (status, list, audit) while the
+  supervisor holds ``run.lock``;
+* :class:`LastRun` — ``last_run.json`` in the bundle: how the previous run ended;
+* :class:`StopRequest` / :class:`ControlReply` — one JSON line each way on the
+  supervisor's control socket (``secvf vm stop``);
+* :class:`StartReport` — the one JSON line the supervisor writes on the report pipe
+  of ``secvf vm start``;
+* :class:`VmStatus` — what ``runtime.control.get_status`` returns (``vm_status``: as
+  a dict) and ``vm status --json`` prints.
+
+The start report is :class:`Started` or :class:`StartFailed`, told apart by
+``outcome``. A failure is data, not a class name: a :class:`FailureKind`, the
+:class:`LaunchStage` that failed and the fields the matching
+:class:`~secvf.errors.SecVFError` subclass needs; ``runtime.control`` maps it back
+to that exception. Anything that does not parse — a corrupt file, a torn line, a
+message of another shape — is a :class:`~secvf.errors.CorruptRecord` naming the
+source and the first bad field (:func:`decode`), never a traceback.
+
+Rules for changing these shapes: new fields get defaults, so a reader accepts what
+an older supervisor wrote; removing or renaming a field, or a value of
+:class:`VmState`, is a break that ``last_run.json`` files on disk would notice.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+
+from secvf.errors import CorruptRecord
+from secvf.model.config import VMKind
+
+#: Longest QEMU/helper output a start failure carries (its tail).
+MAX_FAILURE_OUTPUT_CHARS = 4000
+
+
+class VmState(StrEnum):
+    """Lifecycle state of a VM as ``vm status`` reports it (see runtime/lifecycle.py)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+
+
+class Transition(NamedTuple):
+    """One state change of a run; JSON: ``["running", "2025-01-01T00:00:00Z"]``."""
+
+    state: VmState  # the state entered
+    at: str  # when (RFC 3339, UTC)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceInfo(_Message):
+    """One live QOM device, as status, audit and the security log show it."""
+
+    path: str  # QOM path, e.g. /machine/peripheral/disk0dev
+    type: str  # QOM type, e.g. virtio-blk-pci
+    channel: str | None = None  # host-guest channel kind it provides, if any
+
+
+class PlannedDeviceInfo(_Message):
+    """One ``-device`` of the machine plan the run was started with."""
+
+    id: str  # QEMU device id
+    driver: str  # QEMU device type
+    purpose: str  # what it is for
+
+
+class RuntimeRecord(_Message):
+    """The supervisor's published state, rewritten atomically on every change.
+
+    Trusted only while the supervisor holds the bundle's ``run.lock``.
+    """
+
+    state: VmState  # current lifecycle state
+    name: str  # VM name when the run started
+    id: str  # VM UUID (names the runtime files)
+    kind: VMKind  # VM kind
+    supervisor_pid: int  # pid of the supervisor process
+    started_at: str  # when the run started (RFC 3339)
+    transitions: list[Transition]  # every state entered, in order
+    accel: str | None = None  # "kvm" or "tcg", once chosen
+    accel_reason: str | None = None  # why that accelerator
+    qemu_argv: list[str] = []  # QEMU's command line, once started
+    qemu_pid: int | None = None  # set when the guest runs
+    devices: list[DeviceInfo] = []  # user-visible live devices (set when running)
+    device_types: list[str] = []  # every QOM type in the live tree
+    channels: list[DeviceInfo] = []  # live devices that are host-guest channels
+    device_count: int = 0  # QOM nodes walked
+    planned_devices: list[PlannedDeviceInfo] = []  # what the machine plan asked for
+    guest_ready: bool = False  # the guest printed its ready marker
+    ready_at: str | None = None  # when it did
+    exec_socket: str | None = None  # exec bridge socket (AI sandboxes, while running)
+    device_errors: list[str] = []  # guest kernel lines reporting a dead virtio device
+
+
+class LastRun(_Message):
+    """How the previous run ended (``last_run.json``)."""
+
+    state: VmState  # stopped or crashed
+    reason: str  # why, in words
+    ended_at: str  # when (RFC 3339)
+    accel: str | None = None  # accelerator the run used, if it got that far
+    transitions: list[Transition] = []  # every state the run entered
+
+
+class FailureKind(StrEnum):
+    """What kind of start failure a :class:`StartFailed` reports (one error class each)."""
+
+    STATE = "state"  # StateError: e.g. already running, stopped while starting
+    NOT_FOUND = "not_found"  # NotFound: the VM or its image is gone
+    INVALID_CONFIG = "invalid_config"  # ConfigError: vm.json or another file is bad
+    FORBIDDEN_DEVICE = "forbidden_device"  # ForbiddenDevice: the plan asked for a channel
+    LAUNCH_FAILED = "launch_failed"  # LaunchFailed: QEMU or a helper did not start
+    SUPERVISOR_FAILED = "supervisor_failed"  # SupervisorFailed: a supervisor step broke
+    ERROR = "error"  # any other SecVFError
+
+
+class LaunchStage(StrEnum):
+    """The supervisor's launch steps, in order; a failure names the one it was in."""
+
+    CONFIG = "config"  # reading vm.json
+    LOCK = "lock"  # taking run.lock
+    CONTROL = "control"  # listening on the control socket
+    IMAGE = "image"  # finding the image the VM boots
+    ACCEL = "accel"  # choosing the accelerator
+    PLAN = "plan"  # building the machine plan
+    HELPERS = "helpers"  # starting device helpers
+    QEMU = "qemu"  # starting QEMU
+    QMP = "qmp"  # connecting QMP
+    DEVICES = "devices"  # walking and checking the live device tree
+    RESUME = "resume"  # QMP cont
+    BRIDGE = "bridge"  # starting the exec bridge
+    WATCH = "watch"  # running (after the start report)
+    REPORT = "report"  # the start report itself (seen by the reader only)
+
+
+class Started(_Message):
+    """Start report: the guest runs and its devices passed the check."""
+
+    outcome: Literal["started"] = "started"
+    state: VmState  # running
+    accel: str  # accelerator in use
+
+
+class StartFailed(_Message):
+    """Start report: the VM did not start; enough to rebuild the error on the other side."""
+
+    outcome: Literal["failed"] = "failed"
+    kind: FailureKind  # which error class
+    stage: LaunchStage  # the step that failed
+    message: str  # the error's one-line text
+    what: str | None = None  # launch_failed: the process, e.g. "QEMU"
+    argv: list[str] = []  # launch_failed: its command line
+    output: str = Field(default="", max_length=MAX_FAILURE_OUTPUT_CHARS)  # its output (tail)
+    exitcode: int | None = None  # launch_failed: its exit status, if it exited
+    state: str | None = None  # state: the state the VM was in
+    required: list[str] = []  # state: the states the operation needed
+    field: str | None = None  # forbidden_device: the offending field or device
+    vm_kind: str | None = None  # forbidden_device: the VM's kind
+    errno: int | None = None  # supervisor_failed: OS errno, if an OS call failed
+    errno_name: str | None = None  # e.g. "EADDRINUSE"
+
+
+class StartReport(RootModel[Annotated[Started | StartFailed, Field(discriminator="outcome")]]):
+    """The one line the supervisor writes on its report pipe (decode, then ``.root``)."""
+
+
+class StopRequest(_Message):
+    """Control request: stop the VM (powerdown, then forced after ``timeout``)."""
+
+    op: Literal["stop"] = "stop"  # the only operation
+    force: bool = False  # skip the ACPI powerdown
+    timeout: float = Field(default=30.0, ge=0)  # seconds to wait for the guest to power off
+
+
+class ControlReply(_Message):
+    """Control reply, sent once the request is done (for stop: once QEMU is gone)."""
+
+    ok: bool  # the request was understood and carried out
+    error: str | None = None  # why not, when not ok
+
+
+class VmStatus(_Message):
+    """What ``vm status --json`` prints (built from ``vm.json`` and the run records)."""
+
+    name: str
+    id: str
+    kind: str
+    state: VmState
+    pid: int | None = None  # supervisor pid, while running
+    qemu_pid: int | None = None
+    accel: str | None = None
+    accel_reason: str | None = None
+    uptime_s: float | None = None  # while starting, running or stopping
+    guest_ready: bool = False
+    devices: list[DeviceInfo] = []  # live, user-visible
+    channels: list[DeviceInfo] = []  # live host-guest channels
+    network: str
+    cpus: int
+    memory_mib: int
+    exec_socket: str | None = None
+    last_run: LastRun | None = None  # only while not running
+    vsock_backend: str | None = None  # AI sandboxes: "userspace" or "kernel"
+    device_errors: list[str] = []
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-able dict the CLI prints."""
+        return self.model_dump(mode="json")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    """One message as a single JSON line (for the pipe and the control socket)."""
+    return message.model_dump_json().encode() + b"\n"
+
+
+def decode(schema: type[M], data: bytes | str, *, source: str) -> M:
+    """Parse one JSON document into ``schema``.
+
+    Args:
+        schema: the model expected (use :class:`StartReport` for the report pipe).
+        data: the raw document.
+        source: what it is, for the error (a file path, "start report", ...).
+
+    Raises:
+        CorruptRecord: not JSON, or not of that shape (names the first bad field).
+    """
+    try:
+        return schema.model_validate_json(data)
+    except ValidationError as exc:
+        raise CorruptRecord(describe_invalid(exc, source)) from None
+
+
+def describe_invalid(exc: ValidationError, source: str) -> str:
+    """A one-line description of the first problem in ``exc``."""
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return f"{source} is not valid JSON: {err['msg']}"
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{source}: field '{loc}': {err['msg']}"

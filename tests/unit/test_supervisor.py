@@ -1,0 +1,411 @@
+"""The supervisor's launch, failure and stop paths against a fake QEMU (no QEMU needed).
+
+QEMU is replaced by ``python -m secvf.testing.qmp`` through ``$SECVF_QEMU``: a real child
+process that serves the fake QMP peer on the socket named in QEMU's own command line.
+Helpers are real too (an AI sandbox's vsock backend). Failure paths run the supervisor in
+this process, so what its teardown did — not ``PR_SET_PDEATHSIG`` — is what the
+assertions see; the happy paths go through ``runtime.control`` and a detached supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import select
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from secvf.errors import (
+    ConfigError,
+    CorruptRecord,
+    ForbiddenDevice,
+    LaunchFailed,
+    NotFound,
+    SecVFError,
+    StateError,
+    SupervisorFailed,
+)
+from secvf.model.config import (
+    DiskImageBoot,
+    IsoBoot,
+    SandboxChannels,
+    VMConfig,
+    new_mac,
+    now_iso,
+    save_config,
+)
+from secvf.model.runtime import (
+    FailureKind,
+    LaunchStage,
+    Started,
+    StartFailed,
+    StartReport,
+    decode,
+    encode,
+)
+from secvf.runtime import accel, control
+from secvf.runtime.devtree import walk_devices
+from secvf.runtime.supervisor import Supervisor, failure_of
+from secvf.store import events as seclog
+from secvf.store import paths
+from secvf.store.bundle import RuntimeFiles
+from secvf.testing.qmp import FakeQMPServer, QMPScript, generic_tree, write_fake_qemu
+
+REPORT_WAIT_S = 30.0
+#: What ``vm status --json`` prints, in order (scripts depend on it).
+STATUS_KEYS = ["name", "id", "kind", "state", "pid", "qemu_pid", "accel", "accel_reason",
+               "uptime_s", "guest_ready", "devices", "channels", "network", "cpus",
+               "memory_mib", "exec_socket", "last_run", "vsock_backend", "device_errors"]
+
+
+# ---- fixtures ------------------------------------------------------------------------------
+
+def make_vm(name: str, kind: str = "generic") -> VMConfig:
+    """Write a VM's bundle directly (no disk: the fake QEMU never opens it)."""
+    sandbox = kind == "ai-sandbox"
+    config = VMConfig(
+        id=str(uuid.uuid4()), name=name, kind=kind, cpus=1, memory_mib=256,
+        disk_bytes=1 << 30, network="none", mac=new_mac(), accel="tcg",
+        boot=DiskImageBoot(path="/nonexistent.img", format="raw") if sandbox
+        else IsoBoot(path="/nonexistent.iso"),
+        channels=SandboxChannels() if sandbox else None,
+        created_at=now_iso(), updated_at=now_iso(),
+    )
+    bundle = paths.vms_dir() / name
+    bundle.mkdir()
+    save_config(bundle / "vm.json", config)
+    return config
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """``fake_qemu(**script)``: point $SECVF_QEMU at a fake QEMU; return its command log."""
+
+    def install(**script: object) -> Path:
+        log = tmp_path / "qmp-commands.log"
+        exe = write_fake_qemu(tmp_path, QMPScript(command_log=str(log), **script))
+        monkeypatch.setenv("SECVF_QEMU", str(exe))
+        return log
+
+    return install
+
+
+def processes_of(vm_id: str) -> list[int]:
+    """Live processes whose command line names the VM (fake QEMU, helpers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if vm_id.encode() in cmdline and state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def leftovers() -> Iterator[list[str]]:
+    """Append VM ids; whatever process still names one at teardown is killed (by pid)."""
+    ids: list[str] = []
+    yield ids
+    for vm_id in ids:
+        for pid in processes_of(vm_id):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_in_process(name: str) -> tuple[Supervisor, int, Started | StartFailed]:
+    """Run a supervisor for ``name`` here until it returns; decode its start report."""
+    read_fd, write_fd = os.pipe()
+    supervisor = Supervisor(name, report_fd=write_fd)
+    try:
+        code = asyncio.run(supervisor.run())
+    finally:
+        if supervisor.report_fd is not None:
+            os.close(write_fd)
+    ready, _, _ = select.select([read_fd], [], [], REPORT_WAIT_S)
+    data = os.read(read_fd, 65536) if ready else b""
+    os.close(read_fd)
+    return supervisor, code, decode(StartReport, data, source="start report").root
+
+
+def runtime_files_of(vm_id: str) -> list[str]:
+    return sorted(p.name for p in paths.runtime_dir().iterdir() if vm_id in p.name)
+
+
+def last_run(name: str) -> dict:
+    return json.loads((paths.vms_dir() / name / "last_run.json").read_text())
+
+
+def assert_all_gone(supervisor: Supervisor) -> None:
+    """QEMU and every helper were killed and reaped by the supervisor itself."""
+    children = [supervisor.qemu, *supervisor.helpers.values()]
+    assert all(c is not None and c.returncode is not None for c in children), children
+    assert processes_of(supervisor.config.id) == []
+    assert runtime_files_of(supervisor.config.id) == []
+
+
+# ---- failure paths: teardown in finally ----------------------------------------------------
+
+def test_qmp_error_from_cont_tears_down_and_records_a_crash(fake_qemu, leftovers) -> None:
+    commands = fake_qemu(fail={"cont": "resume refused by the fake"})
+    config = make_vm("nocont", "ai-sandbox")
+    leftovers.append(config.id)
+    supervisor, code, report = run_in_process("nocont")
+    assert code == 1
+    assert isinstance(report, StartFailed)
+    assert (report.kind, report.stage) == (FailureKind.SUPERVISOR_FAILED, LaunchStage.RESUME)
+    assert "resume refused by the fake" in report.message
+    assert set(supervisor.helpers) == {"vsock"}
+    assert_all_gone(supervisor)
+    ended = last_run("nocont")
+    assert ended["state"] == "crashed"
+    assert "step 'resume'" in ended["reason"] and "resume refused by the fake" in ended["reason"]
+    assert [s for s, _ in ended["transitions"]] == ["starting", "crashed"]
+    assert commands.read_text().split()[-1] == "cont"
+    events = [e["event"] for e in seclog.read_events() if e.get("vm") == "nocont"]
+    assert events == ["vm_crashed"]
+
+
+def test_qmp_error_from_the_device_walk_tears_down_and_records_a_crash(
+        fake_qemu, leftovers) -> None:
+    fake_qemu(fail={"qom-list": "the fake has no QOM tree"})
+    config = make_vm("nowalk", "ai-sandbox")
+    leftovers.append(config.id)
+    supervisor, code, report = run_in_process("nowalk")
+    assert code == 1
+    assert isinstance(report, StartFailed)
+    assert (report.kind, report.stage) == (FailureKind.SUPERVISOR_FAILED, LaunchStage.DEVICES)
+    assert "the fake has no QOM tree" in report.message
+    assert_all_gone(supervisor)
+    ended = last_run("nowalk")
+    assert ended["state"] == "crashed" and "the fake has no QOM tree" in ended["reason"]
+    assert [s for s, _ in ended["transitions"]] == ["starting", "crashed"]
+
+
+def test_control_socket_bind_failure_is_a_typed_failure_and_a_recorded_crash(
+        fake_qemu, leftovers) -> None:
+    commands = fake_qemu()
+    config = make_vm("nobind")
+    leftovers.append(config.id)
+    blocker = RuntimeFiles(config.id).control_socket
+    blocker.mkdir()  # nothing can bind a socket where a directory is
+    try:
+        with pytest.raises(SupervisorFailed) as caught:
+            control.start_vm("nobind")
+        assert caught.value.stage == LaunchStage.CONTROL
+        assert caught.value.errno == errno.EADDRINUSE
+        assert str(blocker) in str(caught.value)
+        status = control.vm_status("nobind")
+        assert status["state"] == "crashed"
+        assert "step 'control'" in status["last_run"]["reason"]
+        assert str(blocker) in status["last_run"]["reason"]
+        assert runtime_files_of(config.id) == [blocker.name]
+    finally:
+        blocker.rmdir()
+    assert not commands.exists(), "QEMU must not start without a control socket"
+    assert processes_of(config.id) == []
+
+
+def test_launch_failure_of_qemu_is_stopped_with_the_command_line(leftovers,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setenv("SECVF_QEMU", "/nonexistent/qemu")
+    config = make_vm("noqemu")
+    leftovers.append(config.id)
+    with pytest.raises(LaunchFailed) as caught:
+        control.start_vm("noqemu")
+    assert caught.value.what == "QEMU" and caught.value.argv[0] == "/nonexistent/qemu"
+    status = control.vm_status("noqemu")
+    assert status["state"] == "stopped"
+    assert status["last_run"]["reason"].startswith("launch failed: QEMU failed to start")
+
+
+def test_runtime_check_refuses_a_smuggled_channel_from_the_live_tree(fake_qemu,
+                                                                     leftovers) -> None:
+    tree = generic_tree()
+    tree["/machine/peripheral"].append(("smuggled", "virtio-serial-pci"))
+    commands = fake_qemu(tree=tree)
+    config = make_vm("smuggler")
+    leftovers.append(config.id)
+    with pytest.raises(LaunchFailed, match="forbidden host-guest channel"):
+        control.start_vm("smuggler")
+    assert "cont" not in commands.read_text().split()
+    status = control.vm_status("smuggler")
+    assert status["state"] == "stopped"
+    critical = [e for e in seclog.read_events() if e["event"] == "forbidden_device"]
+    assert critical and critical[0]["devices"][0]["path"] == "/machine/peripheral/smuggled"
+
+
+def test_a_stop_request_while_starting_ends_the_launch_cleanly(fake_qemu, leftovers) -> None:
+    commands = fake_qemu(slow={"cont": 2.0})  # the stop request arrives meanwhile
+    config = make_vm("hasty", "ai-sandbox")
+    leftovers.append(config.id)
+    statuses: list[dict] = []
+
+    def stop_once_qemu_is_resuming() -> None:
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while not (commands.exists() and "cont" in commands.read_text().split()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        statuses.append(control.stop_vm("hasty", timeout=5))
+
+    stopper = threading.Thread(target=stop_once_qemu_is_resuming)
+    stopper.start()
+    supervisor, code, report = run_in_process("hasty")
+    stopper.join()
+    assert code == 1
+    assert isinstance(report, StartFailed)
+    assert (report.kind, report.state) == (FailureKind.STATE, "stopping")
+    assert isinstance(control.error_from_failure(report), StateError)
+    assert_all_gone(supervisor)
+    assert [s["state"] for s in statuses] == ["stopped"]
+    ended = last_run("hasty")
+    assert (ended["state"], ended["reason"]) == ("stopped", "stop requested while starting")
+    assert [s for s, _ in ended["transitions"]] == ["starting", "stopping", "stopped"]
+    sent = commands.read_text().split()
+    assert "cont" in sent and "system_powerdown" not in sent  # no guest to power down yet
+
+
+# ---- happy paths through runtime.control ---------------------------------------------------
+
+def test_start_and_stop_follow_the_transition_table(fake_qemu, leftovers) -> None:
+    commands = fake_qemu()
+    config = make_vm("happy")
+    leftovers.append(config.id)
+    status = control.start_vm("happy")
+    assert list(status) == STATUS_KEYS
+    assert status["state"] == "running" and status["accel"] == "tcg"
+    assert {d["type"] for d in status["devices"]} == {"virtio-blk-pci", "virtio-rng-pci",
+                                                      "pvpanic"}
+    status = control.stop_vm("happy", timeout=10)
+    assert list(status) == STATUS_KEYS and json.loads(json.dumps(status)) == status
+    assert set(status["last_run"]) == {"state", "reason", "ended_at", "accel", "transitions"}
+    assert status["state"] == "stopped" and status["last_run"]["reason"] == "stop requested"
+    assert [s for s, _ in status["last_run"]["transitions"]] == [
+        "starting", "running", "stopping", "stopped"]
+    sent = commands.read_text().split()
+    assert sent[0] == "qmp_capabilities" and sent[-2:] == ["cont", "system_powerdown"]
+    assert set(sent[1:-2]) == {"qom-list"}
+    assert runtime_files_of(config.id) == []
+
+
+def test_a_guest_panic_event_ends_the_run_as_crashed(fake_qemu, leftovers) -> None:
+    commands = fake_qemu(events={"cont": [{"event": "GUEST_PANICKED",
+                                           "data": {"action": "pause"}}]})
+    config = make_vm("panics")
+    leftovers.append(config.id)
+    control.start_vm("panics")
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while control.vm_status("panics")["state"] != "crashed":
+        assert time.monotonic() < deadline, "the supervisor did not act on the panic"
+        time.sleep(0.05)
+    assert control.vm_status("panics")["last_run"]["reason"] == "guest panic"
+    assert commands.read_text().split()[-1] == "quit"
+
+
+# ---- the start report is data: round trip to the right exception ---------------------------
+
+@pytest.mark.parametrize("exc", [
+    LaunchFailed("device helper 'vsock'", ["vsock", "--x"], "line 1\nno such socket", 3),
+    StateError("VM 'a' is stopping, not starting", "stopping", ["starting"]),
+    NotFound("image 'base' is missing"),
+    ConfigError("/x/vm.json: field 'cpus': too many"),
+    ForbiddenDevice("device:virtio-serial-pci", "generic", "in /x/vm.json"),
+    SupervisorFailed(LaunchStage.QMP, "QMP broke", errno.ECONNRESET),
+    SecVFError("something else"),
+])
+def test_failures_cross_the_pipe_and_come_back_as_the_same_error(exc: SecVFError) -> None:
+    wire = encode(failure_of(exc, LaunchStage.HELPERS))
+    report = decode(StartReport, wire, source="start report").root
+    assert isinstance(report, StartFailed)
+    back = control.error_from_failure(report)
+    assert type(back) is type(exc) and str(back) == str(exc)
+    for attr in ("what", "argv", "output", "exitcode", "state", "required", "field", "kind",
+                 "stage", "errno"):
+        assert getattr(back, attr, None) == getattr(exc, attr, None), attr
+
+
+def test_an_unexpected_os_error_is_a_supervisor_failure_with_its_errno() -> None:
+    report = failure_of(PermissionError(errno.EACCES, "Permission denied"), LaunchStage.PLAN)
+    assert (report.kind, report.stage) == (FailureKind.SUPERVISOR_FAILED, LaunchStage.PLAN)
+    assert (report.errno, report.errno_name) == (errno.EACCES, "EACCES")
+    assert "PermissionError" in report.message
+    assert isinstance(control.error_from_failure(report), SupervisorFailed)
+
+
+@pytest.mark.parametrize("line", [b"", b"LaunchFailed", b'{"ok": false, "type": "StateError"}',
+                                  b'{"outcome": "failed", "kind": "exploded", "stage": "qemu",'
+                                  b' "message": "x"}'])
+def test_a_corrupt_report_is_a_clear_error(line: bytes) -> None:
+    with pytest.raises(CorruptRecord, match="start report"):
+        decode(StartReport, line, source="start report")
+
+
+# ---- the fake QMP peer itself --------------------------------------------------------------
+
+def test_the_fake_peer_negotiates_and_serves_the_device_walk(tmp_path: Path) -> None:
+    from qemu.qmp import QMPClient
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        sock = tmp_path / "qmp.sock"
+        async with FakeQMPServer(sock, QMPScript(events={"cont": [{"event": "X"}]})) as peer:
+            qmp = QMPClient("test")
+            await qmp.connect(str(sock))
+            devices = await walk_devices(qmp)
+            status = await qmp.execute("query-status")
+            await qmp.execute("cont")
+            names = [(await qmp.events.get())["event"] for _ in range(2)]
+            assert status == {"running": False, "singlestep": False, "status": "prelaunch"}
+            assert await qmp.execute("qom-get", {"path": "/machine/peripheral/panic0",
+                                                 "property": "type"}) == "pvpanic"
+            await peer.emit("GUEST_PANICKED")
+            names.append((await qmp.events.get())["event"])
+            await qmp.disconnect()
+            return peer.commands, [d.type for d in devices], names
+
+    commands, types, events = asyncio.run(scenario())
+    assert commands[:2] == ["qmp_capabilities", "qom-list"]
+    assert "virtio-blk-device" in types and "pvpanic" in types
+    assert events == ["X", "RESUME", "GUEST_PANICKED"]
+
+
+# ---- the accelerator probe runs $SECVF_QEMU and caches per binary --------------------------
+
+def fake_probe_qemu(path: Path, argv_log: Path) -> Path:
+    path.write_text(f'#!/bin/sh\necho "$@" > {argv_log}\necho {accel.PROBE_MARKER}\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_the_probe_runs_secvf_qemu(tmp_path: Path, monkeypatch) -> None:
+    argv_log = tmp_path / "argv"
+    monkeypatch.setenv("SECVF_QEMU", str(fake_probe_qemu(tmp_path / "q", argv_log)))
+    choice = accel.probe_accel("kvm", tmp_path / "kernel", tmp_path / "initrd")
+    assert choice.accel == "kvm" and "booted a guest" in choice.reason
+    assert argv_log.read_text().startswith("-accel kvm")
+
+
+def test_the_verdict_cache_is_keyed_by_qemu_binary(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SECVF_CACHE", str(tmp_path / "cache"))
+    one = fake_probe_qemu(tmp_path / "one", tmp_path / "argv")
+    two = fake_probe_qemu(tmp_path / "two", tmp_path / "argv")
+    assert accel.probe_cache_path(str(one)) == accel.probe_cache_path(str(one))
+    assert accel.probe_cache_path(str(one)) != accel.probe_cache_path(str(two))
+    before = accel.probe_cache_path(str(one))
+    os.utime(one, ns=(1, 1))  # a rebuilt binary at the same path
+    assert accel.probe_cache_path(str(one)) != before
+    monkeypatch.setenv("SECVF_QEMU", str(two))
+    assert accel.probe_cache_path() == accel.probe_cache_path(str(two))
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert accel.probe_cache_path().name.startswith(f"kvm-probe-{boot_id}-")
