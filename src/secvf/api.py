@@ -51,7 +51,7 @@ from secvf.store.library import ListedVM
 from secvf.workflows import audit as _audit
 from secvf.workflows import sandbox as _sandbox
 from secvf.workflows import vm_exec, vms, workspaces
-from secvf.workflows.create import build_config, check_accel
+from secvf.workflows.create import build_config, hash_root_password
 
 __all__ = [
     # the VM library
@@ -69,7 +69,6 @@ __all__ = [
     "stop_vm",
     "vm_status",
     "wait_for_ready",
-    "check_accel",
     "run_in_foreground",
     "print_serial_log",
     "attach_console",
@@ -82,6 +81,7 @@ __all__ = [
     "Sandbox",
     "AsyncSandbox",
     "connect_exec",
+    "wait_for_exec",
     "run_command",
     "result_as_json",
     "exit_code_for",
@@ -130,8 +130,14 @@ def create_vm(
     accel: str = "auto",
     shares: Sequence[str] = (),
     workspace: Path | None = None,
+    root_password: str | None = None,
+    autologin: bool = False,
 ) -> VMConfig:
     """Validate the options, create VM ``name`` and return its config.
+
+    A generic VM booted from a SecVF image offers a login on its serial console: as root
+    with ``root_password`` (only its SHA-512 crypt hash is kept, in the guest's
+    ``/etc/shadow``), or with ``autologin`` a root shell without a password.
 
     Raises:
         InvalidName, ConfigError, ForbiddenDevice: the options cannot work (nothing
@@ -144,8 +150,10 @@ def create_vm(
         config = build_config(name=name, kind=kind, cpus=cpus, memory=memory,
                               disk_size=disk_size, image=image, disk_image=disk_image,
                               iso=iso, network=network, accel=accel, shares=shares,
-                              workspace=workspace)
-        vms.create_vm(config)
+                              workspace=workspace, autologin=autologin,
+                              root_password=root_password)
+        hashed = None if root_password is None else hash_root_password(root_password)
+        vms.create_vm(config, root_password_hash=hashed)
     return config
 
 
@@ -219,8 +227,9 @@ def start_vm(name: str, *, accel: str | None = None,
 
 
 def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[str, Any]:
-    """Stop VM ``name`` (ACPI powerdown, forced after ``timeout``); returns its status."""
-    return control.stop_vm(name, force=force, timeout=timeout)
+    """Stop VM ``name`` (ACPI powerdown, forced after ``timeout``); returns its status.
+    A running AI sandbox syncs its disks through its agent first."""
+    return vms.stop_vm(name, force=force, timeout=timeout)
 
 
 def vm_status(name: str) -> dict[str, Any]:
@@ -266,10 +275,21 @@ def connect_exec(name: str) -> Iterator[ExecClient]:
 
     Raises:
         NoExecChannel: the VM has no exec channel (by design) or is not running.
-        AgentUnavailable: the agent does not answer.
+        AgentUnavailable: the agent does not answer (yet: the VM may still be booting,
+            see :func:`wait_for_exec`).
     """
-    with ExecClient.connect(vm_exec.exec_socket_for(name)) as client:
+    with vm_exec.connect(name) as client:
         yield client
+
+
+def wait_for_exec(name: str, timeout: float) -> float:
+    """Wait up to ``timeout`` s until running AI sandbox ``name``'s agent answers a ping;
+    returns its round-trip time. A VM that is not running fails at once.
+
+    Raises:
+        AgentUnavailable: no answer within ``timeout``. NoExecChannel, NotFound.
+    """
+    return vm_exec.wait_for_exec(name, timeout)
 
 
 def run_command(name: str, command: str | Sequence[str], **options: Any) -> ExecResult:

@@ -409,3 +409,16 @@ def test_the_verdict_cache_is_keyed_by_qemu_binary(tmp_path: Path, monkeypatch) 
     assert accel.probe_cache_path() == accel.probe_cache_path(str(two))
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert accel.probe_cache_path().name.startswith(f"kvm-probe-{boot_id}-")
+
+
+def test_an_explicit_kvm_request_is_refused_with_the_probe_reason(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """``--accel kvm`` where KVM does not work fails with the reason, not with QEMU's exit."""
+    from secvf.errors import ConfigError
+    from secvf.model.config import Accel
+    from secvf.runtime import accel
+
+    monkeypatch.setattr(accel, "kvm_problem", lambda kernel, initrd: "probe failed: MSR")
+    with pytest.raises(ConfigError, match="KVM is not usable here: probe failed: MSR"):
+        accel.choose_accel(Accel.KVM, None, None)
+    assert accel.choose_accel(Accel.TCG, None, None).accel == "tcg"

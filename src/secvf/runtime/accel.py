@@ -16,18 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from secvf.errors import ConfigError
 from secvf.machine.plan import qemu_binary
 from secvf.model.config import Accel
 from secvf.store import paths
 
 PROBE_MARKER = "SECVF-PROBE-OK"
 PROBE_TIMEOUT_S = 10.0
+#: How long the firmware-only check waits for QEMU's firmware to write its first byte.
+FIRMWARE_PROBE_TIMEOUT_S = 5.0
 KVM_DEVICE = Path("/dev/kvm")
 
 
@@ -40,19 +44,73 @@ class AccelChoice:
 
 
 def choose_accel(requested: Accel, kernel: Path | None, initrd: Path | None) -> AccelChoice:
-    """Resolve ``requested`` into ``kvm`` or ``tcg`` (probing and caching for ``auto``)."""
+    """Resolve ``requested`` into ``kvm`` or ``tcg`` (probing and caching for ``auto``).
+
+    Raises:
+        ConfigError: ``kvm`` was asked for explicitly and KVM does not work here.
+    """
     if requested is Accel.TCG:
         return AccelChoice("tcg", "requested")
     if requested is Accel.KVM:
+        problem = kvm_problem(kernel, initrd)
+        if problem is not None:
+            raise ConfigError(f"KVM is not usable here: {problem}; use --accel tcg or auto")
         return AccelChoice("kvm", "requested")
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
         return AccelChoice("tcg", f"{KVM_DEVICE} is not available")
+    if kernel is None or initrd is None:
+        return AccelChoice("tcg", "no SecVF kernel to probe KVM with (build an image)")
+    return _kvm_verdict(kernel, initrd)
+
+
+def kvm_problem(kernel: Path | None, initrd: Path | None) -> str | None:
+    """Why KVM does not work on this host, or None if it does as far as can be seen.
+
+    With a SecVF kernel this is the (cached) boot probe ``auto`` uses; without one,
+    QEMU runs only its firmware under KVM (:func:`firmware_problem`), which catches a
+    QEMU that cannot use KVM at all but not a Linux guest that hangs.
+    """
+    if not KVM_DEVICE.exists():
+        return f"{KVM_DEVICE} does not exist (no KVM module, or no nested virtualization)"
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"this user cannot open {KVM_DEVICE} (add it to the 'kvm' group)"
+    if kernel is None or initrd is None:
+        return firmware_problem()
+    verdict = _kvm_verdict(kernel, initrd)
+    return None if verdict.accel == "kvm" else verdict.reason
+
+
+def firmware_problem(timeout_s: float = FIRMWARE_PROBE_TIMEOUT_S) -> str | None:
+    """Start QEMU under KVM with nothing but its firmware; None once the firmware wrote
+    its first byte to the debug console (or QEMU neither wrote nor exited in
+    ``timeout_s``: KVM is not ruled out), else why QEMU failed."""
+    argv = [qemu_binary(), "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "64",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-chardev", "stdio,id=fw", "-device", "isa-debugcon,iobase=0x402,chardev=fw"]
+    try:
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        return f"cannot run {argv[0]}: {exc.strerror}"
+    assert qemu.stdout is not None
+    try:
+        readable, _, _ = select.select([qemu.stdout], [], [], timeout_s)
+        if not readable or os.read(qemu.stdout.fileno(), 1):
+            return None
+    finally:
+        qemu.kill()
+        _, stderr = qemu.communicate()
+    lines = [line for line in stderr.decode(errors="replace").splitlines()
+             if line.strip() and "warning:" not in line]
+    return f"QEMU under KVM failed: {lines[0] if lines else f'exit status {qemu.returncode}'}"
+
+
+def _kvm_verdict(kernel: Path, initrd: Path) -> AccelChoice:
+    """The boot probe's verdict for this host boot and QEMU binary (probed once)."""
     cache = probe_cache_path()
     cached = _read_cache(cache)
     if cached is not None:
         return cached
-    if kernel is None or initrd is None:
-        return AccelChoice("tcg", "no SecVF kernel to probe KVM with (build an image)")
     choice = probe_accel("kvm", kernel, initrd)
     _write_cache(cache, choice)
     return choice

@@ -3,16 +3,20 @@
 Every option is checked here, before anything touches the disk: sizes that cannot
 work (a disk smaller than the image it sits on, too), a missing or unreadable
 image/ISO/disk image, conflicting boot sources, ``--accel kvm`` on a host where KVM
-does not work, and channel options (shares, workspace) on a kind that must not have
-channels. A VM bigger than the host (more CPUs or RAM) is allowed, with a warning
-logged on ``secvf.workflows.create``.
+does not work, channel options (shares, workspace) on a kind that must not have
+channels, and console logins (a root password, autologin) anywhere but on a generic VM
+booted from a SecVF image. A VM bigger than the host (more CPUs or RAM) is allowed, with
+a warning logged on ``secvf.workflows.create``.
+
+A root password is never stored: :func:`hash_root_password` turns it into a SHA-512
+crypt hash (``openssl passwd -6``), which is all the VM's disk gets.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
+import shutil
 import stat
 import subprocess
 import uuid
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from secvf.errors import ConfigError, ForbiddenDevice, NotFound
+from secvf.image import list_images
 from secvf.model.config import (
     MAX_CPUS,
     MAX_DISK_BYTES,
@@ -27,6 +32,7 @@ from secvf.model.config import (
     MIN_DISK_BYTES,
     MIN_MEMORY_MIB,
     Accel,
+    ConsoleAccess,
     DiskImageBoot,
     ImageBoot,
     IsoBoot,
@@ -40,20 +46,13 @@ from secvf.model.config import (
 )
 from secvf.model.names import validate_name
 from secvf.model.sizes import format_size, parse_size, round_up_size
-from secvf.runtime.accel import KVM_DEVICE
+from secvf.runtime.accel import kvm_problem
 from secvf.store.library import DiskError, image_info
 
 log = logging.getLogger(__name__)
 
-#: How long the KVM check waits for QEMU's firmware to run its first instructions.
-KVM_CHECK_TIMEOUT_S = 5.0
-
-#: QEMU under KVM running only its firmware (SeaBIOS), which writes to the debug console.
-_KVM_CHECK_ARGV = (
-    "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "64",
-    "-nodefaults", "-no-user-config", "-display", "none",
-    "-chardev", "stdio,id=fw", "-device", "isa-debugcon,iobase=0x402,chardev=fw",
-)
+#: Hashes a root password read from stdin as SHA-512 crypt with a random salt.
+_PASSWD_HASH_ARGV = ("openssl", "passwd", "-6", "-stdin")
 
 
 def build_config(
@@ -71,8 +70,14 @@ def build_config(
     shares: Sequence[str] = (),
     workspace: Path | None = None,
     channels: SandboxChannels | None = None,
+    autologin: bool = False,
+    root_password: str | None = None,
 ) -> VMConfig:
     """Validate create options and return the config of the new VM (nothing is written).
+
+    ``autologin`` (a root shell on the serial console) and ``root_password`` (checked
+    here, not kept: see :func:`hash_root_password`) are for generic VMs booted from a
+    SecVF image only, and exclude each other.
 
     Raises:
         InvalidName, ConfigError (also: ``kvm`` requested where KVM does not work),
@@ -99,13 +104,17 @@ def build_config(
         from secvf.machine.sandbox import sandbox_channels
 
         channels = sandbox_channels(name, shares=shares, workspace=workspace)
+    boot = _boot(kind, image, disk_image, iso, disk_bytes)
+    _check_console_login(kind, boot, autologin=autologin, root_password=root_password)
     data = {
         "id": str(uuid.uuid4()), "name": name, "kind": str(kind), "cpus": cpus,
         "memory_mib": memory_mib, "disk_bytes": disk_bytes,
-        "boot": _boot(kind, image, disk_image, iso, disk_bytes).model_dump(mode="json"),
+        "boot": boot.model_dump(mode="json"),
         "network": network or _default_network(kind), "mac": new_mac(), "accel": accel,
         "created_at": now_iso(), "updated_at": now_iso(),
     }
+    if autologin:
+        data["console"] = str(ConsoleAccess.AUTOLOGIN)
     if channels is not None:
         data["channels"] = channels.model_dump(mode="json")
     check_accel(accel)
@@ -114,49 +123,71 @@ def build_config(
     return config
 
 
+def hash_root_password(password: str) -> str:
+    """Return the SHA-512 crypt hash (``$6$…``, random salt) of ``password``.
+
+    The password goes to ``openssl passwd -6 -stdin`` on a pipe, never on a command line.
+
+    Raises:
+        ConfigError: the password is empty or has a line break or NUL, or openssl is
+            missing or fails.
+    """
+    _check_password(password)
+    if shutil.which(_PASSWD_HASH_ARGV[0]) is None:
+        raise ConfigError("hashing a root password needs openssl: apt-get install openssl")
+    proc = subprocess.run(_PASSWD_HASH_ARGV, input=password + "\n", capture_output=True,
+                          text=True, check=False)
+    hashed = proc.stdout.strip()
+    if proc.returncode != 0 or not hashed.startswith("$6$") or ":" in hashed:
+        detail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise ConfigError(f"openssl passwd could not hash the root password: {detail[0]}")
+    return hashed
+
+
+def _check_console_login(kind: VMKind, boot: ImageBoot | DiskImageBoot | IsoBoot, *,
+                         autologin: bool, root_password: str | None) -> None:
+    """Refuse a console login where SecVF's guest init does not run or must not offer one."""
+    if not autologin and root_password is None:
+        return
+    option = "--autologin" if autologin else "a root password"
+    if autologin and root_password is not None:
+        raise ConfigError("--autologin and a root password exclude each other: autologin "
+                          "needs no password")
+    if kind is not VMKind.GENERIC:
+        way_in = ("its console is output-only" if kind is VMKind.MALWARE_ANALYSIS
+                  else "use 'secvf vm exec' to run commands in it")
+        raise ConfigError(f"{option} is only for generic VMs: a {kind} VM has no console "
+                          f"login ({way_in})")
+    if not isinstance(boot, ImageBoot):
+        raise ConfigError(f"{option} is only for VMs booted from a SecVF image: the guest "
+                          "init that offers the login is part of the image")
+    if root_password is not None:
+        _check_password(root_password)
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise ConfigError("the root password is empty")
+    if any(c in password for c in "\n\r\0"):
+        raise ConfigError("the root password must be one line (no line break or NUL)")
+
+
 def check_accel(accel: str) -> None:
     """Check that accelerator ``accel`` can run a VM on this host.
 
-    Only ``kvm`` can fail: ``tcg`` always works and ``auto`` falls back to it.
+    Only ``kvm`` can fail: ``tcg`` always works and ``auto`` falls back to it. The
+    verdict is :func:`secvf.runtime.accel.kvm_problem`'s, probed with the kernel of a
+    built image when there is one.
 
     Raises:
         ConfigError: ``accel`` is ``kvm`` and KVM does not work here (with the reason).
     """
     if accel != Accel.KVM:
         return
-    problem = kvm_problem()
+    image = next(iter(list_images()), None)
+    problem = kvm_problem(image.kernel if image else None, image.initrd if image else None)
     if problem is not None:
         raise ConfigError(f"KVM is not usable here: {problem}; use --accel tcg or auto")
-
-
-def kvm_problem() -> str | None:
-    """Why KVM does not work on this host, or None if it does (as far as can be seen).
-
-    ``/dev/kvm`` being there is not enough: on some hosts QEMU aborts when the first
-    vCPU runs. So this starts QEMU under KVM with nothing but its firmware and waits
-    (up to :data:`KVM_CHECK_TIMEOUT_S`) for the firmware's first byte on the debug
-    console. If QEMU neither prints nor exits in that time, KVM is not ruled out.
-    """
-    if not KVM_DEVICE.exists():
-        return f"{KVM_DEVICE} does not exist (no KVM module, or no nested virtualization)"
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        return f"this user cannot open {KVM_DEVICE} (add it to the 'kvm' group)"
-    try:
-        qemu = subprocess.Popen(_KVM_CHECK_ARGV, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as exc:
-        return f"cannot run {_KVM_CHECK_ARGV[0]}: {exc.strerror}"
-    assert qemu.stdout is not None
-    try:
-        readable, _, _ = select.select([qemu.stdout], [], [], KVM_CHECK_TIMEOUT_S)
-        if not readable or os.read(qemu.stdout.fileno(), 1):
-            return None
-    finally:
-        qemu.kill()
-        _, stderr = qemu.communicate()
-    lines = [line for line in stderr.decode(errors="replace").splitlines()
-             if line.strip() and "warning:" not in line]
-    return f"QEMU under KVM failed: {lines[0] if lines else f'exit status {qemu.returncode}'}"
 
 
 def _warn_if_bigger_than_host(config: VMConfig) -> None:

@@ -12,9 +12,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from secvf import api
-from secvf.errors import SecVFError, StateError
-from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, fail, note, out, print_json
+from secvf.errors import StateError
+from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, note, out, print_json
 from secvf.faces.cli.terminal import run_streaming
+from secvf.faces.cli.vm_exec import ExecCommand, exec_errors
 
 Command = Callable[..., Any]
 
@@ -70,7 +71,6 @@ def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
     if status["kind"] == "ai-sandbox" and status["state"] == "running":
         note(f"sandbox '{name}' is already running")
     else:
-        api.check_accel(api.get_vm(name).accel)
         status = api.start_sandbox(name, timeout=timeout)
         if not as_json:
             out.print(f"sandbox [bold]{escape(name)}[/] ready in {status['boot_s']} s "
@@ -79,34 +79,35 @@ def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
         print_json(status)
 
 
-@sandbox.command("run", context_settings={"ignore_unknown_options": True,
-                                          "allow_interspersed_args": False})
+@sandbox.command("run", cls=ExecCommand, context_settings={"allow_interspersed_args": False})
 @click.option("--name", help="Session name (default: sbx-<random>).")
 @click.option("--rm", "remove", is_flag=True, help="Stop and delete the sandbox afterwards.")
 @sandbox_options
 @click.option("--timeout", type=Seconds(), help="Command timeout in seconds (default: none).")
+@click.option("-t", "--tty", "tty_mode", is_flag=True,
+              help="Allocate a pseudo-terminal; on a terminal, forward input (escape: ~.).")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin (EOF included).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: str,
                 workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
-                timeout: float | None, command: tuple[str, ...]) -> None:
-    """Create + start a sandbox, run COMMAND, exit with its status (--rm: then delete)."""
-    args = list(command[1:] if command[:1] == ("--",) else command)
-    config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
-                                workspace=workspace, shares=shares, network=network,
-                                accel=accel)
-    error: SecVFError | None = None
-    code = 125
-    try:
-        api.start_sandbox(config.name)
-        code = run_streaming(config.name, args, env={}, cwd=None, user=None, tty_mode=False,
-                             interactive=False, timeout=timeout)
-    except SecVFError as exc:
-        error = exc
-    finally:  # also on Ctrl-C: --rm means nothing is left behind
-        if remove:
-            api.remove_sandbox(config.name, purge=workspace is None, force=True)
-    if error is not None:
-        fail(error)
+                timeout: float | None, tty_mode: bool, interactive: bool,
+                command: tuple[str, ...]) -> None:
+    """Create + start a sandbox, run COMMAND, exit with its status (--rm: then delete).
+
+    Options go before COMMAND: its first word ends them (or `--` does); an unknown
+    option is refused before anything is created. Exit status as for `vm exec`.
+    """
+    with exec_errors(as_json=False):
+        config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
+                                    workspace=workspace, shares=shares, network=network,
+                                    accel=accel)
+        try:
+            api.start_sandbox(config.name)
+            code = run_streaming(config.name, list(command), env={}, cwd=None, user=None,
+                                 tty_mode=tty_mode, interactive=interactive, timeout=timeout)
+        finally:  # also on errors and Ctrl-C: --rm means nothing is left behind
+            if remove:
+                api.remove_sandbox(config.name, purge=workspace is None, force=True)
     sys.exit(code)
 
 

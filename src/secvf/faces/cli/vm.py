@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 from rich.markup import escape
@@ -36,19 +36,42 @@ def vm() -> None:
 @click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH[:ro|:rw]",
               help="Share a host directory (read-only unless :rw; repeatable; ai-sandbox only).")
 @click.option("--workspace", type=click.Path(path_type=Path), help="Workspace dir (ai-sandbox).")
+@click.option("--root-password-file", type=click.File("r"), metavar="FILE",
+              help="Console login as root with the password in FILE (one line; - reads stdin). "
+                   "Generic VMs from a SecVF image; only a hash is kept.")
+@click.option("--ask-root-password", is_flag=True,
+              help="Like --root-password-file, but ask for the password.")
+@click.option("--autologin", is_flag=True,
+              help="A root shell on the serial console without a password (throwaway VMs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new VM's config as JSON.")
 def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, image: str | None,
               disk_image: Path | None, iso: Path | None, network: str | None, accel: str,
-              shares: tuple[str, ...], workspace: Path | None, as_json: bool) -> None:
+              shares: tuple[str, ...], workspace: Path | None,
+              root_password_file: TextIO | None, ask_root_password: bool, autologin: bool,
+              as_json: bool) -> None:
     """Create VM NAME (a copy-on-write overlay over its image)."""
+    root_password = _root_password(root_password_file, ask_root_password)
     config = api.create_vm(name, kind=api.VMKind(kind), cpus=cpus, memory=memory,
                            disk_size=disk_size, image=image, disk_image=disk_image, iso=iso,
-                           network=network, accel=accel, shares=shares, workspace=workspace)
+                           network=network, accel=accel, shares=shares, workspace=workspace,
+                           root_password=root_password, autologin=autologin)
     if as_json:
         print_json(config.model_dump(mode="json"))
     else:
         out.print(f"created {config.kind} VM [bold]{escape(name)}[/] ({config.id}) in "
                   f"{escape(str(api.vm_dir(name)))}")
+
+
+def _root_password(file: TextIO | None, ask: bool) -> str | None:
+    """The root password from ``--root-password-file`` or ``--ask-root-password``."""
+    if file is not None and ask:
+        raise click.UsageError("--root-password-file and --ask-root-password exclude each other")
+    if file is not None:
+        return file.read().removesuffix("\n").removesuffix("\r")
+    if ask:
+        return str(click.prompt("root password", hide_input=True, confirmation_prompt=True,
+                                err=True))
+    return None
 
 
 @vm.command("list")
@@ -67,15 +90,18 @@ def vm_list(as_json: bool) -> None:
         print_json(rows)
         return
     table = Table("NAME", "KIND", "STATE", "CPUS", "MEMORY", "NETWORK", "ACCEL", "ID")
+    invalid = [row for row in rows if row["state"] == "invalid"]
     for row in rows:
         if row["state"] == "invalid":
-            table.add_row(escape(row["name"]), "?", "[red]invalid[/]", "", "", "", "",
-                          escape(row["error"]))
+            table.add_row(escape(row["name"]), "?", "[red]invalid[/]", "", "", "", "", "-")
             continue
         table.add_row(*map(escape, (row["name"], row["kind"], row["state"], str(row["cpus"]),
                                     api.format_size(row["memory_mib"] << 20), row["network"],
                                     row["accel"] or "-", row["id"])))
     out.print(table)
+    for row in invalid:  # why, and what to do, below the table where it has room
+        out.print(f"[red]{escape(row['name'])}[/] is invalid: {escape(row['error'])}",
+                  highlight=False)
 
 
 @vm.command("status")
@@ -123,7 +149,6 @@ def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float |
              as_json: bool) -> None:
     """Start VM NAME under its own supervisor (already running: a note, exit 0)."""
     if foreground:
-        api.check_accel(accel or api.get_vm(name).accel)
         sys.exit(api.run_in_foreground(name, accel=accel))
     status = api.vm_status(name)
     if status["state"] == "running":
@@ -131,7 +156,6 @@ def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float |
         if wait_ready:
             status = api.wait_for_ready(name, wait_ready)
     else:
-        api.check_accel(accel or api.get_vm(name).accel)
         status = api.start_vm(name, accel=accel, wait_ready=wait_ready)
         if not as_json:
             out.print(f"started [bold]{escape(name)}[/] (accel {status['accel']}, "
@@ -163,7 +187,7 @@ def vm_stop(name: str, force: bool, timeout: float, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Stop the VM first if it is running.")
 def vm_delete(name: str, force: bool) -> None:
-    """Delete VM NAME and its disk."""
+    """Delete VM NAME and its disk (also a directory vm list shows as invalid)."""
     api.delete_vm(name, force=force)
     out.print(f"deleted [bold]{escape(name)}[/]")
 
@@ -191,11 +215,17 @@ def vm_rename(old: str, new: str) -> None:
 
 @vm.command("import")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--name", help="Name for the imported VM (default: the name in its vm.json).")
+@click.option("--name", help="Name for the imported VM (default: the name in its vm.json); "
+                            "it is written into the new vm.json.")
 def vm_import(path: Path, name: str | None) -> None:
-    """Import a VM bundle directory (vm.json + disk.qcow2), validating everything."""
+    """Import a VM bundle directory (vm.json + disk.qcow2).
+
+    The bundle is treated as hostile: its config, boot ISO or disk image, shares and
+    every file of its disk chain are checked first, and the disk is rewritten.
+    """
     config = api.import_vm(path, name=name)
-    out.print(f"imported [bold]{config.name}[/]")
+    out.print(f"imported {escape(str(config.kind))} VM [bold]{escape(config.name)}[/] "
+              f"({config.id}) into {escape(str(api.vm_dir(config.name)))}")
 
 
 @vm.command("logs")
