@@ -10,9 +10,9 @@ connections per VM by default)::
     result = box.run(["python3", "-c", "print(6 * 7)"], timeout=60)
     assert result.ok and result.stdout == b"42\\n"
 
-    with box.start("tail -f /var/log/app.log") as proc:
-        for event in proc:
-            ...
+    with box.start("for i in 1 2 3; do echo $i; sleep 1; done") as proc:
+        for event in proc:                    # Stdout(data=b'1\\n'), ..., then Exited(...)
+            print(event)
 
 :class:`AsyncSandbox` offers the same calls as coroutines. It drives the blocking client
 in worker threads; cancelling an awaiting task closes that call's connection, which
@@ -144,6 +144,8 @@ class Sandbox:
 
         Raises:
             NoExecChannel: the VM has no exec channel by design, or is not running.
+            AgentUnavailable: the VM is still starting (retry, or wait for it with
+                ``secvf.api.wait_for_exec``).
             NotFound: there is no such VM.
         """
         from secvf.workflows.vm_exec import exec_socket_for

@@ -3,75 +3,37 @@ a fake hybrid-vsock backend, real Unix sockets and real peer credentials in betw
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
 import socket
 import stat
-import threading
-import time
-import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from secvf.errors import AgentUnavailable, CommandStartFailed, ExecRefused
 from secvf.exec import ExecClient, bridge, protocol
-from secvf.model.config import VMConfig, new_mac, now_iso, parse_config
+from secvf.model.config import VMConfig
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.events import read_events
 from secvf.testing.agent import AgentProcess
 from secvf.testing.vsock_backend import FakeVsockBackend
+from tests.unit.running_sandbox import (
+    CURRENT_USER,
+    WAIT_S,
+    BridgeLoop,
+    sandbox_config,
+    wait_for,
+)
 
-CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
 NOBODY_UID = 65534
-#: Generous bound for waits on background work; reaching it fails the test, nothing is timed.
-WAIT_S = 30.0
-
-T = TypeVar("T")
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="connecting as another uid needs root (os.setuid)"
 )
-
-
-def sandbox_config() -> VMConfig:
-    return parse_config({
-        "id": str(uuid.uuid4()), "name": "sbx", "kind": "ai-sandbox", "cpus": 1,
-        "memory_mib": 512, "disk_bytes": 1 << 30, "network": "none", "mac": new_mac(),
-        "boot": {"type": "image", "image": "sandbox", "recipe_hash": "0" * 16},
-        "channels": {}, "created_at": now_iso(), "updated_at": now_iso(),
-    }, source="test")
-
-
-class BridgeLoop:
-    """Runs one VM's :class:`~secvf.exec.bridge.ExecBridge` on an asyncio loop in a thread,
-    as the supervisor does, so blocking clients can talk to it from the test thread."""
-
-    def __init__(self, vm: VMConfig) -> None:
-        self.vm = vm
-        self.files = RuntimeFiles(vm.id)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.bridge: bridge.ExecBridge | None = None
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT_S)
-
-    def start(self) -> bridge.ExecBridge:
-        self.bridge = self.call(bridge.start_bridge(self.vm, self.files))
-        assert self.bridge is not None
-        return self.bridge
-
-    def close(self) -> None:
-        self.call(bridge.stop_bridge(self.vm.id))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(WAIT_S)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -106,14 +68,6 @@ def connect(loop: BridgeLoop) -> ExecClient:
 
 def events(stream: str, name: str) -> list[dict[str, Any]]:
     return [e for e in read_events(stream) if e.get("event") == name]
-
-
-def wait_for(condition: Callable[[], T]) -> T:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "background work did not happen"
-        time.sleep(0.02)
-    return value
 
 
 def write_allowlist(text: str) -> None:
@@ -187,6 +141,50 @@ def test_audit_records_start_failures_and_disconnects(running, vsock):
     assert [(r["outcome"], r["argv"]) for r in records] == [
         ("start_failed", ["/no/such/program"]), ("disconnected", ["sleep", "300"])]
     assert records[0]["kind"] == "not_found"
+
+
+def exec_log_lines(secvf_env: Path) -> list[bytes]:
+    return [line for path in sorted((secvf_env / "logs").glob("exec*.jsonl"))
+            for line in path.read_bytes().splitlines()]
+
+
+def test_audit_records_stay_small_and_say_what_was_cut(running, vsock, secvf_env):
+    running.start()
+    argv = ["true", "x" * 100_000, *(f"arg{i}" for i in range(5000))]
+    shell = ": " + "y" * 100_000
+    env = {"TOKEN": "secret-value", "K" * 5000: "v"}
+    with connect(running) as client:
+        assert client.run(argv, env=env).exit_code == 0
+        assert client.run(shell).exit_code == 0
+        with pytest.raises(CommandStartFailed):
+            client.run(["true"], cwd="/" + "d" * 200_000)
+    by_argv, by_shell, by_cwd = events("exec", "exec")
+
+    assert by_argv["argv"][:2] == ["true", "x" * bridge.AUDIT_FIELD_MAX_BYTES]
+    assert len(by_argv["argv"]) <= bridge.AUDIT_MAX_ITEMS
+    assert sum(len(a) for a in by_argv["argv"]) <= bridge.AUDIT_COMMAND_MAX_BYTES
+    assert (by_argv["argv_bytes"], by_argv["argv_truncated"]) == (
+        sum(len(a) for a in argv), True)
+    assert by_argv["env_names"] == ["TOKEN", "K" * bridge.AUDIT_FIELD_MAX_BYTES]
+    assert (by_argv["env_names_bytes"], by_argv["env_names_truncated"]) == (5005, True)
+    assert by_shell["shell"] == shell[:bridge.AUDIT_COMMAND_MAX_BYTES]
+    assert (by_shell["shell_bytes"], by_shell["shell_truncated"]) == (len(shell), True)
+    assert by_cwd["cwd"] == "/" + "d" * (bridge.AUDIT_FIELD_MAX_BYTES - 1)
+    assert (by_cwd["cwd_bytes"], by_cwd["outcome"]) == (200_001, "start_failed")
+
+    lines = exec_log_lines(secvf_env)
+    assert len(lines) == 3 and max(map(len, lines)) < 3 * bridge.AUDIT_COMMAND_MAX_BYTES
+    assert b"secret-value" not in b"".join(lines)  # names only, never values
+
+
+def test_audit_caps_count_utf8_bytes_and_keep_whole_characters():
+    capped = bridge.capped_field("user", "é" * 1000)  # 2000 bytes
+    assert capped == {"user": "é" * (bridge.AUDIT_FIELD_MAX_BYTES // 2), "user_bytes": 2000,
+                      "user_truncated": True}
+    assert bridge.capped_field("cwd", "/tmp") == {"cwd": "/tmp"}
+    assert bridge.capped_field("tty", True) == {"tty": True}
+    lone = "\ud800" * 600  # JSON may carry lone surrogates; 3 bytes each
+    assert bridge.capped_field("path", lone)["path_bytes"] == 1800
 
 
 def test_without_an_allowlist_only_the_owner_can_reach_the_socket(running, vsock):

@@ -26,6 +26,15 @@ Per VM at most :data:`MAX_CONNECTIONS` sessions run at once. The bridge forwards
 bytes unchanged in both directions with bounded buffers (back-pressure via
 ``drain``) and decodes a copy of the frames to write the exec audit log: who ran
 what, as which user, how it ended and how long it took.
+
+An audit record stays small whatever the request or the guest sends (a frame may be
+1 MiB): each string in it (an argv element, cwd, user, path, an environment variable's
+name, the guest's failure kind) keeps at most :data:`AUDIT_FIELD_MAX_BYTES` of UTF-8,
+the shell string and argv as a whole at most :data:`AUDIT_COMMAND_MAX_BYTES`, and argv
+and the variable names at most :data:`AUDIT_MAX_ITEMS` entries. A field that was cut
+gets ``<field>_bytes`` (its original UTF-8 size; for a list, of all its entries) and
+``<field>_truncated: true`` beside it. Environment values are never logged, only the
+names (``env_names``): values often carry tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import pwd
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +66,12 @@ COPY_CHUNK_BYTES = 64 * 1024
 ALLOWLIST_NAME = "exec-allowlist"
 REFUSE_LINGER_S = 2.0
 BUSY_WAIT_S = 5.0
+#: Exec audit caps (see the module docstring): one string of a record, in UTF-8 bytes;
+AUDIT_FIELD_MAX_BYTES = 1024
+#: the shell string, and all argv elements together;
+AUDIT_COMMAND_MAX_BYTES = 8192
+#: argv elements and environment variable names kept.
+AUDIT_MAX_ITEMS = 64
 
 log = logging.getLogger("secvf.exec.bridge")
 
@@ -272,6 +287,70 @@ async def _pump(
         dst.close()
 
 
+def audit_request_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The audit fields of an ``exec``, ``upload`` or ``download`` request, capped.
+
+    argv or the shell string, cwd, user, tty, path (those the request has) and, for an
+    exec with an environment, ``env_names``; see :func:`capped_field`.
+    """
+    fields: dict[str, Any] = {}
+    for key in ("argv", "shell", "cwd", "user", "tty", "path"):
+        if key in payload:
+            fields.update(capped_field(key, payload[key]))
+    if payload.get("env"):
+        fields.update(capped_field("env_names", list(payload["env"])))
+    return fields
+
+
+def capped_field(key: str, value: Any) -> dict[str, Any]:
+    """``{key: value}`` within the audit caps; if ``value`` had to be cut, also
+    ``{key}_bytes`` (its original UTF-8 size) and ``{key}_truncated: True``.
+
+    The shell string is capped at :data:`AUDIT_COMMAND_MAX_BYTES`, every other string at
+    :data:`AUDIT_FIELD_MAX_BYTES`, a list of strings by :func:`_cut_list`; other values
+    (numbers, flags, None) are kept as they are.
+    """
+    if isinstance(value, str):
+        limit = AUDIT_COMMAND_MAX_BYTES if key == "shell" else AUDIT_FIELD_MAX_BYTES
+        kept: Any = _cut(value, limit)
+        size = _utf8_size(value)
+    elif isinstance(value, list):
+        kept = _cut_list(value)
+        size = sum(_utf8_size(item) for item in value)
+    else:
+        return {key: value}
+    if kept == value:
+        return {key: value}
+    return {key: kept, f"{key}_bytes": size, f"{key}_truncated": True}
+
+
+def _cut_list(items: list[str]) -> list[str]:
+    """The first :data:`AUDIT_MAX_ITEMS` of ``items``, each cut to
+    :data:`AUDIT_FIELD_MAX_BYTES`, until :data:`AUDIT_COMMAND_MAX_BYTES` are used up."""
+    kept: list[str] = []
+    budget = AUDIT_COMMAND_MAX_BYTES
+    for item in items[:AUDIT_MAX_ITEMS]:
+        if budget <= 0:
+            break
+        piece = _cut(item, min(AUDIT_FIELD_MAX_BYTES, budget))
+        kept.append(piece)
+        budget -= _utf8_size(piece)
+    return kept
+
+
+def _utf8_size(text: str) -> int:
+    """The UTF-8 size of ``text`` (a lone surrogate from JSON counts as 3 bytes)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, at a character boundary."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
+
+
 class ExecAudit:
     """Watches a copy of one session's frames and writes the exec audit records."""
 
@@ -290,11 +369,7 @@ class ExecAudit:
                 self.open[msg.stream_id] = {
                     "op": msg.name,
                     "started": time.monotonic(),
-                    **{
-                        k: msg.payload.get(k)
-                        for k in ("argv", "shell", "cwd", "user", "tty", "path")
-                        if k in msg.payload
-                    },
+                    **audit_request_fields(msg.payload),
                 }
 
     def from_agent(self, data: bytes) -> None:
@@ -322,11 +397,10 @@ class ExecAudit:
         if record is None:
             return
         started = record.pop("started")
-        outcome_fields: dict[str, Any] = {
-            k: payload.get(k)
-            for k in ("code", "signal", "timed_out", "kind", "errno_name")
-            if k in payload
-        }
+        outcome_fields: dict[str, Any] = {}
+        for key in ("code", "signal", "timed_out", "kind", "errno_name"):
+            if key in payload:
+                outcome_fields.update(capped_field(key, payload[key]))
         seclog.write_event(
             "exec",
             stream="exec",

@@ -1,19 +1,29 @@
 #!/bin/sh
 # secvf-init: PID 1 of SecVF guest images (installed as /sbin/secvf-init).
 #
-# As PID 1 it mounts the API filesystems, sets the hostname, brings up the network,
-# mounts virtio-fs shares, starts the exec agent (sandbox images), arms the ACPI power
-# button, prints the ready marker on the serial console, then reaps orphans forever.
+# As PID 1 it mounts the API filesystems, sets the clock, grows the root filesystem to
+# the disk, sets the hostname, brings up the network, mounts virtio-fs shares, starts the
+# exec agent (sandbox images), arms the ACPI power button, prints the ready marker on the
+# serial console, offers a login there if the VM has one, then reaps orphans forever. On
+# SIGUSR2 it shuts the guest down (TERM, grace, KILL, sync, unmount, power off).
 #
 # Kernel command line parameters (the kernel hands unknown key=value pairs to init
 # as environment variables):
 #   secvf_hostname=NAME                     hostname (default: secvf)
 #   secvf_net=nat                           configure eth0 by DHCP (QEMU user networking)
 #   secvf_shares=TAG:/PATH:ro|rw[,...]      virtio-fs shares to mount
+#   secvf_console=login|autologin           a getty on ttyS0 (root logs in with its password;
+#                                           without one, a hint) or a root shell without a
+#                                           password; absent or anything else: output only
+#   secvf_time=NANOSECONDS                  the host's time (since the epoch) when it planned
+#                                           the VM, plus its estimate of the time until the
+#                                           kernel started; the guest adds its uptime
 #
 # Run as any other PID it is a helper for its own PID 1:
-#   secvf-init poweroff                     what the ACPI power button runs
+#   secvf-init poweroff                     ask PID 1 to shut down (SIGUSR2, as busybox
+#                                           poweroff does)
 #   secvf-init deconfig|bound|renew|...     busybox udhcpc's event script
+# Sourced by another shell (the unit tests) it only defines its functions.
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -25,6 +35,15 @@ READY_MARKER=SECVF-READY
 AGENT=/usr/lib/secvf/agent/agent.pyz
 AGENT_LOG_FIFO=/run/secvf/agent-log
 ACPI_DIR=/run/secvf/acpi
+ROOT_DEVICE=/dev/vda
+CONSOLE_TTY=ttyS0
+# agetty's baud rate and TERM for the serial console
+CONSOLE_BAUD=115200
+CONSOLE_TERM=vt220
+# a disk at least this much bigger than the root filesystem makes init grow the filesystem
+GROW_MIN_BYTES=$((16 << 20))
+# how long processes get between TERM and KILL at shutdown (centiseconds of uptime)
+SHUTDOWN_GRACE_CS=500
 
 say() {
 	echo "secvf-init: $*" >/dev/console
@@ -51,6 +70,46 @@ mount_filesystems() {
 	ln -sfn /proc/self/fd/1 /dev/stdout
 	ln -sfn /proc/self/fd/2 /dev/stderr
 	mkdir -p /run/secvf
+}
+
+read_uptime_cs() { # sets UPTIME_CS to the guest's uptime in centiseconds
+	read -r up _ </proc/uptime
+	frac=${up#*.}
+	UPTIME_CS=$((${up%.*} * 100 + 1$frac - 100)) # 1$frac: "08" is not octal
+}
+
+set_clock() {
+	# The kernel set the clock from the RTC, which has whole seconds and is itself behind
+	# the host by a fraction of one; secvf_time plus the uptime is finer.
+	case ${secvf_time:-} in
+	'') return 0 ;;
+	*[!0-9]*)
+		say "ignoring secvf_time='$secvf_time': not a number of nanoseconds"
+		return 0
+		;;
+	esac
+	read_uptime_cs
+	ns=$((secvf_time + UPTIME_CS * 10000000))
+	date -u -s "@$((ns / 1000000000)).$(printf %09d $((ns % 1000000000)))" >/dev/null ||
+		say "cannot set the clock from secvf_time"
+}
+
+grow_root_fs() {
+	# A disk made bigger than the image (vm create --disk) gets its space at first boot.
+	read -r sectors </sys/class/block/${ROOT_DEVICE#/dev/}/size || return 0
+	# ext4 superblock (at 1024): s_blocks_count_lo at +4, s_log_block_size at +24,
+	# s_blocks_count_hi at +0x150; od prints them as fields 1, 6 and 84 from offset 1028.
+	# shellcheck disable=SC2046 # one number per word
+	set -- $(od -An -v -tu4 -j1028 -N336 "$ROOT_DEVICE")
+	[ "$#" -eq 84 ] || return 0
+	fs_bytes=$(((${1} + (${84} << 32)) * (1024 << ${6})))
+	disk_bytes=$((sectors * 512))
+	[ "$((disk_bytes - fs_bytes))" -ge "$GROW_MIN_BYTES" ] || return 0
+	if out=$(resize2fs "$ROOT_DEVICE" 2>&1); then
+		say "root filesystem grown from $((fs_bytes >> 20)) MiB to the disk's $((disk_bytes >> 20)) MiB"
+	else
+		say "cannot grow the root filesystem: $(echo "$out" | tail -n 1)"
+	fi
 }
 
 set_hostname() {
@@ -117,7 +176,8 @@ arm_power_button() {
 	# busybox acpid runs <confdir>/PWRF/00000080 on an ACPI power-button press
 	# (QMP system_powerdown); it reads the button through evdev (/dev/input/event*).
 	mkdir -p "$ACPI_DIR/PWRF"
-	printf '#!/bin/sh\nexec %s poweroff\n' "$SELF" >"$ACPI_DIR/PWRF/00000080"
+	printf '#!/bin/sh\necho "secvf-init: power button pressed: shutting down" >/dev/console\nexec %s poweroff\n' \
+		"$SELF" >"$ACPI_DIR/PWRF/00000080"
 	chmod 0755 "$ACPI_DIR/PWRF/00000080"
 	$BB acpid -c "$ACPI_DIR" -l /dev/null -p /run/acpid.pid || say "cannot start acpid"
 }
@@ -131,6 +191,58 @@ announce_ready() {
 	fi
 }
 
+root_has_password() {
+	while IFS=: read -r user hash _; do
+		[ "$user" = root ] || continue
+		case $hash in '$'*) return 0 ;; esac
+		return 1
+	done </etc/shadow
+	return 1
+}
+
+respawn() { # COMMAND [ARG...]: run it in the background, again each time it exits
+	(
+		while :; do
+			"$@"
+			sleep 1
+		done
+	) </dev/null >/dev/null 2>&1 &
+}
+
+console_hint() {
+	# No getty (root has no password): whoever types on the console is told how to get one.
+	while :; do
+		echo "secvf: this VM has no console login: root has no password. Create the VM with"
+		echo "secvf: 'secvf vm create --root-password-file FILE' (or --ask-root-password), or with"
+		echo "secvf: --autologin for a root shell without a password."
+		read -r _ || sleep 1
+	done <>"/dev/$CONSOLE_TTY" >&0 2>&0
+}
+
+start_console() {
+	[ -c "/dev/$CONSOLE_TTY" ] || return 0
+	# setsid: agetty must lead a session to make the tty its controlling terminal
+	getty="setsid -w agetty --noclear --local-line"
+	case ${secvf_console:-} in
+	login)
+		if root_has_password; then
+			say "console: login as root on $CONSOLE_TTY"
+			# shellcheck disable=SC2086 # $getty is words
+			respawn $getty "$CONSOLE_TTY" "$CONSOLE_BAUD" "$CONSOLE_TERM"
+		else
+			say "console: no login on $CONSOLE_TTY (root has no password)"
+			respawn console_hint
+		fi
+		;;
+	autologin)
+		say "console: root shell on $CONSOLE_TTY without a password (autologin)"
+		# shellcheck disable=SC2086 # $getty is words
+		respawn $getty --autologin root "$CONSOLE_TTY" "$CONSOLE_BAUD" "$CONSOLE_TERM"
+		;;
+	*) say "console: output only" ;;
+	esac
+}
+
 reap_forever() {
 	# dash's wait reaps every child, including orphans re-parented to PID 1.
 	while :; do
@@ -140,23 +252,72 @@ reap_forever() {
 }
 
 boot() {
+	trap shut_down USR2
 	mount_filesystems
+	set_clock
+	grow_root_fs
 	set_hostname
 	start_network
 	mount_shares
 	start_agent
 	arm_power_button
 	announce_ready
+	start_console
 	reap_forever
 }
 
-# --- helpers run by PID 1's children -----------------------------------------
+# --- shutdown (PID 1, on SIGUSR2) ----------------------------------------------
 
-power_off() {
-	say "power button pressed: shutting down"
-	kill -s TERM -1
-	sleep 1
-	kill -s KILL -1
+other_processes_left() {
+	# True while a process other than PID 1 and this shell runs (kernel threads and
+	# zombies have no executable).
+	for dir in /proc/[0-9]*; do
+		case ${dir#/proc/} in 1 | "$$") continue ;; esac
+		[ -e "$dir/exe" ] && return 0
+	done
+	return 1
+}
+
+stop_processes() { # GRACE_CS: TERM to every process, up to GRACE_CS for them to exit, then KILL
+	if [ "$$" -ne 1 ]; then
+		echo "secvf-init: only PID 1 stops every process" >&2
+		return 1
+	fi
+	kill -TERM -1 2>/dev/null
+	read_uptime_cs
+	deadline=$((UPTIME_CS + $1))
+	while other_processes_left; do
+		read_uptime_cs
+		if [ "$UPTIME_CS" -ge "$deadline" ]; then
+			say "processes still running after $(($1 / 100)) s: KILL"
+			kill -KILL -1 2>/dev/null
+			return 0
+		fi
+		sleep 0.1
+	done
+}
+
+hang_up() { # TTY: SIGHUP to every process whose controlling terminal is /dev/TTY
+	# (an interactive shell ignores TERM; a hangup ends it, as on a real terminal line)
+	read -r dev </sys/class/tty/"$1"/dev || return 0
+	major=${dev%:*}
+	minor=${dev#*:}
+	tty_nr=$(((minor & 255) | (major << 8) | ((minor >> 8) << 20)))
+	for stat in /proc/[0-9]*/stat; do
+		pid=${stat#/proc/}
+		pid=${pid%/stat}
+		case $pid in 1 | "$$") continue ;; esac
+		read -r line 2>/dev/null <"$stat" || continue
+		# shellcheck disable=SC2086 # the fields after "(comm) ": state ppid pgrp session tty_nr
+		set -- ${line##*) }
+		[ "$5" = "$tty_nr" ] && kill -HUP "$pid" 2>/dev/null
+	done
+}
+
+shut_down() {
+	say "shutting down: TERM to every process, up to $((SHUTDOWN_GRACE_CS / 100)) s to exit, then KILL"
+	hang_up "$CONSOLE_TTY"
+	stop_processes "$SHUTDOWN_GRACE_CS"
 	sync
 	umount -a -t virtiofs 2>/dev/null
 	mount -o remount,ro / || say "cannot remount / read-only"
@@ -164,6 +325,8 @@ power_off() {
 	$BB poweroff -f
 	echo o >/proc/sysrq-trigger
 }
+
+# --- helpers run by PID 1's children -----------------------------------------
 
 dhcp_event() { # udhcpc passes the lease in: interface ip mask router dns
 	case "$1" in
@@ -188,14 +351,20 @@ dhcp_event() { # udhcpc passes the lease in: interface ip mask router dns
 	esac
 }
 
-if [ "$$" -eq 1 ]; then
-	boot
-fi
-case "${1:-}" in
-poweroff) power_off ;;
-deconfig | bound | renew | leasefail | nak) dhcp_event "$1" ;;
-*)
-	echo "usage: $SELF poweroff (as PID 1 it boots the guest)" >&2
-	exit 2
-	;;
+main() {
+	if [ "$$" -eq 1 ]; then
+		boot
+	fi
+	case "${1:-}" in
+	poweroff) kill -USR2 1 ;;
+	deconfig | bound | renew | leasefail | nak) dhcp_event "$1" ;;
+	*)
+		echo "usage: $SELF poweroff (as PID 1 it boots the guest)" >&2
+		exit 2
+		;;
+	esac
+}
+
+case $0 in
+*/secvf-init) main "$@" ;;
 esac

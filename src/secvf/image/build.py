@@ -38,7 +38,8 @@ def build_image(name: str, *, force: bool = False, progress: Progress | None = N
     Raises:
         NotFound: there is no recipe called ``name``.
         ImageBuildFailed: a step failed; the message names the step and the cause.
-        StateError: ``force`` was given while a running VM uses the current build.
+        StateError: ``force`` was given while a VM uses the current build (a running
+            one, or a stopped one whose disk is an overlay over it).
     """
     recipe = _recipe(name)
     report = progress or _ignore_progress
@@ -54,7 +55,7 @@ def build_image(name: str, *, force: bool = False, progress: Progress | None = N
             report("cached", 1.0)
             return cached
         if force and store.image_dir(name, digest).exists():
-            store.ensure_unused(store.image_dir(name, digest))
+            store.ensure_replaceable(store.image_dir(name, digest), "rebuild")
         with store.staging_dir(name, digest) as work:
             info = _build_into(work, recipe, digest, report)
     report("done", 1.0)

@@ -8,7 +8,7 @@ guest scripts (``secvf/guest/init.sh`` and ``secvf/guest/initramfs-init.sh``), o
 file the image gets, and :data:`FORMAT_VERSION` (bump it when the builder changes what it
 produces), so editing any of them yields a new hash and therefore a new build.
 
-Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2) and
+Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2, e2fsprogs) and
 ``sandbox`` (``base`` + the unprivileged user ``agent`` + the exec agent as one zipapp,
 ``/usr/lib/secvf/agent/agent.pyz``, built by :func:`~secvf.image.agent_zipapp.agent_zipapp`).
 """
@@ -60,7 +60,10 @@ BOOT_MODULES = (
     "evdev",  # /dev/input/event* for busybox acpid
 )
 
-BASE_PACKAGES = ("python3", "busybox-static", "procps", "iproute2")
+#: e2fsprogs: init grows the root filesystem with resize2fs (Priority: required in bookworm,
+#: so minbase has it anyway, but named here so a suite that demotes it keeps it). The serial
+#: console's agetty (util-linux) and login are Essential.
+BASE_PACKAGES = ("python3", "busybox-static", "procps", "iproute2", "e2fsprogs")
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,8 @@ def _builtin_recipes() -> dict[str, Recipe]:
     suite = host_suite()
     base = Recipe(
         name="base",
-        description="Debian minbase with Python 3, busybox, procps and iproute2; no exec agent",
+        description="Debian minbase with Python 3, busybox, procps, iproute2 and e2fsprogs; "
+                    "no exec agent",
         suite=suite,
     )
     sandbox = replace(

@@ -9,8 +9,11 @@ Layout under ``secvf.store.paths.cache_dir() / "images"``::
 
 A build is assembled in a ``.build-*`` directory, its ``image.json`` written and every
 file fsync'd, and only then renamed to ``<name>-<hash12>``: a reader sees a complete
-image or none. ``image.json`` is validated on every load; a damaged one is reported
-with the file's path and how to fix it, never as a traceback.
+image or none. A published build is never removed or replaced while a VM uses it: a
+running VM has its files open, and a stopped VM's disk overlay reads through its
+``rootfs.img``, so the VM could not boot any more (:func:`ensure_replaceable`).
+``image.json`` is validated on every load; a damaged one is reported with the file's
+path and how to fix it, never as a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from secvf.errors import ConfigError, NotFound, StateError
 from secvf.image.recipe import SHORT_HASH_LEN
 from secvf.store import paths
+from secvf.store.gc import vms_based_on
 
 MANIFEST = "image.json"
 STAGING_PREFIX = ".build-"
@@ -181,16 +185,31 @@ def remove_image(name: str) -> None:
 
     Raises:
         NotFound: no build of ``name`` exists.
-        StateError: a running process (a VM) has one of its files open.
+        StateError: a VM uses one of them (see :func:`ensure_replaceable`).
     """
     directories = _published_dirs(name)
     if not directories:
         raise NotFound(f"image '{name}' is not built")
     with build_lock():
         for directory in directories:
-            ensure_unused(directory)
+            ensure_replaceable(directory, "remove")
         for directory in directories:
             _delete_dir(directory)
+
+
+def ensure_replaceable(directory: Path, action: str) -> None:
+    """Raise :class:`StateError` if the build in ``directory`` is in use: a process (a
+    running VM) has one of its files open, or the disk of a VM in the library, stopped
+    or not, is an overlay over its root filesystem. ``action`` ("remove", "rebuild")
+    words the message.
+    """
+    ensure_unused(directory)
+    based = vms_based_on(directory)
+    if based:
+        raise StateError(
+            f"cannot {action} image {directory.name}: the disks of VM "
+            f"{', '.join(repr(n) for n in based)} are overlays over it, and those VMs "
+            "would not boot any more; delete them first (secvf vm delete NAME)", "in use")
 
 
 def ensure_unused(directory: Path) -> None:
@@ -254,7 +273,8 @@ def staging_dir(name: str, recipe_hash: str) -> Iterator[Path]:
 def publish(work: Path, manifest: ImageManifest) -> ImageInfo:
     """Write ``image.json`` into ``work``, make it durable and move it into place.
 
-    An existing build at the destination (a forced rebuild) is replaced.
+    An existing build at the destination (a forced rebuild) is replaced, unless it is
+    in use (:func:`ensure_replaceable` raises :class:`StateError`).
     """
     data = manifest.model_dump_json(indent=2).encode() + b"\n"
     with open(work / MANIFEST, "wb") as f:
@@ -264,6 +284,7 @@ def publish(work: Path, manifest: ImageManifest) -> ImageInfo:
     _fsync_path(work)
     final = image_dir(manifest.name, manifest.recipe_hash)
     if final.exists():
+        ensure_replaceable(final, "rebuild")
         old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
         os.rename(final, old)
         os.rename(work, final)

@@ -16,13 +16,14 @@ import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -69,6 +70,20 @@ class Accel(StrEnum):
     AUTO = "auto"
     KVM = "kvm"
     TCG = "tcg"
+
+
+class ConsoleAccess(StrEnum):
+    """What the guest of a SecVF image offers on its serial console (``secvf_console``)."""
+
+    OUTPUT_ONLY = "output-only"  # nothing reads the console (malware analysis, AI sandbox)
+    LOGIN = "login"  # a getty: root logs in with the password set at create (none: a hint)
+    AUTOLOGIN = "autologin"  # a root shell without a password (throwaway VMs)
+
+
+def default_console(data: dict[str, Any]) -> ConsoleAccess:
+    """The console of a VM whose config does not say: a login on a generic VM, output only
+    on every other kind."""
+    return ConsoleAccess.LOGIN if data.get("kind") is VMKind.GENERIC else ConsoleAccess.OUTPUT_ONLY
 
 
 class _Strict(BaseModel):
@@ -132,6 +147,8 @@ class VMConfig(_Strict):
     network: NetworkMode
     mac: str = Field(pattern=r"^52:54:00(:[0-9a-f]{2}){3}$")
     accel: Accel = Accel.AUTO
+    # serial console of an image-booted VM; only a generic VM's can take input
+    console: ConsoleAccess = Field(default_factory=default_console)
     channels: SandboxChannels | None = None
     created_at: str
     updated_at: str
@@ -156,6 +173,14 @@ class VMConfig(_Strict):
             return validate_name(value)
         except InvalidName as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("console")
+    @classmethod
+    def _console_fits_kind(cls, value: ConsoleAccess, info: ValidationInfo) -> ConsoleAccess:
+        kind = info.data.get("kind")
+        if value is not ConsoleAccess.OUTPUT_ONLY and kind is not VMKind.GENERIC:
+            raise ValueError(f"the console of a {kind} VM is output-only, not '{value}'")
+        return value
 
     @model_validator(mode="after")
     def _sandbox_has_channels(self) -> VMConfig:

@@ -1,7 +1,10 @@
 """The serial console: print/follow the log, or attach interactively.
 
 Attaching connects to the VM's console socket (QEMU's chardev server) and puts
-the local terminal in raw mode; ``Ctrl-]`` detaches and restores the terminal.
+the local terminal in raw mode; ``Ctrl-]`` detaches and restores the terminal. One
+console at a time: QEMU serves one client and leaves a second one hanging, so an
+attached console holds an ``flock`` on the bundle's ``console.lock`` and a second
+attach is refused.
 Malware-analysis VMs have no console socket at all (their serial port is
 output-only), so attaching falls back to following the log, read-only.
 """
@@ -15,15 +18,22 @@ import sys
 import termios
 import time
 import tty
+from pathlib import Path
 
-from secvf.errors import NoExecChannel, StateError
+from secvf.errors import LockBusy, NoExecChannel, StateError
 from secvf.model.config import VMKind
 from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.library import get_vm
+from secvf.store.locks import FileLock
 from secvf.store.runstate import is_running
 
 DETACH_BYTE = b"\x1d"  # Ctrl-]
 FOLLOW_POLL_S = 0.2
+
+
+def console_lock(bundle: Bundle) -> Path:
+    """The file an attached console of ``bundle``'s VM holds an ``flock`` on."""
+    return bundle.path / "console.lock"
 
 
 def print_log(bundle: Bundle, *, follow: bool) -> None:
@@ -58,16 +68,24 @@ def attach_console(name: str) -> None:
                          " Following the log (Ctrl-C to stop).\n")
         print_log(bundle, follow=True)
         return
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(RuntimeFiles(config.id).console_socket))
-    except OSError as exc:
-        raise NoExecChannel(f"cannot attach to the console of '{name}': {exc.strerror}"
-                            " (is another console attached?)") from exc
-    sys.stderr.write(f"attached to '{name}' (detach: Ctrl-])\r\n")
-    with sock:
-        _pump(sock)
-    sys.stderr.write("\r\ndetached\r\n")
+        lock = FileLock(console_lock(bundle), f"the console of VM '{name}'").acquire()
+    except LockBusy:
+        raise LockBusy(f"another console is attached to VM '{name}'") from None
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(RuntimeFiles(config.id).console_socket))
+        except OSError as exc:
+            sock.close()
+            raise NoExecChannel(f"cannot attach to the console of '{name}': "
+                                f"{exc.strerror}") from exc
+        sys.stderr.write(f"attached to '{name}' (detach: Ctrl-])\r\n")
+        with sock:
+            _pump(sock)
+        sys.stderr.write("\r\ndetached\r\n")
+    finally:
+        lock.release()
 
 
 def _pump(sock: socket.socket) -> None:

@@ -99,6 +99,7 @@ from secvf.runtime.lifecycle import Lifecycle
 from secvf.runtime.procutil import die_with_parent
 from secvf.store import events as seclog
 from secvf.store.bundle import RuntimeFiles
+from secvf.store.disks import UnsafeDisk, check_vm_files
 from secvf.store.events import Severity
 from secvf.store.library import get_vm
 from secvf.store.locks import FileLock
@@ -232,6 +233,16 @@ class Supervisor:
 
     # ---- launch --------------------------------------------------------------------------
 
+    def _check_files(self) -> None:
+        """Refuse a disk chain or boot file outside SecVF's places (a hand-edited bundle):
+        QEMU runs with this process's rights and would open whatever vm.json names."""
+        try:
+            check_vm_files(self.bundle, self.config)
+        except UnsafeDisk as exc:
+            seclog.write_event("vm_unsafe_files", severity=Severity.CRITICAL,
+                               vm=self.config.name, vm_id=self.config.id, detail=str(exc))
+            raise
+
     async def _launch(self) -> None:
         self._step(LaunchStage.IMAGE)
         kernel = initrd = None
@@ -243,6 +254,7 @@ class Supervisor:
         choice = await asyncio.to_thread(choose_accel, requested, kernel, initrd)
         self.lifecycle.update(accel=choice.accel, accel_reason=choice.reason)
         self._step(LaunchStage.PLAN)
+        await asyncio.to_thread(self._check_files)
         plan = build_machine(self.config, self.bundle, self.files, choice.accel)
         self._step(LaunchStage.HELPERS)
         for spec in plan.helpers:

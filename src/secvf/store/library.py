@@ -3,9 +3,11 @@
 A new VM (create, clone, import) is built in a staging directory in the library
 and renamed into place: that rename claims the name, so of two processes creating
 the same name one wins and the other gets :class:`AlreadyExists`, and a failure
-half-way never leaves a half-made VM. Changes to an existing VM (clone's disk
-freeze, rename, delete) happen under that VM's edit lock. Nothing here starts or
-stops VMs: deleting a running VM is refused (the workflows layer stops it first).
+half-way never leaves a half-made VM. Staging and trash directories are held while in
+use (:mod:`secvf.store.staging`), so the garbage collector removes only those a killed
+process left. Changes to an existing VM (clone's disk freeze, rename, delete) happen
+under that VM's edit lock. Nothing here starts or stops VMs: deleting a running VM is
+refused (the workflows layer stops it first).
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf.errors import AlreadyExists, ConfigError, NotFound, SecVFError, StateError
+from secvf.errors import (
+    AlreadyExists,
+    ConfigError,
+    InvalidName,
+    NotFound,
+    SecVFError,
+    StateError,
+)
 from secvf.model.config import (
     DiskImageBoot,
     ImageBoot,
@@ -29,19 +37,26 @@ from secvf.model.config import (
     VMConfig,
     new_mac,
     now_iso,
-    parse_config,
     save_config,
 )
 from secvf.model.names import validate_name
 from secvf.store import events as seclog
 from secvf.store import paths
 from secvf.store.bundle import Bundle
+from secvf.store.disks import (
+    BUNDLE,
+    DiskError,
+    DiskLayer,
+    UnsafeDisk,
+    check_vm_files,
+    copy_chain,
+    image_info,
+    qemu_img,
+)
+from secvf.store.layers import LAYER_SUFFIX, layers_dir, using_layers
 from secvf.store.locks import locked
 from secvf.store.runstate import is_running
-
-
-class DiskError(SecVFError):
-    """A disk or image file cannot be used (missing, unreadable, wrong size)."""
+from secvf.store.staging import hold, new_work_dir, work_dir_name
 
 
 def bundle_for(name: str) -> Bundle:
@@ -50,21 +65,64 @@ def bundle_for(name: str) -> Bundle:
 
 
 def get_bundle(name: str) -> Bundle:
-    """Return the bundle of an existing VM.
+    """Return the bundle of an existing VM: a directory in the library, usable or not
+    (so that ``vm delete`` can remove one without a valid ``vm.json``).
 
     Raises:
         InvalidName: the name is not valid. NotFound: no such VM.
     """
     bundle = bundle_for(name)
-    if not bundle.config_file.exists():
+    if not bundle.path.is_dir() or bundle.path.is_symlink():
         raise NotFound(f"no VM named '{name}' (see: secvf vm list)")
     return bundle
 
 
 def get_vm(name: str) -> tuple[Bundle, VMConfig]:
-    """Return an existing VM's bundle and validated config."""
+    """Return an existing VM's bundle and validated config (see :func:`load_vm`).
+
+    Raises:
+        InvalidName, NotFound: as :func:`get_bundle`. ConfigError, ForbiddenDevice: the
+            bundle is not a usable VM.
+    """
     bundle = get_bundle(name)
-    return bundle, bundle.load()
+    return bundle, load_vm(bundle)
+
+
+def load_vm(bundle: Bundle) -> VMConfig:
+    """The validated config of library bundle ``bundle``.
+
+    The rule: **a VM's name is its directory's name.** A directory whose ``vm.json``
+    is missing, or names another VM (a bundle copied into ``vms/`` by hand, which also
+    shares the original's UUID and so its runtime files), is not a usable VM; the
+    message says how to import it properly or delete it.
+
+    A directory whose name is no VM name (``vm delete`` cannot take it) gets, with any
+    of these errors, the advice to remove it by hand.
+
+    Raises:
+        ConfigError: no ``vm.json``, an invalid one, or one that names another VM.
+        ForbiddenDevice: ``vm.json`` asks for a channel its kind must not have.
+    """
+    named, delete = True, f"delete it with: secvf vm delete {bundle.name}"
+    try:
+        validate_name(bundle.name)
+    except InvalidName as exc:
+        named, delete = False, f"{exc}, so remove the directory by hand: rm -r {bundle.path}"
+    if not bundle.config_file.exists():
+        raise ConfigError(f"{bundle.path} has no vm.json, so it is not a usable VM; {delete}")
+    try:
+        config = bundle.load()
+    except SecVFError as exc:
+        if named:
+            raise
+        raise ConfigError(f"{exc}; {delete}") from None
+    if config.name != bundle.name:
+        raise ConfigError(
+            f"{bundle.config_file} names the VM {config.name!r}, but its directory is "
+            f"{bundle.name!r} (a VM's name is its directory's name; was the bundle copied "
+            "into the library by hand?): move it out of the library and run: secvf vm "
+            f"import DIR --name NAME, or {delete}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -77,42 +135,21 @@ class ListedVM:
 
 
 def list_vms() -> list[ListedVM]:
-    """Every VM in the library; a broken ``vm.json`` is listed with its error."""
+    """Every directory in the library, by name; one that is not a usable VM (see
+    :func:`load_vm`; a symlink, which SecVF never makes) is listed with why."""
     out = []
     for path in sorted(paths.vms_dir().iterdir()):
         if path.name.startswith(".") or not path.is_dir():
             continue
         bundle = Bundle(path)
         try:
-            out.append(ListedVM(bundle, bundle.load(), None))
+            if path.is_symlink():
+                raise ConfigError(f"{path} is a symlink, not a VM directory SecVF made; "
+                                  f"remove it by hand: rm {path}")
+            out.append(ListedVM(bundle, load_vm(bundle), None))
         except SecVFError as exc:
             out.append(ListedVM(bundle, None, str(exc)))
     return out
-
-
-def qemu_img(*args: str) -> str:
-    """Run ``qemu-img`` and return stdout, or raise :class:`DiskError` with its message."""
-    try:
-        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise DiskError("qemu-img is not installed (run scripts/install-system-deps.sh)") from None
-    if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown error"
-        raise DiskError(f"qemu-img {args[0]} failed: {msg}")
-    return proc.stdout
-
-
-def image_info(path: Path) -> dict[str, object]:
-    """``qemu-img info`` of a disk file as a dict (format, virtual-size, ...)."""
-    if not path.is_file():
-        raise DiskError(f"disk image {path} does not exist or is not a file")
-    try:
-        data = json.loads(qemu_img("info", "--output=json", "-U", str(path)))
-    except json.JSONDecodeError as exc:
-        raise DiskError(f"cannot read disk image {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise DiskError(f"cannot read disk image {path}")
-    return data
 
 
 def create_overlay(disk: Path, backing: Path, backing_format: str, size: int) -> None:
@@ -151,17 +188,15 @@ def create_vm(config: VMConfig, *, image_rootfs: Path | None = None) -> Bundle:
 
 @contextlib.contextmanager
 def _staging(purpose: str) -> Iterator[Bundle]:
-    """A private staging bundle in the library, removed unless it was claimed.
-
-    Its name holds no VM name, so any valid name fits the file-name limit.
-    """
-    staging = paths.vms_dir() / f".{purpose}-{uuid.uuid4().hex}"
-    staging.mkdir(mode=0o700)
+    """A private staging bundle in the library, held while in use and removed unless
+    it was claimed (see :mod:`secvf.store.staging`)."""
+    path, held = new_work_dir(purpose)
     try:
-        yield Bundle(staging)
+        yield Bundle(path)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        os.close(held)
 
 
 def _claim(staging: Bundle, bundle: Bundle) -> None:
@@ -202,16 +237,34 @@ def delete_vm(name: str) -> VMConfig | None:
     with locked(bundle.edit_lock, f"VM '{name}'"):
         if is_running(bundle):
             raise StateError(f"VM '{name}' is running; stop it first or use --force", "running")
-        trash = paths.vms_dir() / f".deleting-{uuid.uuid4().hex}"
-        bundle.path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
+        held = hold(bundle.path)
+        trash = paths.vms_dir() / work_dir_name("deleting")
+        try:
+            bundle.path.rename(trash)
+        except BaseException:
+            os.close(held)
+            raise
+    try:
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        os.close(held)
     seclog.write_event("vm_deleted", vm=name, vm_id=config.id if config else None)
     return config
 
 
-def clone_vm(src: str, dst: str) -> Bundle:
-    """Clone a stopped VM copy-on-write: the clone's disk is an overlay over a frozen
-    snapshot of the source's disk. New UUID and MAC; kind, network and image kept."""
+def clone_vm(src: str, dst: str, *,
+             prepare: Callable[[VMConfig], VMConfig] | None = None) -> Bundle:
+    """Clone a stopped VM copy-on-write. New UUID and MAC; kind, network and image kept.
+
+    The clone's disk is an overlay over a base that never changes, shared with the
+    source (see :func:`_shared_base`): cloning a VM that has written nothing since it
+    was last cloned adds no layer and does not lengthen its backing chain.
+
+    ``prepare`` gets the clone's config while the source is locked and stopped, and
+    returns the config to save (the workflows layer gives a sandbox clone its own
+    workspace there). What it makes outside the bundle is the caller's to remove if
+    the clone fails.
+    """
     bundle, config = get_vm(src)
     dst_bundle = bundle_for(dst)
     if dst_bundle.path.exists():
@@ -219,18 +272,48 @@ def clone_vm(src: str, dst: str) -> Bundle:
     with locked(bundle.edit_lock, f"VM '{src}'"):
         if is_running(bundle):
             raise StateError(f"VM '{src}' is running; stop it before cloning", "running")
-        frozen = _freeze_disk(bundle)
         new = config.model_copy(
             update={"id": str(uuid.uuid4()), "name": dst, "mac": new_mac(),
                     "created_at": now_iso(), "updated_at": now_iso()}
         )
-        with _staging("cloning") as staging:
-            qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen),
-                     str(staging.disk), str(config.disk_bytes))
-            save_config(staging.config_file, new)
-            _claim(staging, dst_bundle)
+        if prepare is not None:
+            new = prepare(new)
+        with using_layers(), _staging("cloning") as work:
+            base, base_format = _shared_base(bundle)
+            qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base),
+                     str(work.disk), str(config.disk_bytes))
+            save_config(work.config_file, new)
+            _claim(work, dst_bundle)
     seclog.write_event("vm_cloned", vm=dst, vm_id=new.id, source=src, source_id=config.id)
     return dst_bundle
+
+
+def _shared_base(bundle: Bundle) -> tuple[Path, str]:
+    """The base (path, format) a clone of stopped VM ``bundle`` can share with it.
+
+    If the VM's overlay holds nothing of its own (a fresh VM, or one cloned before and
+    not run since), that is the overlay's backing file, which is never written;
+    otherwise the disk is frozen into a new layer (:func:`_freeze_disk`).
+    """
+    info = image_info(bundle.disk)
+    backing = info.get("full-backing-filename")
+    backing_format = info.get("backing-filename-format")
+    unchanged = not info.get("snapshots") and _holds_no_data(bundle.disk)
+    if backing and backing_format and unchanged:
+        return Path(str(backing)), str(backing_format)
+    return _freeze_disk(bundle), "qcow2"
+
+
+def _holds_no_data(disk: Path) -> bool:
+    """True if every block of qcow2 overlay ``disk`` reads through to its backing file
+    (nothing, not even zeroes or a discard, was written to the overlay itself)."""
+    try:
+        extents = json.loads(qemu_img("map", "--output=json", "-U", "-f", "qcow2", str(disk)))
+    except json.JSONDecodeError:
+        return False
+    return isinstance(extents, list) and all(
+        isinstance(e, dict) and (e.get("depth") != 0 or e.get("present") is False)
+        for e in extents)
 
 
 def _freeze_disk(bundle: Bundle) -> Path:
@@ -240,9 +323,7 @@ def _freeze_disk(bundle: Bundle) -> Path:
     The new overlay is made before the VM's disk moves: if ``qemu-img`` fails (a
     full disk, say), the VM keeps its disk exactly as it was.
     """
-    layers = paths.secvf_home() / "layers"
-    paths.ensure_private_dir(layers)
-    frozen = layers / f"{uuid.uuid4()}.qcow2"
+    frozen = layers_dir() / f"{uuid.uuid4()}{LAYER_SUFFIX}"
     fresh = bundle.path / f".{bundle.disk.name}.new"
     _link_or_copy(bundle.disk, frozen)  # the VM's disk stays untouched
     try:
@@ -266,8 +347,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def rename_vm(old: str, new: str) -> None:
-    """Rename a stopped VM (its UUID, and so its runtime files, do not change)."""
+def rename_vm(old: str, new: str, *, move_share: tuple[str, Path] | None = None) -> None:
+    """Rename a stopped VM (its UUID, and so its runtime files, do not change).
+
+    ``move_share`` (tag, new host directory) moves that share's host directory along
+    and points the share at its new place (the workflows layer uses it for a
+    sandbox's default workspace, which is named after the VM). The new directory must
+    not exist; the one it was in is removed if that leaves it empty. If the rename
+    fails, the directory is moved back.
+
+    Raises:
+        AlreadyExists: the new name, or the share's new directory, is taken.
+        StateError: the VM is running. LockBusy: another command is changing it.
+    """
     bundle, config = get_vm(old)
     dst = bundle_for(new)
     with locked(bundle.edit_lock, f"VM '{old}'"):
@@ -275,47 +367,112 @@ def rename_vm(old: str, new: str) -> None:
             raise StateError(f"VM '{old}' is running; stop it before renaming", "running")
         if dst.path.exists():
             raise AlreadyExists(f"a VM named '{new}' already exists")
-        save_config(bundle.config_file,
-                    config.model_copy(update={"name": new, "updated_at": now_iso()}))
-        bundle.path.rename(dst.path)
+        renamed = config.model_copy(update={"name": new, "updated_at": now_iso()})
+        moved_from = None
+        if move_share is not None:
+            renamed, moved_from = _move_share_dir(renamed, *move_share)
+        try:
+            save_config(bundle.config_file, renamed)
+            try:
+                bundle.path.rename(dst.path)
+            except OSError as exc:
+                save_config(bundle.config_file, config)
+                raise AlreadyExists(f"a VM named '{new}' already exists") from exc
+        except BaseException:
+            if move_share is not None and moved_from is not None:
+                move_share[1].rename(moved_from)
+            raise
+    if moved_from is not None:
+        with contextlib.suppress(OSError):
+            moved_from.parent.rmdir()
     seclog.write_event("vm_renamed", vm=new, vm_id=config.id, old_name=old)
 
 
-def import_vm(source: Path, *, name: str | None = None) -> Bundle:
-    """Import a VM bundle directory (``vm.json`` + ``disk.qcow2``) made by export or copy.
+def _move_share_dir(config: VMConfig, tag: str, target: Path) -> tuple[VMConfig, Path | None]:
+    """Move share ``tag``'s host directory to ``target``; return the config pointing
+    there and where the directory was (None if it was missing: then the share is only
+    re-pointed)."""
+    channels = config.channels
+    share = next((s for s in channels.shares if s.tag == tag), None) if channels else None
+    if channels is None or share is None:
+        raise ConfigError(f"VM '{config.name}' has no share '{tag}'")
+    if target.exists():
+        raise AlreadyExists(f"cannot move share '{tag}' of VM '{config.name}' to {target}: "
+                            "it exists already; remove it or choose another name")
+    source = Path(share.host_path)
+    moved = source.is_dir()
+    if moved:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        source.rename(target)
+    shares = [s.model_copy(update={"host_path": str(target)}) if s is share else s
+              for s in channels.shares]
+    channels = channels.model_copy(update={"shares": shares})
+    return config.model_copy(update={"channels": channels}), source if moved else None
 
-    Everything read is validated like ``create``: the config, the kind's channel
-    rules, the disk and its backing chain. The imported VM gets a new UUID and MAC.
+
+def read_bundle(source: Path) -> tuple[Bundle, VMConfig]:
+    """Read the VM bundle directory ``source`` (outside the library) that is to be
+    imported: its ``vm.json`` validated as on every read.
+
+    Nobody but you (or root) may be able to change the bundle: it must not change
+    between its check and its copy.
+
+    Raises:
+        NotFound: no ``vm.json`` in it. ConfigError, ForbiddenDevice: an invalid one.
+        UnsafeDisk: others can write to the directory or its ``vm.json``.
     """
-    src = Bundle(source)
+    src = Bundle(Path(os.path.realpath(source.expanduser())))
     if not src.config_file.is_file():
         raise NotFound(f"{source} is not a VM bundle: no vm.json in it")
-    try:
-        raw = json.loads(src.config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{src.config_file} is not valid JSON: {exc}") from exc
-    config = parse_config(raw, source=str(src.config_file))
-    new_name = validate_name(name or config.name)
-    info = image_info(src.disk)
-    if info.get("format") != "qcow2":
-        raise DiskError(f"{src.disk} is not a qcow2 disk (format {info.get('format')})")
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
-    if backing:
-        image_info(Path(str(backing)))
-    dst = bundle_for(new_name)
+    check_unshared(src.path)
+    check_unshared(src.config_file)
+    return src, src.load()
+
+
+def check_unshared(path: Path) -> None:
+    """Refuse a bundle file or directory that another user could change.
+
+    Raises:
+        UnsafeDisk: it is not owned by you or root, or is group- or world-writable.
+    """
+    st = path.stat()
+    if st.st_uid in (0, os.getuid()) and not st.st_mode & 0o022:
+        return
+    raise UnsafeDisk(f"{path} can be changed by other users (owner uid {st.st_uid}, mode "
+                     f"{st.st_mode & 0o7777:04o}), so it could change between SecVF's check "
+                     f"and its copy: run chown {os.getuid()} and chmod go-w on it, then "
+                     "import again")
+
+
+def import_vm(config: VMConfig, chain: tuple[DiskLayer, ...], *, source: Path) -> Bundle:
+    """Add the VM ``config`` describes from the bundle ``source``, whose disk ``chain``
+    has been checked (:func:`secvf.workflows.vms.import_vm` checks everything first).
+
+    The new disk is written by qemu-img from the chain (:func:`disks.copy_chain`:
+    over SecVF's own base file, or flattened) and checked again as ``vm start``
+    checks it; ``config`` (with its new name, UUID and MAC) becomes its ``vm.json``.
+
+    Raises:
+        AlreadyExists: the name is taken. UnsafeDisk: a file of the chain inside the
+            bundle can be changed by others. DiskError: qemu-img failed.
+    """
+    for layer in chain:
+        if layer.where == BUNDLE:
+            check_unshared(layer.path)
+    dst = bundle_for(config.name)
     if dst.path.exists():
-        raise AlreadyExists(f"a VM named '{new_name}' already exists")
-    new = config.model_copy(update={"id": str(uuid.uuid4()), "name": new_name, "mac": new_mac(),
-                                    "updated_at": now_iso()})
-    with _staging("importing") as staging:
-        shutil.copy2(src.disk, staging.disk)
-        save_config(staging.config_file, new)
+        raise AlreadyExists(f"a VM named '{config.name}' already exists")
+    with using_layers(), _staging("importing") as staging:
+        copy_chain(chain, staging.disk)
+        check_vm_files(staging, config)
+        save_config(staging.config_file, config)
         _claim(staging, dst)
-    seclog.write_event("vm_imported", vm=new_name, vm_id=new.id, source=str(source))
+    seclog.write_event("vm_imported", vm=config.name, vm_id=config.id, source=str(source))
     return dst
 
 
 __all__ = [
-    "DiskError", "ListedVM", "bundle_for", "clone_vm", "create_vm", "delete_vm", "get_bundle",
-    "get_vm", "import_vm", "list_vms", "rename_vm",
+    "DiskError", "ListedVM", "bundle_for", "check_unshared", "clone_vm", "create_vm",
+    "delete_vm", "get_bundle", "get_vm", "image_info", "import_vm", "list_vms", "load_vm",
+    "read_bundle", "rename_vm",
 ]

@@ -6,12 +6,19 @@ For every VM in the library (running or not) the audit lists its surfaces:
   vhost-user) — from the live QMP device tree for running VMs, from the machine
   builder's plan for stopped ones;
 * the exec bridge socket (exists? mode? owner?);
-* virtio-fs shares (host path, ro/rw) and the NIC mode.
+* virtio-fs shares (host path, ro/rw) and the NIC mode;
+* the disk chain: every file QEMU opens for the VM's disk (path, format, and where it
+  is: the bundle, SecVF's image cache or layers, or the disk image ``vm.json`` names).
 
 Anything that contradicts the VM's kind is a **finding**: a channel on a generic
 or malware-analysis VM, an exec socket for a VM that is not a running AI sandbox,
-a socket with the wrong mode or owner, and stray ``secvf-exec-*.sock`` files that
-belong to no VM. Findings are written to the security log as CRITICAL events.
+a socket with the wrong mode or owner, a host directory that two VMs share
+read-write (one inside the other counts), and stray ``secvf-exec-*.sock`` files that
+belong to no VM; and any host file QEMU would open for the VM that ``vm start`` refuses
+(:func:`secvf.store.disks.inspect_vm_files`): a disk chain that reaches outside those
+places (a hand-edited overlay, say), an external data file, a ``json:`` or protocol
+file name, another format than qcow2/raw, an ISO in a system tree. Findings are written
+to the security log as CRITICAL events.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secvf.errors import SecVFError
+from secvf.errors import CorruptRecord, SecVFError
 from secvf.exec.bridge import read_allowlist
 from secvf.machine import build_machine
 from secvf.machine.sandbox import VSOCK_DEVICE
@@ -31,10 +38,11 @@ from secvf.model.channels import SANDBOX_CHANNELS, channel_of
 from secvf.model.config import VMConfig, VMKind
 from secvf.store import events as seclog
 from secvf.store import paths
-from secvf.store.bundle import RuntimeFiles
+from secvf.store.bundle import Bundle, RuntimeFiles
+from secvf.store.disks import inspect_vm_files
 from secvf.store.events import Severity
 from secvf.store.library import list_vms
-from secvf.store.runstate import VmState, current_state
+from secvf.store.runstate import current_state, reap_stale_runtime
 
 _EXEC_SOCKET = re.compile(r"^secvf-exec-(?P<id>[0-9a-f-]{36})\.sock$")
 
@@ -53,6 +61,7 @@ class VMAudit:
     shares: list[dict[str, Any]] = field(default_factory=list)
     network: str = ""
     findings: list[str] = field(default_factory=list)
+    disk_chain: list[dict[str, str]] = field(default_factory=list)  # path, format, where
 
 
 def audit_all() -> tuple[list[VMAudit], list[str]]:
@@ -65,7 +74,12 @@ def audit_all() -> tuple[list[VMAudit], list[str]]:
                                    findings=[f"unreadable config: {item.error}"]))
             continue
         known_ids.add(item.config.id)
-        results.append(audit_vm(item.config, item.bundle))
+        try:
+            results.append(audit_vm(item.config, item.bundle))
+        except CorruptRecord as exc:
+            results.append(VMAudit(item.config.name, item.config.id, str(item.config.kind),
+                                   "invalid", "none", findings=[f"unreadable run record: {exc}"]))
+    flag_shared_writable(results)
     stray = stray_sockets(known_ids)
     for res in results:
         for finding in res.findings:
@@ -76,15 +90,20 @@ def audit_all() -> tuple[list[VMAudit], list[str]]:
     return results, stray
 
 
-def audit_vm(config: VMConfig, bundle: Any) -> VMAudit:
-    """Audit one VM (see the module docstring for what is checked)."""
-    exec_socket = _socket_facts(RuntimeFiles(config.id).exec_socket)  # before stale cleanup
-    state, record = current_state(bundle, config.id)
-    running = state in (VmState.RUNNING, VmState.STARTING, VmState.STOPPING)
-    res = VMAudit(config.name, config.id, str(config.kind), str(state),
+def audit_vm(config: VMConfig, bundle: Bundle) -> VMAudit:
+    """Audit one VM (see the module docstring for what is checked).
+
+    Reads everything first — the exec socket, the state — and only then removes the
+    runtime files of a supervisor that died, so leftovers are reported before they go.
+    """
+    exec_socket = _socket_facts(RuntimeFiles(config.id).exec_socket)
+    view = current_state(bundle, config.id)
+    running = view.live
+    res = VMAudit(config.name, config.id, str(config.kind), str(view.state),
                   "live" if running else "plan", network=str(config.network))
     if running:
-        res.channel_devices = list(record.get("channels", []))
+        channels = view.record.channels if view.record else []
+        res.channel_devices = [d.model_dump() for d in channels]
     else:
         res.channel_devices = _planned_channels(config, bundle, res)
     if config.channels is not None:
@@ -92,10 +111,12 @@ def audit_vm(config: VMConfig, bundle: Any) -> VMAudit:
                        "mode": "ro" if s.read_only else "rw"} for s in config.channels.shares]
     res.exec_socket = exec_socket
     res.findings = _judge(config, res, running)
+    res.findings += _disk_chain(config, bundle, res)
+    reap_stale_runtime(bundle, config.id)
     return res
 
 
-def _planned_channels(config: VMConfig, bundle: Any, res: VMAudit) -> list[dict[str, Any]]:
+def _planned_channels(config: VMConfig, bundle: Bundle, res: VMAudit) -> list[dict[str, Any]]:
     try:
         plan = build_machine(config, bundle, RuntimeFiles(config.id), "tcg")
     except SecVFError as exc:
@@ -106,6 +127,13 @@ def _planned_channels(config: VMConfig, bundle: Any, res: VMAudit) -> list[dict[
         return []
     return [{"type": d.driver, "channel": channel_of(d.driver), "path": d.id}
             for d in plan.devices if channel_of(d.driver)]
+
+
+def _disk_chain(config: VMConfig, bundle: Bundle, res: VMAudit) -> list[str]:
+    """Fill in the VM's disk chain; return the findings about the files QEMU would open."""
+    files = inspect_vm_files(bundle, config)
+    res.disk_chain = [layer.to_json() for layer in files.chain.layers]
+    return [str(exc) for exc in files.errors]
 
 
 def _socket_facts(path: Path) -> dict[str, Any] | None:
@@ -140,6 +168,21 @@ def _judge(config: VMConfig, res: VMAudit, running: bool) -> list[str]:
     findings += [f"share '{s['tag']}' is writable but is not the workspace"
                  for s in res.shares if s["mode"] == "rw" and s["tag"] != "workspace"]
     return findings
+
+
+def flag_shared_writable(results: list[VMAudit]) -> None:
+    """Add a finding to each VM whose read-write share overlaps (is, contains or lies
+    in) another VM's read-write share on the host: each guest could plant files for
+    the other, a channel between them."""
+    writable = [(res, share["tag"], Path(share["host_path"])) for res in results
+                for share in res.shares if share["mode"] == "rw"]
+    for res, tag, path in writable:
+        for other, _, other_path in writable:
+            if other is not res and (path == other_path or path in other_path.parents
+                                     or other_path in path.parents):
+                res.findings.append(
+                    f"writable share '{tag}' ({path}) is also writable by VM '{other.name}'"
+                    f" ({other_path}): give each VM its own directory (docs/sandbox.md)")
 
 
 def stray_sockets(known_ids: set[str]) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import uuid
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from secvf.model.config import (
 from secvf.model.names import validate_name
 from secvf.model.sizes import format_size, parse_size, round_up_size
 from secvf.runtime.accel import kvm_problem
-from secvf.store.library import DiskError, image_info
+from secvf.store.disks import check_host_file, disk_image_format, image_info
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def build_config(
         from secvf.machine.sandbox import sandbox_channels
 
         channels = sandbox_channels(name, shares=shares, workspace=workspace)
-    boot = _boot(kind, image, disk_image, iso, disk_bytes)
+    boot = boot_source(kind, image, disk_image, iso, disk_bytes)
     _check_console_login(kind, boot, autologin=autologin, root_password=root_password)
     data = {
         "id": str(uuid.uuid4()), "name": name, "kind": str(kind), "cpus": cpus,
@@ -206,23 +205,27 @@ def _default_network(kind: VMKind) -> str:
     return NetworkMode.NONE if kind is VMKind.MALWARE_ANALYSIS else NetworkMode.NAT
 
 
-def _boot(kind: VMKind, image: str | None, disk_image: Path | None, iso: Path | None,
-          disk_bytes: int) -> ImageBoot | DiskImageBoot | IsoBoot:
+def boot_source(kind: VMKind, image: str | None, disk_image: Path | None, iso: Path | None,
+                disk_bytes: int) -> ImageBoot | DiskImageBoot | IsoBoot:
+    """The boot source of a new VM of ``kind``, checked like ``vm create`` checks it: one
+    source only; an ISO or disk image is a readable regular file outside system trees
+    (a disk image standalone, qcow2 or raw); an image is built and fits the kind.
+
+    Raises:
+        ConfigError, DiskError (UnsafeDisk), NotFound, ForbiddenDevice.
+    """
     chosen = [opt for opt, val in (("--image", image), ("--disk-image", disk_image),
                                    ("--iso", iso)) if val is not None]
     if len(chosen) > 1:
         raise ConfigError(f"choose one boot source, not {' and '.join(chosen)}")
     if disk_image is not None:
-        path = _readable_file(disk_image, "disk image")
-        info = image_info(path)
-        fmt = str(info.get("format", ""))
-        if not fmt:
-            raise DiskError(f"cannot tell the format of disk image {path}")
-        size = info.get("virtual-size")
+        path = check_host_file(disk_image, "disk image")
+        fmt = disk_image_format(path)
+        size = image_info(path).get("virtual-size")
         _check_disk_fits(disk_bytes, size if isinstance(size, int) else 0, f"disk image {path}")
         return DiskImageBoot(path=str(path), format=fmt)
     if iso is not None:
-        return IsoBoot(path=str(_readable_file(iso, "ISO")))
+        return IsoBoot(path=str(check_host_file(iso, "ISO")))
     from secvf.image import RECIPES, get_image
 
     name = image or ("sandbox" if kind is VMKind.AI_SANDBOX else "base")
@@ -240,28 +243,6 @@ def _boot(kind: VMKind, image: str | None, disk_image: Path | None, iso: Path | 
         raise ConfigError(f"image '{name}' has no exec agent; an ai-sandbox needs 'sandbox'")
     _check_disk_fits(disk_bytes, built.rootfs.stat().st_size, f"image '{name}'")
     return ImageBoot(image=name, recipe_hash=built.recipe_hash)
-
-
-def _readable_file(path: Path, what: str) -> Path:
-    """``path`` made absolute, if it is a regular file this process can read.
-
-    Raises:
-        DiskError: it does not exist, is a directory or special file, or cannot be read.
-    """
-    resolved = Path(os.path.realpath(path.expanduser()))
-    try:
-        mode = resolved.stat().st_mode
-        if stat.S_ISDIR(mode):
-            raise DiskError(f"{what} {resolved} is a directory, not a file")
-        if not stat.S_ISREG(mode):
-            raise DiskError(f"{what} {resolved} is not a regular file")
-        with resolved.open("rb"):
-            pass
-    except FileNotFoundError:
-        raise DiskError(f"{what} {resolved} does not exist") from None
-    except OSError as exc:
-        raise DiskError(f"{what} {resolved} cannot be read: {exc.strerror}") from None
-    return resolved
 
 
 def _check_disk_fits(disk_bytes: int, base_bytes: int, base: str) -> None:

@@ -11,23 +11,20 @@ and QEMU all gone) and the error carries the tail of the serial log.
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from secvf.errors import SecVFError, StateError
+from secvf.errors import ExecError, NotFound, SecVFError, StateError
 from secvf.exec.client import ExecClient
-from secvf.exec.errors import ExecError
-from secvf.machine.shares import default_workspace
 from secvf.model.config import VMConfig, VMKind
 from secvf.runtime import control
 from secvf.store import library
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.runstate import is_running
-from secvf.workflows import vms
+from secvf.workflows import vms, workspaces
 from secvf.workflows.create import build_config
 
 AGENT_READY_TIMEOUT_S = 120.0
@@ -52,12 +49,17 @@ def create_sandbox(
     network: str = "nat",
     accel: str = "auto",
 ) -> VMConfig:
-    """Create a sandbox session (a new ``ai-sandbox`` VM); returns its config."""
+    """Create a sandbox session (a new ``ai-sandbox`` VM); returns its config.
+
+    Without ``workspace`` it gets a fresh, empty default workspace (a leftover one is
+    refused; see :mod:`secvf.workflows.workspaces`), removed again if the create fails.
+    """
     name = name or f"sbx-{uuid.uuid4().hex[:8]}"
-    config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
-                          disk_size=disk_size, image=image, network=network, accel=accel,
-                          shares=shares, workspace=workspace)
-    vms.create_vm(config)
+    with workspaces.for_new_vm(name, VMKind.AI_SANDBOX, workspace):
+        config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
+                              disk_size=disk_size, image=image, network=network, accel=accel,
+                              shares=shares, workspace=workspace)
+        vms.create_vm(config)
     return config
 
 
@@ -111,13 +113,31 @@ def wait_for_agent(config: VMConfig, timeout: float) -> float:
                      "running")
 
 
-def remove_sandbox(name: str, *, purge: bool = False) -> None:
-    """Delete sandbox ``name`` (stopping it first); ``purge`` also deletes its default
-    workspace directory (a ``--workspace`` you gave is never deleted)."""
-    config = vms.delete_vm(name, force=True)
-    if purge and config is not None:
-        default = default_workspace(name)
-        shutil.rmtree(default.parent, ignore_errors=True)
+def remove_sandbox(name: str, *, purge: bool = False, force: bool = False) -> None:
+    """Delete sandbox ``name``; a running one only with ``force`` (it is stopped first).
+
+    ``purge`` also deletes its default workspace, ``$SECVF_HOME/sandboxes/NAME`` (a
+    ``--workspace`` you gave is never deleted) — also when no VM of that name exists
+    any more, for a workspace an earlier sandbox left there.
+
+    Raises:
+        NotFound: no VM and (with ``purge``) no workspace of that name.
+        StateError: the VM is not an AI sandbox (delete it with ``secvf vm delete``),
+            or it is running and ``force`` is false (state ``running``).
+        WorkspaceError: the workspace is another VM's too, or cannot be deleted.
+    """
+    try:
+        _, config = library.get_vm(name)
+    except NotFound:
+        if purge and workspaces.purge_default(name) is not None:
+            return
+        raise
+    if config.kind is not VMKind.AI_SANDBOX:
+        raise StateError(f"VM '{name}' is a {config.kind} VM, not an AI sandbox; "
+                         f"delete it with: secvf vm delete {name}", str(config.kind))
+    vms.delete_vm(name, force=force)
+    if purge:
+        workspaces.purge_default(name)
 
 
 def list_sandboxes() -> list[dict[str, Any]]:

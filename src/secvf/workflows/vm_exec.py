@@ -1,48 +1,128 @@
-"""Finding a VM's exec channel and running one command through it.
+"""Finding a VM's exec channel, connecting to it, and running one command through it.
 
-This is the layer between the faces and :class:`~secvf.exec.client.ExecClient`:
-it refuses VMs that have no channel (by design, or because they are stopped). The
-CLI's terminal handling (live output, stdin, raw mode) is in
+This is the layer between the faces and :class:`~secvf.exec.client.ExecClient`: it
+refuses VMs that have no channel (by design, or because they are stopped), and it tells
+a VM whose guest agent does not answer yet (still booting) from a broken channel:
+
+* no exec socket while the supervisor is still starting the VM, a socket that refuses
+  connections, or the bridge answering ``agent_unavailable`` (nothing listens on guest
+  port 2222 yet) all become :class:`~secvf.errors.AgentUnavailable` with the message
+  of :func:`not_ready_message`;
+* :func:`wait_for_exec` retries exactly those cases until the agent answers or its
+  timeout passes (``secvf vm exec --wait SECONDS``).
+
+The CLI's terminal handling (live output, stdin, raw mode) is in
 :mod:`secvf.faces.cli.terminal`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from secvf.errors import NoExecChannel
+from secvf.errors import AgentUnavailable, NoExecChannel
 from secvf.exec import ExecClient, ExecResult, exit_code_for
+from secvf.exec.channel import CONNECT_TIMEOUT_S
 from secvf.model.config import VMKind
+from secvf.model.runtime import VmState
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.library import get_vm
-from secvf.store.runstate import is_running
+from secvf.store.runstate import current_state
 
-STDIN_CHUNK_BYTES = 64 * 1024
+#: Pause between two attempts of :func:`wait_for_exec`.
+WAIT_RETRY_S = 0.25
+#: Shortest connect timeout of one attempt of :func:`wait_for_exec` near its deadline.
+MIN_ATTEMPT_TIMEOUT_S = 1.0
+
+
+def not_ready_message(name: str) -> str:
+    """What to tell a user whose VM ``name`` does not answer on its exec channel (yet).
+
+    The guest's init starts the agent before it prints its ready marker and restarts
+    it a second after it exits, so "not answering" is, while the VM runs, "not yet".
+    """
+    return (f"VM '{name}' is not ready yet (the guest agent is not answering); "
+            "retry or use --wait SECONDS")
 
 
 def exec_socket_for(name: str) -> Path:
     """The exec socket of running AI sandbox ``name``.
 
     Raises:
-        NoExecChannel: the VM has no channel by design, or is not running.
+        NotFound: there is no such VM.
+        NoExecChannel: the VM has no channel by design, is not running, or is stopping.
+        AgentUnavailable: the VM is still starting (its bridge is not up yet).
+        CorruptRecord: the VM's runtime record is unreadable.
     """
     bundle, config = get_vm(name)
     if config.kind is not VMKind.AI_SANDBOX:
         raise NoExecChannel(f"VM '{name}' is a {config.kind} VM: it has no exec channel by design")
-    if not is_running(bundle):
+    view = current_state(bundle, config.id)
+    if not view.live:
         raise NoExecChannel(f"VM '{name}' is not running (start it: secvf vm start {name})")
     path = RuntimeFiles(config.id).exec_socket
-    if not path.exists():
-        raise NoExecChannel(f"VM '{name}' has no exec socket yet (is it still booting?)")
-    return path
+    if path.exists():
+        return path
+    if view.state is VmState.STARTING:
+        raise AgentUnavailable(not_ready_message(name))
+    raise NoExecChannel(f"VM '{name}' has no exec socket (it is {view.state})")
+
+
+def connect(name: str, *, timeout: float = CONNECT_TIMEOUT_S) -> ExecClient:
+    """A handshaken connection to running AI sandbox ``name``'s guest agent.
+
+    ``timeout`` bounds dialling plus the handshake.
+
+    Raises:
+        NotFound, NoExecChannel: as for :func:`exec_socket_for`.
+        AgentUnavailable: the VM is starting, or its agent does not answer (yet): the
+            message is :func:`not_ready_message`, the bridge's own words its cause.
+        ExecRefused: the bridge refused this user (``refused``) or is full (``busy``).
+        ProtocolError: the peer's answer is not valid protocol.
+    """
+    path = exec_socket_for(name)
+    try:
+        return ExecClient.connect(path, timeout=timeout)
+    except AgentUnavailable as exc:  # ConnectFailed, agent_unavailable, no hello in time
+        raise AgentUnavailable(not_ready_message(name)) from exc
+
+
+def wait_for_exec(name: str, timeout: float) -> float:
+    """Wait up to ``timeout`` seconds until VM ``name``'s guest agent answers a ping.
+
+    Retries while the VM is starting or its agent does not answer; everything else
+    fails at once (a stopped VM is not waited for). Returns the answering ping's
+    round-trip time in seconds.
+
+    Raises:
+        AgentUnavailable: the agent still did not answer when ``timeout`` passed.
+        NotFound, NoExecChannel, ExecRefused, ProtocolError: as for :func:`connect`.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            attempt = min(CONNECT_TIMEOUT_S, max(remaining, MIN_ATTEMPT_TIMEOUT_S))
+            with connect(name, timeout=attempt) as client:
+                return client.ping()
+        except AgentUnavailable:
+            if time.monotonic() + WAIT_RETRY_S >= deadline:
+                raise
+        time.sleep(WAIT_RETRY_S)
 
 
 def run_captured(name: str, command: str | Sequence[str], **options: Any) -> ExecResult:
-    """Run ``command`` in VM ``name`` and capture its output (for ``--json``)."""
-    with ExecClient.connect(exec_socket_for(name)) as client:
+    """Run ``command`` in VM ``name`` and capture its output (for ``--json``).
+
+    ``options`` are those of :meth:`ExecClient.run` (``stdin`` included).
+
+    Raises:
+        CommandStartFailed: the command did not start; and as for :func:`connect`.
+    """
+    with connect(name) as client:
         return client.run(command, **options)
 
 

@@ -6,6 +6,7 @@ One module per command group; :mod:`.app` holds what they share and
 
 from secvf.faces.cli.app import main
 from secvf.faces.cli.audit import audit
+from secvf.faces.cli.gc import gc
 from secvf.faces.cli.image import image
 from secvf.faces.cli.sandbox import sandbox
 from secvf.faces.cli.vm import vm
@@ -16,5 +17,6 @@ main.add_command(vm)
 main.add_command(image)
 main.add_command(sandbox)
 main.add_command(audit)
+main.add_command(gc)
 
 __all__ = ["main"]

@@ -21,14 +21,17 @@ def audit(as_json: bool) -> None:
         print_json(data)
     else:
         table = Table("VM", "KIND", "STATE", "CHANNELS", "EXEC SOCKET", "SHARES", "NIC",
-                      "FINDINGS")
+                      "DISK CHAIN", "FINDINGS")
         for res in data["vms"]:
             chans = ", ".join(sorted({str(d.get("channel")) for d in res["channel_devices"]}))
             sock = f"{res['exec_socket']['mode']}" if res["exec_socket"] else "-"
             shares = ", ".join(f"{s['host_path']} ({s['mode']})" for s in res["shares"]) or "-"
+            chain = "\n".join(
+                ("[red]outside:[/] " if d["where"] == "outside" else "")
+                + escape(f"{d['format']} {d['path']}") for d in res["disk_chain"]) or "-"
             table.add_row(escape(res["name"]), escape(res["kind"]), escape(res["state"]),
                           escape(f"{chans or '-'} [{res['source']}]"), escape(sock),
-                          escape(shares), escape(res["network"]),
+                          escape(shares), escape(res["network"]), chain,
                           escape("\n".join(res["findings"])) or "[green]none[/]")
         out.print(table)
         for finding in data["stray"]:

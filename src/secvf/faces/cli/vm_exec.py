@@ -1,18 +1,110 @@
-"""``secvf vm exec``: run one command in an AI sandbox; exit with its status."""
+"""``secvf vm exec``: run one command in an AI sandbox; exit with its status.
+
+The command line is ``vm exec [OPTIONS] NAME [OPTIONS] [--] COMMAND [ARG...]``: options
+may come before and after NAME, and option parsing stops at the first word after NAME
+that is not an option (or at ``--``), so ``vm exec sp ls -w 200 /`` runs ``ls -w 200 /``.
+An unknown option is a bad command line, refused before anything is contacted.
+
+Every failure on SecVF's side (a bad command line included) exits 125, so a script can
+tell it from the command's own status; the command not starting is 126/127 as in a
+shell; Ctrl-C exits 130. With ``--json`` stdout is always one JSON object: the result,
+or ``{"error": {type, message, exit_code}}``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
 from secvf import api
-from secvf.errors import ConfigError
-from secvf.faces.cli.app import print_json
-from secvf.faces.cli.terminal import run_streaming
+from secvf.errors import CommandStartFailed, ConfigError, ExitCode, SecVFError
+from secvf.faces.cli.app import Seconds, print_json
+from secvf.faces.cli.terminal import INTERRUPTED_EXIT, forwards_stdin, run_streaming
 
 
-@click.command("exec", context_settings={"ignore_unknown_options": True})
+def _error_json(kind: str, message: str, exit_code: int) -> dict[str, Any]:
+    """``--json`` for a failure that is not a SecVFError (the shape of app.error_json)."""
+    return {"error": {"type": kind, "message": message, "exit_code": exit_code}}
+
+
+@contextlib.contextmanager
+def exec_errors(as_json: bool) -> Iterator[None]:
+    """Exit statuses of ``vm exec`` and ``sandbox run`` for what goes wrong in the block.
+
+    A SecVFError leaves with exit code 125 (126/127 for a command that did not start)
+    and is reported by the CLI as usual (JSON too with ``as_json``); Ctrl-C exits 130
+    quietly (with ``as_json``, as a JSON error).
+    """
+    try:
+        yield
+    except SecVFError as exc:
+        if not isinstance(exc, CommandStartFailed):
+            exc.exit_code = ExitCode.SECVF_ERROR  # this command's code for SecVF failures
+        raise
+    except KeyboardInterrupt:
+        if as_json:
+            print_json(_error_json("KeyboardInterrupt", "interrupted", INTERRUPTED_EXIT))
+        sys.exit(INTERRUPTED_EXIT)
+
+
+class ExecCommand(click.Command):
+    """A command whose bad command line exits 125, like its other SecVF failures.
+
+    With ``--json`` among the words before ``--`` the usage error is also printed as a
+    JSON error on stdout.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        """Parse ``args``; a usage error is shown as click shows it and exits 125."""
+        words = list(args)
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            options = words[:words.index("--")] if "--" in words else words
+            if "--json" in options:
+                print_json(_error_json("UsageError", exc.format_message(),
+                                       ExitCode.SECVF_ERROR))
+            exc.show()
+            sys.exit(ExitCode.SECVF_ERROR)
+
+
+class VmExecCommand(ExecCommand):
+    """``vm exec``'s parsing: options before and after NAME, up to the command.
+
+    click (with ``allow_interspersed_args`` off) stops at the first positional word,
+    NAME; the options between NAME and the command are moved in front of NAME before
+    the real parse, so the command's own options are never read as SecVF's.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse ``args`` with the options that follow NAME moved before it."""
+        return super().parse_args(ctx, self._options_first(ctx, args))
+
+    def _options_first(self, ctx: click.Context, args: list[str]) -> list[str]:
+        name, after = self._split(ctx, args)
+        name_at = len(args) - len(after) - 1
+        if name is None or "--" in args[:name_at]:
+            return args  # no NAME (click says so), or "--" made everything after it words
+        command, rest = self._split(ctx, after)
+        command_words = len(rest) + (1 if command is not None else 0)
+        options = after[:len(after) - command_words]
+        return [*args[:name_at], *options, name, *after[len(options):]]
+
+    def _split(self, ctx: click.Context, words: list[str]) -> tuple[str | None, list[str]]:
+        """The first positional word of ``words`` and the words after it (click's
+        parser, options skipped; they are checked, so an unknown one fails here)."""
+        values, _, _ = self.make_parser(ctx).parse_args(args=list(words))
+        first, rest = values.get("name"), values.get("command")
+        return (first if isinstance(first, str) else None,
+                list(rest) if isinstance(rest, list | tuple) else [])
+
+
+@click.command("exec", cls=VmExecCommand, context_settings={"allow_interspersed_args": False})
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("-c", "shell", help="Run this shell string with /bin/sh -c.")
@@ -20,36 +112,66 @@ from secvf.faces.cli.terminal import run_streaming
 @click.option("--root", is_flag=True, help="Run as root in the guest.")
 @click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Environment variable.")
 @click.option("-w", "--workdir", help="Working directory in the guest (default /workspace).")
-@click.option("-t", "--tty", "tty_mode", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("-t", "--tty", "tty_mode", is_flag=True,
+              help="Allocate a pseudo-terminal; on a terminal, forward input (escape: ~.).")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin (EOF included).")
-@click.option("--timeout", type=float, help="Kill the command's process group after S seconds.")
+@click.option("--timeout", type=Seconds(),
+              help="Kill the command's process group after SECONDS (default: no limit).")
+@click.option("--wait", type=Seconds(),
+              help="Wait up to SECONDS for the guest agent of a booting VM first.")
 @click.option("--json", "as_json", is_flag=True, help="Capture output; print a JSON result.")
 def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | None, root: bool,
             env: tuple[str, ...], workdir: str | None, tty_mode: bool, interactive: bool,
-            timeout: float | None, as_json: bool) -> None:
-    """Run a command in AI sandbox NAME; exits with the command's status.
+            timeout: float | None, wait: float | None, as_json: bool) -> None:
+    """Run COMMAND (or -c STRING) in AI sandbox NAME; exits with the command's status.
+
+    Options go before COMMAND: its first word ends them (or `--` does).
 
     Exit status: the command's code; 128+N if killed by signal N; 124 on timeout;
-    125 for a SecVF error; 126/127 if the command could not run / was not found.
+    125 for a SecVF error (a bad command line included); 126/127 if the command could
+    not run / was not found; 130 after Ctrl-C or ~. (the guest kills the command).
     """
-    args = list(command[1:] if command[:1] == ("--",) else command)
-    if bool(shell) == bool(args):
-        raise ConfigError("give a command after '--' or a shell string with -c (not both)")
-    if root and user:
-        raise ConfigError("--root and --user exclude each other")
-    env_map = {}
-    for item in env:
+    with exec_errors(as_json):
+        cmd = _command(command, shell)
+        env_map = _environment(env)
+        if root and user:
+            raise ConfigError("--root and --user exclude each other")
+        user = "root" if root else user
+        if wait is not None:
+            api.wait_for_exec(name, wait)
+        if as_json:
+            stdin = sys.stdin.buffer if forwards_stdin(tty_mode, interactive) else None
+            result = api.run_command(name, cmd, env=env_map, cwd=workdir, user=user,
+                                     tty=tty_mode, stdin=stdin, timeout=timeout)
+            data = api.result_as_json(result)
+            print_json(data)
+            sys.exit(data["exit_status"])
+        sys.exit(run_streaming(name, cmd, env=env_map, cwd=workdir, user=user,
+                               tty_mode=tty_mode, interactive=interactive, timeout=timeout))
+
+
+def _command(words: tuple[str, ...], shell: str | None) -> str | list[str]:
+    """The argv, or the shell string of ``-c``.
+
+    Raises:
+        ConfigError: neither or both were given.
+    """
+    if bool(shell) == bool(words):
+        raise ConfigError("give a command (after NAME, or after '--') or a shell string "
+                          "with -c (not both)")
+    return shell if shell else list(words)
+
+
+def _environment(items: tuple[str, ...]) -> dict[str, str]:
+    """``-e K=V`` options as a mapping.
+
+    Raises:
+        ConfigError: an item without ``=`` or with an empty name.
+    """
+    env: dict[str, str] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"-e {item!r}: expected KEY=VALUE")
-        env_map[key] = value
-    cmd: str | list[str] = shell if shell else args
-    user = "root" if root else user
-    if as_json:
-        result = api.run_command(name, cmd, env=env_map, cwd=workdir, user=user, tty=tty_mode,
-                                 timeout=timeout)
-        data = api.result_as_json(result)
-        print_json(data)
-        sys.exit(data["exit_status"])
-    sys.exit(run_streaming(name, cmd, env=env_map, cwd=workdir, user=user, tty_mode=tty_mode,
-                           interactive=interactive, timeout=timeout))
+        env[key] = value
+    return env

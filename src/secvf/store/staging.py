@@ -1,0 +1,82 @@
+"""Work directories in the VM library: staging bundles and the trash of a delete.
+
+A new VM is assembled in ``vms/.creating-<hex>`` (``.cloning-``, ``.importing-``) and
+renamed into place; a deleted VM is renamed to ``vms/.deleting-<hex>`` and then
+removed. The process doing that work holds an exclusive ``flock`` on the directory
+itself for as long as it works in it, so the garbage collector can tell a directory
+somebody is using from one a killed process left behind: it removes only those whose
+lock it can take, and removes them while it holds that lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from pathlib import Path
+
+from secvf.store import paths
+
+#: What a work directory is for; its name is ``.<purpose>-<32 hex digits>``.
+PURPOSES = ("creating", "cloning", "importing", "deleting")
+
+
+def work_dir_name(purpose: str) -> str:
+    """A fresh name for a work directory (it holds no VM name, so any name fits)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown work directory purpose {purpose!r}")
+    return f".{purpose}-{uuid.uuid4().hex}"
+
+
+def is_work_dir(path: Path) -> bool:
+    """True if ``path``'s name is that of a library work directory."""
+    purpose, sep, tail = path.name[1:].partition("-")
+    return (path.name.startswith(".") and sep == "-" and purpose in PURPOSES
+            and len(tail) == 32 and all(c in "0123456789abcdef" for c in tail))
+
+
+def new_work_dir(purpose: str) -> tuple[Path, int]:
+    """Create a private work directory in the library and return it with the open fd
+    that holds its lock (close the fd when done).
+
+    A collector may take a directory for a leftover in the instant between its
+    ``mkdir`` and its lock; then it is gone by the time the lock is ours (or before we
+    could open it), and another one is made.
+    """
+    while True:
+        path = paths.vms_dir() / work_dir_name(purpose)
+        path.mkdir(mode=0o700)
+        try:
+            fd = hold(path)
+        except FileNotFoundError:
+            continue
+        if os.fstat(fd).st_nlink:
+            return path, fd
+        os.close(fd)
+
+
+def hold(path: Path) -> int:
+    """Open directory ``path`` and take its lock (waiting for a collector that has it);
+    return the fd, which holds the lock until it is closed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def try_hold(path: Path) -> int | None:
+    """Take the lock of work directory ``path`` if nobody holds it; the fd, or None if
+    a live process holds it (or the directory is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

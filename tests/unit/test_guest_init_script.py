@@ -1,0 +1,182 @@
+"""The guest init (``src/secvf/guest/init.sh``) run under dash, function by function.
+
+Sourced by another shell, init.sh only defines its functions; each test sources it,
+replaces ``say`` (which writes to /dev/console) with stderr, and calls one function.
+Whatever signals "every process" runs as PID 1 of a new PID namespace
+(``unshare --pid --fork --mount-proc``), so it can only reach the test's own processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import secvf
+
+INIT = Path(secvf.__file__).parent / "guest" / "init.sh"
+PRELUDE = f'. {INIT}\nsay() {{ echo "secvf-init: $*" >&2; }}\n'
+
+needs_dash = pytest.mark.skipif(shutil.which("dash") is None, reason="needs dash")
+needs_namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) for a PID/mount namespace")
+
+
+def dash(script: str, *, namespace: list[str] | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` after sourcing init.sh under dash (inside ``unshare NAMESPACE``)."""
+    argv = ["dash", "-c", PRELUDE + script]
+    if namespace is not None:
+        argv = ["unshare", *namespace, "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def in_pid_namespace(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` as PID 1 of a new PID namespace with its own /proc."""
+    return dash(script, namespace=["--pid", "--fork", "--mount-proc"])
+
+
+@needs_dash
+def test_sourcing_defines_functions_and_boots_nothing() -> None:
+    proc = dash('type stop_processes set_clock start_console >/dev/null && echo "$$ fine"')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("fine")
+
+
+@needs_dash
+@needs_namespaces
+def test_stop_processes_terms_waits_then_kills_the_rest(tmp_path: Path) -> None:
+    # one process cleans up on TERM, one ignores TERM; the grace is 1 s (100 cs)
+    proc = in_pid_namespace(f"""
+        d={tmp_path}
+        dash -c 'trap "echo cleaned >$0/term-seen; exit 0" TERM; : >$0/armed1
+                 while :; do sleep 0.1; done' "$d" &
+        dash -c 'trap "" TERM; : >$0/armed2; while :; do sleep 0.1; done' "$d" &
+        while [ ! -e "$d/armed1" ] || [ ! -e "$d/armed2" ]; do sleep 0.05; done
+        stop_processes 100
+        echo "returned $?"
+        wait
+        other_processes_left && echo "still running" || echo "none left"
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["returned 0", "none left"]
+    assert (tmp_path / "term-seen").read_text() == "cleaned\n"
+    assert "processes still running after 1 s: KILL" in proc.stderr  # the TERM-ignorer
+
+
+@needs_dash
+@needs_namespaces
+def test_stop_processes_without_stragglers_kills_nothing() -> None:
+    proc = in_pid_namespace("""
+        sleep 300 &
+        stop_processes 6000
+        echo "returned $?"
+        wait
+    """)
+    assert proc.returncode == 0 and proc.stdout == "returned 0\n", proc.stderr
+    assert "KILL" not in proc.stderr
+
+
+@needs_dash
+@needs_namespaces
+def test_stop_processes_refuses_unless_pid_1() -> None:
+    # PID 1 of the namespace starts a second shell, which must refuse and signal nothing
+    inner = f"{PRELUDE}stop_processes 100; echo \"refused $?\""
+    proc = in_pid_namespace(f"""
+        sleep 300 &
+        sleeper=$!
+        dash -c '{inner}'
+        kill -0 "$sleeper" && echo "sleeper alive"
+        kill "$sleeper"
+    """)
+    assert proc.stdout.split("\n")[:2] == ["refused 1", "sleeper alive"], proc.stderr
+    assert "only PID 1 stops every process" in proc.stderr
+
+
+@needs_dash
+@needs_namespaces
+def test_poweroff_helper_signals_pid_1(tmp_path: Path) -> None:
+    helper = tmp_path / "secvf-init"  # init dispatches on its name
+    shutil.copy(INIT, helper)
+    helper.chmod(0o755)
+    proc = in_pid_namespace(f"""
+        trap 'echo "PID 1 got USR2"; exit 0' USR2
+        {helper} poweroff
+        sleep 60 &
+        wait
+        echo "no signal"
+    """)
+    assert proc.stdout == "PID 1 got USR2\n", proc.stderr
+
+
+@needs_dash
+@needs_namespaces
+@pytest.mark.parametrize(("uptime", "centiseconds"),
+                         [("0.08 0.01", 8), ("12.34 20.00", 1234), ("3600.90 1.00", 360090)])
+def test_uptime_is_read_in_centiseconds(tmp_path: Path, uptime: str, centiseconds: int) -> None:
+    fake = tmp_path / "uptime"
+    fake.write_text(uptime + "\n")
+    proc = dash(f'mount --bind {fake} /proc/uptime && read_uptime_cs && echo "$UPTIME_CS"',
+                namespace=["--mount"])
+    assert proc.stdout == f"{centiseconds}\n", proc.stderr
+
+
+@needs_dash
+def test_clock_is_set_to_the_host_time_plus_uptime() -> None:
+    proc = dash('read_uptime_cs() { UPTIME_CS=437; }\n'
+                'date() { echo "date $*" >&2; }\n'  # set_clock discards date's stdout
+                'set_clock', env={"secvf_time": "1796115475123456789"})
+    # 1796115475.123456789 s + 4.37 s of uptime
+    assert proc.stderr == "date -u -s @1796115479.493456789\n"
+
+
+@needs_dash
+@pytest.mark.parametrize("value", ["", "12.5", "now", "1e9"])
+def test_clock_stays_without_a_valid_host_time(value: str) -> None:
+    proc = dash('date() { echo "date $*" >&2; }\nset_clock', env={"secvf_time": value})
+    assert "date" not in proc.stderr
+    assert ("ignoring secvf_time" in proc.stderr) == bool(value)
+
+
+@needs_dash
+@pytest.mark.parametrize(("console", "password", "started", "said"), [
+    ("login", True, "setsid -w agetty --noclear --local-line null 115200 vt220",
+     "console: login as root on null"),
+    ("login", False, "console_hint", "console: no login on null (root has no password)"),
+    ("autologin", False,
+     "setsid -w agetty --noclear --local-line --autologin root null 115200 vt220",
+     "console: root shell on null without a password (autologin)"),
+    ("", True, None, "console: output only"),
+    ("output-only", True, None, "console: output only"),
+])
+def test_console_offers_what_the_kernel_command_line_asks(
+        console: str, password: bool, started: str | None, said: str) -> None:
+    # /dev/null stands in for the serial port (a character device every host has)
+    proc = dash(f'CONSOLE_TTY=null\n'
+                f'root_has_password() {{ {"true" if password else "false"}; }}\n'
+                f'respawn() {{ echo "respawn $*"; }}\n'
+                f'start_console', env={"secvf_console": console})
+    assert proc.stdout == (f"respawn {started}\n" if started else ""), proc.stderr
+    assert proc.stderr == f"secvf-init: {said}\n"
+
+
+@needs_dash
+@needs_namespaces
+@pytest.mark.parametrize(("root_entry", "has_password"), [
+    ("root:$6$salt$hash:19000:0:99999:7:::", True),
+    ("root:*:19000:0:99999:7:::", False),
+    ("root:!$6$salt$hash:19000:0:99999:7:::", False),
+    ("root::19000:0:99999:7:::", False),
+])
+def test_root_has_a_password_only_with_a_crypt_hash(tmp_path: Path, root_entry: str,
+                                                     has_password: bool) -> None:
+    shadow = tmp_path / "shadow"
+    shadow.write_text(f"daemon:$6$not$root:19000::::::\n{root_entry}\nbin:*:19000::::::\n")
+    proc = dash(f"mount --bind {shadow} /etc/shadow && root_has_password && echo yes || echo no",
+                namespace=["--mount"])
+    assert proc.stdout == ("yes\n" if has_password else "no\n"), proc.stderr
