@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from secvf import api
 from secvf.image.store import images_dir
-from secvf.store import disks, library
+from secvf.store import disks, library, paths
 from secvf.store.disks import DiskError, UnsafeDisk
 from tests.helpers import run_cli
 
@@ -101,7 +101,7 @@ def api_events() -> list[dict]:
 
 def test_the_store_knows_where_the_image_cache_is() -> None:
     """The store names the image cache without importing the image layer."""
-    assert disks.image_cache_dir() == images_dir()
+    assert paths.images_dir() == images_dir()
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ class ImageInfo:
 
 def images_dir() -> Path:
     """Return the directory that holds every built image (created 0700)."""
-    return paths.ensure_private_dir(paths.cache_dir() / "images")
+    return paths.ensure_private_dir(paths.images_dir())
 
 
 def image_dir(name: str, recipe_hash: str) -> Path:

@@ -153,11 +153,6 @@ class VMFiles:
     errors: list[DiskError] = field(default_factory=list)  # every problem, boot file first
 
 
-def image_cache_dir() -> Path:
-    """SecVF's image cache (``secvf.image.store.images_dir``, which the store cannot import)."""
-    return paths.cache_dir() / "images"
-
-
 def secvf_places(bundle_dir: Path, *, disk_image: Path | None = None,
                  bundle_label: str = "the VM's bundle") -> Places:
     """SecVF's own places (image cache, layers), ``bundle_dir``, and, if given, the one
@@ -167,7 +162,7 @@ def secvf_places(bundle_dir: Path, *, disk_image: Path | None = None,
     if disk_image is not None:
         names.append(f"the disk image the VM is based on ({disk_image})")
     return Places(
-        dirs=((IMAGE_CACHE, image_cache_dir()), (LAYERS, layers_dir()), (BUNDLE, bundle_dir)),
+        dirs=((IMAGE_CACHE, paths.images_dir()), (LAYERS, layers_dir()), (BUNDLE, bundle_dir)),
         files=files,
         description=f"{', '.join(names[:-1])} and {names[-1]}",
     )

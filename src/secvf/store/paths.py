@@ -34,6 +34,11 @@ def cache_dir() -> Path:
     return ensure_private_dir(path)
 
 
+def images_dir() -> Path:
+    """Where built guest images live: ``<cache dir>/images`` (not created here)."""
+    return cache_dir() / "images"
+
+
 def vms_dir() -> Path:
     """Return the directory that holds one bundle directory per VM."""
     return ensure_private_dir(secvf_home() / "vms")
