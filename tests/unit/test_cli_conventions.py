@@ -18,13 +18,6 @@ from tests.unit.test_cli_badinput import assert_clean_error
 KVM_USABLE_DEVICE = os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-@pytest.fixture
-def iso(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.iso"
-    path.write_bytes(b"\0" * 2048)
-    return path
-
-
 def vm_names() -> list[str]:
     return [row["name"] for row in json.loads(run_cli("vm", "list", "--json", check=True).stdout)]
 

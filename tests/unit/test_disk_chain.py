@@ -20,13 +20,6 @@ from tests.helpers import run_cli
 
 
 @pytest.fixture
-def iso(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.iso"
-    path.write_bytes(b"\0" * 2048)
-    return path
-
-
-@pytest.fixture
 def foreign(tmp_path: Path) -> Path:
     path = tmp_path / "elsewhere" / "foreign.img"
     path.parent.mkdir()

@@ -22,13 +22,6 @@ from tests.helpers import run_cli
 from tests.unit.fake_images import publish_fake_image
 
 
-@pytest.fixture
-def iso(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.iso"
-    path.write_bytes(b"\0" * 2048)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECVF_CACHE", str(tmp_path / "cache"))

@@ -33,13 +33,6 @@ def qemu_img(*args: str) -> None:
 
 
 @pytest.fixture
-def iso(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.iso"
-    path.write_bytes(b"\0" * 2048)
-    return path
-
-
-@pytest.fixture
 def secret(tmp_path: Path) -> Path:
     """A private host file (mode 0600) outside SecVF, the size of a small disk."""
     path = tmp_path / "private" / "secret.img"

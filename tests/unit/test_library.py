@@ -15,13 +15,6 @@ from secvf.store import library
 from secvf.store.library import DiskError
 
 
-@pytest.fixture
-def iso(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.iso"
-    path.write_bytes(b"\0" * 2048)
-    return path
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -28,13 +28,6 @@ def sandbox_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     publish_fake_image("sandbox")
 
 
-@pytest.fixture
-def iso(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.iso"
-    path.write_bytes(b"\0" * 2048)
-    return path
-
-
 @contextmanager
 def looks_running(name: str) -> Iterator[None]:
     fd = os.open(library.get_bundle(name).run_lock, os.O_RDWR | os.O_CREAT, 0o600)

@@ -227,9 +227,10 @@ def _open_regular(path: Path, subject: str) -> Iterator[BinaryIO]:
     """Open ``path`` (``subject`` in messages) for reading only if it is a regular file;
     never blocks on a FIFO."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise UnsafeDisk(f"{subject} is not a regular file (a device, FIFO, socket or "
-                             "directory)")
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeDisk(f"{subject} is a directory" if stat.S_ISDIR(mode)
+                             else f"{subject} is not a regular file (it is {_file_kind(mode)})")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DiskError(f"{subject} does not exist") from None
@@ -239,6 +240,14 @@ def _open_regular(path: Path, subject: str) -> Iterator[BinaryIO]:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped since the stat
             raise UnsafeDisk(f"{subject} is not a regular file")
         yield f
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages ("a directory", "a FIFO" …)."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 # ---- image formats and the qcow2 header -------------------------------------------------
