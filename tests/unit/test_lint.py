@@ -17,7 +17,8 @@ def test_ruff_is_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_mypy_is_clean() -> None:
+def test_mypy_strict_is_clean() -> None:
+    """pyproject.toml sets mypy strict mode for src/."""
     mypy = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")
     proc = subprocess.run([mypy, "src/secvf"], cwd=ROOT, capture_output=True, text=True,
                           check=False)
