@@ -34,6 +34,7 @@ from secvf.errors import CorruptRecord, SecVFError
 from secvf.exec.bridge import read_allowlist
 from secvf.machine import build_machine
 from secvf.machine.sandbox import VSOCK_DEVICE
+from secvf.machine.shares import ShareError, validate_shares
 from secvf.model.channels import SANDBOX_CHANNELS, channel_of
 from secvf.model.config import VMConfig, VMKind
 from secvf.store import events as seclog
@@ -165,8 +166,10 @@ def _judge(config: VMConfig, res: VMAudit, running: bool) -> list[str]:
         findings.append(f"exec socket mode {sock['mode']} (expected {sorted(allowed_modes)})")
     if running and sock is None:
         findings.append("running AI sandbox has no exec socket")
-    findings += [f"share '{s['tag']}' is writable but is not the workspace"
-                 for s in res.shares if s["mode"] == "rw" and s["tag"] != "workspace"]
+    try:
+        validate_shares(config)
+    except ShareError as exc:
+        findings.append(f"shares break the share rules (a hand-edited vm.json?): {exc}")
     return findings
 
 
