@@ -41,17 +41,21 @@ from secvf.exec import (
 )
 from secvf.image import DEFAULT_IMAGES, RECIPES, ImageInfo, Progress, build_image, list_images
 from secvf.image import remove_image as _remove_image
-from secvf.model.config import Accel, NetworkMode, VMConfig, VMKind
+from secvf.model.config import Accel, DisplayMode, NetworkMode, VMConfig, VMKind
 from secvf.model.sizes import format_size
 from secvf.runtime import console, control
+from secvf.runtime.control import StopDone, StopListener, StopWaiting
 from secvf.runtime.supervisor import run_supervisor
 from secvf.sdk import AsyncSandbox, Sandbox
 from secvf.store import gc, library
 from secvf.store.library import ListedVM
 from secvf.workflows import audit as _audit
+from secvf.workflows import display as _display
+from secvf.workflows import media, vm_exec, vms, workspaces
 from secvf.workflows import sandbox as _sandbox
-from secvf.workflows import vm_exec, vms, workspaces
 from secvf.workflows.create import build_config, hash_root_password
+from secvf.workflows.display import DisplayInfo
+from secvf.workflows.media import MediaChange
 
 __all__ = [
     # the VM library
@@ -72,6 +76,13 @@ __all__ = [
     "run_in_foreground",
     "print_serial_log",
     "attach_console",
+    "display_info",
+    "eject_medium",
+    "insert_medium",
+    "StopWaiting",
+    "StopDone",
+    "DisplayInfo",
+    "MediaChange",
     # AI-sandbox sessions
     "create_sandbox",
     "start_sandbox",
@@ -108,6 +119,7 @@ __all__ = [
     "VMKind",
     "NetworkMode",
     "Accel",
+    "DisplayMode",
     "ListedVM",
     "format_size",
 ]
@@ -132,12 +144,15 @@ def create_vm(
     workspace: Path | None = None,
     root_password: str | None = None,
     autologin: bool = False,
+    display: str = "none",
 ) -> VMConfig:
     """Validate the options, create VM ``name`` and return its config.
 
     A generic VM booted from a SecVF image offers a login on its serial console: as root
     with ``root_password`` (only its SHA-512 crypt hash is kept, in the guest's
     ``/etc/shadow``), or with ``autologin`` a root shell without a password.
+    ``display="vnc"`` gives it a graphical console (see :func:`display_info`; view-only
+    on a malware-analysis VM, refused for an AI sandbox).
 
     Raises:
         InvalidName, ConfigError, ForbiddenDevice: the options cannot work (nothing
@@ -151,7 +166,7 @@ def create_vm(
                               disk_size=disk_size, image=image, disk_image=disk_image,
                               iso=iso, network=network, accel=accel, shares=shares,
                               workspace=workspace, autologin=autologin,
-                              root_password=root_password)
+                              root_password=root_password, display=display)
         hashed = None if root_password is None else hash_root_password(root_password)
         vms.create_vm(config, root_password_hash=hashed)
     return config
@@ -217,19 +232,25 @@ def import_vm(path: Path, *, name: str | None = None) -> VMConfig:
 
 def start_vm(name: str, *, accel: str | None = None,
              wait_ready: float | None = None) -> dict[str, Any]:
-    """Start VM ``name`` under its own supervisor; returns its status.
+    """Start VM ``name`` under its own supervisor; returns its status. ``wait_ready``
+    (seconds) also waits for the guest's ready marker: only for a VM booted from a SecVF
+    image, the only guest that prints one.
 
     Raises:
+        ConfigError: ``wait_ready`` for an ISO or disk-image VM (nothing was started).
         StateError: already running. LaunchFailed: QEMU or a helper did not start,
         or the device-tree check refused the VM.
     """
     return control.start_vm(name, accel=accel, wait_ready=wait_ready)
 
 
-def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[str, Any]:
+def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0,
+            progress: StopListener | None = None) -> dict[str, Any]:
     """Stop VM ``name`` (ACPI powerdown, forced after ``timeout``); returns its status.
-    A running AI sandbox syncs its disks through its agent first."""
-    return vms.stop_vm(name, force=force, timeout=timeout)
+    A running AI sandbox syncs its disks through its agent first. ``progress`` gets a
+    :class:`StopWaiting` about once a second while the guest may still power off, then
+    one :class:`StopDone` that says whether the stop was forced."""
+    return vms.stop_vm(name, force=force, timeout=timeout, progress=progress)
 
 
 def vm_status(name: str) -> dict[str, Any]:
@@ -238,7 +259,8 @@ def vm_status(name: str) -> dict[str, Any]:
 
 
 def wait_for_ready(name: str, timeout: float) -> dict[str, Any]:
-    """Wait until VM ``name``'s guest printed its ready marker; returns its status."""
+    """Wait until VM ``name``'s guest printed its ready marker; returns its status.
+    Raises ConfigError at once for a VM whose guest prints none (ISO, disk image)."""
     return control.wait_for_ready(name, timeout)
 
 
@@ -247,15 +269,36 @@ def run_in_foreground(name: str, *, accel: str | None = None) -> int:
     return run_supervisor(name, accel=accel, report_fd=None)
 
 
-def print_serial_log(name: str, *, follow: bool = False) -> None:
-    """Copy VM ``name``'s serial console log to stdout (``follow``: keep going)."""
+def print_serial_log(name: str, *, run: int | None = None, follow: bool = False) -> None:
+    """Copy one run's serial console log of VM ``name`` to stdout: run ``run`` (one of
+    the last few kept), or the current or last run; ``follow``: keep going while that
+    run lasts. Raises NotFound for a run whose log is not kept."""
     bundle, _ = library.get_vm(name)
-    console.print_log(bundle, follow=follow)
+    console.print_log(bundle, run=run, follow=follow)
 
 
 def attach_console(name: str) -> None:
     """Attach this terminal to running VM ``name``'s serial console (detach: Ctrl-])."""
     console.attach_console(name)
+
+
+def display_info(name: str) -> DisplayInfo:
+    """Where running VM ``name``'s graphical console (VNC on a private Unix socket,
+    mode 0600) listens, and how to open it. Raises ConfigError (``--display none``),
+    StateError (not running)."""
+    return _display.display_info(name)
+
+
+def eject_medium(name: str) -> MediaChange:
+    """Eject VM ``name``'s cdrom medium, live if it runs, and for the next start.
+    Raises ConfigError: it has no cdrom drive (not an ``--iso`` VM)."""
+    return media.eject_medium(name)
+
+
+def insert_medium(name: str, iso: Path) -> MediaChange:
+    """Insert ISO ``iso`` (read-only, checked as ``vm create --iso`` checks it) into VM
+    ``name``'s cdrom drive, live if it runs, and for the next start."""
+    return media.insert_medium(name, iso)
 
 
 # ---- AI-sandbox sessions -----------------------------------------------------------------

@@ -75,8 +75,8 @@ def serial_log(library: Path, name: str) -> str:
 
 
 def sh(name: str, script: str) -> subprocess.CompletedProcess[str]:
-    """``script`` run as root in the sandbox through ``vm exec``."""
-    return run_cli("vm", "exec", name, "--root", "-c", script)
+    """``script`` run as root in the sandbox through ``vm exec`` (once its agent answers)."""
+    return run_cli("vm", "exec", name, "--root", "--wait", str(BOOT_TIMEOUT_S), "-c", script)
 
 
 class Console:
@@ -119,7 +119,8 @@ class Console:
         return found.group(1).decode(errors="replace")
 
     def login(self, password: str | None) -> None:
-        """Get a root shell prompt: log in with ``password``, or (None) just wait for one."""
+        """Get a root shell prompt: log in with ``password``, or (None) just wait for one
+        (autologin)."""
         self.expect(rb"attached to")
         self.type("\r")
         if password is not None:
@@ -128,6 +129,11 @@ class Console:
             self.expect(rb"Password: ")
             self.type(password + "\r")
         self.expect(rb"root@[\w-]+:~# ")
+
+    def logout(self) -> None:
+        """Leave the shell; the getty comes back (and logs in again with autologin)."""
+        self.type("exit\r")
+        self.expect(rb"login: ")
 
     def close(self) -> None:
         """Detach (Ctrl-]) and wait for ``vm console`` to exit."""
@@ -165,6 +171,7 @@ def test_root_logs_in_on_the_console_with_the_password_set_at_create(guests: Pat
         console.type(PASSWORD + "\r")
         console.expect(rb"root@gi-pw:~# ")
         assert console.shell("id -u; tty").split() == ["0", "/dev/ttyS0"]
+        console.logout()
     assert "console: login as root on ttyS0" in serial_log(guests, PW)
 
 
@@ -225,6 +232,7 @@ def test_the_root_filesystem_grows_to_the_disk(guests: Path) -> None:
     with Console(PW) as console:
         console.login(PASSWORD)
         size = int(console.shell("df -B1 --output=size / | tail -n 1").split()[-1])
+        console.logout()
     print(f"root filesystem on a 3G disk: {size / 1e9:.2f} GB")
     assert size > 2_000_000_000
     assert "secvf-init: root filesystem grown from" in serial_log(guests, PW)
@@ -243,6 +251,7 @@ def test_the_clock_follows_the_host(guests: Path) -> None:
         before = time.time()
         guest = float(console.shell("date +%s.%N"))
         after = time.time()
+        console.logout()
     offset = guest - (before + after) / 2
     print(f"guest clock - host clock: {offset:+.3f} s (+-{(after - before) / 2:.3f} s); "
           f"guest boot time - secvf_time: {clock - uptime - sent:+.3f} s")

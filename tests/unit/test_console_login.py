@@ -249,7 +249,7 @@ def test_stopping_a_sandbox_syncs_through_its_agent_first(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool) -> None:
     synced_before_stop = []
 
-    def stop(name: str, *, force: bool, timeout: float) -> dict[str, object]:
+    def stop(name: str, *, force: bool, timeout: float, **_: object) -> dict[str, object]:
         synced_before_stop.append([(e["argv"], e["user"], e["code"]) for e in read_events("exec")
                                    if e.get("event") == "exec"])
         return {"name": name, "force": force, "timeout": timeout}
@@ -265,8 +265,8 @@ def test_a_sandbox_without_a_reachable_agent_is_stopped_anyway(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stops: list[tuple[str, dict[str, Any]]] = []
 
-    def stop(name: str, **options: Any) -> dict[str, Any]:
-        stops.append((name, options))
+    def stop(name: str, *, force: bool, timeout: float, **_: object) -> dict[str, Any]:
+        stops.append((name, {"force": force, "timeout": timeout}))
         return {}
 
     monkeypatch.setattr(control, "stop_vm", stop)
@@ -280,8 +280,8 @@ def test_other_kinds_stop_without_an_exec(running_generic: Bundle,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     stops: list[tuple[str, dict[str, Any]]] = []
 
-    def stop(name: str, **options: Any) -> dict[str, Any]:
-        stops.append((name, options))
+    def stop(name: str, *, force: bool, timeout: float, **_: object) -> dict[str, Any]:
+        stops.append((name, {"force": force, "timeout": timeout}))
         return {}
 
     monkeypatch.setattr(control, "stop_vm", stop)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from secvf import api
 from secvf.image.store import images_dir
+from secvf.model.config import IsoBoot
 from secvf.store import disks, library, paths
 from secvf.store.disks import DiskError, UnsafeDisk
 from tests.helpers import run_cli
@@ -124,3 +125,15 @@ def test_a_mutated_qcow2_header_is_refused_or_read_never_crashes(
     assert chain.error is None or isinstance(chain.error, DiskError)
     if chain.error is None:  # accepted: then it names nothing outside the bundle
         assert all(layer.where == "bundle" for layer in chain.layers)
+
+
+def test_an_ejected_iso_may_be_deleted(iso: Path) -> None:
+    """After ``vm media eject`` QEMU opens no ISO, so the start check does not need it."""
+    api.create_vm("inst", iso=iso)
+    bundle, config = library.get_vm("inst")
+    assert isinstance(config.boot, IsoBoot)
+    ejected = config.model_copy(update={"boot": config.boot.model_copy(update={"ejected": True})})
+    iso.unlink()
+    with pytest.raises(DiskError, match="does not exist"):
+        disks.check_vm_files(bundle, config)
+    assert [layer.where for layer in disks.check_vm_files(bundle, ejected)] == ["bundle"]

@@ -127,12 +127,29 @@ def test_uptime_is_read_in_centiseconds(tmp_path: Path, uptime: str, centisecond
 
 
 @needs_dash
-def test_clock_is_set_to_the_host_time_plus_uptime() -> None:
-    proc = dash('read_uptime_cs() { UPTIME_CS=437; }\n'
+@pytest.mark.parametrize("rtc", [None, "1796115479", "1796115400"])
+def test_clock_is_set_to_the_host_time_plus_uptime(tmp_path: Path, rtc: str | None) -> None:
+    rtc_file = tmp_path / "since_epoch"  # a reading at or before the estimate changes nothing
+    if rtc is not None:
+        rtc_file.write_text(rtc + "\n")
+    proc = dash(f'RTC_SECONDS={rtc_file}\n'
+                'read_uptime_cs() { UPTIME_CS=437; }\n'
                 'date() { echo "date $*" >&2; }\n'  # set_clock discards date's stdout
                 'set_clock', env={"secvf_time": "1796115475123456789"})
     # 1796115475.123456789 s + 4.37 s of uptime
     assert proc.stderr == "date -u -s @1796115479.493456789\n"
+
+
+@needs_dash
+def test_an_estimate_behind_the_rtc_gives_way_to_it(tmp_path: Path) -> None:
+    rtc_file = tmp_path / "since_epoch"
+    rtc_file.write_text("1796115481\n")  # the host's time is 0-2 s past the RTC's reading
+    proc = dash(f'RTC_SECONDS={rtc_file}\n'
+                'read_uptime_cs() { UPTIME_CS=437; }\n'
+                'date() { echo "date $*" >&2; }\n'
+                'set_clock', env={"secvf_time": "1796115475123456789"})
+    assert proc.stderr == ("secvf-init: secvf_time is behind the RTC: clock set from the RTC\n"
+                           "date -u -s @1796115482.000000000\n")
 
 
 @needs_dash

@@ -123,14 +123,19 @@ def test_delete_running_vm_needs_force(iso: Path, secvf_env: Path) -> None:
     assert not qemu_alive(qemu)
 
 
-def test_qemu_failure_shows_stderr_and_command_line(iso: Path) -> None:
+def test_qemu_failure_shows_stderr_and_command_line(iso: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """The real QEMU refuses its command line (an extra device it does not know)."""
     run_cli("vm", "create", "bad", "--iso", str(iso), "--accel", "tcg", check=True)
-    iso.unlink()
+    qemu = tmp_path / "qemu-system-x86_64"
+    qemu.write_text('#!/bin/sh\nexec qemu-system-x86_64 "$@" -device no-such-device\n')
+    qemu.chmod(0o755)
+    monkeypatch.setenv("SECVF_QEMU", str(qemu))
     proc = run_cli("vm", "start", "bad")
     assert proc.returncode != 0
     assert "QEMU failed to start" in proc.stderr
-    assert "command line: qemu-system-x86_64" in proc.stderr
-    assert str(iso) in proc.stderr
+    assert f"command line: {qemu}" in proc.stderr
+    assert str(iso) in proc.stderr and "no-such-device" in proc.stderr
     assert status("bad")["state"] == "stopped"
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -69,18 +70,23 @@ STATUS_KEYS = ["name", "id", "kind", "state", "pid", "qemu_pid", "accel", "accel
 # ---- fixtures ------------------------------------------------------------------------------
 
 def make_vm(name: str, kind: str = "generic") -> VMConfig:
-    """Write a VM's bundle directly (no disk: the fake QEMU never opens it)."""
+    """Write a VM's bundle directly: a blank disk over a small raw base (sandbox) or a
+    blank ISO (other kinds); the fake QEMU never reads them, the start check does."""
     sandbox = kind == "ai-sandbox"
+    bundle = paths.vms_dir() / name
+    bundle.mkdir(parents=True)
+    base = bundle / ("base.img" if sandbox else "boot.iso")
+    base.write_bytes(b"\0" * 2048)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(bundle / "disk.qcow2"),
+                    "1G"], check=True)
     config = VMConfig(
         id=str(uuid.uuid4()), name=name, kind=kind, cpus=1, memory_mib=256,
         disk_bytes=1 << 30, network="none", mac=new_mac(), accel="tcg",
-        boot=DiskImageBoot(path="/nonexistent.img", format="raw") if sandbox
-        else IsoBoot(path="/nonexistent.iso"),
+        boot=DiskImageBoot(path=str(base), format="raw") if sandbox
+        else IsoBoot(path=str(base)),
         channels=SandboxChannels() if sandbox else None,
         created_at=now_iso(), updated_at=now_iso(),
     )
-    bundle = paths.vms_dir() / name
-    bundle.mkdir()
     save_config(bundle / "vm.json", config)
     return config
 

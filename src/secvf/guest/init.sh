@@ -36,6 +36,7 @@ AGENT=/usr/lib/secvf/agent/agent.pyz
 AGENT_LOG_FIFO=/run/secvf/agent-log
 ACPI_DIR=/run/secvf/acpi
 ROOT_DEVICE=/dev/vda
+RTC_SECONDS=/sys/class/rtc/rtc0/since_epoch
 CONSOLE_TTY=ttyS0
 # agetty's baud rate and TERM for the serial console
 CONSOLE_BAUD=115200
@@ -79,8 +80,11 @@ read_uptime_cs() { # sets UPTIME_CS to the guest's uptime in centiseconds
 }
 
 set_clock() {
-	# The kernel set the clock from the RTC, which has whole seconds and is itself behind
-	# the host by a fraction of one; secvf_time plus the uptime is finer.
+	# The kernel set the clock from the RTC, which counts whole seconds and lags the host
+	# by up to one more (QEMU starts it at the host's time rounded down), so the host's
+	# time is 0-2 s past the RTC's reading. secvf_time plus the uptime is finer, unless the
+	# host's estimate of the boot fell short (a loaded host): then it is below the RTC's
+	# reading, and the middle of those 2 s is the better guess.
 	case ${secvf_time:-} in
 	'') return 0 ;;
 	*[!0-9]*)
@@ -90,6 +94,10 @@ set_clock() {
 	esac
 	read_uptime_cs
 	ns=$((secvf_time + UPTIME_CS * 10000000))
+	if read -r rtc 2>/dev/null <"$RTC_SECONDS" && [ "$((ns / 1000000000))" -lt "$rtc" ]; then
+		say "secvf_time is behind the RTC: clock set from the RTC"
+		ns=$(((rtc + 1) * 1000000000))
+	fi
 	date -u -s "@$((ns / 1000000000)).$(printf %09d $((ns % 1000000000)))" >/dev/null ||
 		say "cannot set the clock from secvf_time"
 }

@@ -1,6 +1,7 @@
-"""Building blocks shared by the machine builders: CPU/memory, QMP, serial, disks,
-NIC, RNG, panic device and direct kernel boot. None of them makes a host-guest
-channel; the only code that does is :mod:`secvf.machine.sandbox`."""
+"""Building blocks shared by the machine builders: CPU/memory, QMP, serial, disks and
+the cdrom drive, the graphical console, NIC, RNG, panic device and direct kernel boot.
+None of them makes a host-guest channel; the only code that does is
+:mod:`secvf.machine.sandbox`."""
 
 from __future__ import annotations
 
@@ -10,16 +11,28 @@ import time
 from secvf.errors import NotFound
 from secvf.image import ImageInfo, list_images
 from secvf.machine.plan import MachinePlan
-from secvf.model.config import DiskImageBoot, ImageBoot, IsoBoot, NetworkMode, VMConfig, VMKind
+from secvf.model.config import (
+    DiskImageBoot,
+    DisplayMode,
+    ImageBoot,
+    IsoBoot,
+    NetworkMode,
+    VMConfig,
+    VMKind,
+)
 from secvf.store.bundle import Bundle, RuntimeFiles
 
 SANDBOX_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
+#: qdev id of the cdrom drive of an ISO-installed VM (``vm media`` changes its medium).
+CDROM_DEVICE_ID = "cd0dev"
+
 #: Host time from building the plan to the guest kernel's clock starting (starting QEMU and
 #: its device check, firmware, loading and unpacking the kernel), added to ``secvf_time``;
-#: the guest adds its own uptime. Measured under TCG on the 2-core development host with
-#: no other VM running (docs/images.md); under KVM not measured, so nothing is added.
-PRE_KERNEL_NS = {"tcg": 1_000_000_000, "kvm": 0}
+#: the guest adds its own uptime. Under TCG on the 2-core development host it was 0.5-0.7 s
+#: for one VM booting alone, and up to 3.3 s while others booted (docs/images.md, "The
+#: clock"); under KVM it was not measured, so nothing is added.
+PRE_KERNEL_NS = {"tcg": 600_000_000, "kvm": 0}
 
 
 def base_plan(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str) -> MachinePlan:
@@ -59,10 +72,18 @@ def add_serial(plan: MachinePlan, config: VMConfig, bundle: Bundle, files: Runti
 
 
 def add_boot_and_disks(plan: MachinePlan, config: VMConfig, bundle: Bundle) -> None:
-    """The VM's disk, plus direct kernel boot (image) or a read-only cdrom (ISO)."""
+    """The VM's disk, plus direct kernel boot (image) or a read-only cdrom drive (ISO).
+
+    Firmware boot order: the disk first, then the cdrom. SeaBIOS boots a disk only if its
+    first sector carries the boot signature, so the blank disk of a new ISO install falls
+    through to the installer on the cdrom, and once the installer has made the disk
+    bootable the VM boots its installed system, whether the ISO is still inserted or not.
+    An ejected cdrom (``vm media eject``) starts as an empty drive.
+    """
     plan.add_backend(
         "-drive", f"file={bundle.disk},if=none,id=disk0,format=qcow2,discard=unmap"
     )
+    # bootindex 0 is taken by QEMU's linuxboot ROM when the image's kernel is booted directly
     plan.add_device("virtio-blk-pci", "disk0dev", "system disk", drive="disk0", bootindex="1")
     boot = config.boot
     if isinstance(boot, ImageBoot):
@@ -72,11 +93,10 @@ def add_boot_and_disks(plan: MachinePlan, config: VMConfig, bundle: Bundle) -> N
         plan.add_backend("-kernel", str(image.kernel), "-initrd", str(image.initrd),
                          "-append", cmdline)
     elif isinstance(boot, IsoBoot):
-        plan.add_backend(
-            "-drive", f"file={boot.path},if=none,id=cd0,media=cdrom,readonly=on,format=raw"
-        )
-        plan.add_device("ide-cd", "cd0dev", "installer ISO (read-only)", drive="cd0",
-                        bootindex="0")
+        medium = "" if boot.ejected else f"file={_option_value(boot.path)},format=raw,"
+        plan.add_backend("-drive", f"{medium}if=none,id=cd0,media=cdrom,readonly=on")
+        plan.add_device("ide-cd", CDROM_DEVICE_ID, "cdrom drive (read-only)", drive="cd0",
+                        bootindex="2")
     elif isinstance(boot, DiskImageBoot):
         pass
 
@@ -89,6 +109,40 @@ def kernel_params(config: VMConfig, accel: str) -> list[str]:
     guest_time = time.time_ns() + PRE_KERNEL_NS.get(accel, 0)
     return [f"secvf_hostname={host}", f"secvf_net={config.network}",
             f"secvf_console={config.console}", f"secvf_time={guest_time}"]
+
+
+def add_display(plan: MachinePlan, config: VMConfig, files: RuntimeFiles) -> None:
+    """The graphical console of a ``--display vnc`` VM: a standard VGA adapter and QEMU's
+    VNC server on the VM's private Unix socket (never a TCP port).
+
+    Input is a USB tablet (an absolute pointer, so a VNC client's mouse lines up) and
+    the machine's PS/2 keyboard. A malware-analysis VM's console is view-only, as its
+    serial console is output-only: it gets neither the tablet nor the PS/2 controller
+    (``i8042=off``), so keys and clicks a VNC client sends reach no device in the guest.
+    None of these devices is a host-guest channel: pixels go out to the VNC client, key
+    and pointer events come in, and no host process or file is reachable through them
+    (see :mod:`secvf.model.channels`).
+    """
+    if config.display is DisplayMode.NONE:
+        return
+    plan.add_backend("-vnc", f"unix:{_option_value(str(files.vnc_socket))}")
+    plan.add_device("VGA", "vga0", "graphical console (VNC)")
+    if display_is_view_only(config):
+        plan.add_backend("-machine", "i8042=off")
+        return
+    plan.add_device("qemu-xhci", "usb0", "USB controller (console pointer)")
+    plan.add_device("usb-tablet", "tablet0", "console pointer (absolute)", bus="usb0.0")
+
+
+def display_is_view_only(config: VMConfig) -> bool:
+    """Whether ``config``'s graphical console has no input devices: a malware-analysis
+    VM's, as its serial console takes no input either."""
+    return config.kind is VMKind.MALWARE_ANALYSIS
+
+
+def _option_value(text: str) -> str:
+    """``text`` as the value of a QEMU ``key=value,…`` option (a comma doubled)."""
+    return text.replace(",", ",,")
 
 
 def add_nic(plan: MachinePlan, config: VMConfig) -> None:

@@ -1,8 +1,9 @@
 """The generic machine builder (the original's ``createVirtualMachine()``).
 
-Builds the QEMU machine for ``generic`` and ``malware-analysis`` VMs: disk(s), an
-optional read-only installer ISO, a NIC per the network setting, the serial
-console, virtio-rng and a pvpanic notifier. It has **no way** to produce a vsock,
+Builds the QEMU machine for ``generic`` and ``malware-analysis`` VMs: disk(s), a
+read-only cdrom drive for ISO installs, a NIC per the network setting, the serial
+console, an optional graphical console (VNC on a private Unix socket; view-only on a
+malware-analysis VM), virtio-rng and a pvpanic notifier. It has **no way** to produce a vsock,
 virtio-fs, 9p, virtio-serial or guest-agent device: nothing here constructs one,
 a config that asks for one is refused, and :meth:`MachinePlan.add_device`
 rejects any channel device for these kinds as a last line of defence.
@@ -11,7 +12,13 @@ rejects any channel device for these kinds as a last line of defence.
 from __future__ import annotations
 
 from secvf.errors import ForbiddenDevice
-from secvf.machine.common import add_boot_and_disks, add_nic, add_platform_devices, base_plan
+from secvf.machine.common import (
+    add_boot_and_disks,
+    add_display,
+    add_nic,
+    add_platform_devices,
+    base_plan,
+)
 from secvf.machine.plan import MachinePlan
 from secvf.model.config import VMConfig, VMKind
 from secvf.store.bundle import Bundle, RuntimeFiles
@@ -34,6 +41,7 @@ def build_generic_machine(
         raise ForbiddenDevice("channels", str(config.kind))
     plan = base_plan(config, bundle, files, accel)
     add_boot_and_disks(plan, config, bundle)
+    add_display(plan, config, files)
     add_nic(plan, config)
     add_platform_devices(plan)
     return plan

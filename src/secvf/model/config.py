@@ -22,9 +22,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -72,6 +74,13 @@ class Accel(StrEnum):
     TCG = "tcg"
 
 
+class DisplayMode(StrEnum):
+    """The VM's graphical console: none, or VNC on a private Unix socket (``vm display``)."""
+
+    NONE = "none"
+    VNC = "vnc"
+
+
 class ConsoleAccess(StrEnum):
     """What the guest of a SecVF image offers on its serial console (``secvf_console``)."""
 
@@ -107,10 +116,21 @@ class DiskImageBoot(_Strict):
 
 
 class IsoBoot(_Strict):
-    """Boot an installer ISO (read-only cdrom) with an empty disk."""
+    """Install from an ISO: a blank disk, booted first once it is bootable, and a read-only
+    cdrom drive (``vm media eject|insert`` changes its medium)."""
 
     type: Literal["iso"] = "iso"
-    path: str  # absolute path of the ISO
+    path: str  # absolute path of the ISO last put in the drive (vm create --iso, vm media)
+    ejected: bool = False  # vm media eject: the drive is empty at the next start
+
+    @model_serializer(mode="wrap")
+    def _only_when_ejected(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``ejected`` is written only when true: the boot of a VM whose drive holds its
+        ISO stays what SecVF wrote before there was ``vm media``."""
+        data: dict[str, Any] = handler(self)
+        if not self.ejected:
+            data.pop("ejected", None)
+        return data
 
 
 Boot = Annotated[ImageBoot | DiskImageBoot | IsoBoot, Field(discriminator="type")]
@@ -149,6 +169,8 @@ class VMConfig(_Strict):
     accel: Accel = Accel.AUTO
     # serial console of an image-booted VM; only a generic VM's can take input
     console: ConsoleAccess = Field(default_factory=default_console)
+    # graphical console; never on an AI sandbox, view-only (no input devices) for malware analysis
+    display: DisplayMode = DisplayMode.NONE
     channels: SandboxChannels | None = None
     created_at: str
     updated_at: str
@@ -180,6 +202,14 @@ class VMConfig(_Strict):
         kind = info.data.get("kind")
         if value is not ConsoleAccess.OUTPUT_ONLY and kind is not VMKind.GENERIC:
             raise ValueError(f"the console of a {kind} VM is output-only, not '{value}'")
+        return value
+
+    @field_validator("display")
+    @classmethod
+    def _display_fits_kind(cls, value: DisplayMode, info: ValidationInfo) -> DisplayMode:
+        if value is not DisplayMode.NONE and info.data.get("kind") is VMKind.AI_SANDBOX:
+            raise ValueError(f"an ai-sandbox VM has no display, not '{value}': drive it with "
+                             "'secvf vm exec'")
         return value
 
     @model_validator(mode="after")

@@ -8,8 +8,9 @@ about it only through the contracts below. All are pydantic models, strict
   supervisor on every change, read by any command (status, list, audit) while the
   supervisor holds ``run.lock``;
 * :class:`LastRun` — ``last_run.json`` in the bundle: how the previous run ended;
-* :class:`StopRequest` / :class:`ControlReply` — one JSON line each way on the
-  supervisor's control socket (``secvf vm stop``);
+* :class:`ControlRequest` (a :class:`StopRequest` or a :class:`MediaRequest`) /
+  :class:`ControlReply` — one JSON line each way on the supervisor's control socket
+  (``secvf vm stop``, ``secvf vm media``);
 * :class:`StartReport` — the one JSON line the supervisor writes on the report pipe
   of ``secvf vm start``;
 * :class:`VmStatus` — what ``runtime.control.get_status`` returns (``vm_status``: as
@@ -182,9 +183,25 @@ class StartReport(RootModel[Annotated[Started | StartFailed, Field(discriminator
 class StopRequest(_Message):
     """Control request: stop the VM (powerdown, then forced after ``timeout``)."""
 
-    op: Literal["stop"] = "stop"  # the only operation
+    op: Literal["stop"] = "stop"  # which request this is
     force: bool = False  # skip the ACPI powerdown
     timeout: float = Field(default=30.0, ge=0)  # seconds to wait for the guest to power off
+
+
+class MediaRequest(_Message):
+    """Control request: change the medium in the running VM's cdrom drive.
+
+    The supervisor does it over QMP (``eject``, or ``blockdev-change-medium`` read-only)
+    and replies once QEMU confirms the drive holds what was asked for.
+    """
+
+    op: Literal["media"] = "media"  # which request this is
+    iso: str | None = None  # absolute path of the ISO to insert; None ejects the medium
+
+
+class ControlRequest(RootModel[Annotated[StopRequest | MediaRequest,
+                                         Field(discriminator="op")]]):
+    """Any request on the control socket, told apart by ``op`` (decode, then ``.root``)."""
 
 
 class ControlReply(_Message):
@@ -192,6 +209,7 @@ class ControlReply(_Message):
 
     ok: bool  # the request was understood and carried out
     error: str | None = None  # why not, when not ok
+    forced: bool | None = None  # stop: QEMU was quit or killed; the guest did not power off
 
 
 class VmStatus(_Message):

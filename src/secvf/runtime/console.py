@@ -1,4 +1,8 @@
-"""The serial console: print/follow the log, or attach interactively.
+"""The serial console: print/follow one run's log, or attach interactively.
+
+Each run of a VM has its own serial log (see :class:`~secvf.store.bundle.Bundle`);
+:func:`print_log` prints the current (or last) run's, or an earlier kept one's, and
+follows a run only for as long as it lasts.
 
 Attaching connects to the VM's console socket (QEMU's chardev server) and puts
 the local terminal in raw mode; ``Ctrl-]`` detaches and restores the terminal. One
@@ -20,7 +24,7 @@ import time
 import tty
 from pathlib import Path
 
-from secvf.errors import LockBusy, NoExecChannel, StateError
+from secvf.errors import LockBusy, NoExecChannel, NotFound, StateError
 from secvf.model.config import VMKind
 from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.library import get_vm
@@ -36,24 +40,34 @@ def console_lock(bundle: Bundle) -> Path:
     return bundle.path / "console.lock"
 
 
-def print_log(bundle: Bundle, *, follow: bool) -> None:
-    """Write the serial log to stdout; with ``follow``, keep going while the VM runs."""
+def print_log(bundle: Bundle, *, run: int | None = None, follow: bool = False) -> None:
+    """Write one run's serial log to stdout: run ``run``, or the current (or last) run.
+
+    With ``follow``, keep printing what the guest writes for as long as that run lasts:
+    until the VM stops (or a new run begins). A VM that never ran prints nothing.
+
+    Raises:
+        NotFound: no serial log of run ``run`` is kept (the message lists those that are).
+    """
+    if run is None:
+        path, run = bundle.serial_log, bundle.current_run()
+    else:
+        path = bundle.run_serial_log(run)
+        if not path.is_file():
+            kept = ", ".join(map(str, bundle.serial_runs())) or "none yet"
+            raise NotFound(f"VM '{bundle.name}' has no serial log of run {run} (runs kept: "
+                           f"{kept}; the current or last one is shown without --run)")
     try:
-        fh = bundle.serial_log.open("rb")
+        fh = path.open("rb")
     except FileNotFoundError:
-        if not follow:
-            return
-        while not bundle.serial_log.exists():
-            time.sleep(FOLLOW_POLL_S)
-        fh = bundle.serial_log.open("rb")
+        return
     with fh:
         while True:
-            chunk = fh.read(65536)
-            if chunk:
+            live = follow and is_running(bundle) and bundle.current_run() == run
+            while chunk := fh.read(65536):  # all there is, also after the run ended
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
-                continue
-            if not follow:
+            if not live:
                 return
             time.sleep(FOLLOW_POLL_S)
 
@@ -80,20 +94,23 @@ def attach_console(name: str) -> None:
             sock.close()
             raise NoExecChannel(f"cannot attach to the console of '{name}': "
                                 f"{exc.strerror}") from exc
-        sys.stderr.write(f"attached to '{name}' (detach: Ctrl-])\r\n")
         with sock:
-            _pump(sock)
+            _pump(sock, f"attached to '{name}' (detach: Ctrl-])\r\n")
         sys.stderr.write("\r\ndetached\r\n")
     finally:
         lock.release()
 
 
-def _pump(sock: socket.socket) -> None:
+def _pump(sock: socket.socket, banner: str) -> None:
+    """Copy between the socket and the terminal; ``banner`` goes to stderr once the
+    terminal is raw (setting it raw drops what was typed before)."""
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:
         if saved is not None:
             tty.setraw(stdin)
+        sys.stderr.write(banner)
+        sys.stderr.flush()
         while True:
             ready, _, _ = select.select([sock, stdin], [], [])
             if sock in ready:

@@ -6,7 +6,10 @@ once QEMU is up and its device tree passed the channel check, or a typed failure
 that :func:`error_from_failure` turns back into the matching
 :class:`~secvf.errors.SecVFError`. ``stop_vm`` sends a
 :class:`~secvf.model.runtime.StopRequest` over the supervisor's control socket and
-falls back to signals if the supervisor does not answer. ``vm_status`` combines
+falls back to signals if the supervisor does not answer; it tells a listener how long
+the guest has left to power off, and whether the stop had to be forced.
+``change_medium`` sends a :class:`~secvf.model.runtime.MediaRequest` (``vm media`` on a
+running VM). ``vm_status`` combines
 ``vm.json`` with the supervisor's published record (or the last run's). Start and
 status remove the runtime files of a supervisor that died
 (:func:`~secvf.store.runstate.reap_stale_runtime`).
@@ -22,7 +25,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from secvf.errors import (
@@ -35,11 +41,12 @@ from secvf.errors import (
     StateError,
     SupervisorFailed,
 )
-from secvf.model.config import VMConfig
+from secvf.model.config import DisplayMode, ImageBoot, IsoBoot, VMConfig
 from secvf.model.runtime import (
     ControlReply,
     FailureKind,
     LaunchStage,
+    MediaRequest,
     Started,
     StartFailed,
     StartReport,
@@ -60,6 +67,30 @@ log = logging.getLogger("secvf.runtime.control")
 
 START_REPORT_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
+#: How often ``stop_vm`` tells its listener how long the guest has left.
+STOP_PROGRESS_EVERY_S = 1.0
+#: How long a medium change may take (the supervisor gives QEMU 30 s of it).
+MEDIA_REPLY_TIMEOUT_S = 45.0
+
+
+@dataclass(frozen=True)
+class StopWaiting:
+    """``stop_vm`` is waiting for the guest to power off (sent about once a second)."""
+
+    left_s: float  # seconds until the stop is forced
+    timeout_s: float  # the whole wait (``--timeout``)
+
+
+@dataclass(frozen=True)
+class StopDone:
+    """``stop_vm`` is done: QEMU is gone (sent once, last)."""
+
+    forced: bool  # QEMU was quit or killed: the guest did not power off by itself
+    why: str  # what happened, in words
+
+
+#: What ``stop_vm`` calls with its progress (from the calling thread).
+StopListener = Callable[[StopWaiting | StopDone], None]
 
 
 def start_vm(
@@ -67,10 +98,13 @@ def start_vm(
 ) -> dict[str, Any]:
     """Start VM ``name`` under a detached supervisor; return its status once running.
 
-    With ``wait_ready`` (seconds), also wait for the guest's ready marker. When this
-    raises, the supervisor has already torn the run down and written ``last_run.json``.
+    With ``wait_ready`` (seconds), also wait for the guest's ready marker; only a VM
+    booted from a SecVF image has one (:func:`check_ready_marker`, checked before
+    anything starts). When this raises, the supervisor has already torn the run down and
+    written ``last_run.json``.
 
     Raises:
+        ConfigError: ``wait_ready`` for a VM whose guest prints no ready marker.
         StateError: it is already running (or was stopped while starting).
         LockBusy: another command is starting it.
         LaunchFailed: QEMU or a device helper failed (carries argv and output).
@@ -78,6 +112,8 @@ def start_vm(
         NotFound, ConfigError, ForbiddenDevice: the VM's image or files are unusable.
     """
     bundle, config = get_vm(name)
+    if wait_ready is not None:
+        check_ready_marker(config)
     with locked(bundle.edit_lock, f"VM '{name}'"):
         if is_running(bundle):
             raise StateError(f"VM '{name}' is already running", "running", ["stopped"])
@@ -159,12 +195,34 @@ def error_from_failure(failure: StartFailed) -> SecVFError:
     return SecVFError(failure.message)
 
 
+def check_ready_marker(config: VMConfig) -> None:
+    """Refuse to wait for the ready marker of a VM whose guest never prints one.
+
+    Only the init of a SecVF image prints it; an installer ISO or a disk image of your
+    own does not, so waiting would always time out (and leave the VM running).
+
+    Raises:
+        ConfigError: the VM boots an ISO or a disk image (says how to watch it instead).
+    """
+    if isinstance(config.boot, ImageBoot):
+        return
+    source = "an ISO" if isinstance(config.boot, IsoBoot) else "a disk image"
+    watch = f"'secvf vm logs {config.name} -f'"
+    if config.display is not DisplayMode.NONE:
+        watch += f" or 'secvf vm display {config.name}'"
+    raise ConfigError(f"VM '{config.name}' boots {source}: only the guest of a SecVF image "
+                      "prints the ready marker --wait-ready waits for, so it would always time"
+                      f" out; start it without --wait-ready and watch it with {watch}")
+
+
 def wait_for_ready(name: str, timeout: float) -> dict[str, Any]:
     """Wait until the guest printed its ready marker; return the status.
 
     Raises:
+        ConfigError: the VM's guest prints no ready marker (:func:`check_ready_marker`).
         StateError: the VM stopped or did not become ready within ``timeout``.
     """
+    check_ready_marker(get_vm(name)[1])
     deadline = time.monotonic() + timeout
     while True:
         status = get_status(name)
@@ -179,10 +237,14 @@ def wait_for_ready(name: str, timeout: float) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[str, Any]:
-    """Stop VM ``name``: graceful powerdown within ``timeout`` then forced (or forced now).
+def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0,
+            progress: StopListener | None = None) -> dict[str, Any]:
+    """Stop VM ``name``: graceful powerdown within ``timeout`` then forced (or forced now,
+    with ``force`` or a ``timeout`` of 0); return its status.
 
     If the supervisor does not answer (or refuses), it gets SIGTERM, then SIGKILL.
+    ``progress`` gets a :class:`StopWaiting` about once a second while the guest has
+    time left to power off, and a :class:`StopDone` (forced or not) at the end.
 
     Raises:
         StateError: the VM is not running, or still runs after all that.
@@ -191,12 +253,63 @@ def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[st
     if not is_running(bundle):
         raise StateError(f"VM '{name}' is not running", "stopped", ["running"])
     files = RuntimeFiles(config.id)
+    gentle = not force and timeout > 0
+
+    def waiting(elapsed: float) -> None:
+        if progress is not None and gentle and elapsed < timeout:
+            progress(StopWaiting(left_s=timeout - elapsed, timeout_s=timeout))
+
+    waiting(0.0)
+    started = time.monotonic()
     reply = _control(files, StopRequest(force=force, timeout=timeout),
-                     timeout + STOP_GRACE_S + 10)
+                     timeout + STOP_GRACE_S + 10, on_wait=waiting)
     if reply is None or not reply.ok:
         _signal_supervisor(bundle, config)
+        done = StopDone(forced=True, why="the supervisor did not answer; it was stopped with "
+                                         "signals")
+    else:
+        done = _stop_outcome(bool(reply.forced), gentle, timeout,
+                             time.monotonic() - started)
     _wait_unlocked(bundle, STOP_GRACE_S + (0 if force else timeout))
+    if progress is not None:
+        progress(done)
     return vm_status(name)
+
+
+def _stop_outcome(forced: bool, gentle: bool, timeout: float, elapsed: float) -> StopDone:
+    """How a stop the supervisor carried out went, in words."""
+    if not forced:
+        return StopDone(forced=False, why="the guest powered off")
+    if not gentle:
+        return StopDone(forced=True, why="QEMU was quit without waiting for the guest")
+    if elapsed >= timeout:
+        return StopDone(forced=True, why=f"the guest did not power off within {timeout:g} s;"
+                                         " forced")
+    return StopDone(forced=True, why="QEMU was quit before the guest could power off (it was "
+                                     "still starting, or failed)")
+
+
+def change_medium(name: str, iso: Path | None) -> None:
+    """Have running VM ``name``'s supervisor eject the medium of its cdrom drive
+    (``iso`` None) or insert ``iso`` (read-only); returns once QEMU confirmed it.
+
+    The caller checks ``iso`` first (the supervisor checks it again).
+
+    Raises:
+        StateError: the VM is not running.
+        SecVFError: the supervisor refused (its reason: no cdrom drive, QEMU's error) or
+            did not answer.
+    """
+    bundle, config = get_vm(name)
+    if not is_running(bundle):
+        raise StateError(f"VM '{name}' is not running", "stopped", ["running"])
+    reply = _control(RuntimeFiles(config.id), MediaRequest(iso=None if iso is None else str(iso)),
+                     MEDIA_REPLY_TIMEOUT_S)
+    if reply is None:
+        raise SecVFError(f"the supervisor of VM '{name}' did not answer the medium change; "
+                         f"see {bundle.supervisor_log}")
+    if not reply.ok:
+        raise SecVFError(f"VM '{name}': {reply.error}")
 
 
 def _signal_supervisor(bundle: Bundle, config: VMConfig) -> None:
@@ -227,17 +340,31 @@ def _wait_unlocked(bundle: Bundle, timeout: float, *, raise_on_timeout: bool = T
     return True
 
 
-def _control(files: RuntimeFiles, request: StopRequest, timeout: float) -> ControlReply | None:
+def _control(files: RuntimeFiles, request: StopRequest | MediaRequest, timeout: float, *,
+             on_wait: Callable[[float], None] | None = None) -> ControlReply | None:
     """Send one request to the supervisor's control socket; None if it does not answer
-    (no socket, a timeout, or a reply that does not parse)."""
+    within ``timeout`` (no socket, a timeout, or a reply that does not parse).
+
+    While it waits for the reply, ``on_wait`` is called with the seconds since the
+    request was sent, every :data:`STOP_PROGRESS_EVERY_S`.
+    """
+    sent = time.monotonic()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(files.control_socket))
             sock.sendall(encode(request))
+            sock.settimeout(STOP_PROGRESS_EVERY_S if on_wait is not None else timeout)
             data = b""
             while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    elapsed = time.monotonic() - sent
+                    if on_wait is None or elapsed > timeout:
+                        raise
+                    on_wait(elapsed)
+                    continue
                 if not chunk:
                     break
                 data += chunk

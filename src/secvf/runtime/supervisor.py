@@ -74,20 +74,21 @@ from secvf.errors import (
     SupervisorFailed,
 )
 from secvf.machine import MachinePlan, build_machine
-from secvf.machine.common import resolve_image
+from secvf.machine.common import CDROM_DEVICE_ID, resolve_image
 from secvf.machine.plan import HelperSpec, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
-from secvf.model.config import Accel, ImageBoot, VMKind, now_iso
+from secvf.model.config import Accel, DisplayMode, ImageBoot, IsoBoot, VMKind, now_iso
 from secvf.model.runtime import (
     MAX_FAILURE_OUTPUT_CHARS,
     ControlReply,
+    ControlRequest,
     FailureKind,
     LastRun,
     LaunchStage,
+    MediaRequest,
     PlannedDeviceInfo,
     Started,
     StartFailed,
-    StopRequest,
     VmState,
     decode,
     encode,
@@ -99,7 +100,7 @@ from secvf.runtime.lifecycle import Lifecycle
 from secvf.runtime.procutil import die_with_parent
 from secvf.store import events as seclog
 from secvf.store.bundle import RuntimeFiles
-from secvf.store.disks import UnsafeDisk, check_vm_files
+from secvf.store.disks import UnsafeDisk, check_host_file, check_vm_files
 from secvf.store.events import Severity
 from secvf.store.library import get_vm
 from secvf.store.locks import FileLock
@@ -120,6 +121,8 @@ POWERDOWN_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 5.0
 HELPER_EXIT_GRACE_S = 1.0
 CONTROL_READ_TIMEOUT_S = 5.0
+#: A control request that QEMU's monitor answers (a medium change) gets this long.
+MEDIA_CHANGE_TIMEOUT_S = 30.0
 #: How long to wait for run.lock while readers or a reaper hold it shared for a moment.
 RUN_LOCK_WAIT_S = 2.0
 RUN_LOCK_POLL_S = 0.02
@@ -157,6 +160,9 @@ class Supervisor:
                                    publish=functools.partial(write_runtime_state, self.files))
         self.stage = LaunchStage.LOCK  # the launch step in progress
         self.qemu_log = self.bundle.path / "qemu.log"
+        # where this run's own lines of supervisor.log (shared by every run) begin
+        self.log_offset = _size(self.bundle.supervisor_log)
+        self.serial_log = self.bundle.serial_log  # this run's serial log, set at the plan step
         self.qemu_argv: list[str] = []  # set when QEMU is started
         self.qemu: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
@@ -166,7 +172,9 @@ class Supervisor:
         self.crash_reason: str | None = None  # set when the run ended abnormally
         self.failure: StartFailed | None = None  # set when an exception ended the run
         self.guest_shutdown = False  # the guest powered itself off
+        self.forced: bool | None = None  # set by a stop: QEMU was quit/killed, no powerdown
         self._stop_lock = asyncio.Lock()
+        self._media_lock = asyncio.Lock()  # one medium change at a time
         self._exited = asyncio.Event()  # QEMU is gone (or was never started and never will)
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept alive
 
@@ -255,6 +263,9 @@ class Supervisor:
         self.lifecycle.update(accel=choice.accel, accel_reason=choice.reason)
         self._step(LaunchStage.PLAN)
         await asyncio.to_thread(self._check_files)
+        run = self.bundle.begin_serial_run()
+        self.serial_log = self.bundle.run_serial_log(run)
+        self.log.info("run %d: serial log %s", run, self.serial_log)
         plan = build_machine(self.config, self.bundle, self.files, choice.accel)
         self._step(LaunchStage.HELPERS)
         for spec in plan.helpers:
@@ -263,6 +274,7 @@ class Supervisor:
         await self._start_qemu(plan)
         self._step(LaunchStage.QMP)
         await self._connect_qmp()
+        self._secure_display()
         self._step(LaunchStage.DEVICES)
         walk_started = time.monotonic()
         devices = await self._qmp_step("reading the device tree", walk_devices(self._qmp()))
@@ -326,7 +338,8 @@ class Supervisor:
                                            HELPER_READY_TIMEOUT_S)
             if not line.startswith("READY"):
                 raise LaunchFailed(f"device helper '{spec.name}'", argv,
-                                   _tail(self.bundle.supervisor_log), proc.returncode)
+                                   _tail(self.bundle.supervisor_log, offset=self.log_offset),
+                                   proc.returncode)
         self.log.info("helper %s started (pid %d)", spec.name, proc.pid)
 
     async def _spawn(self, what: str, argv: list[str], pass_fds: list[int], out_path: Path,
@@ -374,6 +387,20 @@ class Supervisor:
                 raise LaunchFailed("QEMU", self.qemu_argv, "QMP socket did not come up", None)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._qemu().wait(), 0.05)
+
+    def _secure_display(self) -> None:
+        """Make the VNC socket owner-only (0600) once QEMU listens on it (``--display vnc``).
+
+        Raises:
+            LaunchFailed: QEMU is up but the socket is not there.
+        """
+        if self.config.display is DisplayMode.NONE:
+            return
+        try:
+            os.chmod(self.files.vnc_socket, 0o600)
+        except OSError as exc:
+            raise LaunchFailed("QEMU", self.qemu_argv, f"no VNC socket at {self.files.vnc_socket}"
+                               f": {exc.strerror}", None) from exc
 
     async def _qmp_step(self, what: str, call: Awaitable[T]) -> T:
         """Await one QMP exchange of the launch.
@@ -467,12 +494,12 @@ class Supervisor:
 
     async def _watch_serial(self) -> None:
         """Follow the serial log: publish readiness, report dead virtio devices."""
-        offset = self.bundle.serial_log.stat().st_size if self.bundle.serial_log.exists() else 0
+        offset = 0  # a run's serial log starts empty
         scanner = SerialScanner()
         while True:
             await asyncio.sleep(MARKER_POLL_S if not scanner.ready else SERIAL_POLL_S)
             try:
-                with self.bundle.serial_log.open("rb") as fh:
+                with self.serial_log.open("rb") as fh:
                     fh.seek(offset)
                     chunk = fh.read(SERIAL_READ_BYTES)
             except OSError:
@@ -514,6 +541,7 @@ class Supervisor:
         A running guest gets the powerdown unless ``force``; while the VM is still
         starting QEMU is quit at once and the launch ends at its next step. Returns
         at once if QEMU is already gone; returns before QEMU is reaped after a kill.
+        Sets :attr:`forced`: False if the guest powered off, True if QEMU was quit.
         """
         async with self._stop_lock:
             if self._exited.is_set():
@@ -522,10 +550,12 @@ class Supervisor:
             was_running = self.lifecycle.state is VmState.RUNNING
             if self.lifecycle.state in (VmState.STARTING, VmState.RUNNING):
                 self.lifecycle.transition(VmState.STOPPING)
+            self.forced = True  # unless the guest powers off below
             if not was_running:
                 await self._kill_qemu()
                 return
             if not force and await self._powerdown(timeout):
+                self.forced = False
                 return
             seclog.write_event("vm_forced_stop", severity=Severity.WARNING, vm=self.config.name,
                                vm_id=self.config.id, reason=reason, requested_force=force)
@@ -652,7 +682,7 @@ class Supervisor:
 
     async def _serve_control(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        """Answer one control connection: a :class:`StopRequest` line, a reply line."""
+        """Answer one control connection: a :class:`ControlRequest` line, a reply line."""
         try:
             line = await asyncio.wait_for(reader.readline(), CONTROL_READ_TIMEOUT_S)
             writer.write(encode(await self._answer(line)))
@@ -664,17 +694,77 @@ class Supervisor:
 
     async def _answer(self, line: bytes) -> ControlReply:
         try:
-            request = decode(StopRequest, line, source="control request")
+            request = decode(ControlRequest, line, source="control request").root
         except CorruptRecord as exc:
             self.log.warning("%s", exc)
             return ControlReply(ok=False, error=str(exc))
         try:
+            if isinstance(request, MediaRequest):
+                await asyncio.wait_for(self.change_medium(request.iso), MEDIA_CHANGE_TIMEOUT_S)
+                return ControlReply(ok=True)
             await self.stop(force=request.force, reason="stop requested",
                             timeout=request.timeout)
         except SecVFError as exc:
             return ControlReply(ok=False, error=str(exc))
+        except TimeoutError:
+            return ControlReply(ok=False, error=f"QEMU did not answer within "
+                                                f"{MEDIA_CHANGE_TIMEOUT_S:.0f} s")
         await self._exited.wait()
-        return ControlReply(ok=True)
+        return ControlReply(ok=True, forced=bool(self.forced))
+
+    # ---- the cdrom drive -------------------------------------------------------------
+
+    async def change_medium(self, iso: str | None) -> None:
+        """Eject the medium of the VM's cdrom drive (``iso`` None) or insert ISO ``iso``
+        read-only, then check with ``query-block`` that the drive holds what was asked.
+
+        The ISO is checked as ``vm create --iso`` checks it (again: this process is the
+        one that hands it to QEMU). A guest that locked the drive's tray is overruled.
+
+        Raises:
+            StateError: the VM is not running.
+            ConfigError: the VM has no cdrom drive (it was not created with an ISO).
+            DiskError: the ISO is missing, unreadable, not a regular file, or in a
+                system tree (``UnsafeDisk``).
+            SecVFError: QEMU refused the change or the drive does not hold the medium.
+        """
+        async with self._media_lock:
+            self.lifecycle.require(VmState.RUNNING)
+            if not isinstance(self.config.boot, IsoBoot):
+                raise ConfigError(f"VM '{self.config.name}' has no cdrom drive: only VMs "
+                                  "created with --iso have one")
+            path = None if iso is None else str(check_host_file(iso, "ISO"))
+            try:
+                if path is None:
+                    await self._qmp().execute("eject", {"id": CDROM_DEVICE_ID, "force": True})
+                else:
+                    await self._qmp().execute("blockdev-change-medium", {
+                        "id": CDROM_DEVICE_ID, "filename": path, "format": "raw",
+                        "read-only-mode": "read-only"})
+                held = await self._medium()
+            except QMPError as exc:
+                what = "eject the cdrom" if path is None else f"insert {path}"
+                raise SecVFError(f"QEMU could not {what}: {exc}") from exc
+            if held != path:
+                raise SecVFError(f"the cdrom drive holds {held or 'nothing'} after the change, "
+                                 f"not {path or 'nothing'}")
+        self.log.info("cdrom: %s", f"inserted {path}" if path else "ejected")
+        seclog.write_event("vm_media_changed", vm=self.config.name, vm_id=self.config.id,
+                           medium=path)
+
+    async def _medium(self) -> str | None:
+        """The file in the cdrom drive, as QEMU reports it (None: the drive is empty).
+
+        Raises:
+            QMPError: ``query-block`` failed.
+            SecVFError: QEMU reports no such drive.
+        """
+        blocks = await self._qmp().execute("query-block")
+        for block in blocks if isinstance(blocks, list) else []:
+            if str(block.get("qdev", "")).rsplit("/", 1)[-1] == CDROM_DEVICE_ID:
+                inserted = block.get("inserted")
+                return str(inserted["file"]) if isinstance(inserted, dict) else None
+        raise SecVFError(f"QEMU reports no cdrom drive '{CDROM_DEVICE_ID}'")
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -813,11 +903,23 @@ def _read_line_with_timeout(fd: int, timeout: float) -> str:
         os.close(fd)
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def _tail(path: Path, lines: int = 20, *, offset: int = 0) -> str:
+    """The last ``lines`` lines of ``path`` after byte ``offset`` ("" if unreadable)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
     except OSError:
         return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _size(path: Path) -> int:
+    """The size of ``path`` in bytes (0 if it does not exist)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> int:

@@ -1,19 +1,29 @@
 """A VM bundle: the directory ``$SECVF_HOME/vms/<name>/`` and the runtime files of one VM.
 
-Persistent files (in the bundle): ``vm.json``, ``disk.qcow2``, ``serial.log``,
-``supervisor.log``, ``last_run.json`` and the two lock files.
+Persistent files (in the bundle): ``vm.json``, ``disk.qcow2``, one serial log per run
+(``serial-<N>.log``, the last :data:`SERIAL_RUNS_KEPT` runs, with ``serial.log`` a
+symlink to the current or last one), ``supervisor.log``, ``last_run.json`` and the lock
+files.
 Runtime files (in the private runtime dir, named by the VM's UUID so a rename
-never confuses a running VM): QMP socket, console socket, supervisor control
-socket, runtime state, vsock and exec-bridge sockets.
+never confuses a running VM): QMP socket, console socket, VNC socket, supervisor
+control socket, runtime state, vsock and exec-bridge sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from secvf.model.config import VMConfig, load_config
 from secvf.store import paths
+
+#: How many runs' serial logs a VM keeps (the current run's included).
+SERIAL_RUNS_KEPT = 5
+
+_RUN_LOG = re.compile(r"^serial-(?P<run>[1-9][0-9]*)\.log$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,11 @@ class RuntimeFiles:
     def console_socket(self) -> Path:
         """Serial console socket (absent for malware-analysis VMs: output-only)."""
         return self._path("console", ".sock")
+
+    @property
+    def vnc_socket(self) -> Path:
+        """The VNC server of the VM's graphical console (``--display vnc`` only), 0600."""
+        return self._path("vnc", ".sock")
 
     @property
     def control_socket(self) -> Path:
@@ -72,7 +87,8 @@ class RuntimeFiles:
     def all_files(self) -> list[Path]:
         """Every runtime path this VM may create (globbing vsock side sockets too)."""
         fixed = [
-            self.qmp_socket, self.console_socket, self.control_socket, self.state_file,
+            self.qmp_socket, self.console_socket, self.vnc_socket, self.control_socket,
+            self.state_file,
             self.vsock_socket, self.vhost_vsock_socket, self.exec_socket,
         ]
         extra = sorted(self.dir.glob(f"virtiofs-*-{self.vm_id}.sock"))
@@ -103,8 +119,59 @@ class Bundle:
 
     @property
     def serial_log(self) -> Path:
-        """Everything the guest wrote to its serial console."""
+        """What the guest wrote to its serial console in the current (or last) run: a
+        symlink to that run's :meth:`run_serial_log` (a regular file in bundles from
+        before per-run logs, until the next start)."""
         return self.path / "serial.log"
+
+    def run_serial_log(self, run: int) -> Path:
+        """The serial log of run ``run`` (runs are numbered from 1, one per start)."""
+        return self.path / f"serial-{run}.log"
+
+    def serial_runs(self) -> list[int]:
+        """The runs whose serial logs are kept, oldest first."""
+        runs = (_RUN_LOG.match(p.name) for p in self.path.glob("serial-*.log"))
+        return sorted(int(m["run"]) for m in runs if m)
+
+    def current_run(self) -> int | None:
+        """The run ``serial.log`` points at (the current or last one); None before the
+        first run with per-run logs."""
+        try:
+            match = _RUN_LOG.match(os.readlink(self.serial_log))
+        except OSError:
+            return None
+        return int(match["run"]) if match else None
+
+    def begin_serial_run(self) -> int:
+        """Start the serial log of a new run and return its number (the supervisor's job,
+        holding ``run.lock``).
+
+        The new ``serial-<N>.log`` is created empty (0600, never through a symlink),
+        ``serial.log`` is pointed at it atomically, and the logs of all but the last
+        :data:`SERIAL_RUNS_KEPT` runs are removed. A ``serial.log`` that is a regular
+        file (a bundle from before per-run logs) is kept as the run before this one.
+
+        Raises:
+            OSError: the bundle directory cannot be written.
+        """
+        runs = self.serial_runs()
+        run = max(runs, default=0) + 1
+        if self.serial_log.is_file() and not self.serial_log.is_symlink():
+            self.serial_log.rename(self.run_serial_log(run))
+            runs.append(run)
+            run += 1
+        fd = os.open(self.run_serial_log(run),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        link = self.path / f".serial.log.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(self.run_serial_log(run).name)
+        os.replace(link, self.serial_log)
+        for old in runs[:max(len(runs) + 1 - SERIAL_RUNS_KEPT, 0)]:
+            with contextlib.suppress(FileNotFoundError):
+                self.run_serial_log(old).unlink()
+        return run
 
     @property
     def supervisor_log(self) -> Path:

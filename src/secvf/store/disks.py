@@ -446,15 +446,16 @@ def _agree_with_qemu_img(top: Path, layers: list[DiskLayer]) -> None:
 
 
 def inspect_vm_files(bundle: Bundle, config: VMConfig) -> VMFiles:
-    """Judge every host file VM ``config``'s QEMU would open: its ISO or disk image
-    (:func:`check_host_file`) and its disk chain, against the VM's own places.
+    """Judge every host file VM ``config``'s QEMU would open: its ISO (unless ejected) or
+    disk image (:func:`check_host_file`) and its disk chain, against the VM's own places.
 
     Never raises for a bad file: problems are in the result's ``errors``.
     """
     errors: list[DiskError] = []
     base: Path | None = None
     boot = config.boot
-    if isinstance(boot, IsoBoot | DiskImageBoot):
+    ejected = isinstance(boot, IsoBoot) and boot.ejected  # QEMU will not open it
+    if isinstance(boot, IsoBoot | DiskImageBoot) and not ejected:
         what = "ISO" if isinstance(boot, IsoBoot) else "disk image"
         try:
             checked = check_host_file(boot.path, what)

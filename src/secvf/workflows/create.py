@@ -33,6 +33,7 @@ from secvf.model.config import (
     Accel,
     ConsoleAccess,
     DiskImageBoot,
+    DisplayMode,
     ImageBoot,
     IsoBoot,
     NetworkMode,
@@ -71,8 +72,12 @@ def build_config(
     channels: SandboxChannels | None = None,
     autologin: bool = False,
     root_password: str | None = None,
+    display: str = "none",
 ) -> VMConfig:
     """Validate create options and return the config of the new VM (nothing is written).
+
+    ``display`` is ``none`` or ``vnc`` (a graphical console; not for an ai-sandbox, and
+    view-only on a malware-analysis VM).
 
     ``autologin`` (a root shell on the serial console) and ``root_password`` (checked
     here, not kept: see :func:`hash_root_password`) are for generic VMs booted from a
@@ -88,6 +93,9 @@ def build_config(
             raise ForbiddenDevice("shares", str(kind), "--share is only for ai-sandbox VMs")
         if workspace is not None:
             raise ForbiddenDevice("workspace", str(kind), "--workspace is only for ai-sandbox VMs")
+    elif display != DisplayMode.NONE:
+        raise ConfigError(f"--display {display}: an ai-sandbox VM has no display; drive it "
+                          "with 'secvf vm exec'")
     memory_mib = parse_size(memory, default_unit="M") >> 20
     if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
         raise ConfigError(f"--memory {memory}: must be between "
@@ -110,7 +118,7 @@ def build_config(
         "memory_mib": memory_mib, "disk_bytes": disk_bytes,
         "boot": boot.model_dump(mode="json"),
         "network": network or _default_network(kind), "mac": new_mac(), "accel": accel,
-        "created_at": now_iso(), "updated_at": now_iso(),
+        "display": display, "created_at": now_iso(), "updated_at": now_iso(),
     }
     if autologin:
         data["console"] = str(ConsoleAccess.AUTOLOGIN)

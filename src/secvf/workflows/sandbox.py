@@ -6,7 +6,7 @@ overlay. Starting it boots the VM, lets the supervisor start the exec bridge
 once QEMU is up, and returns only when the guest agent answers ``ping`` through
 that bridge — so ``secvf vm exec`` works the moment ``start`` returns. If the
 agent never answers, the session is stopped again (bridge, backend, virtiofsd
-and QEMU all gone) and the error carries the tail of the serial log.
+and QEMU all gone) and the error carries the tail of that boot's serial log.
 """
 
 from __future__ import annotations
@@ -76,16 +76,18 @@ def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S) -> dict[
         raise StateError(f"VM '{name}' is a {config.kind} VM, not an AI sandbox", str(config.kind))
     started = time.monotonic()
     control.start_vm(name)
+    run = bundle.current_run()  # this boot's serial log, not an earlier one's
     try:
         wait_for_agent(config, timeout - (time.monotonic() - started))
     except SecVFError as exc:
-        tail = _log_tail(bundle.serial_log)
+        tail = _log_tail(bundle.serial_log if run is None else bundle.run_serial_log(run))
         try:
             control.stop_vm(name, force=True)
         except StateError:
             pass
         raise SandboxBootFailed(f"sandbox '{name}' did not become ready: {exc}\n"
-                                f"--- last serial output ---\n{tail}") from exc
+                                f"--- last serial output of this boot (run {run}) ---\n"
+                                f"{tail}") from exc
     status = control.vm_status(name)
     status["boot_s"] = round(time.monotonic() - started, 2)
     return status
@@ -150,5 +152,5 @@ def _log_tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
-        return "(no serial output)"
-    return "\n".join(lines[-LOG_TAIL_LINES:])
+        lines = []
+    return "\n".join(lines[-LOG_TAIL_LINES:]) or "(no serial output)"

@@ -195,9 +195,11 @@ def _raw_view(disk: Path, mountpoint: Path) -> Iterator[Path]:
             daemon.communicate()
 
 
-def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[str, Any]:
+def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0,
+            progress: control.StopListener | None = None) -> dict[str, Any]:
     """Stop VM ``name`` (see :func:`secvf.runtime.control.stop_vm`): an ACPI powerdown
-    within ``timeout`` seconds, then forced, or forced at once with ``force``.
+    within ``timeout`` seconds, then forced, or forced at once with ``force``; ``progress``
+    hears how long the guest has left and whether the stop was forced.
 
     A running AI sandbox first gets ``sync`` as root through its agent, so writes still
     in the guest's page cache reach the disk even if the stop ends up forced. A guest
@@ -209,7 +211,7 @@ def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0) -> dict[st
     bundle, config = library.get_vm(name)
     if config.kind is VMKind.AI_SANDBOX and is_running(bundle):
         sync_guest(name)
-    return control.stop_vm(name, force=force, timeout=timeout)
+    return control.stop_vm(name, force=force, timeout=timeout, progress=progress)
 
 
 def sync_guest(name: str) -> None:
@@ -343,6 +345,8 @@ def _imported_boot(config: VMConfig) -> ImageBoot | DiskImageBoot | IsoBoot:
     if isinstance(boot, ImageBoot):
         boot_source(config.kind, boot.image, None, None, config.disk_bytes)
         return boot  # its recipe hash names the build the bundle's disk sits on
+    if isinstance(boot, IsoBoot) and boot.ejected:
+        return boot  # an empty drive: QEMU opens no ISO, so there is nothing to check
     what = "ISO" if isinstance(boot, IsoBoot) else "disk image"
     path = check_bundle_file(boot.path, what, _boot_files_in_use())
     if isinstance(boot, IsoBoot):

@@ -1,17 +1,23 @@
-"""``secvf vm …``: the VM library, lifecycle, status, serial console and logs."""
+"""``secvf vm …``: the VM library, lifecycle, status, serial console, logs, graphical
+console and cdrom media."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from secvf import api
-from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, note, out, print_json
+from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, err, note, out, print_json
+
+#: When stderr is not a terminal, ``vm stop`` notes the time left this often (seconds).
+STOP_NOTE_EVERY_S = 10.0
 
 
 @click.group(cls=SecVFGroup)
@@ -43,18 +49,22 @@ def vm() -> None:
               help="Like --root-password-file, but ask for the password.")
 @click.option("--autologin", is_flag=True,
               help="A root shell on the serial console without a password (throwaway VMs).")
+@click.option("--display", type=click.Choice([d.value for d in api.DisplayMode]),
+              default="none", show_default=True,
+              help="vnc: a graphical console on a private socket (see: vm display); "
+                   "view-only on malware-analysis VMs, none on ai-sandbox.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new VM's config as JSON.")
 def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, image: str | None,
               disk_image: Path | None, iso: Path | None, network: str | None, accel: str,
               shares: tuple[str, ...], workspace: Path | None,
               root_password_file: TextIO | None, ask_root_password: bool, autologin: bool,
-              as_json: bool) -> None:
+              display: str, as_json: bool) -> None:
     """Create VM NAME (a copy-on-write overlay over its image)."""
     root_password = _root_password(root_password_file, ask_root_password)
     config = api.create_vm(name, kind=api.VMKind(kind), cpus=cpus, memory=memory,
                            disk_size=disk_size, image=image, disk_image=disk_image, iso=iso,
                            network=network, accel=accel, shares=shares, workspace=workspace,
-                           root_password=root_password, autologin=autologin)
+                           root_password=root_password, autologin=autologin, display=display)
     if as_json:
         print_json(config.model_dump(mode="json"))
     else:
@@ -143,7 +153,8 @@ def vm_status(name: str, as_json: bool) -> None:
               help="Override the VM's accelerator for this run.")
 @click.option("--foreground", is_flag=True, help="Keep the supervisor attached.")
 @click.option("--wait-ready", type=Seconds(), default=None, metavar="SECONDS",
-              help="Also wait up to SECONDS for the guest's ready marker.")
+              help="Also wait up to SECONDS for the guest's ready marker (VMs booted from "
+                   "a SecVF image; refused for ISO and disk-image VMs).")
 @click.option("--json", "as_json", is_flag=True)
 def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float | None,
              as_json: bool) -> None:
@@ -171,16 +182,60 @@ def vm_start(name: str, accel: str | None, foreground: bool, wait_ready: float |
               help="Seconds to wait for a graceful powerdown before forcing (0: like --force).")
 @click.option("--json", "as_json", is_flag=True)
 def vm_stop(name: str, force: bool, timeout: float, as_json: bool) -> None:
-    """Stop VM NAME (ACPI powerdown, then forced after --timeout; not running: a note, exit 0)."""
+    """Stop VM NAME (ACPI powerdown, then forced after --timeout; not running: a note, exit 0).
+
+    While it waits for the guest, stderr shows the time left; it says so when it forced.
+    """
     status = api.vm_status(name)
+    progress = _StopProgress(gentle=not force and timeout > 0)
     if status["state"] not in LIVE_STATES:
         note(f"VM '{name}' is not running")
     else:
-        status = api.stop_vm(name, force=force, timeout=timeout)
+        try:
+            status = api.stop_vm(name, force=force, timeout=timeout, progress=progress)
+        finally:
+            progress.close()
         if not as_json:
             out.print(f"stopped [bold]{escape(name)}[/]")
     if as_json:
-        print_json(status)
+        print_json({**status, "forced": progress.forced})
+
+
+class _StopProgress:
+    """Shows on stderr how long the guest has left to power off, and remembers whether
+    the stop was forced. On a terminal one line counts down; otherwise a note every
+    :data:`STOP_NOTE_EVERY_S` seconds. A forced stop is noted unless it was asked for
+    (``gentle`` false: ``--force`` or ``--timeout 0``)."""
+
+    def __init__(self, *, gentle: bool) -> None:
+        self.gentle = gentle  # the guest was given time to power off
+        self.forced = False  # set by the last event
+        self._status: Status | None = None  # the countdown line (terminal only)
+        self._noted_left: float | None = None  # time left at the last note (not a terminal)
+
+    def __call__(self, event: api.StopWaiting | api.StopDone) -> None:
+        if isinstance(event, api.StopDone):
+            self.close()
+            self.forced = event.forced
+            if event.forced and self.gentle:
+                note(event.why)
+            return
+        text = f"waiting for the guest to power off ({math.ceil(event.left_s)} s left)…"
+        if err.is_terminal:
+            if self._status is None:
+                self._status = err.status(text)
+                self._status.start()
+            else:
+                self._status.update(text)
+        elif self._noted_left is None or self._noted_left - event.left_s >= STOP_NOTE_EVERY_S:
+            note(text)
+            self._noted_left = event.left_s
+
+    def close(self) -> None:
+        """Remove the countdown line, if there is one."""
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 @vm.command("delete")
@@ -230,10 +285,13 @@ def vm_import(path: Path, name: str | None) -> None:
 
 @vm.command("logs")
 @click.argument("name")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-def vm_logs(name: str, follow: bool) -> None:
-    """Print VM NAME's serial console log."""
-    api.print_serial_log(name, follow=follow)
+@click.option("--run", type=click.IntRange(min=1), metavar="N",
+              help="An earlier run's log (the last few are kept; default: the current or "
+                   "last run).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output while the run lasts.")
+def vm_logs(name: str, run: int | None, follow: bool) -> None:
+    """Print VM NAME's serial console log of one run (each start is a new run)."""
+    api.print_serial_log(name, run=run, follow=follow)
 
 
 @vm.command("console")
@@ -241,3 +299,59 @@ def vm_logs(name: str, follow: bool) -> None:
 def vm_console(name: str) -> None:
     """Attach to VM NAME's serial console (detach with Ctrl-])."""
     api.attach_console(name)
+
+
+@vm.command("display")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def vm_display(name: str, as_json: bool) -> None:
+    """Show how to connect to running VM NAME's graphical console (created with
+    --display vnc): a VNC server on a Unix socket only you can open."""
+    info = api.display_info(name)
+    if as_json:
+        print_json(info.as_json())
+        return
+    sock = escape(info.socket)
+    access = "view-only: the guest has no keyboard or pointer" if info.view_only else \
+        "keyboard and tablet pointer"
+    out.print(f"VM [bold]{escape(name)}[/]: VNC console ({access}) on a Unix socket, mode "
+              f"{info.mode} (only you and root can connect):\n  {sock}", highlight=False)
+    out.print(f"connect here:       {escape(info.connect)}   (TigerVNC 1.11 or later)",
+              highlight=False)
+    out.print(f"from another host:  ssh -L 5900:{sock} THIS-HOST, then: vncviewer "
+              "localhost:5900", highlight=False)
+    out.print(f"any VNC viewer:     socat TCP-LISTEN:5900,bind=127.0.0.1,reuseaddr,fork "
+              f"UNIX-CONNECT:{sock}, then: vncviewer localhost:5900 (every local user can "
+              "reach port 5900 while socat runs)", highlight=False)
+
+
+@vm.group("media", cls=SecVFGroup)
+def vm_media() -> None:
+    """Change the medium in a VM's cdrom drive (VMs created with --iso): at once if it
+    runs, and for its next start."""
+
+
+@vm_media.command("eject")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def vm_media_eject(name: str, as_json: bool) -> None:
+    """Eject the ISO from VM NAME's cdrom drive (e.g. once the install is done)."""
+    _media_done(api.eject_medium(name), as_json)
+
+
+@vm_media.command("insert")
+@click.argument("name")
+@click.argument("iso", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def vm_media_insert(name: str, iso: Path, as_json: bool) -> None:
+    """Put ISO into VM NAME's cdrom drive, read-only (checked as vm create --iso checks it)."""
+    _media_done(api.insert_medium(name, iso), as_json)
+
+
+def _media_done(change: api.MediaChange, as_json: bool) -> None:
+    if as_json:
+        print_json(change.as_json())
+        return
+    medium = escape(change.medium) if change.medium else "empty"
+    when = "now and from the next start" if change.live else "from the next start"
+    out.print(f"cdrom of [bold]{escape(change.name)}[/]: {medium} ({when})", highlight=False)
