@@ -15,10 +15,8 @@ import json
 import os
 import select
 import signal
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,13 +33,7 @@ from secvf.errors import (
     SupervisorFailed,
 )
 from secvf.model.config import (
-    DiskImageBoot,
-    IsoBoot,
-    SandboxChannels,
     VMConfig,
-    new_mac,
-    now_iso,
-    save_config,
 )
 from secvf.model.runtime import (
     FailureKind,
@@ -59,6 +51,7 @@ from secvf.store import events as seclog
 from secvf.store import paths
 from secvf.store.bundle import RuntimeFiles
 from secvf.testing.qmp import FakeQMPServer, QMPScript, generic_tree, write_fake_qemu
+from tests.unit import fake_vm
 
 REPORT_WAIT_S = 30.0
 #: What ``vm status --json`` prints, in order (scripts depend on it).
@@ -70,25 +63,8 @@ STATUS_KEYS = ["name", "id", "kind", "state", "pid", "qemu_pid", "accel", "accel
 # ---- fixtures ------------------------------------------------------------------------------
 
 def make_vm(name: str, kind: str = "generic") -> VMConfig:
-    """Write a VM's bundle directly: a blank disk over a small raw base (sandbox) or a
-    blank ISO (other kinds); the fake QEMU never reads them, the start check does."""
-    sandbox = kind == "ai-sandbox"
-    bundle = paths.vms_dir() / name
-    bundle.mkdir(parents=True)
-    base = bundle / ("base.img" if sandbox else "boot.iso")
-    base.write_bytes(b"\0" * 2048)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(bundle / "disk.qcow2"),
-                    "1G"], check=True)
-    config = VMConfig(
-        id=str(uuid.uuid4()), name=name, kind=kind, cpus=1, memory_mib=256,
-        disk_bytes=1 << 30, network="none", mac=new_mac(), accel="tcg",
-        boot=DiskImageBoot(path=str(base), format="raw") if sandbox
-        else IsoBoot(path=str(base)),
-        channels=SandboxChannels() if sandbox else None,
-        created_at=now_iso(), updated_at=now_iso(),
-    )
-    save_config(bundle / "vm.json", config)
-    return config
+    """A VM bundle with real (never booted) boot files under ``$SECVF_HOME``."""
+    return fake_vm.make_vm(name, paths.ensure_private_dir(paths.secvf_home() / "files"), kind)
 
 
 @pytest.fixture
@@ -313,10 +289,11 @@ def test_a_guest_panic_event_ends_the_run_as_crashed(fake_qemu, leftovers) -> No
     leftovers.append(config.id)
     control.start_vm("panics")
     deadline = time.monotonic() + REPORT_WAIT_S
-    while control.vm_status("panics")["state"] != "crashed":
+    # "crashed" is published first; last_run.json follows once teardown is done
+    while (status := control.vm_status("panics"))["last_run"] is None:
         assert time.monotonic() < deadline, "the supervisor did not act on the panic"
         time.sleep(0.05)
-    assert control.vm_status("panics")["last_run"]["reason"] == "guest panic"
+    assert status["state"] == "crashed" and status["last_run"]["reason"] == "guest panic"
     assert commands.read_text().split()[-1] == "quit"
 
 
