@@ -316,6 +316,19 @@ def test_read_only_share_is_a_read_only_nosuid_bind_under_the_launcher(dirs) -> 
     assert f"--uid-map 1000:{os.getuid()}:1" in ro_argv
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="the in-place stage is the root order")
+def test_as_root_nothing_the_launcher_needs_is_covered_before_it_starts(dirs) -> None:
+    """Real root stages before the launcher starts, so that stage may not mount over
+    /tmp (or anything but the source itself): SecVF's Python may live under /tmp."""
+    ch = sandbox_channels("s6", workspace=dirs["ws"])
+    argv = virtiofsd_argv(ch.shares[0])
+    script = argv[argv.index("-c") + 1]
+    assert argv.index("-c") < argv.index(sys.executable)
+    assert "tmpfs" not in script and "/tmp" not in script
+    assert argv[argv.index("-c") + 2] == ch.shares[0].host_path
+    assert f"source={ch.shares[0].host_path}" in argv
+
+
 def test_options_follow_the_installed_virtiofsd(tmp_path: Path) -> None:
     from secvf.machine.shares import STAGED_SOURCE, virtiofsd_options
 

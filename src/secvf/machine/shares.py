@@ -372,15 +372,25 @@ def virtiofsd_path() -> str:
     raise ShareError("virtiofsd is not installed (run scripts/install-system-deps.sh)")
 
 
-#: Runs in a private mount namespace: pin the source with an fd, cover /tmp with a small
-#: tmpfs (so the staging path is reachable by the mapped ids even when the source sits
-#: under a 0700 directory), bind the source there with the share's flags, exec.
-_STAGE_SCRIPT = (
+#: Run by the invoking user inside the id-mapped user namespace, in a private mount
+#: namespace: pin the source with an fd, cover /tmp with a small tmpfs (so the staging
+#: path is reachable by the mapped ids even when the source sits under a 0700
+#: directory), bind the source there with the share's flags, exec. The launcher's
+#: Python is already running when /tmp is covered.
+_STAGE_IN_TMP = (
     'set -e; exec 3<"$0"; mount -t tmpfs -o mode=0755,size=64k secvf-share /tmp; '
     "mkdir /tmp/share; mount --no-canonicalize --bind /proc/self/fd/3 /tmp/share; "
     'mount --no-canonicalize -o remount,bind,{flags} /tmp/share; exec 3<&-; exec "$@"'
 )
 STAGED_SOURCE = "/tmp/share"
+
+#: Run by real root before the user namespace, in a private mount namespace: bind the
+#: source onto itself with the share's flags, exec. Nothing is covered, so the launcher
+#: (a Python that may live anywhere, /tmp included) still starts afterwards.
+_STAGE_IN_PLACE = (
+    'set -e; mount --no-canonicalize --bind "$0" "$0"; '
+    'mount --no-canonicalize -o remount,bind,{flags} "$0"; exec "$@"'
+)
 
 
 def virtiofsd_argv(share: Share) -> tuple[str, ...]:
@@ -388,30 +398,35 @@ def virtiofsd_argv(share: Share) -> tuple[str, ...]:
     read-only share, ``ro``) bind of the source in a private mount namespace, run by the
     share launcher in the id-mapped user namespace under the seccomp filter.
 
-    As root the mount namespace comes first (real root opens the source, whatever the
-    directories above it allow); otherwise the user namespace does (mounting needs it).
-    The listening socket is handed over with ``--fd=N`` (appended by the supervisor).
+    As root the mount namespace comes first (real root makes the bind, whatever the
+    directories above the source allow) and the bind covers the source in place;
+    otherwise the user namespace does (mounting needs it) and the bind is staged in a
+    private /tmp. The listening socket is handed over with ``--fd=N`` (appended by the
+    supervisor).
     """
     flags = "nosuid,nodev" + (",ro" if share.read_only else "")
+    as_root = os.getuid() == 0
+    script = _STAGE_IN_PLACE if as_root else _STAGE_IN_TMP
     stage = ("unshare", "--mount", "--propagation", "private", "--",
-             "sh", "-c", _STAGE_SCRIPT.format(flags=flags), share.host_path)
+             "sh", "-c", script.format(flags=flags), share.host_path)
     launcher = (sys.executable, "-m", "secvf.machine.share_launcher",
                 *uid_map().launcher_args(), "--")
     binary = virtiofsd_path()
-    server = (binary, *virtiofsd_options(binary))
-    if os.getuid() == 0:
+    server = (binary, *virtiofsd_options(binary, share.host_path if as_root else STAGED_SOURCE))
+    if as_root:
         return (*stage, *launcher, *server)
     return (*launcher, *stage, *server)
 
 
-def virtiofsd_options(binary: str) -> tuple[str, ...]:
-    """Options for the installed virtiofsd: QEMU's C one (Debian 12) takes ``-o`` options,
-    the Rust one (its own package on Debian 13) takes long options. Neither serves
-    extended attributes unless asked (the seccomp filter refuses setting them anyway)."""
+def virtiofsd_options(binary: str, source: str = STAGED_SOURCE) -> tuple[str, ...]:
+    """Options for the installed virtiofsd serving ``source``: QEMU's C one (Debian 12)
+    takes ``-o`` options, the Rust one (its own package on Debian 13) takes long options.
+    Neither serves extended attributes unless asked (the seccomp filter refuses setting
+    them anyway)."""
     if _is_rust_virtiofsd(binary):
-        return ("--shared-dir", STAGED_SOURCE, "--sandbox", "namespace", "--cache", "auto",
+        return ("--shared-dir", source, "--sandbox", "namespace", "--cache", "auto",
                 "--log-level", "warn")
-    return ("-o", f"source={STAGED_SOURCE}", "-o", "sandbox=namespace", "-o", "cache=auto",
+    return ("-o", f"source={source}", "-o", "sandbox=namespace", "-o", "cache=auto",
             "-o", "log_level=warn")
 
 
