@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
+from secvf.errors import ConfigError
 from secvf.model.config import Accel
-from secvf.runtime.accel import choose_accel, probe_accel
+from secvf.runtime.accel import AccelChoice, choose_accel, kvm_problem, probe_accel
 
 pytestmark = pytest.mark.vm
 
@@ -25,6 +27,11 @@ def test_probe_fails_over_to_tcg_when_no_guest_runs(built_images: dict, tmp_path
     assert choice.accel == "tcg" and "failed" in choice.reason
 
 
-def test_explicit_choices_are_honoured_without_probing(tmp_path: Path) -> None:
-    assert choose_accel(Accel.TCG, None, None).accel == "tcg"
-    assert choose_accel(Accel.KVM, None, None).accel == "kvm"
+def test_tcg_is_honoured_without_probing_and_kvm_only_where_it_works(tmp_path: Path) -> None:
+    assert choose_accel(Accel.TCG, None, None) == AccelChoice("tcg", "requested")
+    problem = kvm_problem(None, None)
+    if problem is None:
+        assert choose_accel(Accel.KVM, None, None).accel == "kvm"
+    else:  # this host: QEMU cannot run a guest under KVM, and says why
+        with pytest.raises(ConfigError, match=f"KVM is not usable here: {re.escape(problem)}"):
+            choose_accel(Accel.KVM, None, None)
