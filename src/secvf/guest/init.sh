@@ -286,23 +286,27 @@ other_processes_left() {
 	return 1
 }
 
+wait_for_others() { # CS: wait up to CS for every other process to exit; false if some remain
+	read_uptime_cs
+	deadline=$((UPTIME_CS + $1))
+	while other_processes_left; do
+		read_uptime_cs
+		[ "$UPTIME_CS" -lt "$deadline" ] || return 1
+		sleep 0.1
+	done
+}
+
 stop_processes() { # GRACE_CS: TERM to every process, up to GRACE_CS for them to exit, then KILL
 	if [ "$$" -ne 1 ]; then
 		echo "secvf-init: only PID 1 stops every process" >&2
 		return 1
 	fi
 	kill -TERM -1 2>/dev/null
-	read_uptime_cs
-	deadline=$((UPTIME_CS + $1))
-	while other_processes_left; do
-		read_uptime_cs
-		if [ "$UPTIME_CS" -ge "$deadline" ]; then
-			say "processes still running after $(($1 / 100)) s: KILL"
-			kill -KILL -1 2>/dev/null
-			return 0
-		fi
-		sleep 0.1
-	done
+	wait_for_others "$1" && return 0
+	say "processes still running after $(($1 / 100)) s: KILL"
+	kill -KILL -1 2>/dev/null
+	wait_for_others 100 # a killed process is gone once it has been scheduled
+	return 0
 }
 
 hang_up() { # TTY: SIGHUP to every process whose controlling terminal is /dev/TTY

@@ -30,8 +30,8 @@ CDROM_DEVICE_ID = "cd0dev"
 #: Host time from building the plan to the guest kernel's clock starting (starting QEMU and
 #: its device check, firmware, loading and unpacking the kernel), added to ``secvf_time``;
 #: the guest adds its own uptime. Under TCG on the 2-core development host it was 0.5-0.7 s
-#: for one VM booting alone, and up to 3.3 s while others booted (docs/images.md, "The
-#: clock"); under KVM it was not measured, so nothing is added.
+#: for one VM booting on an idle host, 0.5-1.1 s for one VM, up to 3.3 s while others booted
+#: (docs/images.md, "The clock"); under KVM it was not measured, so nothing is added.
 PRE_KERNEL_NS = {"tcg": 600_000_000, "kvm": 0}
 
 
