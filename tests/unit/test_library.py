@@ -65,3 +65,13 @@ def test_the_store_refuses_to_delete_a_running_vm(iso: Path, monkeypatch) -> Non
     with pytest.raises(StateError, match="running"):
         library.delete_vm("busy")
     assert library.get_bundle("busy").path.is_dir()
+
+
+def test_an_overlay_smaller_than_its_base_is_refused_in_units(tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    with open(base, "wb") as fh:
+        fh.truncate((1 << 30) + (300 << 20))
+    with pytest.raises(DiskError) as info:
+        library.create_overlay(tmp_path / "disk.qcow2", base, "raw", 1 << 30)
+    assert str(info.value) == ("disk size 1G is smaller than the base image (1.3G); "
+                               "use --disk 2G or more")

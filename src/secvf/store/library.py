@@ -40,6 +40,7 @@ from secvf.model.config import (
     save_config,
 )
 from secvf.model.names import validate_name
+from secvf.model.sizes import format_size, round_up_size
 from secvf.store import events as seclog
 from secvf.store import paths
 from secvf.store.bundle import Bundle
@@ -156,9 +157,9 @@ def create_overlay(disk: Path, backing: Path, backing_format: str, size: int) ->
     """Create a qcow2 copy-on-write overlay of ``backing`` (never modified)."""
     base_size = int(image_info(backing).get("virtual-size", 0))  # type: ignore[call-overload]
     if size < base_size:
-        raise DiskError(
-            f"disk size {size} bytes is smaller than the base image ({base_size} bytes)"
-        )
+        raise DiskError(f"disk size {format_size(size)} is smaller than the base image "
+                        f"({format_size(base_size)}); use --disk "
+                        f"{format_size(round_up_size(base_size))} or more")
     qemu_img("create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
              str(disk), str(size))
 
