@@ -53,7 +53,11 @@ def sandbox(vm_library: Path) -> Iterator[Sandbox]:
     ws, ref = private_dir(), private_dir()
     write_private(ws / "notes.txt", SECRET)
     (ws / "src").mkdir(mode=0o700)
-    write_private(ws / "src" / "test_one.py", "def test_one():\n    assert True\n")
+    # a private module the guest imports and runs: it reads the private notes (0600)
+    write_private(ws / "src" / "test_one.py",
+                  "def test_one():\n"
+                  "    with open('/workspace/notes.txt') as fh:\n"
+                  f"        assert fh.read().startswith({SECRET!r})\n")
     write_private(ref / "data.txt", SECRET)
     (ref / "deep").mkdir(mode=0o700)
     write_private(ref / "deep" / "more.txt", "more\n")
