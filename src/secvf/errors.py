@@ -17,6 +17,7 @@ its ``exit_code`` (an :class:`ExitCode`) by the CLI::
      ├── ImageBuildFailed             building a guest image failed (.step)
      ├── LaunchFailed                 QEMU (or a helper) did not start (.argv, .output, .exitcode)
      ├── SupervisorFailed             a supervisor step failed (.stage, .errno)
+ ├── SnapshotError                saving or restoring guest state failed
      ├── NoExecChannel                exec on a VM without a channel (by design)   125
      ├── ExecError                    the exec channel failed                      125
      │    ├── AgentUnavailable        no working agent behind the socket
@@ -219,6 +220,10 @@ class SupervisorFailed(SecVFError):
         self.stage = stage  # the supervisor step that failed, e.g. "control"
         self.errno = errno  # the OS errno behind it, if it was an OS error
         super().__init__(message)
+
+
+class SnapshotError(SecVFError):
+    """A snapshot, a template or another saved guest state could not be made or used."""
 
 
 class IllegalTransition(StateError):

@@ -10,7 +10,7 @@ import time
 
 from secvf.errors import NotFound
 from secvf.image import ImageInfo, list_images
-from secvf.machine.plan import MachinePlan
+from secvf.machine.plan import MachinePlan, RunMode
 from secvf.model.config import (
     DiskImageBoot,
     DisplayMode,
@@ -35,24 +35,36 @@ CDROM_DEVICE_ID = "cd0dev"
 PRE_KERNEL_NS = {"tcg": 600_000_000, "kvm": 0}
 
 
-def base_plan(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str) -> MachinePlan:
-    """CPU, shared guest RAM, QMP, serial console and QEMU's own sandbox."""
-    plan = MachinePlan(vm=config, accel=accel)
+def base_plan(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
+              mode: RunMode = RunMode.COLD) -> MachinePlan:
+    """CPU, guest RAM, QMP, serial console and QEMU's own sandbox; a restore waits for
+    its saved state (``-incoming defer``).
+
+    Guest RAM is the file :attr:`RuntimeFiles.ram_file` on a memory filesystem, mapped
+    shared: vhost-user device helpers map it too, and saving the guest's state copies
+    that file instead of streaming the RAM through QEMU (migration capability
+    ``x-ignore-shared``). The supervisor creates the file before QEMU starts.
+    """
+    plan = MachinePlan(vm=config, accel=accel, mode=mode,
+                       cpu_model="host" if accel == "kvm" else "max")
     mem = f"{config.memory_mib}M"
+    ram = _option_value(str(files.ram_file))
     plan.add_backend(
         "-name", f"secvf-{config.id},process=secvf-{config.name[:15]}",
         "-nodefaults", "-no-user-config", "-display", "none", "-msg", "timestamp=on",
         "-machine", "q35,memory-backend=mem0",
         "-accel", accel,
-        "-cpu", "host" if accel == "kvm" else "max",
+        "-cpu", plan.cpu_model,
         "-smp", str(config.cpus),
         "-m", mem,
-        "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
+        "-object", f"memory-backend-file,id=mem0,size={mem},mem-path={ram},share=on",
         "-sandbox", SANDBOX_POLICY,
         "-S",
         "-chardev", f"socket,id=qmp0,path={files.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp0,mode=control",
     )
+    if mode is RunMode.RESTORE:
+        plan.add_backend("-incoming", "defer")
     add_serial(plan, config, bundle, files)
     return plan
 
@@ -105,10 +117,15 @@ def kernel_params(config: VMConfig, accel: str) -> list[str]:
     """Parameters SecVF's guest init reads: hostname, network, what the serial console
     offers, and the host's time now plus :data:`PRE_KERNEL_NS` for ``accel`` (the guest
     sets its clock from it)."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", config.name)[:63].strip("-") or "secvf"
+    host = guest_hostname(config.name)
     guest_time = time.time_ns() + PRE_KERNEL_NS.get(accel, 0)
     return [f"secvf_hostname={host}", f"secvf_net={config.network}",
             f"secvf_console={config.console}", f"secvf_time={guest_time}"]
+
+
+def guest_hostname(name: str) -> str:
+    """The guest hostname of VM ``name``: its name, made a valid host name."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", name)[:63].strip("-") or "secvf"
 
 
 def add_display(plan: MachinePlan, config: VMConfig, files: RuntimeFiles) -> None:

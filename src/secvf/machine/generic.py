@@ -11,7 +11,7 @@ rejects any channel device for these kinds as a last line of defence.
 
 from __future__ import annotations
 
-from secvf.errors import ForbiddenDevice
+from secvf.errors import ConfigError, ForbiddenDevice
 from secvf.machine.common import (
     add_boot_and_disks,
     add_display,
@@ -19,7 +19,7 @@ from secvf.machine.common import (
     add_platform_devices,
     base_plan,
 )
-from secvf.machine.plan import MachinePlan
+from secvf.machine.plan import MachinePlan, RunMode
 from secvf.model.config import VMConfig, VMKind
 from secvf.store.bundle import Bundle, RuntimeFiles
 
@@ -27,19 +27,25 @@ GENERIC_KINDS = frozenset({VMKind.GENERIC, VMKind.MALWARE_ANALYSIS})
 
 
 def build_generic_machine(
-    config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str
+    config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
+    mode: RunMode = RunMode.COLD,
 ) -> MachinePlan:
-    """Return the plan for a generic or malware-analysis VM.
+    """Return the plan for a generic or malware-analysis VM (the same machine for a cold
+    boot and a restore, which only waits for its saved state).
 
     Raises:
         ForbiddenDevice: the config is not of a generic kind or carries channels.
         NotFound: the VM's base image is gone.
+        ConfigError: ``mode`` is ``template`` (templates are AI-sandbox machines).
     """
     if config.kind not in GENERIC_KINDS:
         raise ForbiddenDevice("kind", str(config.kind), "use the AI-sandbox machine builder")
     if config.channels is not None:
         raise ForbiddenDevice("channels", str(config.kind))
-    plan = base_plan(config, bundle, files, accel)
+    if mode is RunMode.TEMPLATE:
+        raise ConfigError(f"VM '{config.name}' is a {config.kind} VM: only AI sandboxes are "
+                          "saved as templates")
+    plan = base_plan(config, bundle, files, accel, mode)
     add_boot_and_disks(plan, config, bundle)
     add_display(plan, config, files)
     add_nic(plan, config)

@@ -8,14 +8,27 @@ cannot disagree.
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from secvf.errors import ForbiddenDevice
+from secvf.errors import ForbiddenDevice, LaunchFailed
 from secvf.model.channels import channel_of
 from secvf.model.config import VMConfig, VMKind
+from secvf.model.savedstate import MachineShape
 from secvf.store.bundle import Bundle, RuntimeFiles
+
+
+class RunMode(StrEnum):
+    """How one run of a VM begins."""
+
+    COLD = "cold"  # boot the guest; a sandbox has its channel devices from the start
+    RESTORE = "restore"  # load a saved state; a sandbox's channels are hot-plugged after
+    TEMPLATE = "template"  # boot a sandbox guest to save as a template: spare slots, no channel
 
 
 @dataclass(frozen=True)
@@ -45,16 +58,34 @@ class HelperSpec:
     fd_arg: str | None = None  # e.g. "--fd={fd}"
 
 
+@dataclass(frozen=True)
+class HotplugDevice:
+    """A device added over QMP once the guest runs (a restored sandbox's channels):
+    ``chardev-add`` with :attr:`chardev`, then ``device_add`` with :attr:`device`."""
+
+    device: dict[str, Any]  # device_add arguments (driver, id, bus, properties)
+    chardev: dict[str, Any]  # chardev-add arguments (id, backend)
+    purpose: str  # what it is for, shown by status/audit
+
+    @property
+    def planned(self) -> PlannedDevice:
+        """The device as the plan lists it."""
+        return PlannedDevice(str(self.device["id"]), str(self.device["driver"]), self.purpose)
+
+
 @dataclass
 class MachinePlan:
     """Everything the supervisor needs to launch QEMU for one run of one VM."""
 
     vm: VMConfig  # the VM this plan is for
     accel: str  # "kvm" or "tcg"
+    mode: RunMode = RunMode.COLD  # how the run begins
     args: list[str] = field(default_factory=list)  # QEMU arguments (no binary)
     devices: list[PlannedDevice] = field(default_factory=list)  # guest-visible devices
     kernel_params: list[str] = field(default_factory=list)  # appended to the image cmdline
     helpers: list[HelperSpec] = field(default_factory=list)  # started before QEMU
+    hotplug: list[HotplugDevice] = field(default_factory=list)  # added once the guest runs
+    cpu_model: str = "max"  # the -cpu value
 
     def add_backend(self, *args: str) -> None:
         """Add host-side arguments that create no guest device (-object, -netdev, ...)."""
@@ -68,21 +99,64 @@ class MachinePlan:
         self.args += ["-device", opts]
         self.devices.append(PlannedDevice(dev_id, driver, purpose))
 
+    def add_hotplug(self, device: HotplugDevice) -> None:
+        """Add a device to hot-plug once the guest runs; refuses a channel device on a
+        non-sandbox VM, as :meth:`add_device` does."""
+        driver = str(device.device["driver"])
+        if self.vm.kind is not VMKind.AI_SANDBOX and channel_of(driver):
+            raise ForbiddenDevice(f"device:{driver}", str(self.vm.kind))
+        self.hotplug.append(device)
+
     @property
     def argv_tail(self) -> list[str]:
         """The arguments after the QEMU binary."""
         return list(self.args)
 
+    def shape(self) -> MachineShape:
+        """What a state saved from this machine depends on (see
+        :class:`~secvf.model.savedstate.MachineShape`); hot-plugged devices excluded.
 
-def build_machine(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str) -> MachinePlan:
-    """Build the plan for ``config`` with the builder its kind calls for."""
+        Raises:
+            LaunchFailed: the QEMU binary cannot tell its version.
+        """
+        return MachineShape(qemu_version=qemu_version(), cpu_model=self.cpu_model,
+                            cpus=self.vm.cpus, memory_mib=self.vm.memory_mib, accel=self.accel,
+                            devices=[f"{d.driver}:{d.id}" for d in self.devices])
+
+
+def build_machine(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
+                  mode: RunMode = RunMode.COLD) -> MachinePlan:
+    """Build the plan for ``config`` with the builder its kind calls for.
+
+    Raises:
+        ConfigError: ``mode`` is ``template`` for a VM that is not an AI sandbox.
+    """
     if config.kind is VMKind.AI_SANDBOX:
         from secvf.machine.sandbox import build_sandbox_machine
 
-        return build_sandbox_machine(config, bundle, files, accel)
+        return build_sandbox_machine(config, bundle, files, accel, mode)
     from secvf.machine.generic import build_generic_machine
 
-    return build_generic_machine(config, bundle, files, accel)
+    return build_generic_machine(config, bundle, files, accel, mode)
+
+
+@functools.cache
+def qemu_version() -> str:
+    """The version QEMU reports (``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``), once per
+    process.
+
+    Raises:
+        LaunchFailed: the binary cannot be run or prints no version.
+    """
+    argv = [qemu_binary(), "--version"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchFailed("QEMU", argv, str(exc), None) from exc
+    first = out.stdout.splitlines()[0] if out.stdout.strip() else ""
+    if "version " not in first:
+        raise LaunchFailed("QEMU", argv, out.stdout + out.stderr, out.returncode)
+    return first.split("version ", 1)[1].strip()
 
 
 def qemu_binary() -> str:

@@ -19,9 +19,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from secvf.errors import ForbiddenDevice
+from secvf.errors import ConfigError, ForbiddenDevice
 from secvf.machine.common import add_boot_and_disks, add_nic, add_platform_devices, base_plan
-from secvf.machine.plan import HelperSpec, MachinePlan
+from secvf.machine.plan import HelperSpec, HotplugDevice, MachinePlan, RunMode
 from secvf.machine.shares import (
     WORKSPACE_GUEST_PATH,
     WORKSPACE_TAG,
@@ -37,6 +37,8 @@ from secvf.store import paths
 from secvf.store.bundle import Bundle, RuntimeFiles
 
 VSOCK_DEVICE = "vhost-user-vsock-pci"
+#: Empty PCIe root ports of a template's machine: the vsock device and up to three shares.
+SPARE_PORTS = 4
 VIRTIOFS_DEVICE = "vhost-user-fs-pci"
 
 
@@ -63,33 +65,69 @@ def sandbox_channels(
 
 
 def build_sandbox_machine(
-    config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str
+    config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
+    mode: RunMode = RunMode.COLD,
 ) -> MachinePlan:
     """Return the plan for an AI-sandbox VM: the generic machine plus vsock and shares.
+
+    A cold boot has the channel devices from the start. A template run has
+    :data:`SPARE_PORTS` empty PCIe root ports and no channel at all (QEMU 7.2 cannot save
+    the state of vhost-user devices), and a restore of a template has the same machine,
+    with the channel devices hot-plugged onto those ports once the guest runs.
 
     Raises:
         ForbiddenDevice: the config is not an AI sandbox.
         ShareError: a share breaks a rule (a directory changed, or vm.json was edited).
+        ConfigError: a restore with more shares than spare ports.
     """
     if config.kind is not VMKind.AI_SANDBOX or config.channels is None:
         raise ForbiddenDevice("kind", str(config.kind), "only ai-sandbox VMs get channels")
     validate_shares(config)
     channels = config.channels
-    plan = base_plan(config, bundle, files, accel)
-    add_vsock(plan, channels, files, config)
-    for share in channels.shares:
-        add_virtiofs_share(plan, share, files)
-    if channels.shares:
-        plan.kernel_params.append(guest_share_param(channels.shares))
+    plan = base_plan(config, bundle, files, accel, mode)
+    if mode is RunMode.COLD:
+        add_vsock(plan, channels, files, config)
+        for share in channels.shares:
+            add_virtiofs_share(plan, share, files)
+        if channels.shares:
+            plan.kernel_params.append(guest_share_param(channels.shares))
+    else:
+        ports = add_spare_ports(plan)
+        if mode is RunMode.RESTORE:
+            check_fits_ports(config)
+            add_vsock(plan, channels, files, config, bus=ports[0])
+            for share, port in zip(channels.shares, ports[1:], strict=False):
+                add_virtiofs_share(plan, share, files, bus=port)
     add_boot_and_disks(plan, config, bundle)
     add_nic(plan, config)
     add_platform_devices(plan)
     return plan
 
 
+def add_spare_ports(plan: MachinePlan) -> list[str]:
+    """The empty PCIe root ports a template's channel devices are hot-plugged onto."""
+    ports = [f"rp{i}" for i in range(SPARE_PORTS)]
+    for i, port in enumerate(ports):
+        plan.add_device("pcie-root-port", port, "spare PCIe slot (channel hot-plug)",
+                        chassis=str(i + 1), slot=str(i + 1))
+    return ports
+
+
+def check_fits_ports(config: VMConfig) -> None:
+    """Refuse a sandbox with more shares than a template's spare ports can take.
+
+    Raises:
+        ConfigError: it has more than ``SPARE_PORTS - 1`` shares (the vsock takes one).
+    """
+    shares = len(config.channels.shares) if config.channels else 0
+    if shares > SPARE_PORTS - 1:
+        raise ConfigError(f"sandbox '{config.name}' has {shares} shares; a session restored "
+                          f"from a template takes at most {SPARE_PORTS - 1} (boot it cold)")
+
+
 def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
-              config: VMConfig) -> None:
-    """The vsock device and its per-VM userspace backend."""
+              config: VMConfig, *, bus: str | None = None) -> None:
+    """The vsock device and its per-VM userspace backend; hot-plugged onto ``bus`` if given."""
     if channels.vsock_backend != "userspace":
         raise ForbiddenDevice("channels.vsock_backend", str(config.kind),
                               "only the userspace backend is available on this host")
@@ -103,17 +141,36 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
               "--log-dir", str(paths.logs_dir())),
         ready_fd_arg="--ready-fd",
     ))
+    purpose = "vsock (exec channel)"
+    if bus is not None:
+        plan.add_hotplug(_hotplug(VSOCK_DEVICE, "vsock0", files.vhost_vsock_socket, bus, purpose))
+        return
     plan.add_backend("-chardev", f"socket,id=vsock0,path={files.vhost_vsock_socket}")
-    plan.add_device(VSOCK_DEVICE, "vsock0", "vsock (exec channel)", chardev="vsock0")
+    plan.add_device(VSOCK_DEVICE, "vsock0", purpose, chardev="vsock0")
 
 
-def add_virtiofs_share(plan: MachinePlan, share: Share, files: RuntimeFiles) -> None:
-    """One virtio-fs device and the virtiofsd that serves it (``share`` is validated)."""
+def add_virtiofs_share(plan: MachinePlan, share: Share, files: RuntimeFiles, *,
+                       bus: str | None = None) -> None:
+    """One virtio-fs device and the virtiofsd that serves it (``share`` is validated);
+    hot-plugged onto ``bus`` if given."""
     sock = files.virtiofs_socket(share.tag)
     plan.helpers.append(HelperSpec(name=f"virtiofsd-{share.tag}", argv=virtiofsd_argv(share),
                                    listen_socket=sock, fd_arg="--fd={fd}"))
     mode = "ro" if share.read_only else "rw"
-    plan.add_backend("-chardev", f"socket,id=fs-{share.tag},path={sock}")
-    plan.add_device(VIRTIOFS_DEVICE, f"fs-{share.tag}",
-                    f"virtio-fs share {share.host_path} -> {share.guest_path} ({mode})",
-                    chardev=f"fs-{share.tag}", tag=share.tag)
+    purpose = f"virtio-fs share {share.host_path} -> {share.guest_path} ({mode})"
+    dev_id = f"fs-{share.tag}"
+    if bus is not None:
+        plan.add_hotplug(_hotplug(VIRTIOFS_DEVICE, dev_id, sock, bus, purpose, tag=share.tag))
+        return
+    plan.add_backend("-chardev", f"socket,id={dev_id},path={sock}")
+    plan.add_device(VIRTIOFS_DEVICE, dev_id, purpose, chardev=dev_id, tag=share.tag)
+
+
+def _hotplug(driver: str, dev_id: str, socket_path: Path, bus: str, purpose: str,
+             **props: str) -> HotplugDevice:
+    """A vhost-user device whose chardev connects to ``socket_path``, for ``device_add``."""
+    chardev = {"id": dev_id, "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": str(socket_path)}}, "server": False}}}
+    return HotplugDevice(device={"driver": driver, "id": dev_id, "chardev": dev_id, "bus": bus,
+                                 **props},
+                         chardev=chardev, purpose=purpose)

@@ -151,6 +151,8 @@ class SandboxChannels(_Strict):
     guest_cid: int = Field(default=DEFAULT_GUEST_CID, ge=3, le=0xFFFFFFFE)  # guest's vsock CID
     vsock_backend: Literal["userspace", "kernel"] = "userspace"
     shares: list[Share] = []
+    # the sandbox template the disk was created over (a session restores it at its first start)
+    template: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class VMConfig(_Strict):

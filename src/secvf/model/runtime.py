@@ -8,7 +8,8 @@ about it only through the contracts below. All are pydantic models, strict
   supervisor on every change, read by any command (status, list, audit) while the
   supervisor holds ``run.lock``;
 * :class:`LastRun` — ``last_run.json`` in the bundle: how the previous run ended;
-* :class:`ControlRequest` (a :class:`StopRequest` or a :class:`MediaRequest`) /
+* :class:`ControlRequest` (a :class:`StopRequest`, :class:`MediaRequest` or
+  :class:`SnapshotRequest`) /
   :class:`ControlReply` — one JSON line each way on the supervisor's control socket
   (``secvf vm stop``, ``secvf vm media``);
 * :class:`StartReport` — the one JSON line the supervisor writes on the report pipe
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from secvf.errors import CorruptRecord
 from secvf.model.config import VMKind
+from secvf.model.savedstate import SavedState
 
 #: Longest QEMU/helper output a start failure carries (its tail).
 MAX_FAILURE_OUTPUT_CHARS = 4000
@@ -106,6 +108,8 @@ class RuntimeRecord(_Message):
     ready_at: str | None = None  # when it did
     exec_socket: str | None = None  # exec bridge socket (AI sandboxes, while running)
     device_errors: list[str] = []  # guest kernel lines reporting a dead virtio device
+    restored_from: str | None = None  # the saved state this run began from (a directory)
+    hotplugged: list[DeviceInfo] = []  # devices added after the start, by SecVF or not
 
 
 class LastRun(_Message):
@@ -142,8 +146,10 @@ class LaunchStage(StrEnum):
     HELPERS = "helpers"  # starting device helpers
     QEMU = "qemu"  # starting QEMU
     QMP = "qmp"  # connecting QMP
+    RESTORE = "restore"  # loading a saved state (a snapshot or template)
     DEVICES = "devices"  # walking and checking the live device tree
     RESUME = "resume"  # QMP cont
+    HOTPLUG = "hotplug"  # adding a restored sandbox's channel devices
     BRIDGE = "bridge"  # starting the exec bridge
     WATCH = "watch"  # running (after the start report)
     REPORT = "report"  # the start report itself (seen by the reader only)
@@ -199,7 +205,22 @@ class MediaRequest(_Message):
     iso: str | None = None  # absolute path of the ISO to insert; None ejects the medium
 
 
-class ControlRequest(RootModel[Annotated[StopRequest | MediaRequest,
+class SnapshotRequest(_Message):
+    """Control request: snapshot the running VM (see :mod:`secvf.runtime.savestate`).
+
+    ``take``: the supervisor pauses the guest, takes internal snapshot ``disk_tag`` of
+    its disk, saves the device state and RAM into directory ``state_dir`` if given (a
+    memory snapshot; it must exist and be empty), and resumes the guest, whatever
+    happened. ``delete``: it deletes internal snapshot ``disk_tag`` of the running disk.
+    """
+
+    op: Literal["snapshot"] = "snapshot"  # which request this is
+    action: Literal["take", "delete"] = "take"
+    disk_tag: str = Field(min_length=1, max_length=300)
+    state_dir: str | None = None  # absolute path; None: a disk-only snapshot
+
+
+class ControlRequest(RootModel[Annotated[StopRequest | MediaRequest | SnapshotRequest,
                                          Field(discriminator="op")]]):
     """Any request on the control socket, told apart by ``op`` (decode, then ``.root``)."""
 
@@ -210,6 +231,8 @@ class ControlReply(_Message):
     ok: bool  # the request was understood and carried out
     error: str | None = None  # why not, when not ok
     forced: bool | None = None  # stop: QEMU was quit or killed; the guest did not power off
+    saved: SavedState | None = None  # snapshot with state_dir: what was saved
+    pause_s: float | None = None  # snapshot: how long the guest was paused
 
 
 class VmStatus(_Message):
@@ -234,6 +257,9 @@ class VmStatus(_Message):
     last_run: LastRun | None = None  # only while not running
     vsock_backend: str | None = None  # AI sandboxes: "userspace" or "kernel"
     device_errors: list[str] = []
+    snapshots: list[str] = []  # names of the VM's snapshots, oldest first
+    restored_from: str | None = None  # while running: the saved state the run began from
+    hotplugged: list[DeviceInfo] = []  # while running: devices added after the start
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-able dict the CLI prints."""

@@ -38,6 +38,7 @@ from secvf.errors import (
     LaunchFailed,
     NotFound,
     SecVFError,
+    SnapshotError,
     StateError,
     SupervisorFailed,
 )
@@ -47,6 +48,7 @@ from secvf.model.runtime import (
     FailureKind,
     LaunchStage,
     MediaRequest,
+    SnapshotRequest,
     Started,
     StartFailed,
     StartReport,
@@ -62,6 +64,7 @@ from secvf.store.events import Severity
 from secvf.store.library import get_vm
 from secvf.store.locks import locked
 from secvf.store.runstate import current_state, is_running, reap_stale_runtime
+from secvf.store.snapshots import list_snapshots
 
 log = logging.getLogger("secvf.runtime.control")
 
@@ -71,6 +74,8 @@ STOP_GRACE_S = 10.0
 STOP_PROGRESS_EVERY_S = 1.0
 #: How long a medium change may take (the supervisor gives QEMU 30 s of it).
 MEDIA_REPLY_TIMEOUT_S = 45.0
+#: How long a snapshot of a running VM may take (the supervisor gives a save 120 s).
+SNAPSHOT_REPLY_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,20 @@ StopListener = Callable[[StopWaiting | StopDone], None]
 
 
 def start_vm(
-    name: str, *, accel: str | None = None, wait_ready: float | None = None
+    name: str, *, accel: str | None = None, wait_ready: float | None = None,
+    restore: Path | None = None, save_template: Path | None = None,
+    before_start: Callable[[Bundle], None] | None = None,
 ) -> dict[str, Any]:
     """Start VM ``name`` under a detached supervisor; return its status once running.
 
     With ``wait_ready`` (seconds), also wait for the guest's ready marker; only a VM
     booted from a SecVF image has one (:func:`check_ready_marker`, checked before
     anything starts). When this raises, the supervisor has already torn the run down and
-    written ``last_run.json``.
+    written ``last_run.json``. ``restore`` and ``save_template`` are the supervisor's
+    (:class:`~secvf.runtime.supervisor.Supervisor`): begin from a saved state, or boot a
+    sandbox to save as a template. ``before_start`` runs while the VM's lock is held and
+    the VM is known to be stopped, just before the supervisor starts (a snapshot revert
+    puts the disk back there).
 
     Raises:
         ConfigError: ``wait_ready`` for a VM whose guest prints no ready marker.
@@ -118,7 +129,14 @@ def start_vm(
         if is_running(bundle):
             raise StateError(f"VM '{name}' is already running", "running", ["stopped"])
         reap_stale_runtime(bundle, config.id)
-        report = _spawn_supervisor(bundle, name, accel)
+        if before_start is not None:
+            before_start(bundle)
+        extra = []
+        if restore is not None:
+            extra += ["--restore", str(restore)]
+        if save_template is not None:
+            extra += ["--save-template", str(save_template)]
+        report = _spawn_supervisor(bundle, name, accel, extra)
     if isinstance(report, StartFailed):
         raise error_from_failure(report)
     if wait_ready:
@@ -126,10 +144,11 @@ def start_vm(
     return vm_status(name)
 
 
-def _spawn_supervisor(bundle: Bundle, name: str, accel: str | None) -> Started | StartFailed:
+def _spawn_supervisor(bundle: Bundle, name: str, accel: str | None,
+                      extra: list[str]) -> Started | StartFailed:
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "secvf.runtime.supervisor", "--vm", name,
-            "--report-fd", str(write_fd)]
+            "--report-fd", str(write_fd), *extra]
     if accel:
         argv += ["--accel", accel]
     with bundle.supervisor_log.open("ab") as out:
@@ -312,6 +331,27 @@ def change_medium(name: str, iso: Path | None) -> None:
         raise SecVFError(f"VM '{name}': {reply.error}")
 
 
+def snapshot_running(name: str, request: SnapshotRequest) -> ControlReply:
+    """Have running VM ``name``'s supervisor take a snapshot (see
+    :class:`~secvf.model.runtime.SnapshotRequest`); returns its reply once the guest runs
+    again.
+
+    Raises:
+        StateError: the VM is not running.
+        SnapshotError: the supervisor refused or failed (its reason), or did not answer.
+    """
+    bundle, config = get_vm(name)
+    if not is_running(bundle):
+        raise StateError(f"VM '{name}' is not running", "stopped", ["running"])
+    reply = _control(RuntimeFiles(config.id), request, SNAPSHOT_REPLY_TIMEOUT_S)
+    if reply is None:
+        raise SnapshotError(f"the supervisor of VM '{name}' did not answer the snapshot "
+                            f"request; see {bundle.supervisor_log}")
+    if not reply.ok:
+        raise SnapshotError(f"VM '{name}': {reply.error}")
+    return reply
+
+
 def _signal_supervisor(bundle: Bundle, config: VMConfig) -> None:
     record = current_state(bundle, config.id).record
     if record is None:
@@ -340,7 +380,8 @@ def _wait_unlocked(bundle: Bundle, timeout: float, *, raise_on_timeout: bool = T
     return True
 
 
-def _control(files: RuntimeFiles, request: StopRequest | MediaRequest, timeout: float, *,
+def _control(files: RuntimeFiles, request: StopRequest | MediaRequest | SnapshotRequest,
+             timeout: float, *,
              on_wait: Callable[[float], None] | None = None) -> ControlReply | None:
     """Send one request to the supervisor's control socket; None if it does not answer
     within ``timeout`` (no socket, a timeout, or a reply that does not parse).
@@ -407,6 +448,9 @@ def get_status(name: str) -> VmStatus:
         exec_socket=record.exec_socket if record else None, last_run=view.last_run,
         vsock_backend=config.channels.vsock_backend if config.channels else None,
         device_errors=record.device_errors if record else [],
+        snapshots=[snap.name for snap in list_snapshots(bundle)[0]],
+        restored_from=record.restored_from if record and view.live else None,
+        hotplugged=record.hotplugged if record and view.live else [],
     )
 
 

@@ -70,12 +70,13 @@ from secvf.errors import (
     LockBusy,
     NotFound,
     SecVFError,
+    SnapshotError,
     StateError,
     SupervisorFailed,
 )
 from secvf.machine import MachinePlan, build_machine
 from secvf.machine.common import CDROM_DEVICE_ID, resolve_image
-from secvf.machine.plan import HelperSpec, qemu_binary
+from secvf.machine.plan import HelperSpec, RunMode, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
 from secvf.model.config import Accel, DisplayMode, ImageBoot, IsoBoot, VMKind, now_iso
 from secvf.model.runtime import (
@@ -87,17 +88,28 @@ from secvf.model.runtime import (
     LaunchStage,
     MediaRequest,
     PlannedDeviceInfo,
+    SnapshotRequest,
     Started,
     StartFailed,
     VmState,
     decode,
     encode,
 )
+from secvf.model.savedstate import SavedState
 from secvf.runtime.accel import choose_accel
 from secvf.runtime.devtree import LiveDevice, channels_in, walk_devices
+from secvf.runtime.devwatch import DeviceWatch
 from secvf.runtime.guestlog import SerialEvent, SerialScanner
+from secvf.runtime.hotplug import plug
 from secvf.runtime.lifecycle import Lifecycle
 from secvf.runtime.procutil import die_with_parent
+from secvf.runtime.savestate import (
+    delete_disk_snapshot,
+    load_device_state,
+    prepare_migration,
+    save_device_state,
+    snapshot_disk,
+)
 from secvf.store import events as seclog
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.disks import UnsafeDisk, check_host_file, check_vm_files
@@ -110,6 +122,14 @@ from secvf.store.runstate import (
     write_last_run,
     write_runtime_state,
 )
+from secvf.store.savedstate import (
+    SAVED_RECORD,
+    ram_file,
+    read_saved_state,
+    state_file,
+    write_record,
+)
+from secvf.store.sparse import allocated_bytes, copy_sparse
 
 if TYPE_CHECKING:
     from secvf.exec.bridge import ExecBridge
@@ -129,6 +149,9 @@ RUN_LOCK_POLL_S = 0.02
 MARKER_POLL_S = 0.1
 SERIAL_POLL_S = 1.0
 SERIAL_READ_BYTES = 1 << 20
+#: How long a template guest idles after its ready marker before it is saved (its agent
+#: has started listening; the first seconds after boot are its busiest).
+TEMPLATE_SETTLE_S = 1.0
 
 EXIT_STOPPED = 0
 EXIT_LAUNCH_FAILED = 1
@@ -144,13 +167,23 @@ class Supervisor:
     """Runs one VM from launch to exit. Use :meth:`run` (blocking, asyncio), once."""
 
     def __init__(self, name: str, *, accel: str | None = None,
-                 report_fd: int | None = None) -> None:
+                 report_fd: int | None = None, restore: Path | None = None,
+                 save_template: Path | None = None) -> None:
         """Load VM ``name``; ``report_fd`` is the write end of the starter's report pipe.
+
+        ``restore``: begin the run from the saved state in that directory (a snapshot's or
+        a template's) instead of booting. ``save_template``: boot an AI sandbox without
+        channels, save its state into that (empty) directory once the guest is ready, and
+        end the run.
 
         Raises:
             NotFound, ConfigError, ForbiddenDevice: ``vm.json`` is missing or invalid.
         """
         self.bundle, self.config = get_vm(name)
+        self.restore = restore
+        self.save_template = save_template
+        self.mode = (RunMode.RESTORE if restore else RunMode.TEMPLATE if save_template
+                     else RunMode.COLD)
         self.files = RuntimeFiles(self.config.id)
         self.accel_override = accel
         self.report_fd = report_fd  # None once the report was sent
@@ -168,13 +201,15 @@ class Supervisor:
         self.qmp: QMPClient | None = None
         self.helpers: dict[str, asyncio.subprocess.Process] = {}
         self.bridge: ExecBridge | None = None
+        self.plan: MachinePlan | None = None  # set at the plan step
+        self.watch: DeviceWatch | None = None  # set once QMP is up
         self.stop_reason: str | None = None  # set once a stop was requested
         self.crash_reason: str | None = None  # set when the run ended abnormally
         self.failure: StartFailed | None = None  # set when an exception ended the run
         self.guest_shutdown = False  # the guest powered itself off
         self.forced: bool | None = None  # set by a stop: QEMU was quit/killed, no powerdown
         self._stop_lock = asyncio.Lock()
-        self._media_lock = asyncio.Lock()  # one medium change at a time
+        self._media_lock = asyncio.Lock()  # one medium change or snapshot at a time
         self._exited = asyncio.Event()  # QEMU is gone (or was never started and never will)
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept alive
 
@@ -265,8 +300,10 @@ class Supervisor:
         await asyncio.to_thread(self._check_files)
         run = self.bundle.begin_serial_run()
         self.serial_log = self.bundle.run_serial_log(run)
-        self.log.info("run %d: serial log %s", run, self.serial_log)
-        plan = build_machine(self.config, self.bundle, self.files, choice.accel)
+        self.log.info("run %d (%s): serial log %s", run, self.mode, self.serial_log)
+        plan = self.plan = build_machine(self.config, self.bundle, self.files, choice.accel,
+                                         self.mode)
+        await asyncio.to_thread(self._prepare_ram, plan)
         self._step(LaunchStage.HELPERS)
         for spec in plan.helpers:
             await self._start_helper(spec)
@@ -275,6 +312,13 @@ class Supervisor:
         self._step(LaunchStage.QMP)
         await self._connect_qmp()
         self._secure_display()
+        await self._qmp_step("setting up migration", prepare_migration(self._qmp()))
+        if self.restore is not None:
+            self._step(LaunchStage.RESTORE)
+            began = time.monotonic()
+            await load_device_state(self._qmp(), state_file(self.restore))
+            self.log.info("guest state loaded from %s in %.3f s", self.restore,
+                          time.monotonic() - began)
         self._step(LaunchStage.DEVICES)
         walk_started = time.monotonic()
         devices = await self._qmp_step("reading the device tree", walk_devices(self._qmp()))
@@ -293,13 +337,163 @@ class Supervisor:
             device_count=len(devices),
             guest_ready=False,
             planned_devices=[PlannedDeviceInfo(id=d.id, driver=d.driver, purpose=d.purpose)
-                             for d in plan.devices],
+                             for d in [*plan.devices, *(h.planned for h in plan.hotplug)]],
+            restored_from=str(self.restore) if self.restore else None,
         )
         seclog.write_event("vm_started", vm=self.config.name, vm_id=self.config.id,
                            kind=str(self.config.kind), accel=choice.accel,
-                           devices=[d.type for d in devices if d.user_visible])
+                           devices=[d.type for d in devices if d.user_visible],
+                           restored_from=str(self.restore) if self.restore else None)
+        self.watch = DeviceWatch(self._qmp(), self._devices_changed)
+        if plan.hotplug:
+            self.stage = LaunchStage.HOTPLUG
+            await plug(self._qmp(), plan.hotplug)
+            await self._devices_changed(frozenset())
+        await self._qmp_step("listing devices", self.watch.expect())
         self.stage = LaunchStage.BRIDGE
         await self._start_bridge()
+
+    def _prepare_ram(self, plan: MachinePlan) -> None:
+        """Create the guest's RAM file: a copy of the saved RAM for a restore (after
+        checking that the saved state fits this machine), else an empty sparse file.
+
+        Raises:
+            SnapshotError: the saved state was saved from another machine.
+            NotFound, CorruptRecord: its files are missing or damaged.
+        """
+        ram = self.files.ram_file
+        ram.unlink(missing_ok=True)
+        if self.restore is None:
+            fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self.config.memory_mib << 20)
+            finally:
+                os.close(fd)
+            return
+        saved, what = read_saved_state(self.restore)
+        problem = saved.shape.mismatch(plan.shape())
+        if problem:
+            raise SnapshotError(f"{what} cannot be restored into VM '{self.config.name}': "
+                                f"{problem}")
+        began = time.monotonic()
+        copied = copy_sparse(ram_file(self.restore), ram)
+        self.log.info("RAM of %s copied (%d MiB of data) in %.3f s", what, copied >> 20,
+                      time.monotonic() - began)
+
+    async def snapshot(self, request: SnapshotRequest) -> ControlReply:
+        """Snapshot the running guest: pause it, take the disk snapshot, save the device
+        state and RAM if asked, and resume it whatever happened (a failed save removes
+        what it wrote, the disk snapshot too). Or delete a disk snapshot.
+
+        Raises:
+            StateError: the VM is not running.
+            ForbiddenDevice: a memory snapshot of an AI sandbox (QEMU 7.2 cannot save the
+                state of its vhost-user devices).
+            SnapshotError: QEMU failed, or the state could not be written.
+        """
+        async with self._media_lock:
+            self.lifecycle.require(VmState.RUNNING)
+            if request.action == "delete":
+                await delete_disk_snapshot(self._qmp(), request.disk_tag)
+                return ControlReply(ok=True)
+            if request.state_dir is not None and self.config.kind is VMKind.AI_SANDBOX:
+                raise ForbiddenDevice(
+                    "snapshot --memory", str(self.config.kind),
+                    "QEMU 7.2 cannot save the state of the vhost-user vsock and virtio-fs "
+                    "devices; take a --disk-only snapshot of the stopped sandbox, or use a "
+                    "sandbox template")
+            qmp = self._qmp()
+            began = time.monotonic()
+            await self._qmp_step("pausing the guest", qmp.execute("stop"))
+            saved = None
+            try:
+                await snapshot_disk(qmp, request.disk_tag)
+                if request.state_dir is not None:
+                    try:
+                        saved = await self._save_state(Path(request.state_dir), began)
+                    except BaseException:
+                        with contextlib.suppress(SnapshotError):
+                            await delete_disk_snapshot(qmp, request.disk_tag)
+                        raise
+            finally:
+                await self._qmp_step("resuming the guest", qmp.execute("cont"))
+            pause = time.monotonic() - began
+        self.log.info("snapshot %s taken (guest paused %.3f s)", request.disk_tag, pause)
+        return ControlReply(ok=True, saved=saved, pause_s=round(pause, 3))
+
+    async def _save_state(self, directory: Path, began: float) -> SavedState:
+        """Save the paused guest's device state and a copy of its RAM into ``directory``.
+
+        Raises:
+            SnapshotError: QEMU failed or a file could not be written (what was written
+                is removed).
+        """
+        assert self.plan is not None
+        state = state_file(directory)
+        try:
+            size = await save_device_state(self._qmp(), state)
+            copied = await asyncio.to_thread(copy_sparse, self.files.ram_file,
+                                             ram_file(directory))
+        except OSError as exc:
+            state.unlink(missing_ok=True)
+            raise SnapshotError(f"cannot write the guest's RAM to {directory}: "
+                                f"{exc.strerror or exc}") from exc
+        except BaseException:
+            state.unlink(missing_ok=True)
+            raise
+        self.log.info("guest state saved: %d bytes of device state, %d MiB of RAM data",
+                      size, copied >> 20)
+        return SavedState(shape=self.plan.shape(), state_bytes=size,
+                          ram_bytes=self.config.memory_mib << 20,
+                          ram_allocated_bytes=allocated_bytes(ram_file(directory)),
+                          saved_at=now_iso(), pause_s=round(time.monotonic() - began, 3))
+
+    async def _save_as_template(self) -> None:
+        """Save the ready guest into :attr:`save_template` and end the run (QEMU quits
+        without the guest running another instruction, so the disk is as it was saved)."""
+        assert self.save_template is not None
+        await asyncio.sleep(TEMPLATE_SETTLE_S)
+        async with self._stop_lock:
+            if self.lifecycle.state is not VmState.RUNNING:
+                return
+            began = time.monotonic()
+            try:
+                await self._qmp().execute("stop")
+                saved = await self._save_state(self.save_template, began)
+                write_record(self.save_template / SAVED_RECORD, saved)
+            except Exception as exc:  # reported through last_run.json
+                self.crash_reason = f"saving the template failed: {exc}"
+                self.log.error("%s", self.crash_reason)
+            else:
+                self.stop_reason = "saved as a template"
+            self.lifecycle.transition(VmState.STOPPING)
+            self.forced = True
+        await self._kill_qemu()
+
+    async def _devices_changed(self, _ids: frozenset[str]) -> None:
+        """Walk the live device tree again and judge it: a channel device the VM's kind
+        must not have stops the VM as crashed, with a CRITICAL event."""
+        devices = await walk_devices(self._qmp())
+        record = self.lifecycle.record
+        before = {d.path for d in record.devices} if record else set()
+        added = [d for d in devices if d.user_visible and d.path not in before]
+        try:
+            self._check_devices(devices)
+        except LaunchFailed as exc:
+            self.crash_reason = f"a forbidden device appeared: {exc.output}"
+            await self.stop(force=True, reason=self.crash_reason)
+            return
+        if self.lifecycle.state is not VmState.RUNNING:
+            return
+        hot = [*(record.hotplugged if record else []), *(d.info() for d in added)]
+        self.lifecycle.update(
+            devices=[d.info() for d in devices if d.user_visible],
+            device_types=sorted({d.type for d in devices}),
+            channels=[d.info() for d in channels_in(devices)],
+            device_count=len(devices), hotplugged=hot)
+        if added:
+            seclog.write_event("vm_devices_added", vm=self.config.name, vm_id=self.config.id,
+                               devices=[d.info().model_dump() for d in added])
 
     async def _start_helper(self, spec: HelperSpec) -> None:
         """Start one helper and wait until it is ready.
@@ -435,7 +629,7 @@ class Supervisor:
                 f"forbidden host-guest channel on a {self.config.kind} VM: {detail}", None)
 
     async def _start_bridge(self) -> None:
-        if self.config.kind is not VMKind.AI_SANDBOX:
+        if self.config.kind is not VMKind.AI_SANDBOX or self.mode is RunMode.TEMPLATE:
             return
         from secvf.exec.bridge import start_bridge
 
@@ -454,6 +648,7 @@ class Supervisor:
         tasks = [
             asyncio.create_task(self._watch_events()),
             asyncio.create_task(self._watch_serial()),
+            asyncio.create_task(self._watch_devices()),
             *(asyncio.create_task(self._watch_helper(n, p)) for n, p in self.helpers.items()),
         ]
         rc = await self._qemu().wait()
@@ -462,6 +657,13 @@ class Supervisor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_devices(self) -> None:
+        """Poll for added devices while the VM runs (:mod:`secvf.runtime.devwatch`)."""
+        if self.watch is None:
+            return
+        with contextlib.suppress(QMPError):  # QMP closes when QEMU goes
+            await self.watch.run()
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a task of its own; what it raises is logged, never lost."""
@@ -512,6 +714,8 @@ class Supervisor:
         if event.kind == "ready":
             self.lifecycle.update(guest_ready=True, ready_at=now_iso())
             self.log.info("guest reported ready")
+            if self.save_template is not None:
+                self._background(self._save_as_template())
             return
         record = self.lifecycle.record
         errors = [*(record.device_errors if record else []), event.line]
@@ -702,6 +906,8 @@ class Supervisor:
             if isinstance(request, MediaRequest):
                 await asyncio.wait_for(self.change_medium(request.iso), MEDIA_CHANGE_TIMEOUT_S)
                 return ControlReply(ok=True)
+            if isinstance(request, SnapshotRequest):
+                return await self.snapshot(request)
             await self.stop(force=request.force, reason="stop requested",
                             timeout=request.timeout)
         except SecVFError as exc:
@@ -922,7 +1128,8 @@ def _size(path: Path) -> int:
         return 0
 
 
-def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> int:
+def run_supervisor(name: str, *, accel: str | None, report_fd: int | None,
+                   restore: Path | None = None, save_template: Path | None = None) -> int:
     """Run the supervisor for VM ``name`` in this process until the VM is gone."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -931,7 +1138,8 @@ def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> in
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     os.umask(0o077)  # every file and socket QEMU and the helpers create is private
     try:
-        supervisor = Supervisor(name, accel=accel, report_fd=report_fd)
+        supervisor = Supervisor(name, accel=accel, report_fd=report_fd, restore=restore,
+                                save_template=save_template)
     except SecVFError as exc:
         if report_fd is not None:
             send_report(report_fd, failure_of(exc, LaunchStage.CONFIG))
@@ -940,13 +1148,17 @@ def run_supervisor(name: str, *, accel: str | None, report_fd: int | None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m secvf.runtime.supervisor --vm NAME [--accel A] [--report-fd N]``."""
+    """``python -m secvf.runtime.supervisor --vm NAME [--accel A] [--report-fd N]
+    [--restore DIR | --save-template DIR]``."""
     parser = argparse.ArgumentParser(prog="secvf-supervisor")
     parser.add_argument("--vm", required=True)
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"])
     parser.add_argument("--report-fd", type=int)
+    parser.add_argument("--restore", type=Path, help="saved-state directory to begin from")
+    parser.add_argument("--save-template", type=Path, help="directory to save the ready guest to")
     args = parser.parse_args(argv)
-    return run_supervisor(args.vm, accel=args.accel, report_fd=args.report_fd)
+    return run_supervisor(args.vm, accel=args.accel, report_fd=args.report_fd,
+                          restore=args.restore, save_template=args.save_template)
 
 
 if __name__ == "__main__":

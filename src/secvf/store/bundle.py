@@ -80,6 +80,11 @@ class RuntimeFiles:
         """The exec bridge socket ``secvf-exec-<UUID>.sock`` (AI sandbox only)."""
         return self.dir / f"secvf-exec-{self.vm_id}.sock"
 
+    @property
+    def ram_file(self) -> Path:
+        """The guest's RAM, a file on a memory filesystem (:func:`secvf.store.paths.ram_dir`)."""
+        return paths.ram_dir() / f"ram-{self.vm_id}"
+
     def virtiofs_socket(self, tag: str) -> Path:
         """vhost-user socket of the virtiofsd serving share ``tag``."""
         return self._path(f"virtiofs-{tag}", ".sock")
@@ -89,7 +94,7 @@ class RuntimeFiles:
         fixed = [
             self.qmp_socket, self.console_socket, self.vnc_socket, self.control_socket,
             self.state_file,
-            self.vsock_socket, self.vhost_vsock_socket, self.exec_socket,
+            self.vsock_socket, self.vhost_vsock_socket, self.exec_socket, self.ram_file,
         ]
         extra = sorted(self.dir.glob(f"virtiofs-*-{self.vm_id}.sock"))
         extra += sorted(self.dir.glob(f"vsock-{self.vm_id}.sock_*"))

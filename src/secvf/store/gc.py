@@ -2,9 +2,9 @@
 
 Two kinds of garbage:
 
-* **layers** — frozen disk layers in ``$SECVF_HOME/layers`` that no VM's disk reads
-  through any more (clones freeze their source into layers; deleting the VMs leaves
-  the layers behind);
+* **layers** — frozen disk layers in ``$SECVF_HOME/layers`` that no VM's disk and no
+  sandbox template reads through any more (clones freeze their source into layers, a
+  template's disk is one; deleting the VMs leaves the layers behind);
 * **work directories** — ``vms/.creating-*``, ``.cloning-*``, ``.importing-*`` and
   ``.deleting-*`` that no live process holds (see :mod:`secvf.store.staging`): what a
   killed create, clone, import or delete left.
@@ -27,6 +27,8 @@ from secvf.store import paths
 from secvf.store.disks import DiskError, image_info
 from secvf.store.layers import LAYER_SUFFIX, collecting_layers, layers_dir
 from secvf.store.staging import is_work_dir, try_hold
+from secvf.store.templates import sweep as sweep_templates
+from secvf.store.templates import template_layers
 
 #: A chain longer than this is taken for a loop.
 MAX_CHAIN = 256
@@ -72,7 +74,12 @@ def collect(*, dry_run: bool = False) -> GcReport:
     report = GcReport(dry_run)
     with collecting_layers():
         live = _sweep_work_dirs(report)
+        sweep_templates()
         used: set[Path] = set()
+        for layer in template_layers():  # and what those layers read through
+            used.add(layer)
+            if layer.exists():
+                live.append((f"template layer {layer.name}", layer))
         for label, disk in live:
             try:
                 used.update(backing_files(disk))

@@ -164,11 +164,13 @@ def create_overlay(disk: Path, backing: Path, backing_format: str, size: int) ->
              str(disk), str(size))
 
 
-def create_vm(config: VMConfig, *, image_rootfs: Path | None = None) -> Bundle:
+def create_vm(config: VMConfig, *, image_rootfs: Path | None = None,
+              backing: Path | None = None) -> Bundle:
     """Create a VM bundle from a validated config (disk overlay, vm.json, event).
 
     ``image_rootfs`` is the root filesystem of the built image an image-booted VM's
-    overlay sits on (the workflows layer resolves it).
+    overlay sits on (the workflows layer resolves it); ``backing``, a frozen qcow2 layer
+    over that image to sit on instead (a sandbox template's disk).
 
     Raises:
         AlreadyExists: the name is taken (also when another process won the race).
@@ -179,7 +181,10 @@ def create_vm(config: VMConfig, *, image_rootfs: Path | None = None) -> Bundle:
     if bundle.path.exists():
         raise AlreadyExists(f"a VM named '{config.name}' already exists")
     with _staging("creating") as staging:
-        _make_disk(staging, config, image_rootfs)
+        if backing is not None:
+            create_overlay(staging.disk, backing, "qcow2", config.disk_bytes)
+        else:
+            _make_disk(staging, config, image_rootfs)
         save_config(staging.config_file, config)
         _claim(staging, bundle)
     seclog.write_event("vm_created", vm=config.name, vm_id=config.id, kind=str(config.kind),
@@ -259,7 +264,9 @@ def clone_vm(src: str, dst: str, *,
 
     The clone's disk is an overlay over a base that never changes, shared with the
     source (see :func:`_shared_base`): cloning a VM that has written nothing since it
-    was last cloned adds no layer and does not lengthen its backing chain.
+    was last cloned adds no layer and does not lengthen its backing chain. A source with
+    snapshots keeps its disk (and so its snapshots): the clone gets a copy of the disk's
+    current state and no snapshots.
 
     ``prepare`` gets the clone's config while the source is locked and stopped, and
     returns the config to save (the workflows layer gives a sandbox clone its own
@@ -280,13 +287,28 @@ def clone_vm(src: str, dst: str, *,
         if prepare is not None:
             new = prepare(new)
         with using_layers(), _staging("cloning") as work:
-            base, base_format = _shared_base(bundle)
-            qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base),
-                     str(work.disk), str(config.disk_bytes))
+            if image_info(bundle.disk).get("snapshots"):
+                _copy_current_disk(bundle.disk, work.disk)
+            else:
+                base, base_format = _shared_base(bundle)
+                qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base),
+                         str(work.disk), str(config.disk_bytes))
             save_config(work.config_file, new)
             _claim(work, dst_bundle)
     seclog.write_event("vm_cloned", vm=dst, vm_id=new.id, source=src, source_id=config.id)
     return dst_bundle
+
+
+def _copy_current_disk(disk: Path, dst: Path) -> None:
+    """Give a clone a copy of the current state of ``disk``, which has snapshots: freezing
+    it into a layer would leave its internal snapshots behind in the layer. The copy is
+    an overlay over the same backing file, holding what the VM wrote (no snapshots)."""
+    info = image_info(disk)
+    args = ["convert", "-q", "-f", "qcow2", "-O", "qcow2"]
+    backing, backing_format = info.get("full-backing-filename"), info.get("backing-filename-format")
+    if backing and backing_format:
+        args += ["-B", str(backing), "-F", str(backing_format)]
+    qemu_img(*args, str(disk), str(dst))
 
 
 def _shared_base(bundle: Bundle) -> tuple[Path, str]:

@@ -6,6 +6,8 @@
   recipe hash, so it survives a wiped ``$SECVF_HOME``.
 * The runtime dir (sockets, pid files) is private (0700) and per user:
   ``$SECVF_RUNTIME_DIR`` or ``$XDG_RUNTIME_DIR/secvf`` or ``/tmp/secvf-<uid>``.
+* Running guests' RAM files live in a private directory on a memory filesystem:
+  ``$SECVF_RAM_DIR`` or ``/dev/shm/secvf-<uid>``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,21 @@ def runtime_dir() -> Path:
     else:
         path = Path(f"/tmp/secvf-{os.getuid()}")
     return ensure_private_dir(path)
+
+
+def templates_dir() -> Path:
+    """Return the directory of saved sandbox templates (0700)."""
+    return ensure_private_dir(secvf_home() / "templates")
+
+
+def ram_dir() -> Path:
+    """Return the private directory of running guests' RAM files (0700).
+
+    It must be on a memory filesystem (tmpfs): QEMU maps each file as the guest's RAM,
+    shared, so on a disk filesystem every guest write would be written back to disk.
+    """
+    env = os.environ.get("SECVF_RAM_DIR")
+    return ensure_private_dir(Path(env) if env else Path(f"/dev/shm/secvf-{os.getuid()}"))
 
 
 def ensure_private_dir(path: Path) -> Path:

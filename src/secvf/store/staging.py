@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import uuid
 from pathlib import Path
+from typing import Self
 
 from secvf.store import paths
 
@@ -80,3 +82,63 @@ def try_hold(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+class HeldDir:
+    """A private work directory ``<root>/<prefix><hex>`` held with an ``flock`` until it
+    is released (it then belongs to whoever renamed it into place) or discarded
+    (removed). Leaving a ``with`` block discards it unless it was released."""
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        self.path = root / f"{prefix}{uuid.uuid4().hex}"
+        self.path.mkdir(mode=0o700)
+        self._fd: int | None = hold(self.path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def release(self, new_path: Path) -> None:
+        """The directory was renamed to ``new_path`` and is no work directory any more."""
+        self.path = new_path
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Remove the directory unless it was released."""
+        if self._fd is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def sweep_unheld(root: Path, prefix: str) -> None:
+    """Remove the work directories ``<root>/<prefix>*`` that no live process holds."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        fd = try_hold(entry)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def trash(path: Path, prefix: str) -> bool:
+    """Rename ``path`` to a fresh work name beside it and remove it (so no reader sees
+    half a directory); False if it did not exist."""
+    doomed = path.with_name(f"{prefix}{uuid.uuid4().hex}")
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True

@@ -10,6 +10,8 @@ from its :class:`QMPScript`:
 * ``system_powerdown`` — emits ``POWERDOWN`` and, unless the script's guest ignores
   ACPI, ``SHUTDOWN`` (``guest: true``) and quits;
 * ``quit`` — replies, emits ``SHUTDOWN`` (``guest: false``) and quits;
+* ``migrate-set-capabilities`` / ``migrate-set-parameters`` — accepted (every start sets
+  them);
 * a command named in ``fail`` gets a ``GenericError`` instead; ``events`` lists events
   to emit right after a command's reply; ``slow`` delays a command's answer (requests
   are answered in order, as QEMU does); anything else is ``CommandNotFound``.
@@ -199,7 +201,8 @@ class FakeQMPServer:
         return negotiated or (command == "qmp_capabilities" and "return" in reply)
 
     def _answer(self, command: str, args: JSONObject) -> JSONObject:
-        if command in ("qmp_capabilities", "system_powerdown", "quit"):
+        if command in ("qmp_capabilities", "system_powerdown", "quit",
+                       "migrate-set-capabilities", "migrate-set-parameters"):
             return {"return": {}}
         if command in ("cont", "stop"):
             self.running = command == "cont"

@@ -66,11 +66,13 @@ STOP_SYNC_CONNECT_TIMEOUT_S = 3.0
 STOP_SYNC_TIMEOUT_S = 10.0
 
 
-def create_vm(config: VMConfig, *, root_password_hash: str | None = None) -> Bundle:
+def create_vm(config: VMConfig, *, root_password_hash: str | None = None,
+              backing: Path | None = None) -> Bundle:
     """Create the VM ``config`` describes; an image-booted VM's disk is an overlay
     over that image's root filesystem. With ``root_password_hash`` (a crypt hash, see
     :func:`secvf.workflows.create.hash_root_password`) the guest's root account gets
     that password (:func:`set_root_password`); if that fails, the VM is deleted again.
+    ``backing``: a frozen layer over the image to put the overlay on (a template's disk).
 
     Raises:
         NotFound: the image is not built.
@@ -78,7 +80,7 @@ def create_vm(config: VMConfig, *, root_password_hash: str | None = None) -> Bun
         DiskError: the password could not be written into the disk.
     """
     rootfs = get_image(config.boot.image).rootfs if isinstance(config.boot, ImageBoot) else None
-    bundle = library.create_vm(config, image_rootfs=rootfs)
+    bundle = library.create_vm(config, image_rootfs=rootfs, backing=backing)
     if root_password_hash is not None:
         try:
             set_root_password(bundle, root_password_hash)

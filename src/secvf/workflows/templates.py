@@ -1,0 +1,308 @@
+"""Sandbox templates: a booted sandbox guest saved at "agent ready", restored per session.
+
+Building one (:func:`build_template`) boots a throw-away AI-sandbox VM with the
+template machine (:data:`~secvf.machine.plan.RunMode.TEMPLATE`: spare PCIe root ports,
+no channel device, since QEMU 7.2 cannot save vhost-user devices); its supervisor saves
+the guest's device state and RAM once the guest reports ready and quits. The VM's disk
+is frozen into a layer that every session's overlay then sits on.
+
+A template is keyed (:func:`template_key`) by everything a restore depends on: the image
+build, the QEMU version, CPU model, vCPUs, memory, accelerator, devices, network and
+disk size. A session whose key has no template boots cold; one whose family (image,
+vCPUs, memory, network, disk) has only templates with other keys has a **stale**
+template: it boots cold, says so once, and a rebuild starts in the background.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from secvf.errors import CorruptRecord, NotFound, SnapshotError
+from secvf.machine import build_machine
+from secvf.machine.common import resolve_image
+from secvf.machine.plan import RunMode
+from secvf.machine.sandbox import SPARE_PORTS
+from secvf.model.config import ImageBoot, SandboxChannels, VMConfig, VMKind, now_iso
+from secvf.model.savedstate import SAVED_STATE_FORMAT, MachineShape, SavedState, TemplateInfo
+from secvf.model.sizes import format_size
+from secvf.runtime import control
+from secvf.runtime.accel import choose_accel
+from secvf.store import events as seclog
+from secvf.store import library, paths
+from secvf.store import templates as store
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.layers import LAYER_SUFFIX, layers_dir, using_layers
+from secvf.store.locks import locked
+from secvf.store.runstate import is_running, read_last_run
+from secvf.store.savedstate import SAVED_RECORD
+from secvf.workflows import vms
+from secvf.workflows.create import build_config
+
+log = logging.getLogger(__name__)
+
+#: How long a template build may take (a cold boot under TCG, loaded host: ~5-20 s).
+BUILD_TIMEOUT_S = 300.0
+BUILD_POLL_S = 0.1
+#: Marks a stale template whose staleness was reported (reported once).
+STALE_NOTED = ".stale-noted"
+
+#: Callers hear build progress as short lines.
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """What :func:`choose_template` found for a session."""
+
+    template: TemplateInfo | None  # the one to restore, if any
+    note: str | None = None  # something to tell the user once (a stale template)
+
+
+def template_shape(config: VMConfig, accel: str) -> MachineShape:
+    """The machine shape of ``config``'s template machine under ``accel``."""
+    plan = build_machine(config, library.bundle_for(config.name), RuntimeFiles(config.id),
+                         accel, RunMode.TEMPLATE)
+    return plan.shape()
+
+
+def template_key(config: VMConfig, shape: MachineShape) -> str:
+    """The template ID for sessions like ``config`` on a machine of ``shape``."""
+    boot = _image_boot(config)
+    described = {"format": SAVED_STATE_FORMAT, "image": boot.image,
+                 "recipe_hash": boot.recipe_hash, "network": str(config.network),
+                 "disk_bytes": config.disk_bytes, "spare_ports": SPARE_PORTS,
+                 "shape": shape.model_dump()}
+    canonical = json.dumps(described, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def key_for(config: VMConfig) -> tuple[str, MachineShape, str]:
+    """The template ID, machine shape and accelerator for sessions like ``config``."""
+    boot = _image_boot(config)
+    image = resolve_image(boot)
+    accel = choose_accel(config.accel, image.kernel, image.initrd).accel
+    shape = template_shape(config, accel)
+    return template_key(config, shape), shape, accel
+
+
+def choose_template(config: VMConfig) -> TemplateChoice:
+    """The template a new session like ``config`` can be restored from, if any.
+
+    A stale template of the same family is reported once (and a rebuild started in the
+    background); a session with more shares than the spare slots boots cold.
+    """
+    shares = len(config.channels.shares) if config.channels else 0
+    if shares > SPARE_PORTS - 1:
+        return TemplateChoice(None, f"{shares} shares do not fit a template session (at most "
+                                    f"{SPARE_PORTS - 1}); booting cold")
+    key, _, _ = key_for(config)
+    try:
+        return TemplateChoice(store.get_template(key))
+    except NotFound:
+        pass
+    except CorruptRecord as exc:
+        return TemplateChoice(None, f"{exc}; booting cold")
+    stale = [t for t in store.list_templates()[0] if _same_family(t, config)]
+    if not stale:
+        return TemplateChoice(None)
+    note = None
+    marker = store.template_dir(stale[0].id) / STALE_NOTED
+    if not marker.exists():
+        with contextlib.suppress(OSError):
+            marker.touch()
+        note = (f"template {stale[0].id[:12]} is stale ({_why_stale(stale[0], config)}); "
+                "this session boots cold and the template is being rebuilt in the background")
+    start_background_rebuild(config)
+    return TemplateChoice(None, note)
+
+
+def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
+                   network: str = "nat", disk_size: str = "8G", accel: str = "auto",
+                   progress: Progress | None = None) -> TemplateInfo:
+    """Build (or rebuild) the template for sessions of this shape; returns its record.
+    Older templates of the same family are removed once the new one is in place.
+
+    Raises:
+        NotFound: the image is not built.
+        LockBusy: a build of this family is already running.
+        SnapshotError: the guest did not become ready or could not be saved.
+    """
+    say = progress or (lambda _line: None)
+    name = f"template-build-{uuid.uuid4().hex[:12]}"
+    config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
+                          disk_size=disk_size, image=image, network=network, accel=accel,
+                          channels=SandboxChannels())
+    key, shape, chosen = key_for(config)
+    began = time.monotonic()
+    with _family_lock(config), store.TemplateStaging() as staging:
+        say(f"booting a {image} guest ({cpus} vCPU, {format_size(config.memory_mib << 20)}, "
+            f"{chosen}) to save")
+        vms.create_vm(config)
+        try:
+            control.start_vm(name, accel=chosen, save_template=staging.path)
+            saved = _wait_saved(name, staging.path)
+            if saved.shape != shape:
+                raise SnapshotError(f"the template was saved from machine {saved.shape}, not "
+                                    f"the expected {shape}")
+            say(f"saved {format_size(saved.ram_allocated_bytes)} of RAM in {saved.pause_s} s")
+            with using_layers():
+                layer = _freeze(library.get_bundle(name).disk)
+                info = TemplateInfo(
+                    id=key, image=image, recipe_hash=_image_boot(config).recipe_hash,
+                    network=str(config.network), disk_bytes=config.disk_bytes,
+                    spare_ports=SPARE_PORTS, layer=str(layer), state=saved,
+                    created_at=now_iso(), build_s=round(time.monotonic() - began, 2))
+                staging.commit(info)
+        finally:
+            with contextlib.suppress(Exception):
+                library.delete_vm(name)
+    for old in store.list_templates()[0]:
+        if old.id != key and _same_family(old, config):
+            store.remove_template(old.id)
+    seclog.write_event("template_built", template=key, image=image, build_s=info.build_s)
+    return info
+
+
+def list_templates() -> list[TemplateInfo]:
+    """Every template, newest first (broken ones are left out; see the log)."""
+    store.sweep()
+    found, problems = store.list_templates()
+    for problem in problems:
+        log.warning("%s", problem)
+    return found
+
+
+def resolve_template_id(prefix: str) -> str:
+    """The full ID of the one template whose ID starts with ``prefix``.
+
+    Raises:
+        NotFound: none or several do.
+    """
+    ids = store.find_template_ids(prefix) if prefix else []
+    if len(ids) != 1:
+        what = "no template" if not ids else f"{len(ids)} templates"
+        raise NotFound(f"{what} with an ID starting '{prefix}' (see: secvf sandbox template "
+                       "list)")
+    return ids[0]
+
+
+def remove_template(prefix: str) -> str:
+    """Remove the template ``prefix`` names; returns its full ID. Sessions made from it
+    keep working (their disks read through its layer, which ``secvf gc`` keeps while
+    they exist).
+
+    Raises:
+        NotFound: no (single) template has that ID.
+    """
+    template_id = resolve_template_id(prefix)
+    store.remove_template(template_id)
+    seclog.write_event("template_removed", template=template_id)
+    return template_id
+
+
+def start_background_rebuild(config: VMConfig) -> None:
+    """Start ``secvf sandbox template build`` for ``config``'s family as a detached
+    process (its output goes to the log directory), unless one runs already."""
+    if _family_busy(config):
+        return
+    boot = _image_boot(config)
+    argv = [sys.executable, "-m", "secvf", "sandbox", "template", "build",
+            "--image", boot.image, "--cpus", str(config.cpus),
+            "--memory", f"{config.memory_mib}M", "--network", str(config.network),
+            "--disk", f"{config.disk_bytes >> 20}M", "--accel", str(config.accel)]
+    with (paths.logs_dir() / "template-build.log").open("ab") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                         start_new_session=True, close_fds=True)
+
+
+def _wait_saved(name: str, directory: Path) -> SavedState:
+    """Wait until the build VM's supervisor has saved and quit; return what it saved.
+
+    Raises:
+        SnapshotError: it ended without saving (why, from its last run).
+    """
+    bundle = library.get_bundle(name)
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while is_running(bundle):
+        if time.monotonic() > deadline:
+            control.stop_vm(name, force=True)
+            raise SnapshotError(f"the template guest did not become ready within "
+                                f"{BUILD_TIMEOUT_S:.0f} s; see {bundle.serial_log}")
+        time.sleep(BUILD_POLL_S)
+    record = directory / SAVED_RECORD
+    if not record.exists():
+        last = read_last_run(bundle)
+        raise SnapshotError(f"the template guest was not saved: "
+                            f"{last.reason if last else 'no record of the run'}")
+    return SavedState.model_validate_json(record.read_bytes())
+
+
+def _freeze(disk: Path) -> Path:
+    """Move the build VM's disk into the layers directory, read-only."""
+    layer = layers_dir() / f"{uuid.uuid4()}{LAYER_SUFFIX}"
+    os.rename(disk, layer)
+    layer.chmod(0o400)
+    return layer
+
+
+def _image_boot(config: VMConfig) -> ImageBoot:
+    if not isinstance(config.boot, ImageBoot):
+        raise NotFound(f"VM '{config.name}' does not boot a SecVF image: no template fits it")
+    return config.boot
+
+
+def _family(image: str, cpus: int, memory_mib: int, network: str, disk_bytes: int) -> str:
+    return f"{image}-{cpus}-{memory_mib}-{network}-{disk_bytes}"
+
+
+def _config_family(config: VMConfig) -> str:
+    return _family(_image_boot(config).image, config.cpus, config.memory_mib,
+                   str(config.network), config.disk_bytes)
+
+
+def _same_family(template: TemplateInfo, config: VMConfig) -> bool:
+    return _family(template.image, template.state.shape.cpus, template.state.shape.memory_mib,
+                   template.network, template.disk_bytes) == _config_family(config)
+
+
+def _why_stale(template: TemplateInfo, config: VMConfig) -> str:
+    if template.recipe_hash != _image_boot(config).recipe_hash:
+        return "the image was rebuilt"
+    _, shape, _ = key_for(config)
+    return template.state.shape.mismatch(shape) or "it was saved in another format"
+
+
+def _family_lock_path(config: VMConfig) -> Path:
+    digest = hashlib.sha256(_config_family(config).encode()).hexdigest()[:16]
+    return paths.templates_dir() / f".build-{digest}.lock"
+
+
+@contextlib.contextmanager
+def _family_lock(config: VMConfig) -> Iterator[None]:
+    """Hold the build lock of ``config``'s family (one build per family at a time)."""
+    with locked(_family_lock_path(config), "the template build for this sandbox shape"):
+        yield
+
+
+def _family_busy(config: VMConfig) -> bool:
+    fd = os.open(_family_lock_path(config), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
