@@ -42,6 +42,7 @@ from secvf.exec import (
 from secvf.image import DEFAULT_IMAGES, RECIPES, ImageInfo, Progress, build_image, list_images
 from secvf.image import remove_image as _remove_image
 from secvf.model.config import Accel, DisplayMode, NetworkMode, VMConfig, VMKind
+from secvf.model.savedstate import SnapshotInfo, SnapshotKind, TemplateInfo
 from secvf.model.sizes import format_size
 from secvf.runtime import console, control
 from secvf.runtime.control import StopDone, StopListener, StopWaiting
@@ -53,6 +54,8 @@ from secvf.workflows import audit as _audit
 from secvf.workflows import display as _display
 from secvf.workflows import media, vm_exec, vms, workspaces
 from secvf.workflows import sandbox as _sandbox
+from secvf.workflows import snapshots as _snapshots
+from secvf.workflows import templates as _templates
 from secvf.workflows.create import build_config, hash_root_password
 from secvf.workflows.display import DisplayInfo
 from secvf.workflows.media import MediaChange
@@ -83,11 +86,22 @@ __all__ = [
     "StopDone",
     "DisplayInfo",
     "MediaChange",
-    # AI-sandbox sessions
+    # snapshots
+    "create_snapshot",
+    "list_snapshots",
+    "revert_snapshot",
+    "delete_snapshot",
+    "SnapshotInfo",
+    "SnapshotKind",
+    # AI-sandbox sessions and templates
     "create_sandbox",
     "start_sandbox",
     "list_sandboxes",
     "remove_sandbox",
+    "build_template",
+    "list_templates",
+    "remove_template",
+    "TemplateInfo",
     # exec
     "Sandbox",
     "AsyncSandbox",
@@ -301,12 +315,23 @@ def insert_medium(name: str, iso: Path) -> MediaChange:
     return media.insert_medium(name, iso)
 
 
-# ---- AI-sandbox sessions -----------------------------------------------------------------
+# ---- snapshots ----------------------------------------------------------------------------
+
+create_snapshot = _snapshots.create_snapshot
+list_snapshots = _snapshots.list_snapshots
+revert_snapshot = _snapshots.revert_snapshot
+delete_snapshot = _snapshots.delete_snapshot
+
+
+# ---- AI-sandbox sessions and templates -----------------------------------------------------
 
 create_sandbox = _sandbox.create_sandbox
 start_sandbox = _sandbox.start_sandbox
 list_sandboxes = _sandbox.list_sandboxes
 remove_sandbox = _sandbox.remove_sandbox
+build_template = _templates.build_template
+list_templates = _templates.list_templates
+remove_template = _templates.remove_template
 
 
 # ---- exec ---------------------------------------------------------------------------------

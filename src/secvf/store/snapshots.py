@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from secvf.errors import AlreadyExists, CorruptRecord, NotFound
+from secvf.errors import AlreadyExists, CorruptRecord, InvalidName, NotFound
 from secvf.model.names import validate_name
 from secvf.model.savedstate import SnapshotInfo
 from secvf.store.bundle import Bundle
@@ -88,7 +88,7 @@ def list_snapshots(bundle: Bundle) -> tuple[list[SnapshotInfo], list[str]]:
             found.append(get_snapshot(bundle, entry.name))
         except (NotFound, CorruptRecord) as exc:
             problems.append(str(exc))
-        except ValueError as exc:  # InvalidName is a ValueError too
+        except InvalidName as exc:
             problems.append(f"{entry}: {exc}")
     found.sort(key=lambda s: s.created_at)
     return found, problems
@@ -98,9 +98,9 @@ class Staging(HeldDir):
     """A snapshot being assembled; :meth:`commit` renames it into place."""
 
     def __init__(self, bundle: Bundle, name: str) -> None:
+        self.name = validate_snapshot_name(name)
         super().__init__(snapshots_root(bundle), _STAGING_PREFIX)
         self.bundle = bundle
-        self.name = validate_snapshot_name(name)
 
     def commit(self, record: SnapshotInfo) -> Path:
         """Write ``record`` and move the directory to its name; returns the new path.
@@ -129,7 +129,7 @@ def sweep(bundle: Bundle) -> list[str]:
     tags of the VM's disk snapshots that no snapshot owns (the caller removes them, as
     only it knows whether the VM is stopped)."""
     sweep_unheld(bundle.path / SNAPSHOTS_DIR, _STAGING_PREFIX)
-    owned = {disk_tag(s.name) for s in list_snapshots(bundle)[0]}
+    owned = {s.disk_tag for s in list_snapshots(bundle)[0]}
     return sorted(t for t in disk_tags(bundle.disk) if t not in owned)
 
 
