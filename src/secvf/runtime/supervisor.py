@@ -406,18 +406,22 @@ class Supervisor:
             began = time.monotonic()
             await self._qmp_step("pausing the guest", qmp.execute("stop"))
             saved = None
+            failure: BaseException | None = None
             try:
                 await snapshot_disk(qmp, request.disk_tag)
                 if request.state_dir is not None:
                     try:
                         saved = await self._save_state(Path(request.state_dir), began)
-                    except BaseException:
-                        with contextlib.suppress(SnapshotError):
-                            await delete_disk_snapshot(qmp, request.disk_tag)
-                        raise
+                    except BaseException as exc:
+                        failure = exc
             finally:
+                # cont also re-activates the disk a completed migration left inactive
                 await self._qmp_step("resuming the guest", qmp.execute("cont"))
             pause = time.monotonic() - began
+            if failure is not None:
+                with contextlib.suppress(SnapshotError):  # the disk is writable again now
+                    await delete_disk_snapshot(qmp, request.disk_tag)
+                raise failure
         self.log.info("snapshot %s taken (guest paused %.3f s)", request.disk_tag, pause)
         return ControlReply(ok=True, saved=saved, pause_s=round(pause, 3))
 

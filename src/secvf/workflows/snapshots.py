@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from secvf.errors import (
@@ -32,16 +33,20 @@ from secvf.errors import (
     SnapshotError,
     StateError,
 )
-from secvf.model.config import VMKind, now_iso
+from secvf.machine import build_machine
+from secvf.machine.common import resolve_image
+from secvf.machine.plan import RunMode
+from secvf.model.config import ImageBoot, VMConfig, VMKind, now_iso
 from secvf.model.runtime import SnapshotRequest
 from secvf.model.savedstate import SnapshotInfo, SnapshotKind
 from secvf.runtime import control
+from secvf.runtime.accel import choose_accel
 from secvf.store import events as seclog
 from secvf.store import snapshots as store
-from secvf.store.bundle import Bundle
+from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.library import get_vm
 from secvf.store.locks import locked
-from secvf.store.runstate import is_running
+from secvf.store.runstate import current_state, is_running
 from secvf.store.savedstate import read_saved_state
 
 
@@ -138,7 +143,7 @@ def revert_snapshot(name: str, snapshot: str) -> dict[str, Any]:
         status = control.vm_status(name)
     else:
         directory = store.snapshot_dir(bundle, snapshot)
-        read_saved_state(directory)  # refuse damaged files before anything is stopped
+        _check_fits(bundle, config, directory)  # before anything is stopped
         if is_running(bundle):
             control.stop_vm(name, force=True)
 
@@ -169,6 +174,29 @@ def delete_snapshot(name: str, snapshot: str) -> None:
             pass
         store.remove_snapshot_dir(bundle, snapshot)
     seclog.write_event("vm_snapshot_deleted", vm=name, vm_id=config.id, snapshot=snapshot)
+
+
+def _check_fits(bundle: Bundle, config: VMConfig, directory: Path) -> None:
+    """Refuse a memory snapshot whose files are damaged or whose machine is not the one
+    the VM would be restored into now (the supervisor checks again).
+
+    Raises:
+        NotFound, CorruptRecord: its files are missing or damaged.
+        SnapshotError: it was saved from another machine (QEMU, memory, devices …).
+    """
+    saved, what = read_saved_state(directory)
+    record = current_state(bundle, config.id).record
+    accel = record.accel if record is not None and record.accel else None
+    if accel is None:
+        boot = config.boot
+        image = resolve_image(boot) if isinstance(boot, ImageBoot) else None
+        accel = choose_accel(config.accel, image.kernel if image else None,
+                             image.initrd if image else None).accel
+    plan = build_machine(config, bundle, RuntimeFiles(config.id), accel, RunMode.RESTORE)
+    problem = saved.shape.mismatch(plan.shape())
+    if problem:
+        raise SnapshotError(f"{what} cannot be restored into VM '{config.name}': {problem}; "
+                            "delete it and take a new one")
 
 
 def _apply_tag(bundle: Bundle, info: SnapshotInfo) -> None:

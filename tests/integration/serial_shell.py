@@ -1,0 +1,56 @@
+"""A root shell on a generic VM's serial console (``--autologin``), driven over the
+VM's console socket: how tests look inside a VM that has no exec channel."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+import uuid
+
+from secvf.store.bundle import RuntimeFiles
+from secvf.store.library import get_vm
+
+#: How long one command may take to answer (TCG, loaded host).
+ANSWER_TIMEOUT_S = 120.0
+
+
+class SerialShell:
+    """One connection to a running VM's console socket (reconnect after a restart)."""
+
+    def __init__(self, name: str) -> None:
+        _, config = get_vm(name)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(RuntimeFiles(config.id).console_socket))
+
+    def __enter__(self) -> SerialShell:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def run(self, command: str, timeout: float = ANSWER_TIMEOUT_S) -> str:
+        """Run ``command`` in the console's shell; return what it printed (stripped).
+
+        The markers are typed split in two (``'BEG''IN'``), so the echo of the typed
+        line never matches them; only the shell's output does.
+        """
+        token = uuid.uuid4().hex[:8]
+        begin, end = f"BEGIN{token}", f"END{token}"
+        line = f"echo 'BEG''IN{token}'; {command}; echo 'EN''D{token}'\r"
+        self.sock.sendall(line.encode())
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.sock], [], [], 0.5)
+            if ready:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                seen += chunk
+                text = seen.decode(errors="replace")
+                if text.count(end) and text.count(begin):
+                    body = text.rsplit(begin, 1)[1].split(end, 1)[0]
+                    return body.replace("\r", "").strip()
+        raise AssertionError(f"no answer to {command!r} within {timeout:.0f} s; saw "
+                             f"{seen[-500:]!r}")
