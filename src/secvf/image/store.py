@@ -44,7 +44,7 @@ _DIR_NAME = re.compile(rf"^(?P<name>.+)-(?P<hash>[0-9a-f]{{{SHORT_HASH_LEN}}})$"
 class ImageFiles(BaseModel):
     """File names (inside the image directory) of an image's parts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     kernel: str = "vmlinuz"
     initrd: str = "initrd.img"
@@ -61,7 +61,7 @@ class ImageFiles(BaseModel):
 class ImageManifest(BaseModel):
     """The content of ``image.json``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     format_version: int
     name: str

@@ -96,7 +96,7 @@ def default_console(data: dict[str, Any]) -> ConsoleAccess:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class ImageBoot(_Strict):

@@ -27,7 +27,7 @@ SAVED_STATE_FORMAT: Literal[1] = 1
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class MachineShape(_Record):

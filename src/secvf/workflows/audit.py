@@ -5,6 +5,9 @@ For every VM in the library (running or not) the audit lists its surfaces:
 * devices that are channels (vsock, virtio-fs, 9p, virtio-serial, other
   vhost-user) — from the live QMP device tree for running VMs, from the machine
   builder's plan for stopped ones;
+* devices hot-plugged into a running VM since it started (SecVF plugs a restored
+  sandbox session's channel devices; anything else was added by someone else), each
+  with ``planned``: whether the VM's machine plan asked for it;
 * the exec bridge socket (exists? mode? owner?);
 * virtio-fs shares (host path, ro/rw) and the NIC mode;
 * the disk chain: every file QEMU opens for the VM's disk (path, format, and where it
@@ -37,6 +40,7 @@ from secvf.machine.sandbox import VSOCK_DEVICE
 from secvf.machine.shares import ShareError, validate_shares
 from secvf.model.channels import SANDBOX_CHANNELS, channel_of
 from secvf.model.config import VMConfig, VMKind
+from secvf.model.runtime import RuntimeRecord
 from secvf.store import events as seclog
 from secvf.store import paths
 from secvf.store.bundle import Bundle, RuntimeFiles
@@ -63,6 +67,8 @@ class VMAudit:
     network: str = ""
     findings: list[str] = field(default_factory=list)
     disk_chain: list[dict[str, str]] = field(default_factory=list)  # path, format, where
+    # running: each device added since the start (path, type, channel, planned)
+    hotplugged: list[dict[str, Any]] = field(default_factory=list)
 
 
 def audit_all() -> tuple[list[VMAudit], list[str]]:
@@ -105,6 +111,7 @@ def audit_vm(config: VMConfig, bundle: Bundle) -> VMAudit:
     if running:
         channels = view.record.channels if view.record else []
         res.channel_devices = [d.model_dump() for d in channels]
+        res.hotplugged = _hotplugged(view.record)
     else:
         res.channel_devices = _planned_channels(config, bundle, res)
     if config.channels is not None:
@@ -115,6 +122,16 @@ def audit_vm(config: VMConfig, bundle: Bundle) -> VMAudit:
     res.findings += _disk_chain(config, bundle, res)
     reap_stale_runtime(bundle, config.id)
     return res
+
+
+def _hotplugged(record: RuntimeRecord | None) -> list[dict[str, Any]]:
+    """The devices added to a running VM after its start, each marked ``planned`` if its
+    QEMU id is one the machine plan asked for (SecVF plugged it)."""
+    if record is None:
+        return []
+    planned = {d.id for d in record.planned_devices}
+    return [{**d.model_dump(), "planned": d.path.rsplit("/", 1)[-1] in planned}
+            for d in record.hotplugged]
 
 
 def _planned_channels(config: VMConfig, bundle: Bundle, res: VMAudit) -> list[dict[str, Any]]:

@@ -29,7 +29,6 @@ from typing import Any
 from secvf.errors import (
     AlreadyExists,
     CorruptRecord,
-    ForbiddenDevice,
     SnapshotError,
     StateError,
 )
@@ -57,10 +56,9 @@ def create_snapshot(name: str, snapshot: str, *, disk_only: bool = False) -> Sna
     Raises:
         InvalidName: a bad snapshot name.
         AlreadyExists: the VM has a snapshot of that name.
-        ForbiddenDevice: a memory snapshot of an AI sandbox.
         LockBusy: another command is changing the VM.
-        SnapshotError, DiskError: saving failed (nothing is left behind; a running VM
-            keeps running).
+        SnapshotError, DiskError: a memory snapshot of an AI sandbox, or saving failed
+            (nothing is left behind; a running VM keeps running).
     """
     store.validate_snapshot_name(snapshot)
     bundle, config = get_vm(name)
@@ -74,10 +72,10 @@ def create_snapshot(name: str, snapshot: str, *, disk_only: bool = False) -> Sna
                                 f"first: secvf vm snapshot delete {name} {snapshot}")
         memory = running and not disk_only
         if memory and config.kind is VMKind.AI_SANDBOX:
-            raise ForbiddenDevice(
-                "snapshot --memory", str(config.kind),
-                "QEMU 7.2 cannot save the state of a sandbox's vhost-user devices; use "
-                "--disk-only, or start sandboxes fast from a template")
+            raise SnapshotError(
+                f"VM '{name}' is an AI sandbox: QEMU 7.2 cannot save the memory of its "
+                "vhost-user vsock and virtio-fs devices; take a --disk-only snapshot, or "
+                "start sandboxes fast from a template (secvf sandbox template build)")
         tag = f"{store.disk_tag(snapshot)}-{uuid.uuid4().hex[:8]}"
         with store.Staging(bundle, snapshot) as staging:
             saved = None

@@ -9,10 +9,14 @@ from secvf.faces.cli.audit import audit
 from secvf.faces.cli.gc import gc
 from secvf.faces.cli.image import image
 from secvf.faces.cli.sandbox import sandbox
+from secvf.faces.cli.sandbox_template import sandbox_template
 from secvf.faces.cli.vm import vm
 from secvf.faces.cli.vm_exec import vm_exec
+from secvf.faces.cli.vm_snapshot import vm_snapshot
 
 vm.add_command(vm_exec)
+vm.add_command(vm_snapshot)
+sandbox.add_command(sandbox_template)
 main.add_command(vm)
 main.add_command(image)
 main.add_command(sandbox)

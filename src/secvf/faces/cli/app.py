@@ -12,16 +12,20 @@ When stdout is not a terminal, nothing is cut or wrapped to fit a width.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from secvf.errors import LaunchFailed, SecVFError
 
@@ -33,6 +37,10 @@ MAX_SECONDS = 365 * 24 * 3600.0
 
 #: ``vm status`` states in which a supervisor runs the VM (any other: it is not running).
 LIVE_STATES = ("starting", "running", "stopping")
+
+#: :func:`working` says what is under way only once it has taken this long (seconds), so
+#: a command that fails at once still prints just its one-line error.
+WORKING_NOTE_AFTER_S = 0.5
 
 
 def _console(*, stderr: bool) -> Console:
@@ -74,6 +82,36 @@ def fail(exc: SecVFError) -> NoReturn:
 def note(message: str) -> None:
     """Tell the user something on stderr that is neither output nor an error."""
     err.print(f"secvf: note: {message}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def working(text: str) -> Iterator[None]:
+    """Show on stderr that ``text`` (e.g. "saving VM 'web'…") is under way while the
+    block runs: a spinner on a terminal (gone when the block ends), otherwise one
+    :func:`note` if the block takes longer than :data:`WORKING_NOTE_AFTER_S`. Never
+    on stdout, so ``--json`` output stays JSON."""
+    if err.is_terminal:
+        with err.status(escape(text)):
+            yield
+        return
+    timer = threading.Timer(WORKING_NOTE_AFTER_S, note, args=(text,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a note being printed is finished before the command goes on
+
+
+def format_time(rfc3339: str) -> str:
+    """An RFC 3339 time from a record as local time, ``2025-06-01 14:03:12``
+    (unchanged if it does not parse)."""
+    try:
+        when = datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    except ValueError:
+        return rfc3339
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _reporting_errors(callback: Callable[..., Any]) -> Callable[..., Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from rich.markup import escape
@@ -15,13 +16,14 @@ from secvf.faces.cli.app import out, print_json
 @click.command("audit")
 @click.option("--json", "as_json", is_flag=True)
 def audit(as_json: bool) -> None:
-    """Show every VM's host-guest surfaces; exit 1 if any contradicts its kind."""
+    """Show every VM's host-guest surfaces (hot-plugged devices too); exit 1 if any
+    contradicts its kind."""
     data = api.audit()
     if as_json:
         print_json(data)
     else:
-        table = Table("VM", "KIND", "STATE", "CHANNELS", "EXEC SOCKET", "SHARES", "NIC",
-                      "DISK CHAIN", "FINDINGS")
+        table = Table("VM", "KIND", "STATE", "CHANNELS", "HOT-PLUGGED", "EXEC SOCKET", "SHARES",
+                      "NIC", "DISK CHAIN", "FINDINGS")
         for res in data["vms"]:
             chans = ", ".join(sorted({str(d.get("channel")) for d in res["channel_devices"]}))
             sock = f"{res['exec_socket']['mode']}" if res["exec_socket"] else "-"
@@ -30,10 +32,22 @@ def audit(as_json: bool) -> None:
                 ("[red]outside:[/] " if d["where"] == "outside" else "")
                 + escape(f"{d['format']} {d['path']}") for d in res["disk_chain"]) or "-"
             table.add_row(escape(res["name"]), escape(res["kind"]), escape(res["state"]),
-                          escape(f"{chans or '-'} [{res['source']}]"), escape(sock),
+                          escape(f"{chans or '-'} [{res['source']}]"),
+                          _hotplugged(res.get("hotplugged", [])), escape(sock),
                           escape(shares), escape(res["network"]), chain,
                           escape("\n".join(res["findings"])) or "[green]none[/]")
         out.print(table)
         for finding in data["stray"]:
             out.print(f"[red]finding:[/] {escape(finding)}")
     sys.exit(1 if data["finding_count"] else 0)
+
+
+def _hotplugged(devices: list[dict[str, Any]]) -> str:
+    """The HOT-PLUGGED cell: one device a line, ``id type (channel)``; one that the
+    VM's machine plan did not ask for is marked."""
+    lines = []
+    for dev in devices:
+        channel = f" ({dev['channel']})" if dev.get("channel") else ""
+        text = escape(f"{dev['path'].rsplit('/', 1)[-1]} {dev['type']}{channel}")
+        lines.append(text if dev.get("planned") else f"[yellow]not planned:[/] {text}")
+    return "\n".join(lines) or "-"

@@ -13,11 +13,16 @@ from rich.table import Table
 
 from secvf import api
 from secvf.errors import StateError
-from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, note, out, print_json
+from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, err, note, out, print_json
 from secvf.faces.cli.terminal import run_streaming
 from secvf.faces.cli.vm_exec import ExecCommand, exec_errors
 
 Command = Callable[..., Any]
+
+#: ``--cold``: shared by ``sandbox create``, ``start`` and ``run``.
+cold_option = click.option(
+    "--cold", is_flag=True,
+    help="Boot the guest instead of restoring a sandbox template (the template is not used).")
 
 
 def sandbox_options(func: Command) -> Command:
@@ -26,6 +31,8 @@ def sandbox_options(func: Command) -> Command:
         click.option("--image", default="sandbox", show_default=True),
         click.option("--cpus", type=int, default=1, show_default=True),
         click.option("--memory", default="1G", show_default=True),
+        click.option("--disk", "disk_size", default="8G", show_default=True,
+                     help="Disk size (a sandbox template fits sessions of its --disk)."),
         click.option("--workspace", type=click.Path(path_type=Path),
                      help="Host dir for /workspace (default: under $SECVF_HOME/sandboxes)."),
         click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH[:ro|:rw]",
@@ -34,6 +41,7 @@ def sandbox_options(func: Command) -> Command:
                      show_default=True),
         click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
                      show_default=True),
+        cold_option,
     ]):
         func = option(func)
     return func
@@ -48,33 +56,62 @@ def sandbox() -> None:
 @click.argument("name")
 @sandbox_options
 @click.option("--json", "as_json", is_flag=True)
-def sandbox_create(name: str, image: str, cpus: int, memory: str, workspace: Path | None,
-                   shares: tuple[str, ...], network: str, accel: str, as_json: bool) -> None:
-    """Create sandbox NAME from the sealed sandbox image (copy-on-write)."""
-    config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
-                                workspace=workspace, shares=shares, network=network, accel=accel)
+def sandbox_create(name: str, image: str, cpus: int, memory: str, disk_size: str,
+                   workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
+                   cold: bool, as_json: bool) -> None:
+    """Create sandbox NAME from the sealed sandbox image (copy-on-write); over a sandbox
+    template of its shape if there is one (its first start restores it), unless --cold."""
+    notes: list[str] = []
+    try:
+        config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
+                                    disk_size=disk_size, workspace=workspace, shares=shares,
+                                    network=network, accel=accel, cold=cold, notes=notes)
+    finally:
+        _say_notes(notes)
     if as_json:
         print_json(config.model_dump(mode="json"))
-    else:
-        ws = config.channels.shares[0].host_path if config.channels else "-"
-        out.print(f"created sandbox [bold]{name}[/] ({config.id}); workspace {ws}")
+        return
+    ws = config.channels.shares[0].host_path if config.channels else "-"
+    template = config.channels.template if config.channels else None
+    over = f"; its first start restores template {template[:12]}" if template else ""
+    out.print(f"created sandbox [bold]{escape(name)}[/] ({config.id}); workspace "
+              f"{escape(ws)}{over}", highlight=False)
+
+
+def _say_notes(lines: list[str]) -> None:
+    """Print what creating or starting a session had to tell (a stale template, say)."""
+    for line in lines:
+        note(line)
+
+
+def _started_how(status: dict[str, Any]) -> str:
+    """How ``sandbox start`` got a session running, for people: "restored from
+    template" or "booted"."""
+    return "restored from template" if status.get("start_mode") == "restored" else "booted"
 
 
 @sandbox.command("start")
 @click.argument("name")
 @click.option("--timeout", type=Seconds(), default=120.0, show_default=True,
               help="Seconds to wait for the guest agent to answer.")
+@cold_option
 @click.option("--json", "as_json", is_flag=True)
-def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
-    """Boot sandbox NAME; returns when `secvf vm exec` works (already running: a note)."""
+def sandbox_start(name: str, timeout: float, cold: bool, as_json: bool) -> None:
+    """Start sandbox NAME; returns when `secvf vm exec` works (already running: a note).
+
+    A new session made over a sandbox template is restored from it, unless --cold;
+    otherwise (or if the restore fails: a note says so) the guest boots.
+    """
     status = api.vm_status(name)
     if status["kind"] == "ai-sandbox" and status["state"] == "running":
         note(f"sandbox '{name}' is already running")
     else:
-        status = api.start_sandbox(name, timeout=timeout)
+        status = api.start_sandbox(name, timeout=timeout, cold=cold)
+        _say_notes(status.get("notes", []))
         if not as_json:
             out.print(f"sandbox [bold]{escape(name)}[/] ready in {status['boot_s']} s "
-                      f"(exec socket {escape(str(status['exec_socket']))})")
+                      f"({_started_how(status)}; exec socket "
+                      f"{escape(str(status['exec_socket']))})", highlight=False)
     if as_json:
         print_json(status)
 
@@ -89,20 +126,31 @@ def sandbox_start(name: str, timeout: float, as_json: bool) -> None:
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin (EOF included).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: str,
-                workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
-                timeout: float | None, tty_mode: bool, interactive: bool,
-                command: tuple[str, ...]) -> None:
+                disk_size: str, workspace: Path | None, shares: tuple[str, ...], network: str,
+                accel: str, cold: bool, timeout: float | None, tty_mode: bool,
+                interactive: bool, command: tuple[str, ...]) -> None:
     """Create + start a sandbox, run COMMAND, exit with its status (--rm: then delete).
 
-    Options go before COMMAND: its first word ends them (or `--` does); an unknown
-    option is refused before anything is created. Exit status as for `vm exec`.
+    The session is restored from a sandbox template of its shape if there is one
+    (--cold: it boots). Options go before COMMAND: its first word ends them (or `--`
+    does); an unknown option is refused before anything is created. Exit status as for
+    `vm exec`; on a terminal, stderr first says how the session started.
     """
     with exec_errors(as_json=False):
-        config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
-                                    workspace=workspace, shares=shares, network=network,
-                                    accel=accel)
+        notes: list[str] = []
         try:
-            api.start_sandbox(config.name)
+            config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
+                                        disk_size=disk_size, workspace=workspace,
+                                        shares=shares, network=network, accel=accel,
+                                        cold=cold, notes=notes)
+        finally:
+            _say_notes(notes)
+        try:
+            status = api.start_sandbox(config.name, cold=cold)
+            _say_notes(status.get("notes", []))
+            if err.is_terminal:  # a script's stderr stays the command's own
+                note(f"sandbox {config.name} ready in {status['boot_s']} s "
+                     f"({_started_how(status)})")
             code = run_streaming(config.name, list(command), env={}, cwd=None, user=None,
                                  tty_mode=tty_mode, interactive=interactive, timeout=timeout)
         finally:  # also on errors and Ctrl-C: --rm means nothing is left behind

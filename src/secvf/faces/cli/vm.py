@@ -118,7 +118,8 @@ def vm_list(as_json: bool) -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 def vm_status(name: str, as_json: bool) -> None:
-    """Show a VM's state, accelerator, uptime and live device list."""
+    """Show a VM's state, accelerator, uptime, live device list and snapshots (while it
+    runs: what it was restored from and the devices hot-plugged since it started)."""
     status = api.vm_status(name)
     if as_json:
         print_json(status)
@@ -132,6 +133,14 @@ def vm_status(name: str, as_json: bool) -> None:
         out.print(f"  uptime:  {status['uptime_s']} s, guest ready: {status['guest_ready']}")
     if status.get("exec_socket"):
         out.print(f"  exec:    {escape(status['exec_socket'])}")
+    if status.get("restored_from"):
+        out.print(f"  restored from: {escape(status['restored_from'])}", highlight=False)
+    for dev in status.get("hotplugged", []):
+        channel = f", {dev['channel']} channel" if dev.get("channel") else ""
+        out.print(f"  hot-plugged: {escape(dev['path'].rsplit('/', 1)[-1])} "
+                  f"({escape(dev['type'])}{escape(channel)})", highlight=False)
+    if status.get("snapshots"):
+        out.print(f"  snapshots: {escape(', '.join(status['snapshots']))}", highlight=False)
     for line in status.get("device_errors", []):
         out.print(f"  [red]guest reports a dead virtio device:[/] {escape(line)}",
                   highlight=False)
