@@ -70,6 +70,7 @@ def test_a_memory_snapshot_reverts_a_running_vm_to_the_saved_instant(gen: str) -
     shell(gen, "echo after > /root/disk-after; rm /tmp/mem-before; sync")
     status = api.revert_snapshot(gen, "s1")
     assert status["state"] == "running" and status["restored_from"].endswith("snapshots/s1")
+    assert status["guest_ready"]  # it was ready when saved
     # /tmp is RAM only: it is there again because the memory was restored, not rebooted
     assert shell(gen, "cat /root/disk-before /tmp/mem-before; ls /root/disk-after 2>&1"
                  ).splitlines() == ["before", "mem",

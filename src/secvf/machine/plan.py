@@ -85,6 +85,9 @@ class MachinePlan:
     kernel_params: list[str] = field(default_factory=list)  # appended to the image cmdline
     helpers: list[HelperSpec] = field(default_factory=list)  # started before QEMU
     hotplug: list[HotplugDevice] = field(default_factory=list)  # added once the guest runs
+    # devices the supervisor may unplug and plug again to recover a dead channel, by
+    # the name of the helper that serves them (the helper is restarted in between)
+    replug: dict[str, HotplugDevice] = field(default_factory=dict)
     cpu_model: str = "max"  # the -cpu value
 
     def add_backend(self, *args: str) -> None:

@@ -39,6 +39,8 @@ from secvf.store.bundle import Bundle, RuntimeFiles
 VSOCK_DEVICE = "vhost-user-vsock-pci"
 #: Empty PCIe root ports of a template's machine: the vsock device and up to three shares.
 SPARE_PORTS = 4
+#: The PCIe root port a cold-booted sandbox's vsock device sits on.
+VSOCK_PORT = "rpv"
 VIRTIOFS_DEVICE = "vhost-user-fs-pci"
 
 
@@ -127,7 +129,9 @@ def check_fits_ports(config: VMConfig) -> None:
 
 def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
               config: VMConfig, *, bus: str | None = None) -> None:
-    """The vsock device and its per-VM userspace backend; hot-plugged onto ``bus`` if given."""
+    """The vsock device and its per-VM userspace backend; hot-plugged onto ``bus`` if
+    given, else on a root port of its own. Either way the supervisor can unplug and plug
+    it again (:attr:`MachinePlan.replug`) to recover a channel the guest broke."""
     if channels.vsock_backend != "userspace":
         raise ForbiddenDevice("channels.vsock_backend", str(config.kind),
                               "only the userspace backend is available on this host")
@@ -142,11 +146,17 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
         ready_fd_arg="--ready-fd",
     ))
     purpose = "vsock (exec channel)"
-    if bus is not None:
-        plan.add_hotplug(_hotplug(VSOCK_DEVICE, "vsock0", files.vhost_vsock_socket, bus, purpose))
-        return
-    plan.add_backend("-chardev", f"socket,id=vsock0,path={files.vhost_vsock_socket}")
-    plan.add_device(VSOCK_DEVICE, "vsock0", purpose, chardev="vsock0")
+    if bus is None:  # a cold boot: the device on a slot of its own, so it can be replugged
+        bus = VSOCK_PORT
+        plan.add_device("pcie-root-port", bus, "PCIe slot of the vsock device",
+                        chassis=str(SPARE_PORTS + 1), slot=str(SPARE_PORTS + 1))
+        plan.add_backend("-chardev", f"socket,id=vsock0,path={files.vhost_vsock_socket}")
+        plan.add_device(VSOCK_DEVICE, "vsock0", purpose, chardev="vsock0", bus=bus)
+    else:
+        plan.add_hotplug(_hotplug(VSOCK_DEVICE, "vsock0", files.vhost_vsock_socket, bus,
+                                  purpose))
+    plan.replug["vsock"] = _hotplug(VSOCK_DEVICE, "vsock0", files.vhost_vsock_socket, bus,
+                                    purpose)
 
 
 def add_virtiofs_share(plan: MachinePlan, share: Share, files: RuntimeFiles, *,

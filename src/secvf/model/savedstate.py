@@ -64,6 +64,7 @@ class SavedState(_Record):
     ram_allocated_bytes: int = Field(ge=0)  # what the sparse RAM copy occupies
     saved_at: str  # RFC 3339
     pause_s: float = Field(ge=0)  # how long the guest was paused to save it
+    guest_ready: bool = False  # the guest had printed its ready marker (a restore is ready)
 
 
 class SnapshotKind(StrEnum):

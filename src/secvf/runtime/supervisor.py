@@ -152,6 +152,10 @@ SERIAL_READ_BYTES = 1 << 20
 #: How long a template guest idles after its ready marker before it is saved (its agent
 #: has started listening; the first seconds after boot are its busiest).
 TEMPLATE_SETTLE_S = 1.0
+#: A dead vsock queue is recovered at most this often (the guest controls the trigger).
+VSOCK_RECOVERY_INTERVAL_S = 30.0
+#: How long the guest may take to let go of an unplugged device.
+UNPLUG_TIMEOUT_S = 15.0
 
 EXIT_STOPPED = 0
 EXIT_LAUNCH_FAILED = 1
@@ -202,6 +206,10 @@ class Supervisor:
         self.helpers: dict[str, asyncio.subprocess.Process] = {}
         self.bridge: ExecBridge | None = None
         self.plan: MachinePlan | None = None  # set at the plan step
+        self.restored_ready = False  # the restored state was saved from a ready guest
+        self._replacing: set[str] = set()  # helpers being restarted on purpose
+        self._deleted: dict[str, asyncio.Event] = {}  # device id -> set on DEVICE_DELETED
+        self._last_recovery = -VSOCK_RECOVERY_INTERVAL_S
         self.watch: DeviceWatch | None = None  # set once QMP is up
         self.stop_reason: str | None = None  # set once a stop was requested
         self.crash_reason: str | None = None  # set when the run ended abnormally
@@ -340,6 +348,8 @@ class Supervisor:
                              for d in [*plan.devices, *(h.planned for h in plan.hotplug)]],
             restored_from=str(self.restore) if self.restore else None,
         )
+        if self.restored_ready:  # its marker is in the log of the run that saved it
+            self.lifecycle.update(guest_ready=True, ready_at=now_iso())
         seclog.write_event("vm_started", vm=self.config.name, vm_id=self.config.id,
                            kind=str(self.config.kind), accel=choice.accel,
                            devices=[d.type for d in devices if d.user_visible],
@@ -371,6 +381,7 @@ class Supervisor:
                 os.close(fd)
             return
         saved, what = read_saved_state(self.restore)
+        self.restored_ready = saved.guest_ready
         problem = saved.shape.mismatch(plan.shape())
         if problem:
             raise SnapshotError(f"{what} cannot be restored into VM '{self.config.name}': "
@@ -447,7 +458,9 @@ class Supervisor:
             raise
         self.log.info("guest state saved: %d bytes of device state, %d MiB of RAM data",
                       size, copied >> 20)
+        record = self.lifecycle.record
         return SavedState(shape=self.plan.shape(), state_bytes=size,
+                          guest_ready=bool(record and record.guest_ready),
                           ram_bytes=self.config.memory_mib << 20,
                           ram_allocated_bytes=allocated_bytes(ram_file(directory)),
                           saved_at=now_iso(), pause_s=round(time.monotonic() - began, 3))
@@ -692,6 +705,8 @@ class Supervisor:
                 data = {}
             if name == "SHUTDOWN" and data.get("guest"):
                 self.guest_shutdown = True
+            elif name == "DEVICE_DELETED" and str(data.get("device")) in self._deleted:
+                self._deleted[str(data["device"])].set()
             elif name == "GUEST_PANICKED":
                 self.crash_reason = "guest panic"
                 seclog.write_event("guest_panic", severity=Severity.ERROR, vm=self.config.name,
@@ -727,13 +742,60 @@ class Supervisor:
         self.log.error("guest kernel reports a dead virtio device: %s", event.line)
         seclog.write_event("guest_device_error", severity=Severity.ERROR, vm=self.config.name,
                            vm_id=self.config.id, line=event.line)
+        if "vsock" in event.line.lower() and self.plan is not None and "vsock" in self.plan.replug:
+            self._background(self._recover_channel("vsock", event.line))
+
+    async def _recover_channel(self, helper: str, line: str) -> None:
+        """Unplug the device ``helper`` serves, restart the helper and plug the device
+        again: the guest's driver starts over with new queues. At most once per
+        :data:`VSOCK_RECOVERY_INTERVAL_S` (the line comes from the guest, which must not
+        be able to keep the supervisor busy); a failed recovery stops the VM as crashed."""
+        now = time.monotonic()
+        if now - self._last_recovery < VSOCK_RECOVERY_INTERVAL_S or helper in self._replacing:
+            self.log.warning("not recovering the %s device again so soon", helper)
+            return
+        assert self.plan is not None
+        self._last_recovery = now
+        self._replacing.add(helper)
+        device = self.plan.replug[helper]
+        dev_id = str(device.device["id"])
+        try:
+            async with self._media_lock:
+                self.lifecycle.require(VmState.RUNNING)
+                deleted = self._deleted[dev_id] = asyncio.Event()
+                await self._qmp().execute("device_del", {"id": dev_id})
+                await asyncio.wait_for(deleted.wait(), UNPLUG_TIMEOUT_S)
+                await self._qmp().execute("chardev-remove", {"id": device.chardev["id"]})
+                old = self.helpers.pop(helper)
+                await _end_process(old, grace=HELPER_TERM_GRACE_S)
+                spec = next(h for h in self.plan.helpers if h.name == helper)
+                await self._start_helper(spec)
+                self._background(self._watch_helper(helper, self.helpers[helper]))
+                await plug(self._qmp(), [device])
+                await self._devices_changed(frozenset())
+        except (QMPError, SecVFError, TimeoutError, OSError) as exc:
+            self.crash_reason = f"the {helper} device could not be recovered: {exc or 'timeout'}"
+            self.log.error("%s", self.crash_reason)
+            await self.stop(force=True, reason=self.crash_reason)
+            return
+        finally:
+            self._replacing.discard(helper)
+            self._deleted.pop(dev_id, None)
+        self.log.warning("%s device recovered after: %s", helper, line)
+        seclog.write_event("guest_device_recovered", severity=Severity.WARNING,
+                           vm=self.config.name, vm_id=self.config.id, device=dev_id,
+                           took_s=round(time.monotonic() - now, 3), line=line)
 
     async def _watch_helper(self, name: str, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()
+        if self.helpers.get(name) is not proc:
+            return  # replaced on purpose (a channel recovery)
         with contextlib.suppress(TimeoutError):
             # helpers also exit when QEMU goes away: that is QEMU's story, not theirs
             await asyncio.wait_for(self._exited.wait(), HELPER_EXIT_GRACE_S)
         if self._exited.is_set() or self.stop_reason or self.crash_reason:
+            return
+        if name in self._replacing or self.helpers.get(name) is not proc:
             return
         self.crash_reason = f"device helper '{name}' died (exit {rc})"
         seclog.write_event("device_helper_died", severity=Severity.ERROR, vm=self.config.name,
