@@ -286,13 +286,16 @@ def kill_tree(pid: int) -> None:
 @contextlib.contextmanager
 def private_secvf() -> Iterator[Path]:
     """Point SecVF at a fresh ``SECVF_HOME``/``SECVF_RUNTIME_DIR`` under ``/tmp`` (short, so
-    Unix socket paths stay below 108 bytes); on exit delete every VM in it, kill anything
-    left running below this process, and remove the directory. SIGTERM/SIGHUP end the
+    Unix socket paths stay below 108 bytes) and ``SECVF_RAM_DIR`` under ``/dev/shm``; on
+    exit delete every VM in it, kill anything left running below this process, and remove
+    the directories. SIGTERM/SIGHUP end the
     benchmark through the same cleanup."""
     root = Path(tempfile.mkdtemp(prefix="svb-", dir="/tmp"))
-    saved = {k: os.environ.get(k) for k in ("SECVF_HOME", "SECVF_RUNTIME_DIR")}
+    ram = Path(tempfile.mkdtemp(prefix="svb-ram-", dir="/dev/shm"))  # guests' RAM files
+    saved = {k: os.environ.get(k) for k in ("SECVF_HOME", "SECVF_RUNTIME_DIR", "SECVF_RAM_DIR")}
     os.environ["SECVF_HOME"] = str(root / "h")
     os.environ["SECVF_RUNTIME_DIR"] = str(root / "r")
+    os.environ["SECVF_RAM_DIR"] = str(ram)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     try:
@@ -303,6 +306,7 @@ def private_secvf() -> Iterator[Path]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(ram, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -338,6 +342,14 @@ def _supervisor_pid(name: str) -> int | None:
 
 def secvf(*args: str, timeout: float = 300, input_bytes: bytes | None = None) -> tuple[float, str]:
     """Run ``secvf ARGS`` (the CLI); return (wall seconds, stdout). Raises on failure."""
+    elapsed, stdout, _ = secvf_full(*args, timeout=timeout, input_bytes=input_bytes)
+    return elapsed, stdout
+
+
+def secvf_full(
+    *args: str, timeout: float = 300, input_bytes: bytes | None = None
+) -> tuple[float, str, str]:
+    """Like :func:`secvf`, also returning stderr (where the CLI's notes go)."""
     begin = time.monotonic()
     proc = subprocess.run(
         [*SECVF, *args],
@@ -352,7 +364,25 @@ def secvf(*args: str, timeout: float = 300, input_bytes: bytes | None = None) ->
             f"secvf {' '.join(args)} exited {proc.returncode}:\n"
             f"{proc.stderr.decode(errors='replace')[-2000:]}"
         )
-    return elapsed, proc.stdout.decode(errors="replace")
+    return elapsed, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+
+
+def start_events(name: str) -> list[dict]:
+    """The ``vm_started`` events of VM ``name`` in the private home's security log, oldest
+    first; ``restored_from`` is set on a start that restored saved state (a template or a
+    snapshot) and None on a cold boot."""
+    from secvf.store import events
+
+    return [e for e in events.read_events() if e.get("event") == "vm_started"
+            and e.get("vm") == name]  # fmt: skip
+
+
+def allocated_kib(path: Path) -> int:
+    """KiB a (sparse) file occupies, e.g. a guest's RAM file on tmpfs (0 if gone)."""
+    try:
+        return path.stat().st_blocks // 2
+    except OSError:
+        return 0
 
 
 def vm_processes(name: str) -> dict[str, list[int]]:
