@@ -129,7 +129,7 @@ from secvf.store.savedstate import (
     state_file,
     write_record,
 )
-from secvf.store.sparse import allocated_bytes, copy_sparse
+from secvf.store.sparse import allocated_bytes, copy_into, copy_sparse
 
 if TYPE_CHECKING:
     from secvf.exec.bridge import ExecBridge
@@ -312,14 +312,15 @@ class Supervisor:
         plan = self.plan = build_machine(self.config, self.bundle, self.files, choice.accel,
                                          self.mode)
         await asyncio.to_thread(self._prepare_ram, plan)
-        self._step(LaunchStage.HELPERS)
-        for spec in plan.helpers:
-            await self._start_helper(spec)
-        self._step(LaunchStage.QEMU)
-        await self._start_qemu(plan)
-        self._step(LaunchStage.QMP)
-        await self._connect_qmp()
-        self._secure_display()
+        ram_copy = (asyncio.ensure_future(asyncio.to_thread(self._copy_ram))
+                    if self.restore is not None else None)
+        try:
+            await self._start_machine(plan)
+        finally:
+            if ram_copy is not None:
+                await asyncio.wait([ram_copy])  # a thread cannot be cancelled
+        if ram_copy is not None:
+            ram_copy.result()  # what it raised
         await self._qmp_step("setting up migration", prepare_migration(self._qmp()))
         if self.restore is not None:
             self._step(LaunchStage.RESTORE)
@@ -363,32 +364,56 @@ class Supervisor:
         self.stage = LaunchStage.BRIDGE
         await self._start_bridge()
 
+    async def _start_machine(self, plan: MachinePlan) -> None:
+        """Start the plan's helpers, then QEMU (paused), and connect QMP."""
+        self._step(LaunchStage.HELPERS)
+        for spec in plan.helpers:
+            await self._start_helper(spec)
+        self._step(LaunchStage.QEMU)
+        await self._start_qemu(plan)
+        self._step(LaunchStage.QMP)
+        await self._connect_qmp()
+        self._secure_display()
+
     def _prepare_ram(self, plan: MachinePlan) -> None:
-        """Create the guest's RAM file: a copy of the saved RAM for a restore (after
-        checking that the saved state fits this machine), else an empty sparse file.
+        """Create the guest's RAM file, empty and sparse; for a restore, first check that
+        the saved state fits this machine (its RAM is copied in by :meth:`_copy_ram`
+        while the helpers and QEMU start).
 
         Raises:
             SnapshotError: the saved state was saved from another machine.
             NotFound, CorruptRecord: its files are missing or damaged.
         """
+        if self.restore is not None:
+            saved, what = read_saved_state(self.restore)
+            self.restored_ready = saved.guest_ready
+            problem = saved.shape.mismatch(plan.shape())
+            if problem:
+                raise SnapshotError(f"{what} cannot be restored into VM '{self.config.name}': "
+                                    f"{problem}")
         ram = self.files.ram_file
         ram.unlink(missing_ok=True)
-        if self.restore is None:
-            fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, self.config.memory_mib << 20)
-            finally:
-                os.close(fd)
-            return
-        saved, what = read_saved_state(self.restore)
-        self.restored_ready = saved.guest_ready
-        problem = saved.shape.mismatch(plan.shape())
-        if problem:
-            raise SnapshotError(f"{what} cannot be restored into VM '{self.config.name}': "
-                                f"{problem}")
+        fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self.config.memory_mib << 20)
+        finally:
+            os.close(fd)
+
+    def _copy_ram(self) -> None:
+        """Copy the saved RAM into the guest's RAM file. QEMU may have mapped it already;
+        the guest runs only after the state is loaded, which waits for this.
+
+        Raises:
+            SnapshotError: the copy failed.
+        """
+        assert self.restore is not None
         began = time.monotonic()
-        copied = copy_sparse(ram_file(self.restore), ram)
-        self.log.info("RAM of %s copied (%d MiB of data) in %.3f s", what, copied >> 20,
+        try:
+            copied = copy_into(ram_file(self.restore), self.files.ram_file)
+        except OSError as exc:
+            raise SnapshotError(f"cannot copy the saved RAM of {self.restore}: "
+                                f"{exc.strerror or exc}") from exc
+        self.log.info("saved RAM copied (%d MiB of data) in %.3f s", copied >> 20,
                       time.monotonic() - began)
 
     async def snapshot(self, request: SnapshotRequest) -> ControlReply:

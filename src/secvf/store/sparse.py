@@ -42,6 +42,24 @@ def copy_sparse(src: Path, dst: Path, *, mode: int = 0o600) -> int:
     return copied
 
 
+def copy_into(src: Path, dst: Path) -> int:
+    """Copy the data extents of ``src`` into existing file ``dst`` of the same size (a
+    fresh, empty RAM file another process may already have mapped); return the data
+    bytes copied.
+
+    Raises:
+        OSError: a file cannot be read or written, or the sizes differ (``EINVAL``).
+    """
+    copied = 0
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        if os.fstat(fout.fileno()).st_size != size:
+            raise OSError(errno.EINVAL, f"{dst} is not {size} bytes like {src}")
+        for start, end in data_extents(fin.fileno(), size):
+            copied += _copy_range(fin.fileno(), fout.fileno(), start, end)
+    return copied
+
+
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """The ``(start, end)`` byte ranges of ``fd`` that hold data (all of it where the
     filesystem cannot tell holes apart)."""
