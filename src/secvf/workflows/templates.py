@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from secvf.errors import CorruptRecord, NotFound, SnapshotError
+from secvf.errors import CorruptRecord, NotFound, SecVFError, SnapshotError
 from secvf.machine import build_machine
 from secvf.machine.common import resolve_image
 from secvf.machine.plan import RunMode
@@ -140,13 +140,16 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
         SnapshotError: the guest did not become ready or could not be saved.
     """
     say = progress or (lambda _line: None)
-    name = f"template-build-{uuid.uuid4().hex[:12]}"
-    config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
-                          disk_size=disk_size, image=image, network=network, accel=accel,
-                          channels=SandboxChannels())
+    probe = build_config(name="template-build", kind=VMKind.AI_SANDBOX, cpus=cpus,
+                         memory=memory, disk_size=disk_size, image=image, network=network,
+                         accel=accel, channels=SandboxChannels())
+    prefix = f"template-build-{_family_digest(probe)[:8]}-"
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    config = probe.model_copy(update={"name": name})
     key, shape, chosen = key_for(config)
     began = time.monotonic()
     with _family_lock(config), store.TemplateStaging() as staging:
+        _remove_leftover_build_vms(prefix)
         say(f"booting a {image} guest ({cpus} vCPU, {format_size(config.memory_mib << 20)}, "
             f"{chosen}) to save")
         vms.create_vm(config)
@@ -284,9 +287,23 @@ def _why_stale(template: TemplateInfo, config: VMConfig) -> str:
     return template.state.shape.mismatch(shape) or "it was saved in another format"
 
 
+def _family_digest(config: VMConfig) -> str:
+    return hashlib.sha256(_config_family(config).encode()).hexdigest()
+
+
 def _family_lock_path(config: VMConfig) -> Path:
-    digest = hashlib.sha256(_config_family(config).encode()).hexdigest()[:16]
-    return paths.templates_dir() / f".build-{digest}.lock"
+    return paths.templates_dir() / f".build-{_family_digest(config)[:16]}.lock"
+
+
+def _remove_leftover_build_vms(prefix: str) -> None:
+    """Delete the build VMs a killed build of this family left (the family's build lock
+    is held, so none of them is in use)."""
+    for item in library.list_vms():
+        if item.bundle.name.startswith(prefix):
+            with contextlib.suppress(SecVFError):
+                if is_running(item.bundle):
+                    control.stop_vm(item.bundle.name, force=True)
+                library.delete_vm(item.bundle.name)
 
 
 @contextlib.contextmanager
