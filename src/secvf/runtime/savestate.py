@@ -108,11 +108,8 @@ async def snapshot_disk(qmp: QMPClient, tag: str) -> None:
     Raises:
         SnapshotError: QEMU could not (e.g. the disk's filesystem is full).
     """
-    try:
-        await qmp.execute("blockdev-snapshot-internal-sync",
-                          {"device": DISK_BACKEND, "name": tag})
-    except QMPError as exc:
-        raise SnapshotError(f"QEMU could not snapshot the disk: {exc}") from exc
+    await _disk_snapshot_command(qmp, "blockdev-snapshot-internal-sync", tag,
+                                 "snapshot the disk")
 
 
 async def delete_disk_snapshot(qmp: QMPClient, tag: str) -> None:
@@ -121,11 +118,15 @@ async def delete_disk_snapshot(qmp: QMPClient, tag: str) -> None:
     Raises:
         SnapshotError: QEMU could not.
     """
+    await _disk_snapshot_command(qmp, "blockdev-snapshot-delete-internal-sync", tag,
+                                 f"delete disk snapshot {tag}")
+
+
+async def _disk_snapshot_command(qmp: QMPClient, command: str, tag: str, what: str) -> None:
     try:
-        await qmp.execute("blockdev-snapshot-delete-internal-sync",
-                          {"device": DISK_BACKEND, "name": tag})
+        await qmp.execute(command, {"device": DISK_BACKEND, "name": tag})
     except QMPError as exc:
-        raise SnapshotError(f"QEMU could not delete disk snapshot {tag}: {exc}") from exc
+        raise SnapshotError(f"QEMU could not {what}: {exc}") from exc
 
 
 async def _pass_fd(qmp: QMPClient, fd: int) -> None:

@@ -16,7 +16,6 @@ template: it boots cold, says so once, and a rebuild starts in the background.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,7 +43,7 @@ from secvf.store import library, paths
 from secvf.store import templates as store
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.layers import LAYER_SUFFIX, layers_dir, using_layers
-from secvf.store.locks import locked
+from secvf.store.locks import is_locked, locked
 from secvf.store.runstate import is_running, read_last_run
 from secvf.store.savedstate import SAVED_RECORD
 from secvf.workflows import vms
@@ -314,12 +313,5 @@ def _family_lock(config: VMConfig) -> Iterator[None]:
 
 
 def _family_busy(config: VMConfig) -> bool:
-    fd = os.open(_family_lock_path(config), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(_family_lock_path(config))
 
