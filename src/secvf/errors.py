@@ -25,7 +25,8 @@ its ``exit_code`` (an :class:`ExitCode`) by the CLI::
      │    ├── ExecRefused             the bridge or agent refused the connection (.code)
      │    ├── ProtocolError           the peer broke the exec protocol (.code)
      │    ├── CommandStartFailed      the command did not start (.kind, .errno …)  126/127
-     │    └── FileTransferError       an upload or download failed (.kind, .path …)
+     │    ├── FileTransferError       an upload or download failed (.kind, .path …)
+     │    └── RestoreFailed           the agent refused or did not finish a restore (.kind)
      └── VsockError                   the vsock backend's errors (in secvf.vsock.errors)
 
 The ``.code`` and ``.kind`` attributes hold the exec protocol's values
@@ -206,6 +207,27 @@ class FileTransferError(ExecError):
         self.errno = errno  # guest errno, if any
         self.errno_name = errno_name  # e.g. "EACCES"
         super().__init__(f"file transfer failed ({kind}) for {path}: {message}")
+
+
+class RestoreFailed(ExecError):
+    """A ``restore`` (making a restored guest its own machine) was refused or not finished.
+
+    ``kind`` is a ``RestoreFailureKind`` value (``invalid_request``: a field breaks its rule,
+    named in ``field``, and nothing was changed; ``unsupported``: the agent cannot restore),
+    or :attr:`INCOMPLETE`: the agent applied the request but some items failed; ``result``
+    then holds the :class:`secvf.exec.RestoreResult` with its ``errors``.
+    """
+
+    #: The kind the host adds: the restore ran, but not every item succeeded.
+    INCOMPLETE = "incomplete"
+
+    def __init__(
+        self, kind: str, message: str, field: str | None = None, result: object | None = None
+    ) -> None:
+        self.kind = kind  # a RestoreFailureKind value, or INCOMPLETE
+        self.field = field  # the request field that broke a rule (invalid_request)
+        self.result = result  # the RestoreResult (INCOMPLETE only)
+        super().__init__(f"restore failed ({kind}): {message}")
 
 
 class SupervisorFailed(SecVFError):

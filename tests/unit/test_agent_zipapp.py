@@ -16,7 +16,7 @@ import secvf
 from secvf.errors import ImageBuildFailed
 from secvf.image import RECIPES, recipe_hash
 from secvf.image.agent_zipapp import ZIPAPP_DATE_TIME, ZIPAPP_STUB, agent_zipapp
-from secvf.image.recipe import AGENT_GUEST_PATH
+from secvf.image.recipe import AGENT_GUEST_PATH, Recipe
 
 PACKAGE = Path(secvf.__file__).parent
 AGENT_MODULES = sorted((PACKAGE / "guest" / "agent").glob("*.py"))
@@ -31,6 +31,7 @@ def source_copy(tmp_path: Path) -> Path:
     for module in AGENT_MODULES:
         shutil.copy(module, copy / "guest" / "agent" / module.name)
     shutil.copy(PACKAGE / "exec" / "protocol.py", copy / "exec" / "protocol.py")
+    shutil.copy(PACKAGE / "guest" / "restore_watch.py", copy / "guest" / "restore_watch.py")
     for path in copy.rglob("*.py"):
         os.utime(path, (1_000_000_000, 1_000_000_000))
         path.chmod(0o600)
@@ -54,6 +55,7 @@ def test_it_holds_every_agent_module_the_protocol_and_package_stubs() -> None:
         **modules,
         "__main__.py": (PACKAGE / "guest" / "agent" / "__main__.py").read_bytes(),
         "secvf/exec/protocol.py": (PACKAGE / "exec" / "protocol.py").read_bytes(),
+        "secvf/guest/restore_watch.py": (PACKAGE / "guest" / "restore_watch.py").read_bytes(),
         "secvf/__init__.py": ZIPAPP_STUB,
         "secvf/exec/__init__.py": ZIPAPP_STUB,
         "secvf/guest/__init__.py": ZIPAPP_STUB,
@@ -69,13 +71,20 @@ def test_entries_are_sorted_with_fixed_time_and_mode() -> None:
     }
 
 
-@pytest.mark.parametrize("edited", [m.name for m in AGENT_MODULES] + ["protocol.py"])
+def _with_agent_from(source: Path) -> Recipe:
+    """The sandbox recipe with its agent zipapp built from ``source``."""
+    sandbox = RECIPES["sandbox"]
+    return replace(sandbox, files=tuple(
+        replace(f, source=source) if f.dest == AGENT_GUEST_PATH else f for f in sandbox.files))
+
+
+@pytest.mark.parametrize("edited",
+                         [m.name for m in AGENT_MODULES] + ["protocol.py", "restore_watch.py"])
 def test_any_edited_module_changes_the_zipapp_and_the_sandbox_recipe_hash(
     source_copy: Path, edited: str
 ) -> None:
     sandbox = RECIPES["sandbox"]
-    agent_file = next(f for f in sandbox.files if f.dest == AGENT_GUEST_PATH)
-    copied = replace(sandbox, files=(replace(agent_file, source=source_copy),))
+    copied = _with_agent_from(source_copy)
     before_bytes, before_hash = agent_zipapp(source_copy), recipe_hash(copied)
     assert before_hash == recipe_hash(sandbox)
     path = next(source_copy.rglob(edited))
@@ -86,8 +95,7 @@ def test_any_edited_module_changes_the_zipapp_and_the_sandbox_recipe_hash(
 
 def test_missing_agent_sources_are_a_clear_build_error(source_copy: Path) -> None:
     (source_copy / "guest" / "agent" / "__main__.py").unlink()
-    sandbox = RECIPES["sandbox"]
-    broken = replace(sandbox, files=(replace(sandbox.files[0], source=source_copy),))
+    broken = _with_agent_from(source_copy)
     with pytest.raises(ImageBuildFailed) as err:
         recipe_hash(broken)
     assert err.value.step == "recipe"

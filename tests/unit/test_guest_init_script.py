@@ -197,3 +197,60 @@ def test_root_has_a_password_only_with_a_crypt_hash(tmp_path: Path, root_entry: 
     proc = dash(f"mount --bind {shadow} /etc/shadow && root_has_password && echo yes || echo no",
                 namespace=["--mount"])
     assert proc.stdout == ("yes\n" if has_password else "no\n"), proc.stderr
+
+
+# ---- readiness: the marker waits for the agent ------------------------------------------------
+
+def _agent(tmp_path: Path, present: bool = True) -> str:
+    """Shell lines pointing init at a ready FIFO in ``tmp_path`` and an agent file there."""
+    if present:
+        (tmp_path / "agent.pyz").write_text("")
+    return f"READY_FIFO={tmp_path}/ready AGENT={tmp_path}/agent.pyz\nopen_ready_fifo\n"
+
+
+@needs_dash
+def test_the_marker_waits_for_the_agents_line(tmp_path: Path) -> None:
+    proc = dash(_agent(tmp_path) + f"""
+        ( sleep 0.5; echo agent >{tmp_path}/ready ) 3<&- &
+        wait_for_agent 30; echo "waited $?"
+        [ -e {tmp_path}/ready ] || echo "fifo removed"
+    """)
+    assert proc.stdout.split("\n")[:2] == ["waited 0", "fifo removed"], proc.stderr
+    assert proc.stderr == ""
+
+
+@needs_dash
+def test_an_agent_that_never_listens_is_named_after_the_wait(tmp_path: Path) -> None:
+    proc = dash(_agent(tmp_path) + "wait_for_agent 1; echo done")
+    assert proc.stdout == "done\n"
+    assert proc.stderr == "secvf-init: the exec agent is not listening after 1 s\n"
+
+
+@needs_dash
+def test_an_image_without_the_agent_does_not_wait(tmp_path: Path) -> None:
+    proc = dash(_agent(tmp_path, present=False) + "wait_for_agent 30; echo done")
+    assert (proc.stdout, proc.stderr) == ("done\n", "")
+    assert not (tmp_path / "ready").exists()
+
+
+@needs_dash
+def test_the_agent_writes_its_line_with_its_own_helper(tmp_path: Path) -> None:
+    package = Path(secvf.__file__).parent.parent
+    helper = (f"python3 -I -c 'import sys; sys.path.insert(0, \"{package}\"); "
+              "from secvf.guest.agent.__main__ import signal_ready; "
+              "sys.exit(not signal_ready(sys.argv[1], \"agent\"))'")
+    proc = dash(_agent(tmp_path) + f"""
+        ( {helper} {tmp_path}/ready ) 3<&- &
+        wait_for_agent 30; echo done
+    """)
+    assert (proc.stdout, proc.stderr) == ("done\n", "")
+
+
+@needs_dash
+def test_a_dhcp_client_restarted_by_restore_keeps_the_address_once(tmp_path: Path) -> None:
+    keep = tmp_path / "dhcp-keep-address"
+    keep.write_text("")
+    proc = dash(f"BB=echo DHCP_KEEP_ADDRESS={keep} interface=eth0\n"
+                "dhcp_event deconfig; echo first; dhcp_event deconfig")
+    assert proc.stdout == "first\nip -4 addr flush dev eth0\n", proc.stderr
+    assert not keep.exists()

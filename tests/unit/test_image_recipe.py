@@ -90,9 +90,12 @@ def test_builtin_recipes() -> None:
     assert [(u.name, u.uid, u.home, u.shell) for u in sandbox.users] == [
         ("agent", 1000, "/home/agent", "/bin/sh")
     ]
+    watch = ("/usr/lib/secvf/restore-watch.py", None)
+    assert [(f.dest, f.build) for f in base.files] == [watch]
     assert [(f.dest, f.build) for f in sandbox.files] == [
-        ("/usr/lib/secvf/agent/agent.pyz", recipe_mod.agent_zipapp)
+        watch, ("/usr/lib/secvf/agent/agent.pyz", recipe_mod.agent_zipapp)
     ]
+    assert base.files[0].source == recipe_mod.RESTORE_WATCH_SOURCE
     assert "python3" in base.packages and "busybox-static" in base.packages
 
 
@@ -125,3 +128,9 @@ def test_init_starts_the_agent_zipapp_the_recipe_installs() -> None:
     init = recipe_mod.INIT_SCRIPT.read_text()
     assert f"AGENT={recipe_mod.AGENT_GUEST_PATH}\n" in init
     assert 'python3 -I -u "$AGENT"' in init
+
+
+def test_init_starts_the_restore_watch_the_recipe_installs() -> None:
+    init = recipe_mod.INIT_SCRIPT.read_text()
+    assert f"RESTORE_WATCH={recipe_mod.RESTORE_WATCH_GUEST_PATH}\n" in init
+    assert 'python3 -I -S -u "$RESTORE_WATCH"' in init

@@ -63,10 +63,17 @@ def test_agent_module_imports_only_the_standard_library_protocol_and_agent(modul
     allowed = set(sys.stdlib_module_names) | {"__future__", "secvf"}
     assert _imported_modules(module) - allowed == set()
     agent = {"secvf.guest.agent"} | {f"secvf.guest.agent.{m.stem}" for m in AGENT_MODULES}
-    allowed_secvf = agent | {"secvf.exec.protocol"}
+    allowed_secvf = agent | {"secvf.exec.protocol", "secvf.guest.restore_watch"}
     outside = {(m, n) for m, n in _secvf_imports(module)
                if m not in allowed_secvf and f"{m}.{n}" not in allowed_secvf}
     assert outside == set()
+
+
+def test_the_restore_watch_is_one_standard_library_file():
+    # it is copied alone into every image: nothing of secvf, nothing third-party
+    watch = PROTOCOL_SOURCE.parent.parent / "guest" / "restore_watch.py"
+    allowed = set(sys.stdlib_module_names) | {"__future__"}
+    assert _imported_modules(watch) - allowed == set()
 
 
 def test_the_agent_is_a_package_of_several_modules():

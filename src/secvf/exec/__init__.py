@@ -8,7 +8,7 @@ Modules, one concept each: ``protocol`` (the wire format, standard-library only,
 with the guest agent), ``channel`` (the framed connection: dialling, frames, deadlines,
 limits), ``outcome`` (events, results, exit codes), ``stream`` (a running command:
 events, stdin, signals, resize), ``client`` (:class:`ExecClient`: run, start, files,
-info) and ``bridge`` (the supervisor's per-VM exec socket). The errors are in
+info, restore) and ``bridge`` (the supervisor's per-VM exec socket). The errors are in
 :mod:`secvf.errors`.
 """
 
@@ -21,6 +21,7 @@ from secvf.errors import (
     ExecRefused,
     FileTransferError,
     ProtocolError,
+    RestoreFailed,
 )
 from secvf.exec.client import Command, ExecClient
 from secvf.exec.outcome import (
@@ -29,6 +30,9 @@ from secvf.exec.outcome import (
     ExecResult,
     Exited,
     FileTransfer,
+    RestoreIssue,
+    RestoreResult,
+    RestoreShare,
     Started,
     Stderr,
     StdinError,
@@ -57,6 +61,10 @@ __all__ = [
     "ProtocolError",
     "CommandStartFailed",
     "FileTransferError",
+    "RestoreResult",
+    "RestoreShare",
+    "RestoreIssue",
+    "RestoreFailed",
 ]
 
 logging.getLogger("secvf.exec").addHandler(logging.NullHandler())

@@ -37,13 +37,14 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from secvf.errors import (
     AgentUnavailable,
     CommandStartFailed,
     FileTransferError,
     ProtocolError,
+    RestoreFailed,
     StateError,
 )
 from secvf.exec import protocol
@@ -57,7 +58,14 @@ from secvf.exec.channel import (
     expect,
     peer_error,
 )
-from secvf.exec.outcome import AgentInfo, ExecResult, FileTransfer
+from secvf.exec.outcome import (
+    AgentInfo,
+    ExecResult,
+    FileTransfer,
+    RestoreIssue,
+    RestoreResult,
+    RestoreShare,
+)
 from secvf.exec.stream import DEFAULT_MAX_OUTPUT_BYTES, ExecSession, OutputCallback, StdinFeeder
 
 #: Default cap on a downloaded file.
@@ -65,7 +73,14 @@ DEFAULT_MAX_DOWNLOAD_BYTES = 4 * 1024 * 1024 * 1024
 #: How long after a command's guest-side timeout (plus kill grace) the host stops waiting.
 HOST_DEADLINE_MARGIN_S = 10.0
 #: What the host tells the agent it can do (``hello.capabilities``).
-HOST_CAPABILITIES = ("exec", "files")
+HOST_CAPABILITIES = ("exec", "files", "restore")
+#: Bytes of host entropy a restore sends by default.
+RESTORE_ENTROPY_BYTES = 64
+#: How long a restore may take in the guest (hot-plugged shares appearing, DHCP) before
+#: the host gives up on the agent.
+RESTORE_TIMEOUT_S = 60.0
+#: Most per-item errors (and mounted shares) kept from a restore reply.
+MAX_RESTORE_ITEMS = 64
 
 Command = Sequence[str] | str
 """argv (a sequence of strings) or a shell command line (run with /bin/sh -c)."""
@@ -264,6 +279,109 @@ class ExecClient:
             python=p["python"],
             kernel=p["kernel"],
         )
+
+    def restore(
+        self,
+        *,
+        hostname: str | None = None,
+        mac: str | None = None,
+        shares: Sequence[RestoreShare | tuple[str, str, bool]] = (),
+        clean_tmp: bool = True,
+        entropy: bytes | None = None,
+        timeout: float = RESTORE_TIMEOUT_S,
+        check: bool = True,
+    ) -> RestoreResult:
+        """Make a guest restored from saved state its own machine (``restore``).
+
+        The agent sets the clock to this host's (sent just before the request leaves),
+        mixes ``entropy`` (default: 64 bytes of ``os.urandom``) into the kernel RNG and
+        reseeds it and its own generators, sets ``hostname`` (and ``/etc/hosts``), sets
+        eth0's ``mac`` (restarting DHCP if the VM uses it), empties ``/tmp`` if
+        ``clean_tmp``, and mounts ``shares`` - ``(tag, guest_path, read_only)`` - waiting
+        up to 10 s for each hot-plugged virtio-fs tag. ``None`` leaves hostname or MAC as
+        they are. The request is checked here first, by the same rules the agent uses.
+
+        Returns:
+            What the guest did; ``errors`` lists the items that failed (only with
+            ``check=False``: otherwise they raise).
+
+        Raises:
+            RestoreFailed: kind ``invalid_request`` (a bad hostname, MAC, share path or
+                tag, ...: nothing was sent or changed; ``field`` names it),
+                ``unsupported`` (the agent is too old, or cannot restore), or, with
+                ``check``, ``incomplete`` (some items failed; ``result`` has them).
+            StateError: this client already runs an operation.
+            AgentUnavailable, ProtocolError, ExecRefused: the channel failed (the
+                connection is closed).
+        """
+        if (
+            self.generation < protocol.MESSAGES["restore"].introduced_in
+            or "restore" not in self.capabilities
+        ):
+            raise RestoreFailed(
+                protocol.RestoreFailureKind.UNSUPPORTED,
+                f"the guest agent ({self.agent_software or 'unknown'}, protocol generation "
+                f"{self.generation}) cannot restore; rebuild the image "
+                "(secvf image build sandbox --force) and the template",
+            )
+        fields: dict[str, Any] = {
+            "time_ns": time.time_ns(),
+            "entropy": (os.urandom(RESTORE_ENTROPY_BYTES) if entropy is None else entropy).hex(),
+            "hostname": hostname,
+            "mac": mac.lower() if mac is not None else None,
+            "shares": [
+                {"tag": tag, "path": path, "read_only": read_only}
+                for tag, path, read_only in shares
+            ],
+            "clean_tmp": clean_tmp,
+        }
+        try:
+            protocol.check_restore_request(protocol.build_payload("restore", fields))
+        except protocol.InvalidRestore as exc:
+            raise RestoreFailed(
+                protocol.RestoreFailureKind.INVALID_REQUEST, str(exc), exc.field
+            ) from None
+        except protocol.BadMessage as exc:
+            raise RestoreFailed(protocol.RestoreFailureKind.INVALID_REQUEST, str(exc)) from None
+        self._begin()
+        try:
+            fields["time_ns"] = time.time_ns()
+            self._channel.send(protocol.encode_message("restore", **fields))
+            msg = self._recv_connection_reply(
+                ("restored", "restore_failed"), time.monotonic() + timeout
+            )
+        except BaseException:
+            self._fail()
+            raise
+        received_ns = time.time_ns()
+        self._end()
+        if msg.name == "restore_failed":
+            p = msg.payload
+            field = p["field"][:MAX_PEER_TEXT_CHARS] if p["field"] is not None else None
+            raise RestoreFailed(
+                _known(protocol.RestoreFailureKind, p["kind"])[:MAX_PEER_TEXT_CHARS],
+                p["message"][:MAX_PEER_TEXT_CHARS],
+                field,
+            )
+        result = _restore_result(msg, received_ns)
+        if check and result.errors:
+            summary = "; ".join(f"{e.item}: {e.message}" for e in result.errors)
+            raise RestoreFailed(RestoreFailed.INCOMPLETE, summary, result=result)
+        return result
+
+    def _recv_connection_reply(
+        self, names: Sequence[str], hard_deadline: float
+    ) -> protocol.Message:
+        """The next message on stream 0 that is one of ``names`` (keepalives skipped)."""
+        while True:
+            frame = self._channel.recv_frame(hard_deadline)
+            if frame.stream_id != 0:
+                raise ProtocolError(f"agent sent a frame for unknown stream {frame.stream_id}")
+            if frame.type is protocol.FrameType.ERROR:
+                raise peer_error(decode(frame))
+            msg = expect(frame, (*names, "keepalive"))
+            if msg.name != "keepalive":
+                return msg
 
     # -- exec -------------------------------------------------------------------------------
 
@@ -510,6 +628,33 @@ def _known(kinds: type[enum.StrEnum], raw: str) -> str:
         return kinds(raw)
     except ValueError:
         return raw
+
+
+def _restore_result(msg: protocol.Message, received_ns: int) -> RestoreResult:
+    """A ``restored`` payload as a :class:`RestoreResult` (guest text shortened)."""
+    p = msg.payload
+    offset = p["clock_offset_ns"]
+    return RestoreResult(
+        clock_offset_s=offset / 1e9 if offset is not None else None,
+        clock_skew_s=(p["guest_time_ns"] - received_ns) / 1e9,
+        reseeded=p["reseeded"],
+        hostname=p["hostname"][:MAX_PEER_TEXT_CHARS],
+        mac=p["mac"][:MAX_PEER_TEXT_CHARS] if p["mac"] is not None else None,
+        dhcp_restarted=p["dhcp_restarted"],
+        mounted=tuple(
+            RestoreShare(
+                s["tag"][:MAX_PEER_TEXT_CHARS], s["path"][:MAX_PEER_TEXT_CHARS], s["read_only"]
+            )
+            for s in p["mounted"][:MAX_RESTORE_ITEMS]
+        ),
+        tmp_entries_removed=p["tmp_entries_removed"],
+        errors=tuple(
+            RestoreIssue(
+                e.get("item", "?")[:MAX_PEER_TEXT_CHARS], e.get("message", "")[:MAX_PEER_TEXT_CHARS]
+            )
+            for e in p["errors"][:MAX_RESTORE_ITEMS]
+        ),
+    )
 
 
 def _start_failed(msg: protocol.Message) -> CommandStartFailed:

@@ -10,6 +10,7 @@ or the exception that ended the attempt, to the status ``secvf vm exec`` exits w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from secvf.errors import CommandStartFailed, ExitCode
 
@@ -105,6 +106,43 @@ class AgentInfo:
     default_user: str  # the account used when a request names none
     python: str  # guest Python version
     kernel: str  # guest kernel release
+
+
+class RestoreShare(NamedTuple):
+    """A virtio-fs share for :meth:`secvf.exec.ExecClient.restore` to mount (a plain
+    ``(tag, guest_path, read_only)`` tuple works as well)."""
+
+    tag: str  # the virtio-fs tag of the hot-plugged device
+    guest_path: str  # where it is mounted in the guest
+    read_only: bool  # mounted -o ro (the host enforces read-only shares anyway)
+
+
+@dataclass(frozen=True)
+class RestoreIssue:
+    """One part of a restore that failed in the guest."""
+
+    item: str  # clock, rng, hostname, tmp, mac, dhcp or share:TAG
+    message: str  # the agent's explanation (untrusted text)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What :meth:`secvf.exec.ExecClient.restore` did in the guest."""
+
+    clock_offset_s: float | None  # how far the guest clock was behind the host's (<0: ahead)
+    clock_skew_s: float  # guest clock - host clock when the reply arrived (~0 minus transit)
+    reseeded: bool  # kernel RNG got the host's entropy and reseeded; agent's random too
+    hostname: str  # the guest's hostname now
+    mac: str | None  # eth0's MAC now (None: the VM has no eth0)
+    dhcp_restarted: bool  # eth0's DHCP client was restarted for the new MAC
+    mounted: tuple[RestoreShare, ...]  # the shares that are mounted
+    tmp_entries_removed: int  # entries removed from /tmp
+    errors: tuple[RestoreIssue, ...]  # the items that failed
+
+    @property
+    def ok(self) -> bool:
+        """True if every item of the restore succeeded."""
+        return not self.errors
 
 
 def exit_code_for(outcome: ExecResult | BaseException) -> int:

@@ -22,15 +22,23 @@ Every frame is a fixed 12-byte header followed by a body (all integers big-endia
   :data:`MESSAGES`, ``p`` its payload. Unknown payload keys are ignored (so newer peers
   may add optional fields); missing keys take the defaults listed in :data:`MESSAGES`.
 * STDOUT, STDERR, STDIN and FILE_DATA bodies are raw bytes (no base64, binary-safe).
-* Three payload fields are enumerations, ``str`` enums here: ``error.code``
-  (:class:`ErrorCode`), ``start_failed.kind`` (:class:`StartFailureKind`) and
-  ``file_error.kind`` (:class:`FileErrorKind`). Their values are append-only; a sender
-  cannot encode a value outside them, and a receiver keeps one it does not know.
+* Four payload fields are enumerations, ``str`` enums here: ``error.code``
+  (:class:`ErrorCode`), ``start_failed.kind`` (:class:`StartFailureKind`),
+  ``file_error.kind`` (:class:`FileErrorKind`) and ``restore_failed.kind``
+  (:class:`RestoreFailureKind`). Their values are append-only; a sender cannot encode a
+  value outside them, and a receiver keeps one it does not know.
 
 Handshake: the client sends ``hello`` on stream 0; the agent answers ``hello`` with its
 version, the negotiated generation (the minimum of both), its capabilities and its
 keepalive interval. A peer that refuses a connection (for example the host's exec bridge
 after a failed credential check) sends one ERROR frame and closes.
+
+Restore (generation 2): after a guest was restored from saved state (a sandbox template),
+the host sends ``restore`` on stream 0 with its time, fresh entropy, the hostname, MAC and
+shares the guest should have; the agent applies them and answers ``restored`` (what it
+did, with a list of per-item errors) or ``restore_failed`` (nothing was changed). Both
+sides check the request with :func:`check_restore_request`. Agents that can carry it out
+list ``restore`` in their ``hello`` capabilities.
 
 Streams: the client opens a stream by sending ``exec``, ``upload`` or ``download`` with a
 fresh non-zero stream id and FLAG_START. Frames for that operation carry the same id;
@@ -46,19 +54,22 @@ Errors raised here (all plain ``Exception`` subclasses, no secvf imports)::
      ├── UnsupportedGeneration  the peer's generation is below MIN_GENERATION
      └── BadMessage             JSON that is not a valid message (bad shape, bad field)
           └── UnknownMessage    a message name this generation does not know (.name)
+    InvalidRestore (ValueError) a restore request breaks a field rule (.field)
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 #: Protocol generation implemented by this module (see docs/VERSIONING.md).
-GENERATION = 1
+#: 2 added ``restore`` / ``restored`` / ``restore_failed``.
+GENERATION = 2
 #: Oldest generation this module can still speak.
 MIN_GENERATION = 1
 
@@ -144,6 +155,13 @@ class FileErrorKind(enum.StrEnum):
     OTHER = "other"  # any other system-call failure (see errno)
 
 
+class RestoreFailureKind(enum.StrEnum):
+    """``restore_failed.kind``: why the agent changed nothing for a ``restore``."""
+
+    INVALID_REQUEST = "invalid_request"  # a field breaks its rule (restore_failed.field)
+    UNSUPPORTED = "unsupported"  # this agent cannot apply restores (not root, not a guest)
+
+
 class ProtocolViolation(Exception):
     """The peer sent bytes or JSON that break the exec protocol."""
 
@@ -205,7 +223,26 @@ _KIND_CHECKS = {
     "map[str,str]": lambda v: (
         isinstance(v, dict) and all(isinstance(k, str) and isinstance(i, str) for k, i in v.items())
     ),
+    "list[map[str,str]]": lambda v: isinstance(v, list) and all(_is_str_map(i) for i in v),
+    "list[share]": lambda v: isinstance(v, list) and all(_is_share(i) for i in v),
 }
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(i, str) for k, i in value.items()
+    )
+
+
+def _is_share(value: Any) -> bool:
+    """A ``list[share]`` item: ``{"tag": str, "path": str, "read_only": bool}`` (more keys
+    are ignored, like unknown payload keys)."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("tag"), str)
+        and isinstance(value.get("path"), str)
+        and isinstance(value.get("read_only"), bool)
+    )
 
 
 @dataclass(frozen=True)
@@ -246,9 +283,20 @@ class MessageSpec:
 
 
 def _f(
+    name: str,
+    kind: str,
+    default: Any = REQUIRED,
+    choices: type[enum.StrEnum] | None = None,
+    introduced_in: int = 1,
+) -> FieldSpec:
+    return FieldSpec(name, kind, default, introduced_in, choices)
+
+
+def _f2(
     name: str, kind: str, default: Any = REQUIRED, choices: type[enum.StrEnum] | None = None
 ) -> FieldSpec:
-    return FieldSpec(name, kind, default, choices=choices)
+    """A field of a generation-2 message."""
+    return _f(name, kind, default, choices, introduced_in=2)
 
 
 _START_FAILURE_FIELDS = (
@@ -382,8 +430,217 @@ MESSAGES: dict[str, MessageSpec] = {
         ),
         MessageSpec("download_end", "to_client", "ends", (_f("size", "int"),)),
         MessageSpec("file_error", "to_client", "ends", _FILE_ERROR_FIELDS),
+        MessageSpec(
+            "restore",
+            "to_agent",
+            "connection",
+            (
+                _f2("time_ns", "int"),
+                _f2("entropy", "str"),
+                _f2("hostname", "str?", None),
+                _f2("mac", "str?", None),
+                _f2("shares", "list[share]", []),
+                _f2("clean_tmp", "bool", False),
+            ),
+            introduced_in=2,
+            doc="make a restored guest its own machine: clock, RNG, hostname, MAC, /tmp, shares",
+        ),
+        MessageSpec(
+            "restored",
+            "to_client",
+            "connection",
+            (
+                _f2("clock_offset_ns", "int?", None),
+                _f2("guest_time_ns", "int", 0),
+                _f2("reseeded", "bool", False),
+                _f2("hostname", "str", ""),
+                _f2("mac", "str?", None),
+                _f2("dhcp_restarted", "bool", False),
+                _f2("mounted", "list[share]", []),
+                _f2("tmp_entries_removed", "int", 0),
+                _f2("errors", "list[map[str,str]]", []),
+            ),
+            introduced_in=2,
+            doc="what restore did; errors: [{item, message}] for the parts that failed",
+        ),
+        MessageSpec(
+            "restore_failed",
+            "to_client",
+            "connection",
+            (
+                _f2("kind", "str", choices=RestoreFailureKind),
+                _f2("field", "str?", None),
+                _f2("message", "str", ""),
+            ),
+            introduced_in=2,
+            doc="restore refused before anything was changed",
+        ),
     )
 }
+
+
+# --------------------------------------------------------------------------- restore rules
+
+#: Host entropy a ``restore`` carries (hex in ``restore.entropy``), in bytes.
+RESTORE_MIN_ENTROPY_BYTES = 16
+RESTORE_MAX_ENTROPY_BYTES = 512
+#: Most shares one ``restore`` may mount.
+RESTORE_MAX_SHARES = 32
+#: Longest hostname (the kernel's HOST_NAME_MAX).
+HOSTNAME_MAX_BYTES = 64
+#: Longest virtio-fs tag (the device's config field).
+SHARE_TAG_MAX_BYTES = 36
+#: Longest guest mount point a share may have.
+GUEST_PATH_MAX_BYTES = 255
+#: The earliest host time a ``restore`` may carry (2020-01-01T00:00:00Z); earlier means
+#: the host's own clock is broken, and the guest keeps its clock.
+RESTORE_MIN_TIME_NS = 1_577_836_800 * 1_000_000_000
+#: Guest directories no share is mounted on or below (the same list as
+#: ``secvf.machine.shares.GUEST_SYSTEM_DIRS``; a unit test keeps them equal).
+GUEST_SYSTEM_DIRS = (
+    "bin",
+    "boot",
+    "dev",
+    "etc",
+    "home",
+    "lib",
+    "lib32",
+    "lib64",
+    "libx32",
+    "proc",
+    "root",
+    "run",
+    "sbin",
+    "sys",
+    "tmp",
+    "usr",
+    "var",
+)
+
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+_SHARE_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_GUEST_PATH_CHARS = re.compile(r"[A-Za-z0-9._@+/-]+")
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+class InvalidRestore(ValueError):
+    """A ``restore`` request breaks a field rule; nothing may be applied.
+
+    ``field`` names the payload field (``shares[2].path`` for one share's path).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"restore.{field}: {message}")
+
+
+def check_hostname(name: str) -> None:
+    """Check a hostname: dot-separated labels of letters, digits and inner hyphens.
+
+    Raises:
+        InvalidRestore: field ``hostname``.
+    """
+    if len(name.encode()) > HOSTNAME_MAX_BYTES:
+        raise InvalidRestore("hostname", f"longer than {HOSTNAME_MAX_BYTES} bytes")
+    if not name or not all(_HOSTNAME_LABEL.fullmatch(label) for label in name.split(".")):
+        raise InvalidRestore(
+            "hostname",
+            f"{name[:80]!r} is not a hostname (labels of letters, digits and inner '-', "
+            "separated by '.')",
+        )
+
+
+def check_mac(mac: str) -> None:
+    """Check a MAC address: six lower-case hex pairs with ':', unicast, not all zero.
+
+    Raises:
+        InvalidRestore: field ``mac``.
+    """
+    if not _MAC.fullmatch(mac):
+        raise InvalidRestore(
+            "mac", f"{mac[:80]!r} is not a MAC address like 52:54:00:12:34:56 (lower-case hex)"
+        )
+    if int(mac[:2], 16) & 1:
+        raise InvalidRestore("mac", f"{mac} is a multicast address; a NIC needs a unicast one")
+    if mac == "00:00:00:00:00:00":
+        raise InvalidRestore("mac", "the all-zero address is not a NIC address")
+
+
+def check_guest_path(path: str, field: str = "path") -> None:
+    """Check a share's guest mount point: absolute, normalised, plain characters, not on
+    or below a guest system directory (the host's rule for shares).
+
+    Raises:
+        InvalidRestore: field ``field``.
+    """
+    parts = path.split("/")
+    if len(path.encode()) > GUEST_PATH_MAX_BYTES:
+        raise InvalidRestore(field, f"longer than {GUEST_PATH_MAX_BYTES} bytes")
+    if path == "/" or parts[0] or any(p in ("", ".", "..") for p in parts[1:]):
+        raise InvalidRestore(
+            field,
+            f"{path[:80]!r} must be an absolute, normalised path "
+            "below / (no '.', '..' or empty components)",
+        )
+    if not _GUEST_PATH_CHARS.fullmatch(path):
+        raise InvalidRestore(
+            field, f"{path[:80]!r} may only contain letters, digits and . _ @ + - /"
+        )
+    if parts[1] in GUEST_SYSTEM_DIRS:
+        raise InvalidRestore(
+            field,
+            f"{path!r} would hide the guest's own /{parts[1]}; use "
+            "/workspace, /mnt/..., /srv/... or a new top-level directory",
+        )
+
+
+def check_restore_request(payload: Mapping[str, Any]) -> None:
+    """Check the rules of a ``restore`` payload (as :func:`build_payload` returns it).
+
+    The host client calls this before sending and the agent before applying anything.
+
+    Raises:
+        InvalidRestore: the first rule broken, with the field and what is wrong.
+    """
+    if payload["time_ns"] < RESTORE_MIN_TIME_NS:
+        raise InvalidRestore(
+            "time_ns", f"{payload['time_ns']} is before 2020: the host's clock is wrong"
+        )
+    entropy = payload["entropy"]
+    if len(entropy) % 2 or not _HEX.fullmatch(entropy):
+        raise InvalidRestore("entropy", "must be lower-case hex (two digits per byte)")
+    if not RESTORE_MIN_ENTROPY_BYTES <= len(entropy) // 2 <= RESTORE_MAX_ENTROPY_BYTES:
+        raise InvalidRestore(
+            "entropy",
+            f"{len(entropy) // 2} bytes; send "
+            f"{RESTORE_MIN_ENTROPY_BYTES}-{RESTORE_MAX_ENTROPY_BYTES}",
+        )
+    if payload["hostname"] is not None:
+        check_hostname(payload["hostname"])
+    if payload["mac"] is not None:
+        check_mac(payload["mac"])
+    shares = payload["shares"]
+    if len(shares) > RESTORE_MAX_SHARES:
+        raise InvalidRestore("shares", f"{len(shares)} shares; at most {RESTORE_MAX_SHARES}")
+    tags: set[str] = set()
+    paths: list[str] = []
+    for i, share in enumerate(shares):
+        tag, path = share["tag"], share["path"]
+        if len(tag.encode()) > SHARE_TAG_MAX_BYTES or not _SHARE_TAG.fullmatch(tag):
+            raise InvalidRestore(
+                f"shares[{i}].tag",
+                f"{tag[:80]!r} must be a letter then "
+                f"letters, digits, '_' or '-', at most {SHARE_TAG_MAX_BYTES} bytes",
+            )
+        if tag in tags:
+            raise InvalidRestore(f"shares[{i}].tag", f"two shares are tagged {tag!r}")
+        tags.add(tag)
+        check_guest_path(path, f"shares[{i}].path")
+        for other in paths:
+            if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
+                raise InvalidRestore(f"shares[{i}].path", f"{path} overlaps {other}")
+        paths.append(path)
 
 
 # --------------------------------------------------------------------------- frames
@@ -679,6 +936,17 @@ def describe_contract() -> dict[str, Any]:
         "start_failure_kinds": [kind.value for kind in StartFailureKind],
         "file_error_kinds": [kind.value for kind in FileErrorKind],
         "error_codes": [code.value for code in ErrorCode],
+        "restore_failure_kinds": [kind.value for kind in RestoreFailureKind],
+        "restore_limits": {
+            "min_entropy_bytes": RESTORE_MIN_ENTROPY_BYTES,
+            "max_entropy_bytes": RESTORE_MAX_ENTROPY_BYTES,
+            "max_shares": RESTORE_MAX_SHARES,
+            "hostname_max_bytes": HOSTNAME_MAX_BYTES,
+            "share_tag_max_bytes": SHARE_TAG_MAX_BYTES,
+            "guest_path_max_bytes": GUEST_PATH_MAX_BYTES,
+            "min_time_ns": RESTORE_MIN_TIME_NS,
+            "guest_system_dirs": list(GUEST_SYSTEM_DIRS),
+        },
         "timing": {
             "keepalive_interval_s": KEEPALIVE_INTERVAL_S,
             "agent_silence_timeout_s": AGENT_SILENCE_TIMEOUT_S,
@@ -710,6 +978,7 @@ __all__ = [
     "ErrorCode",
     "StartFailureKind",
     "FileErrorKind",
+    "RestoreFailureKind",
     "FrameDecoder",
     "encode_frame",
     "encode_message",
@@ -726,4 +995,17 @@ __all__ = [
     "BadMessage",
     "UnknownMessage",
     "UnsupportedGeneration",
+    "InvalidRestore",
+    "check_restore_request",
+    "check_hostname",
+    "check_mac",
+    "check_guest_path",
+    "RESTORE_MIN_ENTROPY_BYTES",
+    "RESTORE_MAX_ENTROPY_BYTES",
+    "RESTORE_MAX_SHARES",
+    "HOSTNAME_MAX_BYTES",
+    "SHARE_TAG_MAX_BYTES",
+    "GUEST_PATH_MAX_BYTES",
+    "RESTORE_MIN_TIME_NS",
+    "GUEST_SYSTEM_DIRS",
 ]

@@ -3,9 +3,10 @@
 #
 # As PID 1 it mounts the API filesystems, sets the clock, grows the root filesystem to
 # the disk, sets the hostname, brings up the network, mounts virtio-fs shares, starts the
-# exec agent (sandbox images), arms the ACPI power button, prints the ready marker on the
-# serial console, offers a login there if the VM has one, then reaps orphans forever. On
-# SIGUSR2 it shuts the guest down (TERM, grace, KILL, sync, unmount, power off).
+# exec agent (sandbox images), arms the ACPI power button, waits until the agent listens,
+# starts the restore watch (every image), prints the ready marker on the serial console,
+# offers a login there if the VM has one, then reaps orphans forever.
+# On SIGUSR2 it shuts the guest down (TERM, grace, KILL, sync, unmount, power off).
 #
 # Kernel command line parameters (the kernel hands unknown key=value pairs to init
 # as environment variables):
@@ -34,6 +35,16 @@ SELF=/sbin/secvf-init
 READY_MARKER=SECVF-READY
 AGENT=/usr/lib/secvf/agent/agent.pyz
 AGENT_LOG_FIFO=/run/secvf/agent-log
+RESTORE_WATCH=/usr/lib/secvf/restore-watch.py
+# the agent writes "agent" here once it listens on vsock port 2222; the marker waits for it
+READY_FIFO=/run/secvf/ready
+# how long the ready marker waits for the agent (seconds)
+READY_WAIT_S=60
+# the agent's restore creates this before it restarts the DHCP client for a new MAC: that
+# client's first "deconfig" then keeps eth0's address (the new lease is the same one)
+DHCP_KEEP_ADDRESS=/run/secvf/dhcp-keep-address
+# drivers of the devices a restored sandbox gets hot-plugged (there is no udev to load them)
+CHANNEL_MODULES="vmw_vsock_virtio_transport virtiofs"
 ACPI_DIR=/run/secvf/acpi
 ROOT_DEVICE=/dev/vda
 RTC_SECONDS=/sys/class/rtc/rtc0/since_epoch
@@ -163,21 +174,48 @@ mount_shares() {
 	IFS=$old_ifs
 }
 
+start_restore_watch() {
+	# Notices a restore or a pause (the clock far behind the RTC), steps the clock back and
+	# reseeds the RNG (src/secvf/guest/restore_watch.py). It writes its own console lines.
+	# Started after the agent listens (its start-up would slow the agent's) and not waited
+	# for: arming takes up to a second, for the RTC's next tick.
+	[ -f "$RESTORE_WATCH" ] || return 0
+	(
+		cd /
+		# status 0: nothing to watch (no RTC); anything else: restarted
+		while ! python3 -I -S -u "$RESTORE_WATCH" </dev/null >/dev/console 2>&1; do
+			say "restore watch exited; restarting in 5 s"
+			sleep 5
+		done
+	) &
+}
+
+load_channel_modules() {
+	# A sandbox restored from a template gets its vsock and virtio-fs devices hot-plugged.
+	# With no udev nobody loads a driver for a new device, so they must be loaded already:
+	# the initramfs loads them (recipe BOOT_MODULES); this covers a recipe that does not.
+	for module in $CHANNEL_MODULES; do
+		[ -d "/sys/module/$module" ] && continue
+		$BB modprobe "$module" 2>/dev/null || say "cannot load module $module"
+	done
+}
+
 start_agent() {
 	[ -f "$AGENT" ] || return 0
+	load_channel_modules
 	mkfifo -m 0600 "$AGENT_LOG_FIFO"
 	# Opened read-write, the FIFO never reports EOF, so the prefixer outlives each agent run.
-	sed -u 's/^/secvf-agent: /' <>"$AGENT_LOG_FIFO" >/dev/console 2>&1 &
+	sed -u 's/^/secvf-agent: /' <>"$AGENT_LOG_FIFO" >/dev/console 2>&1 3<&- &
 	# Started with & the agent inherits SIGINT and SIGQUIT ignored; it gives its commands
 	# default dispositions itself (secvf.guest.agent.__main__).
 	(
 		cd /
 		while :; do
-			python3 -I -u "$AGENT" </dev/null >"$AGENT_LOG_FIFO" 2>&1
+			python3 -I -u "$AGENT" --ready-fifo "$READY_FIFO" </dev/null >"$AGENT_LOG_FIFO" 2>&1
 			say "agent exited (status $?); restarting in 1 s"
 			sleep 1
 		done
-	) &
+	) 3<&- &
 }
 
 arm_power_button() {
@@ -187,7 +225,36 @@ arm_power_button() {
 	printf '#!/bin/sh\necho "secvf-init: power button pressed: shutting down" >/dev/console\nexec %s poweroff\n' \
 		"$SELF" >"$ACPI_DIR/PWRF/00000080"
 	chmod 0755 "$ACPI_DIR/PWRF/00000080"
-	$BB acpid -c "$ACPI_DIR" -l /dev/null -p /run/acpid.pid || say "cannot start acpid"
+	$BB acpid -c "$ACPI_DIR" -l /dev/null -p /run/acpid.pid 3<&- || say "cannot start acpid"
+}
+
+open_ready_fifo() {
+	# Opened read-write on fd 3 before the agent starts, so its non-blocking write always
+	# finds a reader; what init starts meanwhile gets no copy of fd 3 (3<&-).
+	[ -f "$AGENT" ] || return 0
+	rm -f "$READY_FIFO"
+	mkfifo -m 0600 "$READY_FIFO" && exec 3<>"$READY_FIFO"
+}
+
+wait_for_agent() { # SECONDS: wait for the agent's ready line on fd 3 (no polling)
+	# The ready marker promises a sandbox that answers: its agent listens on vsock (a
+	# device hot-plugged after a restore reaches it at once). A template is saved right
+	# after the marker.
+	[ -p "$READY_FIFO" ] || return 0
+	(
+		sleep "$1"
+		echo timeout >"$READY_FIFO"
+	) </dev/null >/dev/null 2>&1 3<&- &
+	timer=$!
+	while read -r line <&3; do
+		case $line in
+		agent | timeout) break ;;
+		esac
+	done
+	kill "$timer" 2>/dev/null
+	exec 3<&-
+	rm -f "$READY_FIFO"
+	[ "$line" = agent ] || say "the exec agent is not listening after $1 s"
 }
 
 announce_ready() {
@@ -267,8 +334,11 @@ boot() {
 	set_hostname
 	start_network
 	mount_shares
+	open_ready_fifo
 	start_agent
 	arm_power_button
+	wait_for_agent "$READY_WAIT_S"
+	start_restore_watch
 	announce_ready
 	start_console
 	reap_forever
@@ -343,7 +413,11 @@ shut_down() {
 dhcp_event() { # udhcpc passes the lease in: interface ip mask router dns
 	case "$1" in
 	deconfig)
-		$BB ip -4 addr flush dev "$interface"
+		if [ -e "$DHCP_KEEP_ADDRESS" ]; then
+			rm -f "$DHCP_KEEP_ADDRESS"
+		else
+			$BB ip -4 addr flush dev "$interface"
+		fi
 		;;
 	bound | renew)
 		if ! $BB ip -4 addr show dev "$interface" | grep -q " $ip/$mask "; then

@@ -8,7 +8,8 @@ guest scripts (``secvf/guest/init.sh`` and ``secvf/guest/initramfs-init.sh``), o
 file the image gets, and :data:`FORMAT_VERSION` (bump it when the builder changes what it
 produces), so editing any of them yields a new hash and therefore a new build.
 
-Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2, e2fsprogs) and
+Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2, e2fsprogs, and
+the restore watch ``/usr/lib/secvf/restore-watch.py`` that init starts in every image) and
 ``sandbox`` (``base`` + the unprivileged user ``agent`` + the exec agent as one zipapp,
 ``/usr/lib/secvf/agent/agent.pyz``, built by :func:`~secvf.image.agent_zipapp.agent_zipapp`).
 """
@@ -38,6 +39,9 @@ INITRAMFS_SCRIPT = GUEST_SOURCE_DIR / "initramfs-init.sh"
 
 #: Path of the exec agent zipapp inside sandbox images; init starts it when it exists.
 AGENT_GUEST_PATH = "/usr/lib/secvf/agent/agent.pyz"
+#: The restore watch (source ``secvf/guest/restore_watch.py``), in every image; init starts it.
+RESTORE_WATCH_SOURCE = GUEST_SOURCE_DIR / "restore_watch.py"
+RESTORE_WATCH_GUEST_PATH = "/usr/lib/secvf/restore-watch.py"
 
 #: The agent zipapp's parent packages, as stubs: their real ``__init__`` is host code.
 
@@ -164,15 +168,16 @@ def _builtin_recipes() -> dict[str, Recipe]:
     suite = host_suite()
     base = Recipe(
         name="base",
-        description="Debian minbase with Python 3, busybox, procps, iproute2 and e2fsprogs; "
-                    "no exec agent",
+        description="Debian minbase with Python 3, busybox, procps, iproute2 and e2fsprogs, "
+                    "and the restore watch; no exec agent",
         suite=suite,
+        files=(GuestFile(RESTORE_WATCH_GUEST_PATH, RESTORE_WATCH_SOURCE),),
     )
     sandbox = replace(
         base,
         name="sandbox",
         description="base + unprivileged user 'agent' (uid 1000) + the SecVF exec agent",
-        files=(GuestFile(AGENT_GUEST_PATH, PACKAGE_DIR, build=agent_zipapp),),
+        files=(*base.files, GuestFile(AGENT_GUEST_PATH, PACKAGE_DIR, build=agent_zipapp)),
         users=(GuestUser("agent", 1000, "/home/agent"),),
     )
     return {r.name: r for r in (base, sandbox)}

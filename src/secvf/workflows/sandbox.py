@@ -17,19 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from secvf.errors import ExecError, NotFound, SecVFError, StateError
+from secvf.errors import CorruptRecord, ExecError, NotFound, SecVFError, StateError
 from secvf.exec.client import ExecClient
+from secvf.machine.common import guest_hostname
 from secvf.model.config import VMConfig, VMKind
 from secvf.runtime import control
 from secvf.store import library
+from secvf.store import templates as template_store
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.runstate import is_running
-from secvf.workflows import vms, workspaces
+from secvf.workflows import templates, vms, workspaces
 from secvf.workflows.create import build_config
 
 AGENT_READY_TIMEOUT_S = 120.0
 PING_CONNECT_TIMEOUT_S = 5.0  # a refused connect fails at once; this bounds a slow guest
-PING_RETRY_S = 0.2
+PING_RETRY_S = 0.05
 LOG_TAIL_LINES = 30
 
 
@@ -48,23 +50,43 @@ def create_sandbox(
     shares: Sequence[str] = (),
     network: str = "nat",
     accel: str = "auto",
+    cold: bool = False,
+    notes: list[str] | None = None,
 ) -> VMConfig:
     """Create a sandbox session (a new ``ai-sandbox`` VM); returns its config.
 
     Without ``workspace`` it gets a fresh, empty default workspace (a leftover one is
     refused; see :mod:`secvf.workflows.workspaces`), removed again if the create fails.
+    Unless ``cold``, a session for which a sandbox template fits gets its disk over the
+    template's (and its first start restores the template); what the user should hear
+    about that (a stale template) is appended to ``notes``.
     """
     name = name or f"sbx-{uuid.uuid4().hex[:8]}"
     with workspaces.for_new_vm(name, VMKind.AI_SANDBOX, workspace):
         config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
                               disk_size=disk_size, image=image, network=network, accel=accel,
                               shares=shares, workspace=workspace)
-        vms.create_vm(config)
+        choice = templates.TemplateChoice(None) if cold else templates.choose_template(config)
+        if choice.note and notes is not None:
+            notes.append(choice.note)
+        if choice.template is not None and config.channels is not None:
+            config = config.model_copy(update={"channels": config.channels.model_copy(
+                update={"template": choice.template.id})})
+            vms.create_vm(config, backing=Path(choice.template.layer))
+        else:
+            vms.create_vm(config)
     return config
 
 
-def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S) -> dict[str, Any]:
-    """Boot sandbox ``name`` and wait until its agent answers through the exec bridge.
+def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S,
+                  cold: bool = False) -> dict[str, Any]:
+    """Start sandbox ``name`` and wait until its agent answers through the exec bridge.
+
+    A session created over a template that has never run is restored from it (unless
+    ``cold``): the saved guest resumes, its channel devices are hot-plugged, and its agent
+    makes it its own machine (:func:`personalize`). Otherwise it boots. If a restore
+    fails, it boots cold instead; the status's ``notes`` say so, and ``start_mode`` is
+    ``restored`` or ``booted``.
 
     Raises:
         StateError: not a sandbox, or already running.
@@ -75,10 +97,21 @@ def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S) -> dict[
     if config.kind is not VMKind.AI_SANDBOX:
         raise StateError(f"VM '{name}' is a {config.kind} VM, not an AI sandbox", str(config.kind))
     started = time.monotonic()
-    control.start_vm(name)
+    notes: list[str] = []
+    restore = None if cold else _template_to_restore(config, notes)
+    if restore is not None:
+        try:
+            control.start_vm(name, restore=restore)
+        except SecVFError as exc:
+            notes.append(f"restoring the template failed ({exc}); booting cold")
+            restore = None
+    if restore is None:
+        control.start_vm(name)
     run = bundle.current_run()  # this boot's serial log, not an earlier one's
     try:
         wait_for_agent(config, timeout - (time.monotonic() - started))
+        if restore is not None:
+            personalize(config)
     except SecVFError as exc:
         tail = _log_tail(bundle.serial_log if run is None else bundle.run_serial_log(run))
         try:
@@ -90,7 +123,40 @@ def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S) -> dict[
                                 f"{tail}") from exc
     status = control.vm_status(name)
     status["boot_s"] = round(time.monotonic() - started, 2)
+    status["start_mode"] = "restored" if restore is not None else "booted"
+    status["notes"] = notes
     return status
+
+
+def _template_to_restore(config: VMConfig, notes: list[str]) -> Path | None:
+    """The template directory a never-started session made over a template restores."""
+    template_id = config.channels.template if config.channels else None
+    if template_id is None:
+        return None
+    bundle = library.get_bundle(config.name)
+    if bundle.current_run() is not None or bundle.last_run_file.exists():
+        return None  # it has run: its disk is its own now
+    try:
+        template_store.get_template(template_id)
+    except (NotFound, CorruptRecord) as exc:
+        notes.append(f"the session's template is unusable ({exc}); booting cold")
+        return None
+    return template_store.template_dir(template_id)
+
+
+def personalize(config: VMConfig) -> None:
+    """Make a session restored from a template its own machine, through its agent: the
+    host's time, fresh kernel entropy, its hostname and MAC, an empty ``/tmp`` and its
+    shares mounted.
+
+    Raises:
+        ExecError: the agent failed or refused.
+    """
+    shares = config.channels.shares if config.channels else []
+    with ExecClient.connect(RuntimeFiles(config.id).exec_socket,
+                            timeout=PING_CONNECT_TIMEOUT_S) as client:
+        client.restore(hostname=guest_hostname(config.name), mac=config.mac,
+                       shares=[(s.tag, s.guest_path, s.read_only) for s in shares])
 
 
 def wait_for_agent(config: VMConfig, timeout: float) -> float:

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import types
 
 from secvf.exec import protocol
 from secvf.guest.agent import AGENT_VERSION
+from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.server import (
     DEFAULT_USER,
     MAX_SESSIONS,
     Agent,
     listen_unix,
-    listen_vsock,
+    listen_vsock_retrying,
 )
+
+#: What the agent writes to init's ready FIFO once it listens.
+AGENT_READY_LINE = "agent"
 
 #: Signals Python itself ignores at start-up; subprocess restores them in every child.
 PYTHON_IGNORED_SIGNALS = frozenset({signal.SIGPIPE, signal.SIGXFSZ})
@@ -38,7 +43,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--ready-fifo",
+        metavar="PATH",
+        help="write 'agent' to this FIFO once listening (init waits for it)",
+    )
     return parser.parse_args(argv)
+
+
+def signal_ready(fifo: str, line: str) -> bool:
+    """Write ``line`` to init's ready FIFO; False if nobody reads it (any more) or it is gone.
+
+    Opened without blocking and without creating it: after boot init has removed it, and an
+    agent restarted later has nobody to tell.
+    """
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, line.encode() + b"\n")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def reset_ignored_signals_for_commands() -> None:
@@ -66,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     reset_ignored_signals_for_commands()
-    listener = listen_unix(args.unix) if args.unix else listen_vsock(args.port)
+    listener = listen_unix(args.unix) if args.unix else listen_vsock_retrying(args.port)
     where = args.unix or f"vsock port {args.port}"
     log.info("agent %s listening on %s (generation %d)", AGENT_VERSION, where, protocol.GENERATION)
     agent = Agent(
@@ -74,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         default_user=args.default_user,
         keepalive_interval_s=args.keepalive_interval,
         max_sessions=args.max_sessions,
+        restorer=Restorer.for_agent(listening_on_vsock=not args.unix),
     )
+    if args.ready_fifo:
+        signal_ready(args.ready_fifo, AGENT_READY_LINE)
     agent.serve_forever()
     return 0
 

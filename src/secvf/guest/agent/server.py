@@ -13,10 +13,13 @@ from typing import Any
 from secvf.exec import protocol
 from secvf.guest.agent import AGENT_VERSION
 from secvf.guest.agent.identity import login_users
+from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.session import Session
 
 DEFAULT_USER = "agent"
 MAX_SESSIONS = 64
+#: Seconds between attempts to listen on vsock while that fails (no vsock module yet).
+LISTEN_RETRY_S = 1.0
 
 log = logging.getLogger("secvf.agent")
 
@@ -31,8 +34,11 @@ class Agent:
         default_user: str = DEFAULT_USER,
         keepalive_interval_s: float = protocol.KEEPALIVE_INTERVAL_S,
         max_sessions: int = MAX_SESSIONS,
+        restorer: Restorer | None = None,
     ) -> None:
         self.listener = listener
+        #: Applies ``restore`` requests (disabled unless given: see Restorer.for_agent).
+        self.restorer = restorer or Restorer(enabled=False, why_not="restore is not enabled")
         self.default_user = default_user
         self.keepalive_interval_s = keepalive_interval_s
         self.started_at = time.monotonic()
@@ -99,6 +105,30 @@ def listen_vsock(port: int) -> socket.socket:
     sock.bind((socket.VMADDR_CID_ANY, port))
     sock.listen(64)
     return sock
+
+
+def listen_vsock_retrying(port: int, retry_s: float = LISTEN_RETRY_S) -> socket.socket:
+    """Like :func:`listen_vsock`, but retry every ``retry_s`` while it fails.
+
+    Binding to VMADDR_CID_ANY needs no vsock *device*: the agent listens from boot, and
+    a device hot-plugged later (a restored sandbox session) reaches it at once. It does
+    need the ``vsock`` module (AF_VSOCK); until that is there, this keeps trying and
+    says so once.
+    """
+    warned = False
+    while True:
+        try:
+            return listen_vsock(port)
+        except OSError as exc:
+            if not warned:
+                log.warning(
+                    "cannot listen on vsock port %d yet (%s); retrying every %.0f s",
+                    port,
+                    exc,
+                    retry_s,
+                )
+                warned = True
+            time.sleep(retry_s)
 
 
 def listen_unix(path: str) -> socket.socket:

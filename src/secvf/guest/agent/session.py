@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from secvf.exec import protocol
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 HELLO_TIMEOUT_S = 10.0
 RECV_BYTES = 256 * 1024
 CAPABILITIES = ["exec", "tty", "stdin", "signal", "resize", "files", "info", "keepalive"]
+#: Listed as well when the agent can apply ``restore`` (root, in a guest).
+RESTORE_CAPABILITY = "restore"
+#: The generation that introduced ``restore``.
+RESTORE_GENERATION = protocol.MESSAGES["restore"].introduced_in
 
 log = logging.getLogger("secvf.agent")
 
@@ -56,6 +61,7 @@ class Session:
         self._streams: dict[int, Task] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._restoring = False  # a restore is being applied (keepalives are sent)
 
     def __repr__(self) -> str:
         return f"<Session {self.number} state={self.state.value} streams={len(self._streams)}>"
@@ -134,11 +140,14 @@ class Session:
         if msg.name != "hello":
             raise protocol.BadMessage(f"expected hello, got {msg.name!r}")
         self.generation = protocol.negotiate_generation(msg["generation"])
+        capabilities = list(CAPABILITIES)
+        if self.agent.restorer.enabled and self.generation >= RESTORE_GENERATION:
+            capabilities.append(RESTORE_CAPABILITY)
         self.conn.message(
             "hello",
             generation=self.generation,
             software=f"secvf-agent/{AGENT_VERSION}",
-            capabilities=CAPABILITIES,
+            capabilities=capabilities,
             keepalive_interval_ms=int(self.agent.keepalive_interval_s * 1000),
             max_frame_bytes=protocol.MAX_FRAME_BYTES,
         )
@@ -153,10 +162,29 @@ class Session:
             self.conn.message("pong", agent_version=AGENT_VERSION)
         elif msg.name == "info":
             self.conn.message("agent_info", **self.agent.describe(self.generation))
+        elif msg.name == "restore":
+            self._restore(msg)
         elif msg.name in ("stdin_eof", "signal", "resize", "cancel", "upload_end"):
             self._stream_control(msg)
         else:
             raise protocol.BadMessage(f"{msg.name!r} cannot be sent to the agent")
+
+    def _restore(self, msg: protocol.Message) -> None:
+        """Apply a ``restore`` (in this reader thread) and answer it on stream 0."""
+        received = time.monotonic()
+        if msg.stream_id != 0:
+            raise protocol.BadMessage("restore travels on stream 0")
+        if self.generation < RESTORE_GENERATION:
+            raise protocol.BadMessage(
+                f"restore needs protocol generation {RESTORE_GENERATION}; this connection "
+                f"speaks {self.generation}"
+            )
+        self._restoring = True
+        try:
+            name, fields = self.agent.restorer.handle(dict(msg.payload), received)
+        finally:
+            self._restoring = False
+        self.conn.message(name, **fields)
 
     def _open_stream(self, msg: protocol.Message) -> None:
         sid = msg.stream_id
@@ -212,7 +240,7 @@ class Session:
     def _bh_keepalive(self) -> None:
         frame = protocol.encode_message("keepalive")
         while not self._closed.wait(self.agent.keepalive_interval_s):
-            if self.running_commands():
+            if self.running_commands() or self._restoring:
                 try:
                     self.conn.send(frame)
                 except ConnectionGone:
