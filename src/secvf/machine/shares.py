@@ -259,7 +259,7 @@ def _check_servable() -> None:
 
 
 def _check_tag(tag: str, seen: set[str]) -> None:
-    if not _TAG.match(tag) or len(tag.encode()) > MAX_TAG_BYTES:
+    if not _TAG.fullmatch(tag) or len(tag.encode()) > MAX_TAG_BYTES:
         raise ShareError(f"share tag {tag!r} must be a letter then letters, digits, '_' or "
                          f"'-', at most {MAX_TAG_BYTES} bytes")
     if tag in seen:
@@ -273,7 +273,7 @@ def _check_guest_path(guest: str, what: str) -> None:
     if guest != "/" and (parts[0] or any(p in ("", ".", "..") for p in parts[1:])):
         raise ShareError(f"{what}: guest path {guest!r} must be absolute and normalised "
                          "(no '.', '..' or empty components)")
-    if not _GUEST_PATH_CHARS.match(guest):
+    if not _GUEST_PATH_CHARS.fullmatch(guest):
         raise ShareError(f"{what}: guest path {guest!r} may only contain letters, digits "
                          "and . _ @ + - /")
     top = parts[1]
