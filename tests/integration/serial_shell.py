@@ -13,6 +13,8 @@ from secvf.store.library import get_vm
 
 #: How long one command may take to answer (TCG, loaded host).
 ANSWER_TIMEOUT_S = 120.0
+#: How often Enter is pressed while waiting for the shell's prompt.
+PROMPT_RETRY_S = 2.0
 
 
 class SerialShell:
@@ -22,6 +24,7 @@ class SerialShell:
         _, config = get_vm(name)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(RuntimeFiles(config.id).console_socket))
+        self._prompted = False
 
     def __enter__(self) -> SerialShell:
         return self
@@ -35,6 +38,8 @@ class SerialShell:
         The markers are typed split in two (``'BEG''IN'``), so the echo of the typed
         line never matches them; only the shell's output does.
         """
+        if not self._prompted:
+            self._wait_for_prompt(timeout)
         token = uuid.uuid4().hex[:8]
         begin, end = f"BEGIN{token}", f"END{token}"
         line = f"echo 'BEG''IN{token}'; {command}; echo 'EN''D{token}'\r"
@@ -54,3 +59,18 @@ class SerialShell:
                     return body.replace("\r", "").strip()
         raise AssertionError(f"no answer to {command!r} within {timeout:.0f} s; saw "
                              f"{seen[-500:]!r}")
+
+    def _wait_for_prompt(self, timeout: float) -> None:
+        """Press Enter until the root shell shows its prompt: what is typed while the
+        console's login is still starting is thrown away (the tty is flushed)."""
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.sendall(b"\r")
+            ready, _, _ = select.select([self.sock], [], [], PROMPT_RETRY_S)
+            if ready:
+                seen += self.sock.recv(65536)
+                if b"# " in seen:
+                    self._prompted = True
+                    return
+        raise AssertionError(f"no shell prompt within {timeout:.0f} s; saw {seen[-500:]!r}")
