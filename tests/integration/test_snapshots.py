@@ -205,15 +205,17 @@ def test_a_full_disk_fails_the_save_and_the_vm_keeps_running(vm_library: Path, t
         monkeypatch.setenv("SECVF_HOME", str(small / "home"))
         name = "snap-full"
         api.create_vm(name, kind=api.VMKind.GENERIC, image="base", memory="256M", autologin=True)
-        api.start_vm(name, wait_ready=BOOT_TIMEOUT_S)
-        with pytest.raises(SnapshotError, match="No space left"):
-            api.create_snapshot(name, "big")
-        status = api.vm_status(name)
-        assert status["state"] == "running" and status["snapshots"] == []
-        bundle, _ = get_vm(name)
-        assert not list((bundle.path / "snapshots").glob("*"))
-        assert shell(name, "echo alive") == "alive"  # the guest runs on
-        api.delete_vm(name, force=True)
+        try:
+            api.start_vm(name, wait_ready=BOOT_TIMEOUT_S)
+            with pytest.raises(SnapshotError, match="No space left"):
+                api.create_snapshot(name, "big")
+            status = api.vm_status(name)
+            assert status["state"] == "running" and status["snapshots"] == []
+            bundle, _ = get_vm(name)
+            assert not list((bundle.path / "snapshots").glob("*"))
+            assert shell(name, "echo alive") == "alive"  # the guest runs on
+        finally:
+            api.delete_vm(name, force=True)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
