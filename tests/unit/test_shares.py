@@ -440,6 +440,7 @@ def test_filter_cannot_be_installed_on_an_unknown_architecture(monkeypatch) -> N
 
 
 @pytest.mark.parametrize("spec_tail", ["/data\n", "/data\n:ro"])
-def test_a_trailing_newline_in_a_guest_path_is_refused(dirs: dict[str, Path], spec_tail: str) -> None:
+def test_a_trailing_newline_in_a_guest_path_is_refused(dirs: dict[str, Path],
+                                                       spec_tail: str) -> None:
     with pytest.raises(ShareError):
         sandbox_channels("nl", workspace=dirs["ws"], shares=[f"{dirs['ref']}:{spec_tail}"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from secvf.vsock.backend import serve
 from secvf.vsock.errors import VsockError
 from secvf.vsock.limits import DEFAULT_MAX_CONNECTIONS
+from secvf.vsock.trace import TRACE_ENV, trace_path_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="live connections plus pending handshakes (default %(default)s)",
     )
     parser.add_argument("--debug", action="store_true", help="log every vhost-user message")
+    parser.add_argument(
+        "--trace-file",
+        type=Path,
+        default=trace_path_from_env(),
+        help=f"append a vring lifecycle trace here (default: ${TRACE_ENV}, else off)",
+    )
     return parser
 
 
@@ -68,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vm_id=args.vm_id,
             max_connections=args.max_connections,
             log_dir=args.log_dir,
+            trace_file=args.trace_file,
         )
     except VsockError as exc:
         logging.getLogger("secvf.vsock").error("%s", exc)

@@ -37,6 +37,8 @@ from secvf.vsock.incidents import ViolationReporter
 from secvf.vsock.limits import DEFAULT_MAX_CONNECTIONS
 from secvf.vsock.muxer import Muxer
 from secvf.vsock.packet import MIN_GUEST_CID, U32_MASK
+from secvf.vsock.trace import VringTrace
+from secvf.vsock.virtqueue import SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class VsockBackend:
         vm_id: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         log_dir: Path | None = None,
+        trace_file: Path | None = None,
     ) -> None:
         if platform.machine() not in SUPPORTED_MACHINES:
             raise VsockError(
@@ -91,7 +94,8 @@ class VsockBackend:
         self._watched_kicks: dict[int, int] = {}  # ring index -> kick fd in the selector
         self._stop_requested = False
         self._failure: VsockError | None = None
-        self.device = VhostUserVsockDevice(guest_cid)
+        self.trace = VringTrace(trace_file)
+        self.device = VhostUserVsockDevice(guest_cid, self.trace)
         try:
             self._vu_listener = self._listen(vhost_user_socket)
             uds_listener = self._listen(uds_path)
@@ -134,6 +138,7 @@ class VsockBackend:
                     break
             self.muxer.expire(time.monotonic())
             busy = self._pump()
+            self.trace.flush()
         if self._failure is not None:
             raise self._failure
 
@@ -158,6 +163,7 @@ class VsockBackend:
         self._wakeup_r.close()
         self._wakeup_w.close()
         self._selector.close()
+        self.trace.close()
         for path, dev, ino in self._bound:
             _unlink_if_same(path, dev, ino)
         self._bound.clear()
@@ -212,6 +218,8 @@ class VsockBackend:
             reply = self.device.handle(message)
             if reply is not None:
                 self._frontend.sendall(reply)
+                if self.trace.enabled:
+                    self.trace.event("reply", req=message.request, payload=reply[12:].hex())
         except VhostUserError as exc:
             log.error("vhost-user session ended: %s", exc)
             self._failure = exc
@@ -224,7 +232,9 @@ class VsockBackend:
             return
         if self.device.reset_pending:
             self.device.reset_pending = False
+            self.trace.event("reset_begin")
             self.muxer.reset()
+            self.trace.event("reset_end")
 
     def _bh_kick(self, index: int, fd: int, _mask: int) -> None:
         if self._watched_kicks.get(index) != fd:
@@ -242,6 +252,8 @@ class VsockBackend:
     def _pump(self) -> bool:
         """Move packets both ways; returns True if tx work is left over (poll again now)."""
         queues = self.device.running_queues()
+        if self.trace.enabled:
+            self._audit(queues)
         rx, tx = queues.get(RX_QUEUE), queues.get(TX_QUEUE)
         tx_left = False
         for _ in range(_MAX_PUMP_ROUNDS):
@@ -256,6 +268,15 @@ class VsockBackend:
         self.muxer.sync_interest()
         self._watch_kicks()
         return tx_left
+
+    def _audit(self, queues: dict[int, SplitVirtqueue]) -> None:
+        """Trace any ``used.idx`` that changed under a running ring since the device wrote it."""
+        for index, queue in queues.items():
+            if (value := queue.foreign_used_idx()) is not None:
+                log.warning("vring %d: used.idx is %d in memory, the device wrote %d",
+                            index, value, queue.next_used)
+                self.trace.event("foreign", vq=index, gen=queue.generation,
+                                 next_used=queue.next_used, mem_idx=value)
 
     def _select_timeout(self, busy: bool) -> float | None:
         if busy:
@@ -294,6 +315,7 @@ def serve(
     vm_id: str | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     log_dir: Path | None = None,
+    trace_file: Path | None = None,
 ) -> None:
     """Run a vsock backend until QEMU disconnects or SIGTERM/SIGINT arrives.
 
@@ -301,7 +323,8 @@ def serve(
     ``ready_fd`` when both listen, serves one QEMU connection, and removes both socket
     files before returning. Signal handlers are installed only in the main thread.
     Guest violations are written as security events to the event log in ``log_dir``
-    (see :mod:`secvf.store.eventlog`) when one is given.
+    (see :mod:`secvf.store.eventlog`) when one is given. ``trace_file`` turns on the vring
+    lifecycle trace (:mod:`secvf.vsock.trace`).
 
     Raises:
         BindFailed: a socket path is in use.
@@ -316,6 +339,7 @@ def serve(
         vm_id=vm_id,
         max_connections=max_connections,
         log_dir=log_dir,
+        trace_file=trace_file,
     ) as backend:
         if threading.current_thread() is not threading.main_thread():
             backend.run(ready_fd)

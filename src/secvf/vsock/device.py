@@ -39,6 +39,7 @@ from enum import IntEnum
 
 from secvf.vsock.errors import VhostUserError
 from secvf.vsock.memory import GuestMemory, MemoryRegion
+from secvf.vsock.trace import NO_TRACE, VringTrace
 from secvf.vsock.virtqueue import RingAddresses, SplitVirtqueue
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,10 @@ class VhostUserVsockDevice:
             for index, queue in device.running_queues().items(): ...
     """
 
-    def __init__(self, guest_cid: int) -> None:
+    def __init__(self, guest_cid: int, trace: VringTrace = NO_TRACE) -> None:
         self.guest_cid = guest_cid
+        self.trace = trace
+        self._generations = 0  # SplitVirtqueues built so far (numbers them in the trace)
         self.features = 0  # acked by SET_FEATURES
         self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
         self.memory: GuestMemory | None = None
@@ -259,6 +262,14 @@ class VhostUserVsockDevice:
         handler = self._handlers.get(message.request)
         name = _request_name(message.request)
         log.debug("<- %s %s fds=%s", name, message.payload.hex(), message.fds)
+        if self.trace.enabled:
+            self.trace.event(
+                "msg",
+                req=name,
+                flags=f"{message.flags:#x}",
+                payload=message.payload.hex() or "-",
+                fds=len(message.fds),
+            )
         try:
             if handler is None:
                 raise VhostUserError(f"unsupported request {name}")
@@ -280,7 +291,11 @@ class VhostUserVsockDevice:
 
     def running_queues(self) -> dict[int, SplitVirtqueue]:
         """Rings that are started, enabled and not broken, by index."""
-        return {i: q for i, q in enumerate(self.queues) if q is not None and not q.broken}
+        return {
+            i: q
+            for i, q in enumerate(self.queues)
+            if q is not None and not q.broken and not q.stopped
+        }
 
     def kick_fd(self, index: int) -> int | None:
         """The kick eventfd of ring ``index``, if any."""
@@ -289,6 +304,8 @@ class VhostUserVsockDevice:
     def signal(self, index: int) -> None:
         """Notify the driver that ring ``index`` has new used entries."""
         fd = self.vrings[index].call_fd
+        if self.trace.enabled:
+            self.trace.event("call", vq=index, fd=-1 if fd is None else fd)
         if fd is None:
             return
         try:
@@ -299,7 +316,7 @@ class VhostUserVsockDevice:
     def close(self) -> None:
         """Release memory and every fd the frontend gave us."""
         for index in range(NUM_QUEUES):
-            self._stop(index)
+            self._stop(index, "close")
             vring = self.vrings[index]
             for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
                 if fd is not None:
@@ -342,7 +359,7 @@ class VhostUserVsockDevice:
         for index, queue in enumerate(self.queues):
             if queue is not None:
                 self.vrings[index].base = queue.next_avail
-                self.queues[index] = None
+                self._stop(index, "mem_table")
                 self._try_start(index)
         if old is not None:
             old.close()
@@ -364,7 +381,7 @@ class VhostUserVsockDevice:
         vring = self._vring(index)
         queue = self.queues[index]
         next_avail = queue.next_avail if queue is not None else vring.base
-        self._stop(index)
+        self._stop(index, "get_vring_base")
         vring.stopped_at = vring.base = next_avail
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -406,7 +423,7 @@ class VhostUserVsockDevice:
             self._try_start(index)
         elif (queue := self.queues[index]) is not None:
             vring.base = queue.next_avail
-            self._stop(index)
+            self._stop(index, "disable")
 
     def _get_config(self, message: Message) -> bytes:
         offset, size, flags = _unpack(_CONFIG_HEAD, message.payload)
@@ -447,7 +464,17 @@ class VhostUserVsockDevice:
             or not vring.enabled
         ):
             return
-        self.queues[index] = SplitVirtqueue(self.memory, vring.size, vring.addresses, vring.base)
+        self._generations += 1
+        if self.trace.enabled:
+            self.trace.event("start", vq=index, gen=self._generations)
+        self.queues[index] = SplitVirtqueue(
+            self.memory,
+            vring.size,
+            vring.addresses,
+            vring.base,
+            generation=self._generations,
+            trace=self.trace,
+        )
         if vring.stopped_at is not None and vring.stopped_at != vring.base:
             log.info(
                 "vring %d restarted from %d, not %d: driver reset",
@@ -459,7 +486,20 @@ class VhostUserVsockDevice:
         vring.stopped_at = None
         log.info("vring %d started: size %d, base %d", index, vring.size, vring.base)
 
-    def _stop(self, index: int) -> None:
+    def _stop(self, index: int, why: str) -> None:
+        queue = self.queues[index]
+        if queue is not None and self.trace.enabled:
+            self.trace.event(
+                "stop",
+                vq=index,
+                gen=queue.generation,
+                why=why,
+                next_avail=queue.next_avail,
+                next_used=queue.next_used,
+                **queue.memory_indices(),
+            )
+        if queue is not None:
+            queue.stop()
         self.queues[index] = None
 
 

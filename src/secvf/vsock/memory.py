@@ -106,6 +106,13 @@ class GuestMemory:
                 return mapping, region.mmap_offset + (va - start)
         raise VhostUserError(f"ring address {va:#x}+{length} is outside the memory table")
 
+    def va_to_gpa(self, va: int) -> int:
+        """The guest-physical address of frontend VA ``va`` (-1 outside every region)."""
+        for region, _ in self._regions:
+            if region.userspace_addr <= va < region.userspace_addr + region.size:
+                return region.guest_phys_addr + (va - region.userspace_addr)
+        return -1
+
     def gpa_segments(self, gpa: int, length: int) -> list[Segment]:
         """Translate a guest range into segments, crossing adjacent regions if needed.
 

@@ -17,6 +17,12 @@ after its readable ones, and every buffer lies inside guest memory. ``avail.idx`
 run more than ``size`` entries ahead. Any failure raises :class:`QueueViolation` and
 marks the queue broken: it is never processed again until the frontend restarts it.
 
+Lifecycle. A queue object is one *started* ring. :meth:`SplitVirtqueue.stop` (GET_VRING_BASE,
+SET_VRING_ENABLE(0), a new memory table, the end of the session) is final: from then on the
+object refuses to read or write guest memory, so a caller that still holds it cannot touch
+ring memory that the frontend - or a rebooted guest - has taken back. Such an attempt is
+logged and traced as ``late``.
+
 Notification suppression is ignored on purpose: honouring VRING_AVAIL_F_NO_INTERRUPT
 safely needs a store-load fence that pure Python cannot issue, so callers signal the
 call eventfd after every batch. Plain stores keep their order on x86-64 (TSO), which is
@@ -26,6 +32,7 @@ x86-64 only.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
 from collections.abc import Callable
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 
 from secvf.vsock.errors import QueueViolation, VhostUserError
 from secvf.vsock.memory import GuestMemory, Segment, read_segments, write_segments
+from secvf.vsock.trace import NO_TRACE, VringTrace
 
 #: Largest queue size the virtio spec allows for split rings.
 MAX_QUEUE_SIZE = 32768
@@ -45,6 +53,8 @@ _DESCRIPTOR = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _U16_MASK = 0xFFFF
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +144,16 @@ class SplitVirtqueue:
     """
 
     def __init__(
-        self, memory: GuestMemory, size: int, addresses: RingAddresses, next_avail: int
+        self,
+        memory: GuestMemory,
+        size: int,
+        addresses: RingAddresses,
+        next_avail: int,
+        *,
+        generation: int = 0,
+        trace: VringTrace = NO_TRACE,
     ) -> None:
-        """Bind the rings at ``addresses``.
+        """Bind the rings at ``addresses``; ``generation`` names this ring in the ``trace``.
 
         Raises:
             VhostUserError: the size is invalid or a ring is not inside one memory region.
@@ -144,24 +161,53 @@ class SplitVirtqueue:
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise VhostUserError(f"queue size {size} is not a power of two up to 32768")
         self.size = size
+        self.generation = generation
         self._memory = memory
+        self._trace = trace
         self._desc = memory.va_to_offset(addresses.desc, 16 * size)
         self._avail = memory.va_to_offset(addresses.avail, 4 + 2 * size)
         self._used = memory.va_to_offset(addresses.used, 4 + 8 * size)
+        self._used_gpa = memory.va_to_gpa(addresses.used)
         self.next_avail = next_avail & _U16_MASK
         self.next_used = self._read_u16(self._used, 2)
         self.broken = False
+        self.stopped = False
         self._used_added = False
+        if trace.enabled:
+            trace.event(
+                "ring",
+                gen=generation,
+                size=size,
+                base=self.next_avail,
+                desc=f"{memory.va_to_gpa(addresses.desc):#x}",
+                avail=f"{memory.va_to_gpa(addresses.avail):#x}",
+                used=f"{self._used_gpa:#x}",
+                **self.memory_indices(),
+            )
 
     def __repr__(self) -> str:
         return (
             f"<SplitVirtqueue size={self.size} next_avail={self.next_avail} "
-            f"next_used={self.next_used} broken={self.broken}>"
+            f"next_used={self.next_used} broken={self.broken} stopped={self.stopped}>"
         )
 
+    def stop(self) -> None:
+        """Stop the ring for good: later calls neither read nor write guest memory."""
+        self.stopped = True
+
+    def _refuse_late(self, what: str) -> bool:
+        """Whether the ring is stopped; if so, log and trace the refused ``what``."""
+        if not self.stopped:
+            return False
+        log.error("gen %d: %s on a stopped ring refused", self.generation, what)
+        if self._trace.enabled:
+            self._trace.event("late", gen=self.generation, what=what)
+        return True
+
     def pop(self) -> DescriptorChain | None:
-        """Take the next available chain, or None when the driver has published none."""
-        if self.broken:
+        """Take the next available chain, or None when the driver has published none (or the
+        ring is broken or stopped)."""
+        if self.broken or self._refuse_late("pop"):
             return None
         try:
             avail_idx = self._read_u16(self._avail, 2)
@@ -176,20 +222,56 @@ class SplitVirtqueue:
         except QueueViolation:
             self.broken = True
             raise
+        if self._trace.enabled:
+            self._trace.event("pop", gen=self.generation, avail=self.next_avail, head=head)
         self.next_avail = (self.next_avail + 1) & _U16_MASK
         return chain
 
     def undo_pop(self) -> None:
         """Give the last popped chain back, so the next :meth:`pop` returns it again."""
+        if self._refuse_late("undo_pop"):
+            return
         self.next_avail = (self.next_avail - 1) & _U16_MASK
+        if self._trace.enabled:
+            self._trace.event("unpop", gen=self.generation, avail=self.next_avail)
 
     def add_used(self, head: int, written: int) -> None:
-        """Return chain ``head`` to the driver, saying ``written`` bytes were filled."""
+        """Return chain ``head`` to the driver, saying ``written`` bytes were filled.
+
+        On a stopped ring nothing is written (the chain belongs to a ring the frontend has
+        taken back; see the module docstring)."""
+        if self._refuse_late("add_used"):
+            return
         mapping, offset = self._used
+        if self._trace.enabled:
+            self._trace.event(
+                "used",
+                gen=self.generation,
+                ring=f"{self._used_gpa:#x}",
+                idx=self.next_used,
+                head=head,
+                len=written,
+                mem_idx=self._read_u16(self._used, 2),
+            )
         _USED_ELEM.pack_into(mapping, offset + 4 + 8 * (self.next_used % self.size), head, written)
         self.next_used = (self.next_used + 1) & _U16_MASK
         _U16.pack_into(mapping, offset + 2, self.next_used)  # x86 TSO: after the element
         self._used_added = True
+
+    def foreign_used_idx(self) -> int | None:
+        """``used.idx`` as memory holds it, if that is not what this device last wrote.
+
+        Only the device writes ``used.idx``; a different value means another writer touched
+        the ring (the trace records it as ``foreign``)."""
+        value = self._read_u16(self._used, 2)
+        return None if value == self.next_used else value
+
+    def memory_indices(self) -> dict[str, int]:
+        """``avail.idx`` and ``used.idx`` as the ring memory holds them now (for traces)."""
+        return {
+            "avail_idx": self._read_u16(self._avail, 2),
+            "used_idx": self._read_u16(self._used, 2),
+        }
 
     def take_used_added(self) -> bool:
         """Return whether chains were used since the last call, and reset the flag."""
