@@ -7,10 +7,12 @@ on the device's message handling, and on the real backend process with ``--trace
 check :func:`secvf.vsock.trace.check_trace` against traces that break each rule.
 """
 
+import contextlib
 import os
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -231,13 +233,20 @@ def test_check_trace_flags_a_write_after_get_vring_base_was_answered():
 # -- the real backend with --trace-file -----------------------------------------------------------
 
 
-def test_backend_trace_of_a_reboot_passes_the_lifecycle_check(tmp_path):
+@contextlib.contextmanager
+def traced_guest(tmp_path: Path) -> Iterator[tuple[Path, BackendProcess, FakeGuest]]:
+    """A backend writing its trace to ``tmp_path/vsock.trace``, with a started fake guest."""
     trace = tmp_path / "vsock.trace"
     with (
         BackendProcess(tmp_path, CID, "--trace-file", str(trace)) as backend,
         FakeGuest(backend.vhost_user_socket, CID) as guest,
     ):
         guest.start()
+        yield trace, backend, guest
+
+
+def test_backend_trace_of_a_reboot_passes_the_lifecycle_check(tmp_path):
+    with traced_guest(tmp_path) as (trace, backend, guest):
         for port in (5000, 5001):
             client, host_port = _connect(backend, guest, port)
             guest.send(Op.RW, src_port=port, dst_port=host_port, payload=b"hi")
@@ -258,12 +267,7 @@ def test_backend_trace_of_a_reboot_passes_the_lifecycle_check(tmp_path):
 
 
 def test_backend_traces_a_foreign_write_to_used_idx(tmp_path):
-    trace = tmp_path / "vsock.trace"
-    with (
-        BackendProcess(tmp_path, CID, "--trace-file", str(trace)) as backend,
-        FakeGuest(backend.vhost_user_socket, CID) as guest,
-    ):
-        guest.start()
+    with traced_guest(tmp_path) as (trace, backend, guest):
         guest.ram.write(guest.rx.used + 2, struct.pack("<H", 77))  # not the device's write
         guest.kick_queue(0)  # the backend pumps again, and audits the rings first
         deadline = time.monotonic() + 5
