@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secvf.errors import ConfigError
+from secvf.machine.common import resolve_image
 from secvf.machine.plan import qemu_binary
-from secvf.model.config import Accel
+from secvf.model.config import Accel, ImageBoot, VMConfig
 from secvf.store import paths
 
 PROBE_MARKER = "SECVF-PROBE-OK"
@@ -41,6 +42,19 @@ class AccelChoice:
 
     accel: str  # "kvm" or "tcg"
     reason: str  # human-readable justification, shown by status
+
+
+def accel_for_vm(config: VMConfig) -> AccelChoice:
+    """:func:`choose_accel` for VM ``config``'s own setting, probing KVM with its image's
+    kernel when it boots a SecVF image.
+
+    Raises:
+        NotFound: the VM's image build is gone.
+        ConfigError: as :func:`choose_accel`.
+    """
+    image = resolve_image(config.boot) if isinstance(config.boot, ImageBoot) else None
+    return choose_accel(config.accel, image.kernel if image else None,
+                        image.initrd if image else None)
 
 
 def choose_accel(requested: Accel, kernel: Path | None, initrd: Path | None) -> AccelChoice:

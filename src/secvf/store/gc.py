@@ -26,6 +26,7 @@ from typing import Any
 from secvf.store import paths
 from secvf.store.disks import DiskError, image_info
 from secvf.store.layers import LAYER_SUFFIX, collecting_layers, layers_dir
+from secvf.store.sparse import allocated_bytes
 from secvf.store.staging import is_work_dir, try_hold
 from secvf.store.templates import sweep as sweep_templates
 from secvf.store.templates import template_layers
@@ -90,7 +91,7 @@ def collect(*, dry_run: bool = False) -> GcReport:
             if report.problems or layer.resolve() in used:
                 report.kept_layers += 1
                 continue
-            report.removed.append(Garbage(layer, "layer", _allocated(layer)))
+            report.removed.append(Garbage(layer, "layer", allocated_bytes(layer)))
             if not dry_run:
                 layer.unlink(missing_ok=True)
     return report
@@ -111,7 +112,7 @@ def _sweep_work_dirs(report: GcReport) -> list[tuple[str, Path]]:
                 disks.append((f"{entry} (in progress)", entry / "disk.qcow2"))
             continue
         try:
-            report.removed.append(Garbage(entry, "work-dir", _allocated(entry)))
+            report.removed.append(Garbage(entry, "work-dir", allocated_bytes(entry)))
             if not report.dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
         finally:
@@ -165,13 +166,3 @@ def vms_based_on(directory: Path) -> list[str]:
         if any(top in p.parents for p in chain):
             users.append(entry.name)
     return users
-
-
-def _allocated(path: Path) -> int:
-    """Bytes ``path`` (a file, or a directory tree) occupies on disk."""
-    try:
-        if path.is_file() or path.is_symlink():
-            return path.lstat().st_blocks * 512
-        return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
-    except OSError:
-        return 0

@@ -10,12 +10,11 @@ by the owner of the directory (``snapshot.json``, ``template.json``).
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import TypeVar
 
 from secvf.errors import CorruptRecord, NotFound
+from secvf.model.config import write_json_atomic
 from secvf.model.runtime import decode
 from secvf.model.savedstate import SavedState, SnapshotInfo, TemplateInfo
 
@@ -102,16 +101,5 @@ def read_record(path: Path, schema: type[R], what: str) -> R:
 
 
 def write_record(path: Path, record: SnapshotInfo | TemplateInfo | SavedState) -> None:
-    """Write ``record`` to ``path`` atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(record.model_dump_json(indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write ``record`` to ``path`` atomically (``model.config.write_json_atomic``)."""
+    write_json_atomic(path, record.model_dump(mode="json"))

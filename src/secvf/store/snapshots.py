@@ -16,7 +16,6 @@ while it runs, the supervisor does it over QMP.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from secvf.errors import AlreadyExists, CorruptRecord, InvalidName, NotFound
@@ -158,10 +157,3 @@ def delete_disk_snapshot(disk: Path, tag: str) -> None:
     """Delete internal snapshot ``tag`` of stopped VM disk ``disk`` (gone already: fine)."""
     if tag in disk_tags(disk):
         qemu_img("snapshot", "-q", "-d", tag, str(disk))
-
-
-def size_of(path: Path) -> int:
-    """Bytes the files under ``path`` occupy."""
-    with contextlib.suppress(OSError):
-        return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
-    return 0

@@ -81,10 +81,13 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 def allocated_bytes(path: Path) -> int:
-    """Bytes ``path`` occupies on its filesystem (0 if it does not exist)."""
+    """Bytes ``path`` (a file, or a directory tree) occupies on its filesystem (0 if it
+    does not exist or cannot be read)."""
     try:
-        return path.stat().st_blocks * 512
-    except FileNotFoundError:
+        if path.is_file() or path.is_symlink():
+            return path.lstat().st_blocks * 512
+        return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
+    except OSError:
         return 0
 
 

@@ -33,13 +33,12 @@ from secvf.errors import (
     StateError,
 )
 from secvf.machine import build_machine
-from secvf.machine.common import resolve_image
 from secvf.machine.plan import RunMode
-from secvf.model.config import ImageBoot, VMConfig, VMKind, now_iso
+from secvf.model.config import VMConfig, VMKind, now_iso
 from secvf.model.runtime import SnapshotRequest
 from secvf.model.savedstate import SnapshotInfo, SnapshotKind
 from secvf.runtime import control
-from secvf.runtime.accel import choose_accel
+from secvf.runtime.accel import accel_for_vm
 from secvf.store import events as seclog
 from secvf.store import snapshots as store
 from secvf.store.bundle import Bundle, RuntimeFiles
@@ -47,6 +46,7 @@ from secvf.store.library import get_vm
 from secvf.store.locks import locked
 from secvf.store.runstate import current_state, is_running
 from secvf.store.savedstate import read_saved_state
+from secvf.store.sparse import allocated_bytes
 
 
 def create_snapshot(name: str, snapshot: str, *, disk_only: bool = False) -> SnapshotInfo:
@@ -89,7 +89,7 @@ def create_snapshot(name: str, snapshot: str, *, disk_only: bool = False) -> Sna
                 name=snapshot, kind=SnapshotKind.MEMORY if memory else SnapshotKind.DISK,
                 created_at=now_iso(), vm_was="running" if running else "stopped",
                 disk_tag=tag, state=saved, took_s=round(time.monotonic() - began, 3),
-                size_bytes=store.size_of(staging.path))
+                size_bytes=allocated_bytes(staging.path))
             try:
                 staging.commit(info)
             except BaseException:
@@ -184,12 +184,7 @@ def _check_fits(bundle: Bundle, config: VMConfig, directory: Path) -> None:
     """
     saved, what = read_saved_state(directory)
     record = current_state(bundle, config.id).record
-    accel = record.accel if record is not None and record.accel else None
-    if accel is None:
-        boot = config.boot
-        image = resolve_image(boot) if isinstance(boot, ImageBoot) else None
-        accel = choose_accel(config.accel, image.kernel if image else None,
-                             image.initrd if image else None).accel
+    accel = record.accel if record is not None and record.accel else accel_for_vm(config).accel
     plan = build_machine(config, bundle, RuntimeFiles(config.id), accel, RunMode.RESTORE)
     problem = saved.shape.mismatch(plan.shape())
     if problem:

@@ -30,14 +30,13 @@ from pathlib import Path
 
 from secvf.errors import CorruptRecord, NotFound, SecVFError, SnapshotError
 from secvf.machine import build_machine
-from secvf.machine.common import resolve_image
 from secvf.machine.plan import RunMode
 from secvf.machine.sandbox import SPARE_PORTS
 from secvf.model.config import ImageBoot, SandboxChannels, VMConfig, VMKind, now_iso
 from secvf.model.savedstate import SAVED_STATE_FORMAT, MachineShape, SavedState, TemplateInfo
 from secvf.model.sizes import format_size
 from secvf.runtime import control
-from secvf.runtime.accel import choose_accel
+from secvf.runtime.accel import accel_for_vm
 from secvf.store import events as seclog
 from secvf.store import library, paths
 from secvf.store import templates as store
@@ -89,9 +88,8 @@ def template_key(config: VMConfig, shape: MachineShape) -> str:
 
 def key_for(config: VMConfig) -> tuple[str, MachineShape, str]:
     """The template ID, machine shape and accelerator for sessions like ``config``."""
-    boot = _image_boot(config)
-    image = resolve_image(boot)
-    accel = choose_accel(config.accel, image.kernel, image.initrd).accel
+    _image_boot(config)  # a template needs a SecVF image
+    accel = accel_for_vm(config).accel
     shape = template_shape(config, accel)
     return template_key(config, shape), shape, accel
 
