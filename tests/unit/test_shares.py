@@ -187,6 +187,24 @@ def test_own_default_workspace_is_the_one_allowed_path_in_secvf_home(secvf_env: 
         validate_shares([share(ws, "/data/ws", tag="ro0")], name="mine")
 
 
+def test_default_workspace_in_the_default_library_under_dot_local(tmp_path, monkeypatch) -> None:
+    """With no $SECVF_HOME the library is ~/.local/share/secvf: the sandbox's own default
+    workspace there is allowed read-write; another directory of ~/.local still is not."""
+    home = tmp_path / "me"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SECVF_HOME", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("SECVF_CACHE", str(tmp_path / "cache"))
+    ch = sandbox_channels("mine")
+    ws = Path(ch.shares[0].host_path)
+    assert ws.is_relative_to(home / ".local") and not ch.shares[0].read_only
+    elsewhere = home / ".local" / "state" / "tool"
+    elsewhere.mkdir(parents=True, mode=0o700)
+    with pytest.raises(ShareError, match=r"\.local, where programs keep settings"):
+        sandbox_channels("other", workspace=elsewhere)
+
+
 @AS_ROOT
 def test_directories_the_share_server_cannot_open_are_refused(dirs) -> None:
     foreign = dirs["other"]

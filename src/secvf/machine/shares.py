@@ -241,9 +241,11 @@ def validate_shares(config_or_shares: VMConfig | Sequence[Share], *,
         if str(host) != share.host_path:
             raise ShareError(f"{what} host path {share.host_path!r} is not an absolute, "
                              f"resolved path (it is {host})")
-        _check_outside_secvf_state(host, share, what, name)
+        own_workspace = _is_default_workspace(host, share, name)
+        if not own_workspace:
+            _check_outside_secvf_state(host, what)
         if not share.read_only:
-            _check_writable(host, what)
+            _check_writable(host, what, in_home_dotdir_ok=own_workspace)
         _check_reachable(host, what)
     check_no_overlap(shares)
 
@@ -284,12 +286,16 @@ def _check_guest_path(guest: str, what: str) -> None:
                          "top-level directory")
 
 
-def _check_outside_secvf_state(host: Path, share: Share, what: str, name: str | None) -> None:
-    """No share inside or around SecVF's library, image cache or runtime dir; the
-    sandbox's own default workspace (inside the library) is the one exception."""
-    if (name is not None and share.tag == WORKSPACE_TAG
-            and host == default_workspace(name).resolve()):
-        return
+def _is_default_workspace(host: Path, share: Share, name: str | None) -> bool:
+    """Whether ``share`` is sandbox ``name``'s own default workspace, which SecVF made
+    (mode 0700) inside its library: the one share allowed there, and in ``~/.local``
+    where the library lives by default."""
+    return (name is not None and share.tag == WORKSPACE_TAG
+            and host == default_workspace(name).resolve())
+
+
+def _check_outside_secvf_state(host: Path, what: str) -> None:
+    """No share inside or around SecVF's library, image cache or runtime dir."""
     for label, state in (("$SECVF_HOME", paths.secvf_home()), ("the image cache",
                          paths.cache_dir()), ("the runtime dir", paths.runtime_dir())):
         state = state.resolve()
@@ -299,9 +305,9 @@ def _check_outside_secvf_state(host: Path, share: Share, what: str, name: str | 
                              "sockets); share a directory outside it")
 
 
-def _check_writable(host: Path, what: str) -> None:
-    """Rules for read-write shares: no system tree, no dot-directory of your home, not
-    world-writable, and yours."""
+def _check_writable(host: Path, what: str, *, in_home_dotdir_ok: bool = False) -> None:
+    """Rules for read-write shares: no system tree, no dot-directory of your home (unless
+    ``in_home_dotdir_ok``: a sandbox's default workspace), not world-writable, and yours."""
     tree = next((t for t in HOST_SYSTEM_TREES if _within(host, t)), None)
     if tree is not None:
         raise ShareError(f"{what} {host} is in the system tree {tree}: the guest would "
@@ -309,7 +315,7 @@ def _check_writable(host: Path, what: str) -> None:
                          "own directory")
     home = Path.home().resolve()
     below_home = host.relative_to(home).parts if home in host.parents else ()
-    if below_home and below_home[0].startswith("."):
+    if below_home and below_home[0].startswith(".") and not in_home_dotdir_ok:
         dot = home / below_home[0]
         raise ShareError(f"{what} {host} is in {dot}, where programs keep settings and "
                          "state: the guest could change how your programs run; share it "
