@@ -109,9 +109,11 @@ def start_sandbox(name: str, *, timeout: float = AGENT_READY_TIMEOUT_S,
         control.start_vm(name)
     run = bundle.current_run()  # this boot's serial log, not an earlier one's
     try:
-        wait_for_agent(config, timeout - (time.monotonic() - started))
-        if restore is not None:
-            personalize(config)
+        with connect_agent(config, timeout - (time.monotonic() - started)) as client:
+            if restore is not None:
+                personalize(config, client)  # its handshake proved the agent answers
+            else:
+                client.ping()
     except SecVFError as exc:
         tail = _log_tail(bundle.serial_log if run is None else bundle.run_serial_log(run))
         try:
@@ -144,25 +146,27 @@ def _template_to_restore(config: VMConfig, notes: list[str]) -> Path | None:
     return template_store.template_dir(template_id)
 
 
-def personalize(config: VMConfig) -> None:
-    """Make a session restored from a template its own machine, through its agent: the
-    host's time, fresh kernel entropy, its hostname and MAC, an empty ``/tmp`` and its
-    shares mounted.
+def personalize(config: VMConfig, client: ExecClient) -> None:
+    """Make a session restored from a template its own machine, through its agent
+    (``client``, connected): the host's time, fresh kernel entropy, its hostname and MAC,
+    an empty ``/tmp`` and its shares mounted.
 
     Raises:
         ExecError: the agent failed or refused.
     """
     shares = config.channels.shares if config.channels else []
-    with ExecClient.connect(RuntimeFiles(config.id).exec_socket,
-                            timeout=PING_CONNECT_TIMEOUT_S) as client:
-        client.restore(hostname=guest_hostname(config.name), mac=config.mac,
-                       shares=[(s.tag, s.guest_path, s.read_only) for s in shares])
+    client.restore(hostname=guest_hostname(config.name), mac=config.mac,
+                   shares=[(s.tag, s.guest_path, s.read_only) for s in shares])
 
 
-def wait_for_agent(config: VMConfig, timeout: float) -> float:
-    """Ping the agent through the exec socket until it answers; return the ping RTT.
+def connect_agent(config: VMConfig, timeout: float) -> ExecClient:
+    """Connect to the agent through the exec socket, retrying until its handshake
+    answers; the caller closes the client.
 
     Uses short connect timeouts and retries, never one long blocking connect.
+
+    Raises:
+        StateError: the VM stopped, or the agent did not answer within ``timeout``.
     """
     path = RuntimeFiles(config.id).exec_socket
     deadline = time.monotonic() + timeout
@@ -172,8 +176,7 @@ def wait_for_agent(config: VMConfig, timeout: float) -> float:
         if not is_running(bundle):
             raise StateError(f"VM '{config.name}' stopped while booting", "stopped")
         try:
-            with ExecClient.connect(path, timeout=PING_CONNECT_TIMEOUT_S) as client:
-                return client.ping()
+            return ExecClient.connect(path, timeout=PING_CONNECT_TIMEOUT_S)
         except ExecError as exc:
             last = exc
         time.sleep(PING_RETRY_S)

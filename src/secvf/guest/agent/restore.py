@@ -14,14 +14,21 @@ answered ``restore_failed``), then applies it in this order and answers ``restor
    (everything else it uses reads the kernel: ``os.urandom``, ``secrets``, ``uuid4``);
 3. **hostname** - ``/proc/sys/kernel/hostname`` and ``/etc/hosts``, as init writes them;
 4. **tmp** - every entry of ``/tmp`` removed (not /tmp itself, nothing below a mount);
-5. **mac** - ``ip link set dev eth0 address MAC``; eth0's IPv6 is switched off and on
-   again, so its link-local and SLAAC addresses (made from the MAC) are made afresh; if a
-   DHCP client runs on eth0 (``secvf_net=nat``), it is restarted with its own command
-   line, because busybox udhcpc keeps the MAC it started with for its renewals (not
-   waited for: eth0 keeps its address meanwhile);
-6. **shares** - each virtio-fs tag mounted as init's ``mount_shares`` does
-   (``mkdir -p``, ``mount -t virtiofs -o ro|rw TAG PATH``), retried for up to
-   :data:`SHARE_WAIT_S` while a just-hot-plugged device appears.
+5. **mac** - eth0's address set with the ``SIOCSIFHWADDR`` ioctl (virtio-net takes it
+   while the link is up; a driver that refuses gets it while down); eth0's IPv6 is
+   switched off and on again, so its link-local and SLAAC addresses (made from the MAC)
+   are made afresh; if a DHCP client runs on eth0 (``secvf_net=nat``), it is restarted
+   with its own command line, because busybox udhcpc keeps the MAC it started with for
+   its renewals - in the background (``dhcp_restarted`` says it was begun): eth0 keeps
+   its address meanwhile, so the reply does not wait for the old client to exit;
+6. **shares** - each virtio-fs tag mounted with ``mount(2)`` as init's ``mount_shares``
+   does (``mkdir -p``, virtiofs, ``ro`` or ``rw``), once as many virtio-fs devices are
+   bound as the request has shares, retried for up to :data:`SHARE_WAIT_S` while a
+   just-hot-plugged device appears.
+
+Every step is a system call or a file write in the agent itself: no helper process is
+started (under TCG, a fork + exec of ``ip`` or ``mount`` in a just-restored guest costs
+tens of milliseconds each). The log line at the end gives each step's time.
 
 A step that fails is reported in ``errors`` as ``{"item", "message"}`` (items
 ``clock``, ``rng``, ``hostname``, ``tmp``, ``mac``, ``dhcp``, ``share:TAG``); the
@@ -32,12 +39,18 @@ socket on the host for tests, where a restore would change the *host*) answers
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import functools
 import logging
 import os
 import random
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -57,10 +70,16 @@ NET_IFACE = "eth0"
 IPV6_SWITCH = "/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"
 #: How long the shares of one restore may take to appear (hot-plugged devices).
 SHARE_WAIT_S = 10.0
-#: Pause between two mount attempts of a tag that is not there yet.
-SHARE_RETRY_S = 0.1
-#: Bound on one helper command (ip, mount).
-COMMAND_TIMEOUT_S = 10.0
+#: Pause between two looks for a share device that is not there yet.
+SHARE_RETRY_S = 0.01
+#: Where the virtio-fs devices bound to their driver appear (one ``virtioN`` link each).
+VIRTIOFS_DRIVER_DIR = "/sys/bus/virtio/drivers/virtiofs"
+#: ``mount(2)`` flag for a read-only mount.
+MS_RDONLY = 1
+#: ioctls on a socket (linux/sockios.h) and the ARP hardware type of Ethernet.
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFHWADDR = 0x8913, 0x8914, 0x8924
+ARPHRD_ETHER = 1
+IFF_UP = 0x1
 #: Bound on the restarted DHCP client getting its lease (it backgrounds itself then).
 DHCP_TIMEOUT_S = 15.0
 #: init's DHCP script keeps eth0's address on the next ``deconfig`` if this exists.
@@ -161,18 +180,6 @@ def clean_directory(path: str, mounts: Sequence[Mount]) -> tuple[int, list[str]]
     return removed, problems
 
 
-def _run(argv: list[str], timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _output(proc: subprocess.CompletedProcess[str]) -> str:
-    """A failed helper's message, on one line."""
-    text = " ".join(line.strip() for line in (proc.stderr or proc.stdout or "").splitlines())
-    return text.strip() or f"exit status {proc.returncode}"
-
-
 class StepFailed(Exception):
     """One step of a restore failed (it becomes an ``errors`` entry)."""
 
@@ -189,6 +196,7 @@ class Outcome:
     mounted: list[dict[str, Any]] = field(default_factory=list)
     tmp_entries_removed: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
+    step_ms: dict[str, float] = field(default_factory=dict)  # for the log line only
 
     def fail(self, item: str, message: str) -> None:
         """Record that ``item`` failed."""
@@ -262,25 +270,30 @@ class Restorer:
             self._step(outcome, "mac", lambda: self._set_mac(outcome, payload["mac"]))
         outcome.mac = _current_mac(NET_IFACE)
         deadline = time.monotonic() + SHARE_WAIT_S
-        for share in payload["shares"]:
+        shares = payload["shares"]
+        for share in shares:
             self._step(
                 outcome,
                 f"share:{share['tag']}",
-                functools.partial(self._mount, outcome, share, deadline),
+                functools.partial(self._mount, outcome, share, len(shares), deadline),
             )
         log.info(
-            "restore: clock %+.3f s, hostname %s, mac %s, %d share(s), %d error(s)",
+            "restore: clock %+.3f s, hostname %s, mac %s, %d share(s), %d error(s) in "
+            "%.0f ms (%s)",
             (outcome.clock_offset_ns or 0) / 1e9,
             outcome.hostname,
             outcome.mac,
             len(outcome.mounted),
             len(outcome.errors),
+            (time.monotonic() - received) * 1e3,
+            ", ".join(f"{item} {ms:.0f}" for item, ms in outcome.step_ms.items()),
         )
         return outcome
 
     @staticmethod
     def _step(outcome: Outcome, item: str, action: Callable[[], None]) -> None:
         """Run one step; whatever it raises becomes its ``errors`` entry."""
+        began = time.monotonic()
         try:
             action()
         except (StepFailed, OSError, subprocess.SubprocessError) as exc:
@@ -288,6 +301,8 @@ class Restorer:
         except Exception as exc:  # noqa: BLE001 - a bug fails one item, never the restore
             log.exception("restore: %s failed unexpectedly", item)
             outcome.fail(item, f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            outcome.step_ms[item] = (time.monotonic() - began) * 1e3
 
     @staticmethod
     def _set_clock(outcome: Outcome, payload: dict[str, Any], received: float) -> None:
@@ -318,18 +333,16 @@ class Restorer:
             raise StepFailed(f"the VM has no {NET_IFACE}")
         if before == mac:
             return
-        proc = _run(["ip", "link", "set", "dev", NET_IFACE, "address", mac])
-        if proc.returncode != 0:  # some drivers only take a new address while down
-            _run(["ip", "link", "set", "dev", NET_IFACE, "down"])
-            proc = _run(["ip", "link", "set", "dev", NET_IFACE, "address", mac])
-            _run(["ip", "link", "set", "dev", NET_IFACE, "up"])
-        if proc.returncode != 0:
-            raise StepFailed(f"ip link set dev {NET_IFACE} address {mac}: {_output(proc)}")
+        try:
+            set_hardware_address(NET_IFACE, mac)
+        except OSError as exc:
+            raise StepFailed(f"cannot set {NET_IFACE}'s address to {mac}: "
+                             f"{exc.strerror or exc}") from exc
         _renew_ipv6(NET_IFACE)
         self._step(outcome, "dhcp", lambda: _restart_dhcp(outcome))
 
     @staticmethod
-    def _mount(outcome: Outcome, share: dict[str, Any], deadline: float) -> None:
+    def _mount(outcome: Outcome, share: dict[str, Any], devices: int, deadline: float) -> None:
         tag, path, read_only = share["tag"], share["path"], share["read_only"]
         with open(MOUNTINFO) as fh:
             here = [m for m in parse_mountinfo(fh.read()) if m.point == path]
@@ -341,19 +354,65 @@ class Restorer:
                 f"{path} is already a mount point ({here[-1].fstype} {here[-1].source})"
             )
         os.makedirs(path, 0o755, exist_ok=True)  # init: mkdir -p (umask 022)
-        mode = "ro" if read_only else "rw"
         while True:
-            proc = _run(["mount", "-t", "virtiofs", "-o", mode, tag, path])
-            if proc.returncode == 0:
+            # a tag is known to the kernel once its device is bound: look before mounting,
+            # since each mount of an unknown tag logs a kernel line on the console
+            problem = (mount_virtiofs(tag, path, read_only=read_only)
+                       if bound_virtiofs_devices() >= devices else "its device is not there")
+            if problem is None:
                 break
             if time.monotonic() >= deadline:
-                raise StepFailed(
-                    f"cannot mount virtio-fs tag {tag!r} on {path} within "
-                    f"{SHARE_WAIT_S:.0f} s: {_output(proc)}"
-                )
+                raise StepFailed(f"cannot mount virtio-fs tag {tag!r} on {path} within "
+                                 f"{SHARE_WAIT_S:.0f} s: {problem}")
             time.sleep(SHARE_RETRY_S)
-        log.info("restore: share %s on %s (%s)", tag, path, mode)
+        log.info("restore: share %s on %s (%s)", tag, path, "ro" if read_only else "rw")
         outcome.mounted.append({"tag": tag, "path": path, "read_only": read_only})
+
+
+def set_hardware_address(iface: str, mac: str) -> None:
+    """Set ``iface``'s Ethernet address (``SIOCSIFHWADDR``); a driver that refuses while
+    the link is up (``EBUSY``) gets it while down, and the link is brought up again.
+
+    Raises:
+        OSError: the kernel refused.
+    """
+    name = iface.encode()
+    request = struct.pack("16sH6s8x", name, ARPHRD_ETHER, bytes.fromhex(mac.replace(":", "")))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock, SIOCSIFHWADDR, request)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+        flags = struct.unpack_from("16sH", fcntl.ioctl(sock, SIOCGIFFLAGS,
+                                                       struct.pack("16sH22x", name, 0)))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", name, flags & ~IFF_UP))
+        try:
+            fcntl.ioctl(sock, SIOCSIFHWADDR, request)
+        finally:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", name, flags))
+
+
+def bound_virtiofs_devices(driver_dir: str = VIRTIOFS_DRIVER_DIR) -> int:
+    """How many virtio-fs devices the guest kernel has bound (0 before the first)."""
+    try:
+        return sum(1 for entry in os.listdir(driver_dir) if entry.startswith("virtio"))
+    except OSError:
+        return 0
+
+
+def mount_virtiofs(tag: str, path: str, *, read_only: bool) -> str | None:
+    """``mount -t virtiofs -o ro|rw TAG PATH`` as one ``mount(2)``; the reason it failed,
+    or None."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = ctypes.c_ulong(MS_RDONLY if read_only else 0)
+    if libc.mount(tag.encode(), path.encode(), b"virtiofs", flags, None) == 0:
+        return None
+    code = ctypes.get_errno()
+    if code == errno.EINVAL:
+        return f"no virtio-fs tag {tag!r} (EINVAL)"
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
 
 
 def _current_hostname() -> str:
@@ -400,21 +459,30 @@ def _renew_ipv6(iface: str) -> None:
 
 
 def _restart_dhcp(outcome: Outcome) -> None:
-    """Restart eth0's DHCP client (its own command line) so it renews with the new MAC.
+    """Restart eth0's DHCP client (its own command line) so it renews with the new MAC,
+    in a thread: the reply does not wait for it.
 
-    Not waited for: the address stays meanwhile (init's DHCP script keeps it on the new
-    client's first ``deconfig`` when :data:`DHCP_KEEP_ADDRESS` exists), so the guest keeps
-    its network, and the client backgrounds itself once it has the lease.
+    The address stays meanwhile (init's DHCP script keeps it on the new client's first
+    ``deconfig`` when :data:`DHCP_KEEP_ADDRESS` exists), so the guest keeps its network,
+    and the client backgrounds itself once it has the lease.
     """
     clients = dhcp_clients(NET_IFACE)
     if not clients:
         return  # no DHCP on this VM (secvf_net=none, or a static address)
+    threading.Thread(target=_replace_dhcp_client, args=(clients,), name="dhcp",
+                     daemon=True).start()
+    outcome.dhcp_restarted = True
+
+
+def _replace_dhcp_client(clients: list[tuple[int, list[str]]]) -> None:
+    """Stop the running clients, start the first one's command line again, and wait for
+    its foreground part (it exits once it has a lease)."""
     for pid, _ in clients:
         _stop(pid)
     argv = clients[0][1]
-    with open(DHCP_KEEP_ADDRESS, "w"):
-        pass
     try:
+        with open(DHCP_KEEP_ADDRESS, "w"):
+            pass
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -422,15 +490,11 @@ def _restart_dhcp(outcome: Outcome) -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-    except OSError:
-        os.unlink(DHCP_KEEP_ADDRESS)
-        raise
-    threading.Thread(target=_reap_dhcp, args=(proc, argv), name="dhcp", daemon=True).start()
-    outcome.dhcp_restarted = True
-
-
-def _reap_dhcp(proc: subprocess.Popen[bytes], argv: list[str]) -> None:
-    """Wait for the restarted client's foreground part (it exits once it has a lease)."""
+    except OSError as exc:
+        log.warning("restore: cannot restart %s: %s", " ".join(argv), exc)
+        with contextlib.suppress(OSError):
+            os.unlink(DHCP_KEEP_ADDRESS)
+        return
     try:
         code = proc.wait(DHCP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
