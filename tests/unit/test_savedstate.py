@@ -281,6 +281,10 @@ def test_a_restore_hot_plugs_the_channels_onto_the_spare_slots(tmp_path: Path) -
     assert plugged == [("vhost-user-vsock-pci", "rp0"), ("vhost-user-fs-pci", "rp1"),
                        ("vhost-user-fs-pci", "rp2")]
     assert [h.name for h in plan.helpers] == ["vsock", "virtiofsd-workspace", "virtiofsd-s1"]
+    # they serve hot-plugged devices only, so they start while QEMU does
+    assert all(h.for_hotplug for h in plan.helpers)
+    cold = build_sandbox_machine(config, Bundle(tmp_path), files, "tcg", RunMode.COLD)
+    assert [h.name for h in cold.helpers if not h.for_hotplug] == [h.name for h in plan.helpers]
     paths = [h.chardev["backend"]["data"]["addr"]["data"]["path"] for h in plan.hotplug]
     assert paths[0] == str(files.vhost_vsock_socket)
     assert paths[1] == str(files.virtiofs_socket("workspace"))

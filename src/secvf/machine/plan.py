@@ -42,7 +42,8 @@ class PlannedDevice:
 
 @dataclass(frozen=True)
 class HelperSpec:
-    """A host process a device needs, started (and ready) before QEMU.
+    """A host process a device needs, started (and ready) before QEMU - or, when it
+    serves only a hot-plugged device (``for_hotplug``), while QEMU starts.
 
     Readiness is one of: the helper writes a line to the fd given by
     ``--ready-fd N`` (``ready_fd_arg``), or the supervisor binds and listens on
@@ -56,6 +57,7 @@ class HelperSpec:
     ready_fd_arg: str | None = None  # e.g. "--ready-fd"
     listen_socket: Path | None = None  # socket the supervisor creates for the helper
     fd_arg: str | None = None  # e.g. "--fd={fd}"
+    for_hotplug: bool = False  # its device is hot-plugged: QEMU's command line has no use
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
               "--vm-name", config.name, "--vm-id", config.id,
               "--log-dir", str(paths.logs_dir())),
         ready_fd_arg="--ready-fd",
+        for_hotplug=bus is not None,
     ))
     purpose = "vsock (exec channel)"
     if bus is None:  # a cold boot: the device on a slot of its own, so it can be replugged
@@ -165,7 +166,8 @@ def add_virtiofs_share(plan: MachinePlan, share: Share, files: RuntimeFiles, *,
     hot-plugged onto ``bus`` if given."""
     sock = files.virtiofs_socket(share.tag)
     plan.helpers.append(HelperSpec(name=f"virtiofsd-{share.tag}", argv=virtiofsd_argv(share),
-                                   listen_socket=sock, fd_arg="--fd={fd}"))
+                                   listen_socket=sock, fd_arg="--fd={fd}",
+                                   for_hotplug=bus is not None))
     mode = "ro" if share.read_only else "rw"
     purpose = f"virtio-fs share {share.host_path} -> {share.guest_path} ({mode})"
     dev_id = f"fs-{share.tag}"

@@ -365,15 +365,30 @@ class Supervisor:
         await self._start_bridge()
 
     async def _start_machine(self, plan: MachinePlan) -> None:
-        """Start the plan's helpers, then QEMU (paused), and connect QMP."""
+        """Start the plan's helpers, then QEMU (paused), and connect QMP. Helpers of
+        hot-plugged devices only (a restore's channels) start while QEMU does: they must
+        be ready by the hot-plug, not before QEMU."""
         self._step(LaunchStage.HELPERS)
         for spec in plan.helpers:
+            if not spec.for_hotplug:
+                await self._start_helper(spec)
+        later = [spec for spec in plan.helpers if spec.for_hotplug]
+        helpers = (asyncio.ensure_future(self._start_helpers(later)) if later else None)
+        try:
+            self._step(LaunchStage.QEMU)
+            await self._start_qemu(plan)
+            self._step(LaunchStage.QMP)
+            await self._connect_qmp()
+            self._secure_display()
+        finally:
+            if helpers is not None:
+                await asyncio.wait([helpers])  # never leave one half-started
+        if helpers is not None:
+            helpers.result()  # what it raised
+
+    async def _start_helpers(self, specs: list[HelperSpec]) -> None:
+        for spec in specs:
             await self._start_helper(spec)
-        self._step(LaunchStage.QEMU)
-        await self._start_qemu(plan)
-        self._step(LaunchStage.QMP)
-        await self._connect_qmp()
-        self._secure_display()
 
     def _prepare_ram(self, plan: MachinePlan) -> None:
         """Create the guest's RAM file, empty and sparse; for a restore, first check that

@@ -19,8 +19,9 @@ answered ``restore_failed``), then applies it in this order and answers ``restor
    switched off and on again, so its link-local and SLAAC addresses (made from the MAC)
    are made afresh; if a DHCP client runs on eth0 (``secvf_net=nat``), it is restarted
    with its own command line, because busybox udhcpc keeps the MAC it started with for
-   its renewals - in the background (``dhcp_restarted`` says it was begun): eth0 keeps
-   its address meanwhile, so the reply does not wait for the old client to exit;
+   its renewals - in the background, a second later (``dhcp_restarted`` says it was
+   begun): eth0 keeps its address meanwhile, so neither the reply nor the session's
+   first commands wait for it;
 6. **shares** - each virtio-fs tag mounted with ``mount(2)`` as init's ``mount_shares``
    does (``mkdir -p``, virtiofs, ``ro`` or ``rw``), once as many virtio-fs devices are
    bound as the request has shares, retried for up to :data:`SHARE_WAIT_S` while a
@@ -86,6 +87,9 @@ DHCP_TIMEOUT_S = 15.0
 DHCP_KEEP_ADDRESS = "/run/secvf/dhcp-keep-address"
 #: How long an old DHCP client gets to exit after TERM.
 DHCP_STOP_S = 2.0
+#: How long the DHCP restart waits first: the MAC has changed and eth0 keeps its
+#: address, so it need not compete with a session's first commands for the guest's CPU.
+DHCP_RESTART_DELAY_S = 1.0
 #: Longest error text per item in the reply.
 MAX_ERROR_CHARS = 500
 
@@ -475,8 +479,10 @@ def _restart_dhcp(outcome: Outcome) -> None:
 
 
 def _replace_dhcp_client(clients: list[tuple[int, list[str]]]) -> None:
-    """Stop the running clients, start the first one's command line again, and wait for
-    its foreground part (it exits once it has a lease)."""
+    """After :data:`DHCP_RESTART_DELAY_S`, stop the running clients, start the first
+    one's command line again, and wait for its foreground part (it exits once it has a
+    lease)."""
+    time.sleep(DHCP_RESTART_DELAY_S)
     for pid, _ in clients:
         _stop(pid)
     argv = clients[0][1]
