@@ -14,6 +14,8 @@ import types
 
 from secvf.exec import protocol
 from secvf.guest.agent import AGENT_VERSION
+from secvf.guest.agent.errors import RequestFailed
+from secvf.guest.agent.identity import resolve_identity
 from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.server import (
     DEFAULT_USER,
@@ -87,6 +89,18 @@ def _ignore_signal(signum: int, frame: types.FrameType | None) -> None:
     """Handler standing in for SIG_IGN (see :func:`reset_ignored_signals_for_commands`)."""
 
 
+def start_default_spawner(agent: Agent) -> None:
+    """Start the default user's spawner before the agent reports ready, so a guest
+    saved at "ready" (a sandbox template) has it running and no session's first command
+    waits for it. A failure only means commands start the slower way."""
+    try:
+        identity = resolve_identity(agent.default_user)
+        if not identity.is_self:
+            agent.spawners.for_account(identity.account).start()
+    except (RequestFailed, OSError) as exc:
+        log.warning("no spawner for %s: %s", agent.default_user, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: listen and serve until killed."""
     args = parse_args(argv)
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions,
         restorer=Restorer.for_agent(listening_on_vsock=not args.unix),
     )
+    start_default_spawner(agent)
     if args.ready_fifo:
         signal_ready(args.ready_fifo, AGENT_READY_LINE)
     agent.serve_forever()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import logging
 import os
 import pty
 import selectors
@@ -20,6 +21,9 @@ from secvf.guest.agent.connection import ConnectionGone
 from secvf.guest.agent.errors import RequestFailed
 from secvf.guest.agent.identity import Identity, call_as, default_cwd, resolve_identity
 from secvf.guest.agent.process_groups import terminate_group
+from secvf.guest.agent.spawner import ChildProcess, SpawnerFailed
+
+log = logging.getLogger("secvf.agent")
 
 if TYPE_CHECKING:
     from secvf.guest.agent.session import Session
@@ -120,7 +124,7 @@ class ExecTask:
         self.stream_id = stream_id
         self.request = request
         self.state = TaskState.RUNNING
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ChildProcess | None = None
         self.tty_fd: int | None = None  # PTY master (tty mode)
         self.stdin_fd: int | None = None  # our end of the child's stdin
         self.output_fds: dict[int, protocol.FrameType] = {}
@@ -163,12 +167,44 @@ class ExecTask:
             raise RequestFailed(
                 "bad_cwd", f"working directory {cwd} does not exist", errno.ENOENT, "chdir"
             )
-        _check_cwd_access(identity, cwd)
-        self._spawn(argv, identity, env, cwd)
+        if identity.is_self or req["tty"] or not self._spawn_as(argv, identity, env, cwd):
+            _check_cwd_access(identity, cwd)
+            self._spawn(argv, identity, env, cwd)
         threading.Thread(target=self._bh_pump, name=f"pump-{self.stream_id}", daemon=True).start()
         threading.Thread(
             target=self._bh_supervise, name=f"supervise-{self.stream_id}", daemon=True
         ).start()
+
+    def _spawn_as(self, argv: list[str], identity: Identity, env: dict[str, str],
+                  cwd: str) -> bool:
+        """Start the command through ``identity``'s spawner (a pipe command as another
+        account: see :mod:`secvf.guest.agent.spawner`); False if the spawner is unusable
+        (the caller starts it itself then).
+
+        Raises:
+            RequestFailed: the command could not start.
+        """
+        kwargs: dict[str, Any] = {}
+        child_fds = self._prepare_pipes(kwargs)
+        devnull = -1
+        try:
+            stdin = kwargs["stdin"]
+            if stdin == subprocess.DEVNULL:
+                stdin = devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            spawner = self.session.agent.spawners.for_account(identity.account)
+            self.proc = spawner.spawn(argv, env, cwd, (stdin, kwargs["stdout"], kwargs["stderr"]))
+        except SpawnerFailed as exc:
+            log.warning("exec: %s; starting the command from the agent", exc)
+            self._drop_pipes()
+            return False
+        except OSError as exc:
+            self._close_own_fds()
+            raise _start_failure(exc, argv[0], cwd) from exc
+        finally:
+            for fd in [*child_fds, devnull]:
+                if fd >= 0:
+                    os.close(fd)
+        return True
 
     def _spawn(self, argv: list[str], identity: Identity, env: dict[str, str], cwd: str) -> None:
         kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "start_new_session": True}
@@ -202,6 +238,14 @@ class ExecTask:
         self.output_fds = {master: protocol.FrameType.STDOUT}
         kwargs.update(stdin=slave, stdout=slave, stderr=slave, preexec_fn=_take_controlling_tty)
         return [slave]
+
+    def _drop_pipes(self) -> None:
+        """Close our ends of the pipes :meth:`_prepare_pipes` made (before a retry)."""
+        with self._fd_lock:
+            ours = [*self.output_fds, *([self.stdin_fd] if self.stdin_fd is not None else [])]
+            self.output_fds, self.stdin_fd = {}, None
+        for fd in ours:
+            os.close(fd)
 
     def _prepare_pipes(self, kwargs: dict[str, Any]) -> list[int]:
         out_r, out_w = os.pipe()
@@ -350,8 +394,7 @@ class ExecTask:
             os.close(pidfd)
         self.state = TaskState.ENDING
         terminate_group(proc.pid)
-        proc.wait()
-        self._finish(proc.returncode, timed_out, cancelled)
+        self._finish(proc.wait(), timed_out, cancelled)
 
     def _finish(self, returncode: int, timed_out: bool, cancelled: bool) -> None:
         self._drain_until = time.monotonic() + DRAIN_AFTER_EXIT_S

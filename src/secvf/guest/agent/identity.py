@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from secvf.guest.agent.errors import RequestFailed
+from secvf.guest.agent.spawner import Account
 
 DEFAULT_WORKSPACE = "/workspace"
 
@@ -25,6 +26,11 @@ class Identity:
     groups: tuple[int, ...]  # supplementary groups (initgroups equivalent)
     home: str  # home directory from passwd
     shell: str  # login shell from passwd
+
+    @property
+    def account(self) -> Account:
+        """The credentials a spawner for this identity runs with."""
+        return Account(self.uid, self.gid, self.groups)
 
     @property
     def is_self(self) -> bool:

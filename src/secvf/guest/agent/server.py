@@ -15,6 +15,7 @@ from secvf.guest.agent import AGENT_VERSION
 from secvf.guest.agent.identity import login_users
 from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.session import Session
+from secvf.guest.agent.spawner import Spawners
 
 DEFAULT_USER = "agent"
 MAX_SESSIONS = 64
@@ -40,6 +41,8 @@ class Agent:
         #: Applies ``restore`` requests (disabled unless given: see Restorer.for_agent).
         self.restorer = restorer or Restorer(enabled=False, why_not="restore is not enabled")
         self.default_user = default_user
+        #: One spawner per account commands run as (other than the agent's own).
+        self.spawners = Spawners()
         self.keepalive_interval_s = keepalive_interval_s
         self.started_at = time.monotonic()
         self._slots = threading.BoundedSemaphore(max_sessions)
