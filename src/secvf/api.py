@@ -19,6 +19,12 @@ A short tour::
     api.remove_sandbox("agent1", purge=True, force=True)  # force: it is running
 
     findings = api.audit()                         # every VM's host-guest surfaces
+
+Importing this module is cheap: each function imports the layers it needs when it is
+called, and the classes and functions it re-exports (``api.Sandbox``, ``api.VMConfig``,
+``api.create_snapshot`` …) are imported on first use (PEP 562), so ``secvf --help`` or
+``secvf vm exec`` loads only what it runs. ``from secvf.api import X`` works for every
+name in ``__all__``.
 """
 
 from __future__ import annotations
@@ -26,39 +32,44 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from secvf.exec import (
-    AgentUnavailable,
-    CommandStartFailed,
-    ExecClient,
-    ExecResult,
-    ExecSession,
-    Exited,
-    Stderr,
-    Stdout,
-    exit_code_for,
-)
-from secvf.image import DEFAULT_IMAGES, RECIPES, ImageInfo, Progress, build_image, list_images
-from secvf.image import remove_image as _remove_image
-from secvf.model.config import Accel, DisplayMode, NetworkMode, VMConfig, VMKind
-from secvf.model.savedstate import SnapshotInfo, SnapshotKind, TemplateInfo
-from secvf.model.sizes import format_size
-from secvf.runtime import console, control
-from secvf.runtime.control import StopDone, StopListener, StopWaiting
-from secvf.runtime.supervisor import run_supervisor
-from secvf.sdk import AsyncSandbox, Sandbox
-from secvf.store import gc, library
-from secvf.store.library import ListedVM
-from secvf.workflows import audit as _audit
-from secvf.workflows import display as _display
-from secvf.workflows import media, vm_exec, vms, workspaces
-from secvf.workflows import sandbox as _sandbox
-from secvf.workflows import snapshots as _snapshots
-from secvf.workflows import templates as _templates
-from secvf.workflows.create import build_config, hash_root_password
-from secvf.workflows.display import DisplayInfo
-from secvf.workflows.media import MediaChange
+from secvf import lazy_exports
+from secvf.model.enums import Accel, DisplayMode, NetworkMode, VMKind  # standard library only
+
+if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the same)
+    from secvf.errors import AgentUnavailable, CommandStartFailed
+    from secvf.exec import (
+        ExecClient,
+        ExecResult,
+        ExecSession,
+        Exited,
+        Stderr,
+        Stdout,
+        exit_code_for,
+    )
+    from secvf.image import DEFAULT_IMAGES, ImageInfo, Progress, build_image, list_images
+    from secvf.model.config import VMConfig
+    from secvf.model.savedstate import SnapshotInfo, SnapshotKind, TemplateInfo
+    from secvf.model.sizes import format_size
+    from secvf.runtime.control import StopDone, StopListener, StopWaiting
+    from secvf.sdk import AsyncSandbox, Sandbox
+    from secvf.store.library import ListedVM
+    from secvf.workflows.display import DisplayInfo
+    from secvf.workflows.media import MediaChange
+    from secvf.workflows.sandbox import (
+        create_sandbox,
+        list_sandboxes,
+        remove_sandbox,
+        start_sandbox,
+    )
+    from secvf.workflows.snapshots import (
+        create_snapshot,
+        delete_snapshot,
+        list_snapshots,
+        revert_snapshot,
+    )
+    from secvf.workflows.templates import build_template, list_templates, remove_template
 
 __all__ = [
     # the VM library
@@ -138,6 +149,32 @@ __all__ = [
     "format_size",
 ]
 
+#: Re-exported names and the module each is imported from on first use.
+_LAZY = {
+    **dict.fromkeys(("AgentUnavailable", "CommandStartFailed"), "secvf.errors"),
+    **dict.fromkeys(("ExecClient", "ExecResult", "ExecSession", "Exited", "Stderr", "Stdout",
+                     "exit_code_for"), "secvf.exec"),
+    **dict.fromkeys(("DEFAULT_IMAGES", "ImageInfo", "Progress", "build_image", "list_images"),
+                    "secvf.image"),
+    "VMConfig": "secvf.model.config",
+    **dict.fromkeys(("SnapshotInfo", "SnapshotKind", "TemplateInfo"), "secvf.model.savedstate"),
+    "format_size": "secvf.model.sizes",
+    **dict.fromkeys(("StopDone", "StopListener", "StopWaiting"), "secvf.runtime.control"),
+    **dict.fromkeys(("AsyncSandbox", "Sandbox"), "secvf.sdk"),
+    "ListedVM": "secvf.store.library",
+    "DisplayInfo": "secvf.workflows.display",
+    "MediaChange": "secvf.workflows.media",
+    **dict.fromkeys(("create_sandbox", "list_sandboxes", "remove_sandbox", "start_sandbox"),
+                    "secvf.workflows.sandbox"),
+    **dict.fromkeys(("create_snapshot", "delete_snapshot", "list_snapshots", "revert_snapshot"),
+                    "secvf.workflows.snapshots"),
+    **dict.fromkeys(("build_template", "list_templates", "remove_template"),
+                    "secvf.workflows.templates"),
+}
+
+if not TYPE_CHECKING:  # mypy sees the imports above, so a misspelt ``api.name`` stays an error
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
 
 # ---- the VM library ----------------------------------------------------------------------
 
@@ -175,6 +212,9 @@ def create_vm(
         AlreadyExists: the name is taken, or (an AI sandbox without ``workspace``) an
             earlier sandbox of that name left its default workspace behind.
     """
+    from secvf.workflows import vms, workspaces
+    from secvf.workflows.create import build_config, hash_root_password
+
     with workspaces.for_new_vm(name, kind, workspace):
         config = build_config(name=name, kind=kind, cpus=cpus, memory=memory,
                               disk_size=disk_size, image=image, disk_image=disk_image,
@@ -188,32 +228,44 @@ def create_vm(
 
 def list_vms() -> list[ListedVM]:
     """Every VM bundle in the library, by name; an unreadable one carries its error."""
+    from secvf.store import library
+
     return library.list_vms()
 
 
 def get_vm(name: str) -> VMConfig:
     """The config of VM ``name``. Raises NotFound, ConfigError (corrupt vm.json)."""
+    from secvf.store import library
+
     return library.get_vm(name)[1]
 
 
 def vm_dir(name: str) -> Path:
     """Where VM ``name``'s bundle (vm.json, disk, logs) lives. Raises NotFound."""
-    return library.get_bundle(name).path
+    from secvf.store.bundle import get_bundle
+
+    return get_bundle(name).path
 
 
 def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
     """Delete VM ``name`` (``force``: stop it first if it runs); returns its config."""
+    from secvf.workflows import vms
+
     return vms.delete_vm(name, force=force)
 
 
 def clone_vm(src: str, dst: str, *, copy_workspace: bool = False) -> VMConfig:
     """Clone stopped VM ``src`` as ``dst`` copy-on-write (new UUID and MAC). A sandbox
     clone gets its own workspace: empty, or a copy of the source's (``copy_workspace``)."""
+    from secvf.workflows import vms
+
     return vms.clone_vm(src, dst, copy_workspace=copy_workspace).load()
 
 
 def rename_vm(old: str, new: str) -> None:
     """Rename stopped VM ``old`` to ``new`` (a sandbox's default workspace moves along)."""
+    from secvf.workflows import vms
+
     vms.rename_vm(old, new)
 
 
@@ -224,6 +276,8 @@ def collect_garbage(*, dry_run: bool = False) -> dict[str, Any]:
     Raises:
         LockBusy: a clone is in progress.
     """
+    from secvf.store import gc
+
     return gc.collect(dry_run=dry_run).as_json()
 
 
@@ -238,6 +292,8 @@ def import_vm(path: Path, *, name: str | None = None) -> VMConfig:
         NotFound, ConfigError, ForbiddenDevice, InvalidName, AlreadyExists.
         UnsafeDisk (a DiskError): the bundle names a host file SecVF will not open.
     """
+    from secvf.workflows import vms
+
     return vms.import_vm(path, name=name).load()
 
 
@@ -255,6 +311,8 @@ def start_vm(name: str, *, accel: str | None = None,
         StateError: already running. LaunchFailed: QEMU or a helper did not start,
         or the device-tree check refused the VM.
     """
+    from secvf.runtime import control
+
     return control.start_vm(name, accel=accel, wait_ready=wait_ready)
 
 
@@ -264,22 +322,30 @@ def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0,
     A running AI sandbox syncs its disks through its agent first. ``progress`` gets a
     :class:`StopWaiting` about once a second while the guest may still power off, then
     one :class:`StopDone` that says whether the stop was forced."""
+    from secvf.workflows import vms
+
     return vms.stop_vm(name, force=force, timeout=timeout, progress=progress)
 
 
 def vm_status(name: str) -> dict[str, Any]:
     """State, accelerator, uptime, live devices and last run of VM ``name``."""
+    from secvf.runtime import control
+
     return control.vm_status(name)
 
 
 def wait_for_ready(name: str, timeout: float) -> dict[str, Any]:
     """Wait until VM ``name``'s guest printed its ready marker; returns its status.
     Raises ConfigError at once for a VM whose guest prints none (ISO, disk image)."""
+    from secvf.runtime import control
+
     return control.wait_for_ready(name, timeout)
 
 
 def run_in_foreground(name: str, *, accel: str | None = None) -> int:
     """Run VM ``name``'s supervisor in this process until the VM stops; its exit status."""
+    from secvf.runtime.supervisor import run_supervisor
+
     return run_supervisor(name, accel=accel, report_fd=None)
 
 
@@ -287,12 +353,17 @@ def print_serial_log(name: str, *, run: int | None = None, follow: bool = False)
     """Copy one run's serial console log of VM ``name`` to stdout: run ``run`` (one of
     the last few kept), or the current or last run; ``follow``: keep going while that
     run lasts. Raises NotFound for a run whose log is not kept."""
+    from secvf.runtime import console
+    from secvf.store import library
+
     bundle, _ = library.get_vm(name)
     console.print_log(bundle, run=run, follow=follow)
 
 
 def attach_console(name: str) -> None:
     """Attach this terminal to running VM ``name``'s serial console (detach: Ctrl-])."""
+    from secvf.runtime import console
+
     console.attach_console(name)
 
 
@@ -300,38 +371,28 @@ def display_info(name: str) -> DisplayInfo:
     """Where running VM ``name``'s graphical console (VNC on a private Unix socket,
     mode 0600) listens, and how to open it. Raises ConfigError (``--display none``),
     StateError (not running)."""
-    return _display.display_info(name)
+    from secvf.workflows import display
+
+    return display.display_info(name)
 
 
 def eject_medium(name: str) -> MediaChange:
     """Eject VM ``name``'s cdrom medium, live if it runs, and for the next start.
     Raises ConfigError: it has no cdrom drive (not an ``--iso`` VM)."""
+    from secvf.workflows import media
+
     return media.eject_medium(name)
 
 
 def insert_medium(name: str, iso: Path) -> MediaChange:
     """Insert ISO ``iso`` (read-only, checked as ``vm create --iso`` checks it) into VM
     ``name``'s cdrom drive, live if it runs, and for the next start."""
+    from secvf.workflows import media
+
     return media.insert_medium(name, iso)
 
 
-# ---- snapshots ----------------------------------------------------------------------------
-
-create_snapshot = _snapshots.create_snapshot
-list_snapshots = _snapshots.list_snapshots
-revert_snapshot = _snapshots.revert_snapshot
-delete_snapshot = _snapshots.delete_snapshot
-
-
-# ---- AI-sandbox sessions and templates -----------------------------------------------------
-
-create_sandbox = _sandbox.create_sandbox
-start_sandbox = _sandbox.start_sandbox
-list_sandboxes = _sandbox.list_sandboxes
-remove_sandbox = _sandbox.remove_sandbox
-build_template = _templates.build_template
-list_templates = _templates.list_templates
-remove_template = _templates.remove_template
+# ---- snapshots, AI-sandbox sessions and templates: the workflows' own functions (_LAZY) ---
 
 
 # ---- exec ---------------------------------------------------------------------------------
@@ -346,6 +407,8 @@ def connect_exec(name: str) -> Iterator[ExecClient]:
         AgentUnavailable: the agent does not answer (yet: the VM may still be booting,
             see :func:`wait_for_exec`).
     """
+    from secvf.workflows import vm_exec
+
     with vm_exec.connect(name) as client:
         yield client
 
@@ -357,16 +420,22 @@ def wait_for_exec(name: str, timeout: float) -> float:
     Raises:
         AgentUnavailable: no answer within ``timeout``. NoExecChannel, NotFound.
     """
+    from secvf.workflows import vm_exec
+
     return vm_exec.wait_for_exec(name, timeout)
 
 
 def run_command(name: str, command: str | Sequence[str], **options: Any) -> ExecResult:
     """Run ``command`` in sandbox ``name`` and capture its output (see ``ExecClient.run``)."""
+    from secvf.workflows import vm_exec
+
     return vm_exec.run_captured(name, command, **options)
 
 
 def result_as_json(result: ExecResult) -> dict[str, Any]:
     """The ``--json`` shape of an exec result: exit status, timing, decoded output."""
+    from secvf.workflows import vm_exec
+
     return vm_exec.result_json(result)
 
 
@@ -375,15 +444,21 @@ def result_as_json(result: ExecResult) -> dict[str, Any]:
 
 def audit() -> dict[str, Any]:
     """Every VM's host-guest surfaces and findings, as ``secvf audit --json`` prints them."""
-    results, stray = _audit.audit_all()
-    return _audit.as_json(results, stray)
+    from secvf.workflows import audit as surfaces
+
+    results, stray = surfaces.audit_all()
+    return surfaces.as_json(results, stray)
 
 
 def remove_image(name: str) -> None:
     """Remove the built image ``name``."""
-    _remove_image(name)
+    from secvf import image
+
+    image.remove_image(name)
 
 
 def image_recipes() -> list[str]:
     """Names of the image recipes ``build_image`` knows."""
+    from secvf.image.recipe import RECIPES
+
     return sorted(RECIPES)

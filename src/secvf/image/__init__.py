@@ -13,12 +13,20 @@ Typical use::
     info = get_image("sandbox")   # newest build, raises NotFound if never built
 
 See ``docs/images.md`` for the recipes, the build steps and the cache.
+
+The names below are imported from their modules on first use, so code that only looks
+images up (``get_image``) does not load the builder.
 """
 
-from secvf.image.build import Progress, build_image
-from secvf.image.recipe import DEFAULT_IMAGES, RECIPES, Recipe, recipe_hash
-from secvf.image.store import ImageInfo, get_image, list_images, remove_image
-from secvf.model.guest import READY_MARKER
+from typing import TYPE_CHECKING
+
+from secvf import lazy_exports
+
+if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the same)
+    from secvf.image.build import Progress, build_image
+    from secvf.image.recipe import DEFAULT_IMAGES, RECIPES, Recipe, recipe_hash
+    from secvf.image.store import ImageInfo, get_image, list_images, remove_image
+    from secvf.model.guest import READY_MARKER
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -33,3 +41,15 @@ __all__ = [
     "recipe_hash",
     "remove_image",
 ]
+
+#: Each name above and the module it is imported from on first use.
+_LAZY = {
+    **dict.fromkeys(("Progress", "build_image"), "secvf.image.build"),
+    **dict.fromkeys(("DEFAULT_IMAGES", "RECIPES", "Recipe", "recipe_hash"), "secvf.image.recipe"),
+    **dict.fromkeys(("ImageInfo", "get_image", "list_images", "remove_image"),
+                    "secvf.image.store"),
+    "READY_MARKER": "secvf.model.guest",
+}
+
+if not TYPE_CHECKING:  # mypy sees the imports above, so a misspelt name stays an error
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -31,6 +31,10 @@ from pydantic import (
 )
 
 from secvf.errors import ConfigError, ForbiddenDevice, InvalidName
+from secvf.model.enums import Accel as Accel  # re-exported: defined without pydantic
+from secvf.model.enums import DisplayMode as DisplayMode
+from secvf.model.enums import NetworkMode as NetworkMode
+from secvf.model.enums import VMKind as VMKind
 from secvf.model.names import validate_name
 
 MIN_MEMORY_MIB = 128
@@ -49,36 +53,6 @@ CHANNEL_FIELDS = frozenset(
         "qga", "workspace", "extra_args", "qemu_args", "devices",
     }
 )
-
-
-class VMKind(StrEnum):
-    """What a VM is for; picks the machine builder."""
-
-    GENERIC = "generic"
-    MALWARE_ANALYSIS = "malware-analysis"
-    AI_SANDBOX = "ai-sandbox"
-
-
-class NetworkMode(StrEnum):
-    """How the VM's NIC is attached (``none`` means no NIC at all)."""
-
-    NONE = "none"
-    NAT = "nat"
-
-
-class Accel(StrEnum):
-    """Accelerator choice: ``auto`` probes KVM and falls back to TCG."""
-
-    AUTO = "auto"
-    KVM = "kvm"
-    TCG = "tcg"
-
-
-class DisplayMode(StrEnum):
-    """The VM's graphical console: none, or VNC on a private Unix socket (``vm display``)."""
-
-    NONE = "none"
-    VNC = "vnc"
 
 
 class ConsoleAccess(StrEnum):

@@ -38,21 +38,12 @@ from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from secvf.errors import CorruptRecord
-from secvf.model.config import VMKind
+from secvf.model.enums import VMKind
+from secvf.model.enums import VmState as VmState  # re-exported: defined without pydantic
 from secvf.model.savedstate import SavedState
 
 #: Longest QEMU/helper output a start failure carries (its tail).
 MAX_FAILURE_OUTPUT_CHARS = 4000
-
-
-class VmState(StrEnum):
-    """Lifecycle state of a VM as ``vm status`` reports it (see runtime/lifecycle.py)."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    CRASHED = "crashed"
 
 
 class Transition(NamedTuple):

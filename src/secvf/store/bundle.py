@@ -7,6 +7,10 @@ files.
 Runtime files (in the private runtime dir, named by the VM's UUID so a rename
 never confuses a running VM): QMP socket, console socket, VNC socket, supervisor
 control socket, runtime state, vsock and exec-bridge sockets.
+
+Finding a VM's bundle by name (:func:`get_bundle`) and the paths here need neither
+pydantic nor the rest of the library, so a command as small as ``vm exec`` can use
+them; :meth:`Bundle.load` imports the ``vm.json`` schema when it is called.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from secvf.model.config import VMConfig, load_config
+from secvf.errors import NotFound
+from secvf.model.names import validate_name
 from secvf.store import paths
+
+if TYPE_CHECKING:
+    from secvf.model.config import VMConfig
 
 #: How many runs' serial logs a VM keeps (the current run's included).
 SERIAL_RUNS_KEPT = 5
@@ -200,4 +209,24 @@ class Bundle:
 
     def load(self) -> VMConfig:
         """Read and validate ``vm.json`` (see :func:`secvf.model.config.load_config`)."""
+        from secvf.model.config import load_config  # pydantic: only for who reads vm.json
+
         return load_config(self.config_file)
+
+
+def bundle_for(name: str) -> Bundle:
+    """Return the bundle of VM ``name`` (validating the name; the VM may not exist)."""
+    return Bundle(paths.vms_dir() / validate_name(name))
+
+
+def get_bundle(name: str) -> Bundle:
+    """Return the bundle of an existing VM: a directory in the library, usable or not
+    (so that ``vm delete`` can remove one without a valid ``vm.json``).
+
+    Raises:
+        InvalidName: the name is not valid. NotFound: no such VM.
+    """
+    bundle = bundle_for(name)
+    if not bundle.path.is_dir() or bundle.path.is_symlink():
+        raise NotFound(f"no VM named '{name}' (see: secvf vm list)")
+    return bundle

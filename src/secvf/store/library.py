@@ -43,7 +43,7 @@ from secvf.model.names import validate_name
 from secvf.model.sizes import format_size, round_up_size
 from secvf.store import events as seclog
 from secvf.store import paths
-from secvf.store.bundle import Bundle
+from secvf.store.bundle import Bundle, bundle_for, get_bundle
 from secvf.store.disks import (
     BUNDLE,
     DiskError,
@@ -58,24 +58,6 @@ from secvf.store.layers import LAYER_SUFFIX, layers_dir, using_layers
 from secvf.store.locks import locked
 from secvf.store.runstate import is_running
 from secvf.store.staging import hold, new_work_dir, work_dir_name
-
-
-def bundle_for(name: str) -> Bundle:
-    """Return the bundle of VM ``name`` (validating the name; the VM may not exist)."""
-    return Bundle(paths.vms_dir() / validate_name(name))
-
-
-def get_bundle(name: str) -> Bundle:
-    """Return the bundle of an existing VM: a directory in the library, usable or not
-    (so that ``vm delete`` can remove one without a valid ``vm.json``).
-
-    Raises:
-        InvalidName: the name is not valid. NotFound: no such VM.
-    """
-    bundle = bundle_for(name)
-    if not bundle.path.is_dir() or bundle.path.is_symlink():
-        raise NotFound(f"no VM named '{name}' (see: secvf vm list)")
-    return bundle
 
 
 def get_vm(name: str) -> tuple[Bundle, VMConfig]:

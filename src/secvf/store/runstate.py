@@ -29,12 +29,10 @@ from pydantic import BaseModel
 
 from secvf.errors import CorruptRecord
 from secvf.model.config import write_json_atomic
+from secvf.model.enums import LIVE_STATES as LIVE_STATES  # re-exported
 from secvf.model.runtime import LastRun, RuntimeRecord, VmState, decode
 from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.locks import is_locked
-
-#: States in which a supervisor is alive and its runtime record is the truth.
-LIVE_STATES = frozenset({VmState.STARTING, VmState.RUNNING, VmState.STOPPING})
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -11,6 +11,10 @@ a VM whose guest agent does not answer yet (still booting) from a broken channel
 * :func:`wait_for_exec` retries exactly those cases until the agent answers or its
   timeout passes (``secvf vm exec --wait SECONDS``).
 
+The common case, a running sandbox, is found without pydantic (:mod:`secvf.store.peek`),
+so ``vm exec`` starts fast; the VM's records are validated whenever that quick look is
+not a plain yes, and the errors come from there.
+
 The CLI's terminal handling (live output, stdin, raw mode) is in
 :mod:`secvf.faces.cli.terminal`.
 """
@@ -26,11 +30,9 @@ from typing import Any
 from secvf.errors import AgentUnavailable, NoExecChannel
 from secvf.exec import ExecClient, ExecResult, exit_code_for
 from secvf.exec.channel import CONNECT_TIMEOUT_S
-from secvf.model.config import VMKind
-from secvf.model.runtime import VmState
-from secvf.store.bundle import RuntimeFiles
-from secvf.store.library import get_vm
-from secvf.store.runstate import current_state
+from secvf.model.enums import VMKind, VmState
+from secvf.store.bundle import Bundle, RuntimeFiles, get_bundle
+from secvf.store.peek import running_exec_socket
 
 #: Pause between two attempts of :func:`wait_for_exec`.
 WAIT_RETRY_S = 0.25
@@ -56,8 +58,19 @@ def exec_socket_for(name: str) -> Path:
         NoExecChannel: the VM has no channel by design, is not running, or is stopping.
         AgentUnavailable: the VM is still starting (its bridge is not up yet).
         CorruptRecord: the VM's runtime record is unreadable.
+        ConfigError: its ``vm.json`` is not usable.
     """
-    bundle, config = get_vm(name)
+    bundle = get_bundle(name)
+    return running_exec_socket(bundle) or _checked_exec_socket(bundle)
+
+
+def _checked_exec_socket(bundle: Bundle) -> Path:
+    """:func:`exec_socket_for` with the VM's records validated: why there is no exec
+    socket to use, or (if the quick look was not sure) the socket after all."""
+    from secvf.store.library import load_vm  # pydantic: not on the hot path
+    from secvf.store.runstate import current_state
+
+    name, config = bundle.name, load_vm(bundle)
     if config.kind is not VMKind.AI_SANDBOX:
         raise NoExecChannel(f"VM '{name}' is a {config.kind} VM: it has no exec channel by design")
     view = current_state(bundle, config.id)

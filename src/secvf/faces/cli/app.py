@@ -6,8 +6,12 @@ Each command turns flags into one :mod:`secvf.api` call and the result (or a
 ``--json``, the error as JSON on stdout as well).
 
 Text from users, guests and the file system (names, paths, messages) goes through
-rich markup only escaped (:func:`rich.markup.escape`): ``[plan]`` stays ``[plan]``.
+rich markup only escaped (:func:`escape`): ``[plan]`` stays ``[plan]``.
 When stdout is not a terminal, nothing is cut or wrapped to fit a width.
+
+rich is imported only when something is printed through it (:class:`LazyConsole`,
+:func:`escape`, :func:`new_table`): ``secvf --help`` and a ``vm exec`` that only
+streams the command's output never load it.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
 from secvf.errors import LaunchFailed, SecVFError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
+    from rich.table import Table
 
 #: Width for output that is not a terminal: wide enough that no line is cut or wrapped.
 UNLIMITED_WIDTH = 1 << 20
@@ -43,15 +50,70 @@ LIVE_STATES = ("starting", "running", "stopping")
 WORKING_NOTE_AFTER_S = 0.5
 
 
-def _console(*, stderr: bool) -> Console:
-    console = Console(stderr=stderr, soft_wrap=True)
-    if not console.is_terminal:
-        console.width = UNLIMITED_WIDTH
-    return console
+class LazyConsole:
+    """stdout's or stderr's rich :class:`~rich.console.Console`, made on first use.
+
+    It soft-wraps, and when its file is not a terminal it is :data:`UNLIMITED_WIDTH`
+    wide. :meth:`print`, :meth:`status`, :attr:`is_terminal` and :attr:`width` are the
+    console's; :attr:`console` is the console itself.
+    """
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The console (made, and rich imported, now if not yet)."""
+        if self._console is None:
+            from rich.console import Console
+
+            console = Console(stderr=self._stderr, soft_wrap=True)
+            if not console.is_terminal:
+                console.width = UNLIMITED_WIDTH
+            self._console = console
+        return self._console
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        """Print as :meth:`rich.console.Console.print` does."""
+        self.console.print(*objects, **options)
+
+    def status(self, text: str) -> Status:
+        """A spinner with ``text`` (markup) until stopped: :meth:`rich.console.Console.status`."""
+        return self.console.status(text)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True if the console writes to a terminal."""
+        return self.console.is_terminal
+
+    @property
+    def width(self) -> int:
+        """The console's width in characters."""
+        return self.console.width
+
+    @width.setter
+    def width(self, value: int) -> None:
+        self.console.width = value
 
 
-out = _console(stderr=False)
-err = _console(stderr=True)
+out = LazyConsole(stderr=False)
+err = LazyConsole(stderr=True)
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (:func:`rich.markup.escape`): ``[plan]`` stays
+    ``[plan]`` when printed."""
+    from rich.markup import escape as escape_markup
+
+    return escape_markup(text)
+
+
+def new_table(*headers: str, title: str | None = None) -> Table:
+    """A rich table with these column ``headers`` (and ``title``), for :data:`out`."""
+    from rich.table import Table
+
+    return Table(*headers, title=title)
 
 
 def error_json(exc: SecVFError) -> dict[str, Any]:

@@ -6,11 +6,9 @@ import sys
 from typing import Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
 from secvf import api
-from secvf.faces.cli.app import out, print_json
+from secvf.faces.cli.app import escape, new_table, out, print_json
 
 
 @click.command("audit")
@@ -22,8 +20,8 @@ def audit(as_json: bool) -> None:
     if as_json:
         print_json(data)
     else:
-        table = Table("VM", "KIND", "STATE", "CHANNELS", "HOT-PLUGGED", "EXEC SOCKET", "SHARES",
-                      "NIC", "DISK CHAIN", "FINDINGS")
+        table = new_table("VM", "KIND", "STATE", "CHANNELS", "HOT-PLUGGED", "EXEC SOCKET",
+                          "SHARES", "NIC", "DISK CHAIN", "FINDINGS")
         for res in data["vms"]:
             chans = ", ".join(sorted({str(d.get("channel")) for d in res["channel_devices"]}))
             sock = f"{res['exec_socket']['mode']}" if res["exec_socket"] else "-"

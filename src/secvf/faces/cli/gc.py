@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from secvf import api
-from secvf.faces.cli.app import out, print_json
+from secvf.faces.cli.app import escape, out, print_json
 
 
 @click.command("gc")

@@ -5,13 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from secvf import api
 from secvf.errors import NotFound
-from secvf.faces.cli.app import SecVFGroup, err, out, print_json
+from secvf.faces.cli.app import SecVFGroup, err, escape, new_table, out, print_json
 
 
 @click.group(cls=SecVFGroup)
@@ -25,6 +22,8 @@ def image() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def image_build(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Build guest images (default: every image a new user needs)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     known = api.image_recipes()
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -34,7 +33,7 @@ def image_build(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     for name in names or api.DEFAULT_IMAGES:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                       TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
-                      console=err, transient=as_json) as progress:
+                      console=err.console, transient=as_json) as progress:
             task = progress.add_task(name, total=1.0, step="")
 
             def report(step: str, fraction: float, task: Any = task, bar: Any = progress) -> None:
@@ -64,7 +63,7 @@ def image_list(as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("NAME", "RECIPE", "SIZE", "KERNEL", "BUILT")
+    table = new_table("NAME", "RECIPE", "SIZE", "KERNEL", "BUILT")
     for row in rows:
         table.add_row(*map(escape, (row["name"], row["recipe_hash"][:12],
                                     api.format_size(row["size_bytes"]), row["kernel_version"],

@@ -8,12 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
 from secvf import api
 from secvf.errors import StateError
-from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, err, note, out, print_json
+from secvf.faces.cli.app import (
+    LIVE_STATES,
+    Seconds,
+    SecVFGroup,
+    err,
+    escape,
+    new_table,
+    note,
+    out,
+    print_json,
+)
 from secvf.faces.cli.terminal import run_streaming
 from secvf.faces.cli.vm_exec import ExecCommand, exec_errors
 
@@ -167,7 +175,7 @@ def sandbox_list(as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("NAME", "STATE", "EXEC SOCKET", "ID")
+    table = new_table("NAME", "STATE", "EXEC SOCKET", "ID")
     for row in rows:
         table.add_row(row["name"], row["state"], row["exec_socket"] or "-", row["id"])
     out.print(table)

@@ -8,11 +8,17 @@ from it instead of booting. ``sandbox create``/``run`` pick one by themselves.
 from __future__ import annotations
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
 from secvf import api
-from secvf.faces.cli.app import SecVFGroup, format_time, note, out, print_json
+from secvf.faces.cli.app import (
+    SecVFGroup,
+    escape,
+    format_time,
+    new_table,
+    note,
+    out,
+    print_json,
+)
 
 #: How many characters of a template's ID the CLI shows (``rm`` takes any unique prefix).
 SHORT_ID_CHARS = 12
@@ -59,8 +65,8 @@ def template_list(as_json: bool) -> None:
     if as_json:
         print_json([info.model_dump(mode="json") for info in templates])
         return
-    table = Table("ID", "IMAGE", "VCPUS", "MEMORY", "NETWORK", "DISK", "ACCEL", "RAM SAVED",
-                  "CREATED", "BUILD S")
+    table = new_table("ID", "IMAGE", "VCPUS", "MEMORY", "NETWORK", "DISK", "ACCEL",
+                      "RAM SAVED", "CREATED", "BUILD S")
     for info in templates:
         shape = info.state.shape
         table.add_row(info.id[:SHORT_ID_CHARS], escape(info.image), str(shape.cpus),

@@ -6,15 +6,25 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-from rich.markup import escape
-from rich.status import Status
-from rich.table import Table
 
 from secvf import api
-from secvf.faces.cli.app import LIVE_STATES, Seconds, SecVFGroup, err, note, out, print_json
+from secvf.faces.cli.app import (
+    LIVE_STATES,
+    Seconds,
+    SecVFGroup,
+    err,
+    escape,
+    new_table,
+    note,
+    out,
+    print_json,
+)
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 #: When stderr is not a terminal, ``vm stop`` notes the time left this often (seconds).
 STOP_NOTE_EVERY_S = 10.0
@@ -99,7 +109,7 @@ def vm_list(as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("NAME", "KIND", "STATE", "CPUS", "MEMORY", "NETWORK", "ACCEL", "ID")
+    table = new_table("NAME", "KIND", "STATE", "CPUS", "MEMORY", "NETWORK", "ACCEL", "ID")
     invalid = [row for row in rows if row["state"] == "invalid"]
     for row in rows:
         if row["state"] == "invalid":
@@ -145,7 +155,7 @@ def vm_status(name: str, as_json: bool) -> None:
         out.print(f"  [red]guest reports a dead virtio device:[/] {escape(line)}",
                   highlight=False)
     if status["devices"]:
-        table = Table("DEVICE", "TYPE", "CHANNEL", title="live devices (QMP)")
+        table = new_table("DEVICE", "TYPE", "CHANNEL", title="live devices (QMP)")
         for dev in status["devices"]:
             table.add_row(*map(escape, (dev["path"].rsplit("/", 1)[-1], dev["type"],
                                         dev["channel"] or "-")))

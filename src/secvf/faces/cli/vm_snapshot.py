@@ -8,14 +8,14 @@ gets disk snapshots only: QEMU 7.2 cannot save its vhost-user devices.
 from __future__ import annotations
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
 from secvf import api
 from secvf.faces.cli.app import (
     LIVE_STATES,
     SecVFGroup,
+    escape,
     format_time,
+    new_table,
     note,
     out,
     print_json,
@@ -72,7 +72,7 @@ def snapshot_list(name: str, as_json: bool) -> None:
     if as_json:
         print_json([info.model_dump(mode="json") for info in snapshots])
         return
-    table = Table("NAME", "KIND", "TAKEN", "VM WAS", "SIZE", "TOOK")
+    table = new_table("NAME", "KIND", "TAKEN", "VM WAS", "SIZE", "TOOK")
     for info in snapshots:
         table.add_row(escape(info.name), str(info.kind), escape(format_time(info.created_at)),
                       info.vm_was, _size(info), f"{info.took_s:.2f} s")
