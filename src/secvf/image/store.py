@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from secvf.errors import ConfigError, NotFound, StateError
 from secvf.image.recipe import SHORT_HASH_LEN
 from secvf.store import paths
-from secvf.store.gc import vms_based_on
 
 MANIFEST = "image.json"
 STAGING_PREFIX = ".build-"
@@ -203,6 +202,8 @@ def ensure_replaceable(directory: Path, action: str) -> None:
     or not, is an overlay over its root filesystem. ``action`` ("remove", "rebuild")
     words the message.
     """
+    from secvf.store.gc import vms_based_on  # the library's disks: not needed to find images
+
     ensure_unused(directory)
     based = vms_based_on(directory)
     if based:
