@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format=f"%(asctime)s secvf-vsock[{label}] %(levelname)s %(name)s: %(message)s",
     )
+    # serve() handles SIGTERM/SIGINT while it runs and then puts back what it found: make
+    # that "ignored", so a stop request arriving while the process is already ending
+    # (QEMU has just disconnected) does not kill it with status -15 instead of 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         serve(
             args.vhost_user_socket,
