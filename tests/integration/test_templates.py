@@ -18,6 +18,7 @@ import pytest
 
 from secvf import api
 from secvf.store import templates as store
+from secvf.store.events import read_events
 
 pytestmark = pytest.mark.vm
 
@@ -61,6 +62,10 @@ def test_two_sessions_from_one_template_are_two_machines(template, sessions) -> 
         assert status["start_mode"] == "restored" and status["template"] == template.id
         assert {d["type"] for d in status["hotplugged"]} >= {"vhost-user-vsock-pci",
                                                              "vhost-user-fs-pci"}
+        added = [e for e in read_events() if e["event"] == "vm_devices_added"
+                 and e.get("vm") == name]
+        assert [sorted(d["type"] for d in e["devices"]) for e in added] == [
+            ["vhost-user-fs-pci", "vhost-user-vsock-pci"]]  # logged once, both channels
         before = time.time()
         result = run(name, "hostname; cat /sys/class/net/eth0/address; "
                            "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "

@@ -328,6 +328,10 @@ class Supervisor:
             await load_device_state(self._qmp(), state_file(self.restore))
             self.log.info("guest state loaded from %s in %.3f s", self.restore,
                           time.monotonic() - began)
+        if plan.hotplug:  # a restore's channels: added while the guest is still paused, so
+            # they are there from its first instant and the one walk below checks them
+            self._step(LaunchStage.HOTPLUG)
+            await plug(self._qmp(), plan.hotplug)
         self._step(LaunchStage.DEVICES)
         walk_started = time.monotonic()
         devices = await self._qmp_step("reading the device tree", walk_devices(self._qmp()))
@@ -337,6 +341,8 @@ class Supervisor:
         self._step(LaunchStage.RESUME)
         await self._qmp_step("resuming the guest", self._qmp().execute("cont"))
         self.lifecycle.require(VmState.STARTING)  # a stop request may have come in meanwhile
+        plugged_paths = {f"/machine/peripheral/{h.device['id']}" for h in plan.hotplug}
+        plugged = [d.info() for d in devices if d.user_visible and d.path in plugged_paths]
         self.lifecycle.transition(
             VmState.RUNNING,
             qemu_pid=self._qemu().pid,
@@ -348,6 +354,7 @@ class Supervisor:
             planned_devices=[PlannedDeviceInfo(id=d.id, driver=d.driver, purpose=d.purpose)
                              for d in [*plan.devices, *(h.planned for h in plan.hotplug)]],
             restored_from=str(self.restore) if self.restore else None,
+            hotplugged=plugged,
         )
         if self.restored_ready:  # its marker is in the log of the run that saved it
             self.lifecycle.update(guest_ready=True, ready_at=now_iso())
@@ -355,11 +362,10 @@ class Supervisor:
                            kind=str(self.config.kind), accel=choice.accel,
                            devices=[d.type for d in devices if d.user_visible],
                            restored_from=str(self.restore) if self.restore else None)
+        if plugged:
+            seclog.write_event("vm_devices_added", vm=self.config.name, vm_id=self.config.id,
+                               devices=[d.model_dump() for d in plugged])
         self.watch = DeviceWatch(self._qmp(), self._devices_changed)
-        if plan.hotplug:
-            self.stage = LaunchStage.HOTPLUG
-            await plug(self._qmp(), plan.hotplug)
-            await self._devices_changed(frozenset())
         await self._qmp_step("listing devices", self.watch.expect())
         self.stage = LaunchStage.BRIDGE
         await self._start_bridge()

@@ -83,6 +83,9 @@ ARPHRD_ETHER = 1
 IFF_UP = 0x1
 #: Bound on the restarted DHCP client getting its lease (it backgrounds itself then).
 DHCP_TIMEOUT_S = 15.0
+#: The kernel parameter with which init configures eth0 by DHCP.
+KERNEL_CMDLINE = "/proc/cmdline"
+DHCP_KERNEL_PARAM = "secvf_net=nat"
 #: init's DHCP script keeps eth0's address on the next ``deconfig`` if this exists.
 DHCP_KEEP_ADDRESS = "/run/secvf/dhcp-keep-address"
 #: How long an old DHCP client gets to exit after TERM.
@@ -466,23 +469,28 @@ def _restart_dhcp(outcome: Outcome) -> None:
     """Restart eth0's DHCP client (its own command line) so it renews with the new MAC,
     in a thread: the reply does not wait for it.
 
-    The address stays meanwhile (init's DHCP script keeps it on the new client's first
-    ``deconfig`` when :data:`DHCP_KEEP_ADDRESS` exists), so the guest keeps its network,
-    and the client backgrounds itself once it has the lease.
+    Whether the guest uses DHCP at all is read from the kernel command line (init's
+    ``secvf_net=nat``); the thread looks for the client itself. The address stays
+    meanwhile (init's DHCP script keeps it on the new client's first ``deconfig`` when
+    :data:`DHCP_KEEP_ADDRESS` exists), so the guest keeps its network, and the client
+    backgrounds itself once it has the lease.
     """
-    clients = dhcp_clients(NET_IFACE)
-    if not clients:
-        return  # no DHCP on this VM (secvf_net=none, or a static address)
-    threading.Thread(target=_replace_dhcp_client, args=(clients,), name="dhcp",
-                     daemon=True).start()
+    with open(KERNEL_CMDLINE) as fh:
+        if DHCP_KERNEL_PARAM not in fh.read().split():
+            return  # no DHCP on this VM (secvf_net=none)
+    threading.Thread(target=_replace_dhcp_client, name="dhcp", daemon=True).start()
     outcome.dhcp_restarted = True
 
 
-def _replace_dhcp_client(clients: list[tuple[int, list[str]]]) -> None:
-    """After :data:`DHCP_RESTART_DELAY_S`, stop the running clients, start the first
-    one's command line again, and wait for its foreground part (it exits once it has a
-    lease)."""
+def _replace_dhcp_client() -> None:
+    """After :data:`DHCP_RESTART_DELAY_S`, stop eth0's running DHCP clients, start the
+    first one's command line again, and wait for its foreground part (it exits once it
+    has a lease)."""
     time.sleep(DHCP_RESTART_DELAY_S)
+    clients = dhcp_clients(NET_IFACE)
+    if not clients:
+        log.warning("restore: no DHCP client runs on %s; none restarted", NET_IFACE)
+        return
     for pid, _ in clients:
         _stop(pid)
     argv = clients[0][1]
