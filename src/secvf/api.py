@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the s
         Stdout,
         exit_code_for,
     )
+    from secvf.exec.forwarder import ForwardError, PortForward
     from secvf.image import DEFAULT_IMAGES, ImageInfo, Progress, build_image, list_images
     from secvf.model.config import VMConfig
     from secvf.model.savedstate import SnapshotInfo, SnapshotKind, TemplateInfo
@@ -120,6 +121,9 @@ __all__ = [
     "wait_for_exec",
     "run_command",
     "result_as_json",
+    "port_forward",
+    "PortForward",
+    "ForwardError",
     "exit_code_for",
     "ExecClient",
     "ExecSession",
@@ -154,6 +158,7 @@ _LAZY = {
     **dict.fromkeys(("AgentUnavailable", "CommandStartFailed"), "secvf.errors"),
     **dict.fromkeys(("ExecClient", "ExecResult", "ExecSession", "Exited", "Stderr", "Stdout",
                      "exit_code_for"), "secvf.exec"),
+    **dict.fromkeys(("ForwardError", "PortForward"), "secvf.exec.forwarder"),
     **dict.fromkeys(("DEFAULT_IMAGES", "ImageInfo", "Progress", "build_image", "list_images"),
                     "secvf.image"),
     "VMConfig": "secvf.model.config",
@@ -430,6 +435,25 @@ def run_command(name: str, command: str | Sequence[str], **options: Any) -> Exec
     from secvf.workflows import vm_exec
 
     return vm_exec.run_captured(name, command, **options)
+
+
+def port_forward(name: str, spec: str) -> PortForward:
+    """Forward host TCP connections to a TCP port inside running sandbox ``name``.
+
+    ``spec`` is ``[HOST_ADDR:]HOST_PORT:GUEST_PORT``: it listens on 127.0.0.1 unless an
+    address is given (``[::1]:8080:80`` for IPv6), and HOST_PORT 0 picks a free port.
+    Returns the started forward: a context manager with ``host_port``, ``stats``
+    (connections, refused, bytes each way) and ``close()``. A connection to a guest port
+    nobody listens on is reset; when the VM stops, the forward's connections end.
+
+    Raises:
+        ConfigError: a bad spec. NotFound: no such VM.
+        NoExecChannel: not an AI sandbox (no channel by design), or not running.
+        ForwardError: the host address or port cannot be listened on.
+    """
+    from secvf.workflows import port_forward as forward
+
+    return forward.start_port_forward(name, spec)
 
 
 def result_as_json(result: ExecResult) -> dict[str, Any]:

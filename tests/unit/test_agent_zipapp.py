@@ -31,6 +31,7 @@ def source_copy(tmp_path: Path) -> Path:
     for module in AGENT_MODULES:
         shutil.copy(module, copy / "guest" / "agent" / module.name)
     shutil.copy(PACKAGE / "exec" / "protocol.py", copy / "exec" / "protocol.py")
+    shutil.copy(PACKAGE / "exec" / "forwarding.py", copy / "exec" / "forwarding.py")
     shutil.copy(PACKAGE / "guest" / "restore_watch.py", copy / "guest" / "restore_watch.py")
     for path in copy.rglob("*.py"):
         os.utime(path, (1_000_000_000, 1_000_000_000))
@@ -55,6 +56,7 @@ def test_it_holds_every_agent_module_the_protocol_and_package_stubs() -> None:
         **modules,
         "__main__.py": (PACKAGE / "guest" / "agent" / "__main__.py").read_bytes(),
         "secvf/exec/protocol.py": (PACKAGE / "exec" / "protocol.py").read_bytes(),
+        "secvf/exec/forwarding.py": (PACKAGE / "exec" / "forwarding.py").read_bytes(),
         "secvf/guest/restore_watch.py": (PACKAGE / "guest" / "restore_watch.py").read_bytes(),
         "secvf/__init__.py": ZIPAPP_STUB,
         "secvf/exec/__init__.py": ZIPAPP_STUB,
@@ -79,7 +81,8 @@ def _with_agent_from(source: Path) -> Recipe:
 
 
 @pytest.mark.parametrize("edited",
-                         [m.name for m in AGENT_MODULES] + ["protocol.py", "restore_watch.py"])
+                         [m.name for m in AGENT_MODULES]
+                         + ["protocol.py", "forwarding.py", "restore_watch.py"])
 def test_any_edited_module_changes_the_zipapp_and_the_sandbox_recipe_hash(
     source_copy: Path, edited: str
 ) -> None:

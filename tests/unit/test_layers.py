@@ -44,7 +44,8 @@ FACE_IMPORTS = {"api", "errors", "faces"}
 
 #: Modules that run where only the standard library exists (the guest) or that must
 #: stay free of third-party code (the vsock backend process).
-STDLIB_ONLY = ("secvf.errors", "secvf.exec.protocol", "secvf.store.eventlog",
+STDLIB_ONLY = ("secvf.errors", "secvf.exec.protocol", "secvf.exec.forwarding",
+               "secvf.store.eventlog",
                "secvf.vsock", "secvf.guest")
 
 
@@ -162,7 +163,7 @@ def test_stdlib_only_modules_import_only_stdlib_only_modules() -> None:
 
 
 @pytest.mark.parametrize("module", ["secvf.vsock.__main__", "secvf.exec.protocol",
-                                    "secvf.store.eventlog"])
+                                    "secvf.exec.forwarding", "secvf.store.eventlog"])
 def test_stdlib_only_modules_load_nothing_third_party(module: str) -> None:
     """At run time: importing the module (and what it imports) loads no third-party code."""
     probe = (f"import sys, {module}; "

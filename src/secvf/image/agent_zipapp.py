@@ -1,7 +1,8 @@
 """The guest agent as one zipapp: what sandbox images install and unit tests run.
 
 Built from the ``secvf`` source tree: ``secvf/guest/agent/*.py`` (the agent package),
-``secvf/exec/protocol.py`` (the wire protocol) and ``secvf/guest/restore_watch.py`` (the
+``secvf/exec/protocol.py`` (the wire protocol), ``secvf/exec/forwarding.py`` (the
+port-forward handshake) and ``secvf/guest/restore_watch.py`` (the
 restore watch, whose clock and RNG helpers the agent uses), all standard library only.
 """
 
@@ -27,6 +28,7 @@ def agent_zipapp(package_dir: Path = PACKAGE_DIR) -> bytes:
     """Return the guest agent as one zipapp, built from the ``secvf`` source ``package_dir``.
 
     The archive holds ``secvf/guest/agent/*.py``, ``secvf/exec/protocol.py``,
+    ``secvf/exec/forwarding.py``,
     ``secvf/guest/restore_watch.py``, stub ``__init__.py`` files for their parent
     packages and, as the archive's own ``__main__.py``, the agent's ``__main__.py``:
     ``python3 -I agent.pyz`` needs nothing but the standard library. The bytes depend on
@@ -40,6 +42,7 @@ def agent_zipapp(package_dir: Path = PACKAGE_DIR) -> bytes:
     entries = {
         "__main__.py": (agent_dir / "__main__.py").read_bytes(),
         "secvf/exec/protocol.py": (package_dir / "exec" / "protocol.py").read_bytes(),
+        "secvf/exec/forwarding.py": (package_dir / "exec" / "forwarding.py").read_bytes(),
         "secvf/guest/restore_watch.py": (package_dir / "guest" / "restore_watch.py").read_bytes(),
     }
     entries |= {f"secvf/guest/agent/{p.name}": p.read_bytes() for p in agent_dir.glob("*.py")}

@@ -248,9 +248,10 @@ _warnings.setLevel(logging.WARNING)
 _warnings.setFormatter(_WarningFormatter())
 
 
-def print_json(data: object) -> None:
-    """Print ``data`` as JSON on stdout."""
-    click.echo(json.dumps(data, indent=2, default=str))
+def print_json(data: object, *, one_line: bool = False) -> None:
+    """Print ``data`` as JSON on stdout (``one_line``: compact, a JSON Lines record, for
+    output a script reads as it comes)."""
+    click.echo(json.dumps(data, indent=None if one_line else 2, default=str))
 
 
 @click.group(cls=SecVFGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -167,6 +167,54 @@ def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: s
     sys.exit(code)
 
 
+#: How often ``sandbox port-forward`` checks that the sandbox still runs.
+FORWARD_POLL_S = 1.0
+
+
+@sandbox.command("port-forward")
+@click.argument("name")
+@click.argument("specs", nargs=-1, required=True, metavar="[HOST_ADDR:]HOST_PORT:GUEST_PORT...")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON Lines: one object per forward as it starts, then a list of their "
+                   "counters at the end.")
+def sandbox_port_forward(name: str, specs: tuple[str, ...], as_json: bool) -> None:
+    """Forward host TCP ports to TCP ports inside running sandbox NAME, until Ctrl-C or
+    the sandbox stops.
+
+    Listens on 127.0.0.1 unless HOST_ADDR is given ([::1]:8080:80 for IPv6); HOST_PORT 0
+    picks a free port. The connections ride the sandbox's vsock channel, so it works
+    with `--network none` too. A guest port nobody listens on resets the connection.
+    """
+    import time
+
+    forwards = []
+    try:
+        for spec in specs:
+            forwards.append(api.port_forward(name, spec))
+            started = forwards[-1].describe()
+            if as_json:
+                print_json(started, one_line=True)
+            else:
+                note(f"forwarding {started['host_addr']}:{started['host_port']} -> "
+                     f"guest port {started['guest_port']}")
+        while api.vm_status(name)["state"] in LIVE_STATES:
+            time.sleep(FORWARD_POLL_S)
+        note(f"sandbox '{name}' stopped; forwards closed")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for forward in forwards:
+            forward.close()
+        if as_json and forwards:
+            print_json([f.describe() for f in forwards], one_line=True)
+        elif forwards:
+            for f in forwards:
+                st = f.stats
+                note(f"{f.host_addr}:{f.host_port} -> {f.guest_port}: {st.connections} "
+                     f"connection(s), {st.refused} reset, {st.bytes_to_guest} bytes in, "
+                     f"{st.bytes_from_guest} bytes out")
+
+
 @sandbox.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def sandbox_list(as_json: bool) -> None:

@@ -10,11 +10,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 import types
 
-from secvf.exec import protocol
+from secvf.exec import forwarding, protocol
 from secvf.guest.agent import AGENT_VERSION
 from secvf.guest.agent.errors import RequestFailed
+from secvf.guest.agent.forward import serve_forwards
 from secvf.guest.agent.identity import resolve_identity
 from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.server import (
@@ -22,6 +24,7 @@ from secvf.guest.agent.server import (
     MAX_SESSIONS,
     Agent,
     listen_unix,
+    listen_vsock,
     listen_vsock_retrying,
 )
 
@@ -89,6 +92,19 @@ def _ignore_signal(signum: int, frame: types.FrameType | None) -> None:
     """Handler standing in for SIG_IGN (see :func:`reset_ignored_signals_for_commands`)."""
 
 
+def start_forward_relay() -> None:
+    """Serve port forwards (:mod:`secvf.guest.agent.forward`) in a thread; a failure only
+    means the sandbox has no port forwarding."""
+    try:
+        listener = listen_vsock(forwarding.FORWARD_VSOCK_PORT)
+    except OSError as exc:
+        log.warning("no port forwarding: cannot listen on vsock port %d: %s",
+                    forwarding.FORWARD_VSOCK_PORT, exc)
+        return
+    threading.Thread(target=serve_forwards, args=(listener,), name="forwards",
+                     daemon=True).start()
+
+
 def start_default_spawner(agent: Agent) -> None:
     """Start the default user's spawner before the agent reports ready, so a guest
     saved at "ready" (a sandbox template) has it running and no session's first command
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions,
         restorer=Restorer.for_agent(listening_on_vsock=not args.unix),
     )
+    if not args.unix:
+        start_forward_relay()
     start_default_spawner(agent)
     if args.ready_fifo:
         signal_ready(args.ready_fifo, AGENT_READY_LINE)
