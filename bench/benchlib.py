@@ -51,12 +51,18 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def parse_args(description: str, default_runs: int) -> argparse.Namespace:
-    """The common command line: ``--runs N``."""
+def parse_args(
+    description: str,
+    default_runs: int,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The common command line: ``--runs N``, plus what ``extra`` adds to the parser."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--runs", type=int, default=default_runs, help=f"repetitions (default {default_runs})"
     )
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()
 
 

@@ -9,6 +9,14 @@ SecVF side (one sandbox, ``secvf sandbox create/start``):
   CLI ``secvf vm exec NAME -- true`` (includes Python start-up), fewer runs;
 * 64 MiB of stdout (``head -c 64M /dev/zero``), counted on the host.
 
+Throughput against the raw channel (issue 11), same run, same sandbox: the raw vsock bulk
+rate both ways, measured as ``bench/vsock.py`` does (``guest_servers.py`` sink and source
+behind the hybrid socket's ``CONNECT <port>``), beside exec stdout (``head -c 64M``) and
+exec stdin (64 MiB from the SDK into ``wc -c``), each through the exec bridge like any SDK
+call, and the guest's own pipe floor (``head -c 64M`` read through a pipe by Python inside
+the guest, no vsock). The four transfers interleave, ``THROUGHPUT_REPEATS`` times; medians.
+``--only throughput`` runs just this part (no baseline guest, ~1 min).
+
 Baseline, same run, same kernel/initrd/accelerator: plain QEMU of a Debian systemd guest
 with OpenSSH (key auth, hostfwd) and qemu-guest-agent (virtio-serial, JSON on a Unix
 socket). create → first exec: ``qemu-img create`` + QEMU start until ``ssh root@ true``
@@ -18,11 +26,13 @@ seconds under TCG; a few fresh ones are timed too). ``guest-exec`` polls
 ``guest-exec-status`` every 2 ms. guest-exec caps captured output at 16 MiB, so its
 64 MiB is four 16 MiB calls.
 
-    .venv/bin/python bench/exec.py [--runs N]     (default 200 round trips per method)
+    .venv/bin/python bench/exec.py [--runs N] [--only throughput]
+                                                  (default 200 round trips per method)
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import tempfile
 import threading
@@ -31,6 +41,7 @@ from pathlib import Path
 
 import baseline_image
 import benchlib as bl
+import vsock as vsock_bench
 
 from secvf.exec.client import ExecClient
 from secvf.image import build_image
@@ -41,10 +52,13 @@ QGA_CAP = 16 << 20
 BULK_REPEATS = 3
 CLI_RUNS = 20
 FRESH_SSH_RUNS = 5
+THROUGHPUT_REPEATS = 3
+#: issue 11's targets: exec stdout and stdin against the raw vsock rate of the same run
+STDOUT_TARGET, STDIN_TARGET = 0.7, 0.5
 
 
-def secvf_side(runs: int) -> dict[str, list[float]]:
-    """All SecVF measurements on one sandbox."""
+def secvf_side(runs: int, only_throughput: bool = False) -> dict[str, list[float]]:
+    """All SecVF measurements on one sandbox (only the throughput part if asked)."""
     name = "execbench"
     out: dict[str, list[float]] = {}
     begin = time.monotonic()
@@ -52,6 +66,41 @@ def secvf_side(runs: int) -> dict[str, list[float]]:
     bl.secvf("sandbox", "start", name, "--timeout", "180")
     bl.secvf("vm", "exec", name, "--", "true")
     out["create_first"] = [time.monotonic() - begin]
+    if not only_throughput:
+        out |= _round_trips(name, runs)
+    out |= throughput(name)
+    bl.secvf("vm", "stop", name, "--force")
+    return out
+
+
+def throughput(name: str) -> dict[str, list[float]]:
+    """Raw vsock both ways, exec stdout, exec stdin and the guest pipe floor, interleaved;
+    seconds per 64 MiB (the floor: MB/s as the guest measured it)."""
+    dial, _ = vsock_bench.start_guest_servers(name)
+    out: dict[str, list[float]] = {"raw_to_guest": [], "raw_from_guest": [], "bulk": [],
+                                   "stdin": [], "pipe_floor_mbs": []}  # fmt: skip
+    with ExecClient.connect(exec_socket_for(name)) as client:
+        for _ in range(THROUGHPUT_REPEATS):
+            out["raw_to_guest"].append(bl.timed(lambda: vsock_bench.send_to_sink(dial, BULK)))
+            out["raw_from_guest"].append(bl.timed(lambda: vsock_bench.read_from_source(dial, BULK)))
+            out["bulk"].append(bl.timed(lambda: _secvf_bulk(client)))
+            out["stdin"].append(bl.timed(lambda: _secvf_stdin(client)))
+            floor = client.run(["python3", "/tmp/guest_servers.py", "pipe-floor", str(BULK)])
+            if floor.exit_code != 0:
+                raise RuntimeError(f"pipe floor: {floor.stderr.decode(errors='replace')}")
+            out["pipe_floor_mbs"].append(float(floor.stdout.split()[1]))
+    return out
+
+
+def _secvf_stdin(client: ExecClient) -> None:
+    result = client.run(["wc", "-c"], stdin=bytes(BULK))
+    if result.exit_code != 0 or result.stdout.strip() != str(BULK).encode():
+        raise RuntimeError(f"SecVF stdin: wc -c said {result.stdout!r}, exit {result.exit_code}")
+
+
+def _round_trips(name: str, runs: int) -> dict[str, list[float]]:
+    """``true`` round trips (SDK: fresh and reused connection; CLI)."""
+    out: dict[str, list[float]] = {}
     path = exec_socket_for(name)
 
     def fresh() -> None:
@@ -63,9 +112,7 @@ def secvf_side(runs: int) -> dict[str, list[float]]:
         for _ in range(runs):  # interleaved, so load drifts hit both alike
             out["fresh"].append(bl.timed(fresh))
             out["reused"].append(bl.timed(lambda: client.run(["true"])))
-        out["bulk"] = [bl.timed(lambda: _secvf_bulk(client)) for _ in range(BULK_REPEATS)]
     out["cli"] = [bl.secvf("vm", "exec", name, "--", "true")[0] for _ in range(CLI_RUNS)]
-    bl.secvf("vm", "stop", name, "--force")
     return out
 
 
@@ -168,6 +215,29 @@ def ms_pct(values: list[float], pct: float) -> float:
     return bl.percentile(values, pct) * 1000
 
 
+def add_throughput_rows(rep: bl.Report, sec: dict[str, list[float]]) -> None:
+    """Exec stdout/stdin against the raw vsock rate of the same run (issue 11)."""
+    n = len(sec["bulk"])
+    raw_from = BULK / bl.median(sec["raw_from_guest"]) / 1e6
+    raw_to = BULK / bl.median(sec["raw_to_guest"]) / 1e6
+    floor = bl.median(sec["pipe_floor_mbs"])
+    for metric, key, raw, raw_name, target in (
+        ("exec stdout, 64 MiB of `head -c` (SDK, via the bridge)", "bulk", raw_from,
+         "raw vsock guest→host, 64 MiB (guest_servers source)", STDOUT_TARGET),
+        ("exec stdin, 64 MiB into `wc -c` (SDK, via the bridge)", "stdin", raw_to,
+         "raw vsock host→guest, 64 MiB (guest_servers sink)", STDIN_TARGET),
+    ):  # fmt: skip
+        mbs = BULK / bl.median(sec[key]) / 1e6
+        rep.add(bl.Row(f"{metric}, median of {n}",
+                       bl.spread([BULK / t / 1e6 for t in sec[key]], "MB/s", 1),
+                       raw_name, f"{raw:.1f} MB/s", f"{mbs / raw:.2f}× raw",
+                       f"target ≥ {target}× raw"))  # fmt: skip
+    rep.add(bl.Row(f"guest pipe floor: `head -c 64M` read through a 1 MiB pipe by Python in "
+                   f"the guest, median of {n}", f"{floor:.1f} MB/s",
+                   "raw vsock guest→host", f"{raw_from:.1f} MB/s", f"{floor / raw_from:.2f}× raw",
+                   "no vsock, no agent: exec stdout cannot beat this"))  # fmt: skip
+
+
 def add_rows(rep: bl.Report, sec: dict[str, list[float]], base: dict[str, list[float]]) -> None:
     """The result rows."""
     ssh_name, qga_name = "SSH (ControlMaster)", "qemu-guest-agent guest-exec"
@@ -191,7 +261,7 @@ def add_rows(rep: bl.Report, sec: dict[str, list[float]], base: dict[str, list[f
     s_mbs = BULK / bl.median(sec["bulk"]) / 1e6
     b_mbs = BULK / bl.median(base["ssh_bulk"]) / 1e6
     q_mbs = BULK / bl.median(base["qga_bulk"]) / 1e6
-    rep.add(bl.Row(f"64 MiB stdout (median of {BULK_REPEATS})",
+    rep.add(bl.Row(f"64 MiB stdout (median of {len(sec['bulk'])})",
                    f"{bl.median(sec['bulk']):.2f} s = {s_mbs:.1f} MB/s", ssh_name,
                    f"{bl.median(base['ssh_bulk']):.2f} s = {b_mbs:.1f} MB/s",
                    bl.ratio(s_mbs, b_mbs, higher_is_better=True)))  # fmt: skip
@@ -210,24 +280,37 @@ def add_rows(rep: bl.Report, sec: dict[str, list[float]], base: dict[str, list[f
                    bl.ratio(s_first, base["qga_create_first"][0])))  # fmt: skip
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--only",
+        choices=["throughput"],
+        help="run only this part (throughput: raw vsock vs exec stdout/stdin)",
+    )
+
+
 def main() -> None:
-    args = bl.parse_args(__doc__.splitlines()[0], 200)
-    rep = bl.Report("exec: SecVF exec channel vs SSH and QEMU guest agent",
-                    f"bench/exec.py --runs {args.runs}")  # fmt: skip
+    args = bl.parse_args(__doc__.splitlines()[0], 200, _options)
+    only = args.only == "throughput"
+    command = f"bench/exec.py --runs {args.runs}" + (" --only throughput" if only else "")
+    rep = bl.Report("exec: SecVF exec channel vs SSH and QEMU guest agent", command)
     base_image, sandbox = build_image("base"), build_image("sandbox")
     with bl.private_secvf() as root:
         bl.log("SecVF sandbox")
-        sec = secvf_side(args.runs)
-        bl.log("baseline: systemd guest with sshd + qemu-guest-agent (plain QEMU)")
-        base, disk_key = baseline_side(Path(tempfile.mkdtemp(dir=root)), args.runs)
+        sec = secvf_side(args.runs, only)
+        if not only:
+            bl.log("baseline: systemd guest with sshd + qemu-guest-agent (plain QEMU)")
+            base, disk_key = baseline_side(Path(tempfile.mkdtemp(dir=root)), args.runs)
     rep.facts.update({
         "guest": f"1 vCPU, {bl.GUEST_MEMORY_MIB} MiB, -cpu max, q35; kernel "
                  f"{sandbox.kernel_version}; the guests ran one after the other",
-        "images": f"sandbox {sandbox.short_hash}; baseline systemd-{disk_key} "
-                  f"(vmlinuz + initrd.img of base {base_image.short_hash})",
+        "images": f"sandbox {sandbox.short_hash}" + ("" if only else
+                  f"; baseline systemd-{disk_key} (vmlinuz + initrd.img of base "
+                  f"{base_image.short_hash})"),
         "guest users": "SecVF: unprivileged 'agent' (default); SSH and guest-exec: root",
     })  # fmt: skip
-    add_rows(rep, sec, base)
+    add_throughput_rows(rep, sec)
+    if not only:
+        add_rows(rep, sec, base)
     rep.notes += ["Ratios: '× faster'/'× higher' = SecVF better; '× slower'/'× lower' = worse."]
     rep.print()
 

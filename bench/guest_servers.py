@@ -6,14 +6,23 @@
 * 5001 sink   — reads until EOF, then sends the byte count as 8 bytes (big-endian);
 * 5002 source — reads an 8-byte length, sends that many bytes, then closes.
 
+``python3 guest_servers.py pipe-floor N`` instead prints how fast ``head -c N /dev/zero``
+reaches this process through a pipe grown to 1 MiB and read 1 MiB at a time (what the
+exec agent does with a command's stdout), as ``pipe-floor <MB/s>``: the guest's own
+limit for a command's output before any byte leaves the guest.
+
 In ``vsock`` mode it listens on AF_VSOCK (any CID); in ``tcp`` mode on 0.0.0.0. The TCP
 baseline disk runs this file in place of the exec agent, so the guest's init starts it.
 """
 
+import fcntl
+import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import time
 
 ECHO_PORT, SINK_PORT, SOURCE_PORT = 5000, 5001, 5002
 CHUNK = 256 * 1024
@@ -81,8 +90,28 @@ def listen(mode, port):
     return s
 
 
+def pipe_floor(nbytes):
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    buffer = bytearray(1 << 20)
+    begin = time.perf_counter()
+    proc = subprocess.Popen(["head", "-c", str(nbytes), "/dev/zero"], stdout=write_fd)
+    os.close(write_fd)
+    got = 0
+    while n := os.readv(read_fd, [buffer]):
+        got += n
+    proc.wait()
+    elapsed = time.perf_counter() - begin
+    if got != nbytes:
+        sys.exit(f"pipe-floor: read {got} bytes, expected {nbytes}")
+    print(f"pipe-floor {nbytes / elapsed / 1e6:.1f}")
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "tcp"
+    if mode == "pipe-floor":
+        pipe_floor(int(sys.argv[2]))
+        return
     handlers = {ECHO_PORT: echo, SINK_PORT: sink, SOURCE_PORT: source}
     threads = [
         threading.Thread(target=serve, args=(listen(mode, p), h), daemon=True)

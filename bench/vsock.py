@@ -201,11 +201,12 @@ def measure(dial: Dialer, echo_runs: int, cpu_pids: dict[str, int]) -> Results:
     return Results(connect_ok, first_byte, rtts, to_guest, from_guest, par_to, par_from, wall, cpu)
 
 
-def run_secvf(echo_runs: int) -> tuple[Results, Path]:
-    """Sandbox via the CLI, servers started with ``secvf vm exec``, measured over vsock."""
-    name = "vsockbench"
-    bl.secvf("sandbox", "create", name, "--accel", bl.ACCEL)
-    bl.secvf("sandbox", "start", name)
+def start_guest_servers(name: str) -> tuple[Dialer, Path]:
+    """Upload ``guest_servers.py`` into running sandbox ``name``, start it on AF_VSOCK
+    (echo/sink/source) and wait until it answers; return its dialer and the hybrid socket.
+
+    The file stays at ``/tmp/guest_servers.py`` in the guest (its other modes can be run
+    with ``secvf vm exec``)."""
     bl.secvf(
         "vm",
         "exec",
@@ -232,6 +233,15 @@ def run_secvf(echo_runs: int) -> tuple[Results, Path]:
     uds = RuntimeFiles(config.id).vsock_socket
     dial = vsock_dialer(uds)
     wait_echo(dial, 60)
+    return dial, uds
+
+
+def run_secvf(echo_runs: int) -> tuple[Results, Path]:
+    """Sandbox via the CLI, servers started with ``secvf vm exec``, measured over vsock."""
+    name = "vsockbench"
+    bl.secvf("sandbox", "create", name, "--accel", bl.ACCEL)
+    bl.secvf("sandbox", "start", name)
+    dial, uds = start_guest_servers(name)
     procs = bl.vm_processes(name)
     pids = {"vsock backend": procs["vsock"][0], "QEMU": procs["qemu"][0]}
     results = measure(dial, echo_runs, pids)

@@ -63,7 +63,8 @@ def test_agent_module_imports_only_the_standard_library_protocol_and_agent(modul
     allowed = set(sys.stdlib_module_names) | {"__future__", "secvf"}
     assert _imported_modules(module) - allowed == set()
     agent = {"secvf.guest.agent"} | {f"secvf.guest.agent.{m.stem}" for m in AGENT_MODULES}
-    allowed_secvf = agent | {"secvf.exec.protocol", "secvf.guest.restore_watch"}
+    allowed_secvf = agent | {"secvf.exec.protocol", "secvf.exec.forwarding",
+                             "secvf.guest.restore_watch"}  # what the zipapp holds
     outside = {(m, n) for m, n in _secvf_imports(module)
                if m not in allowed_secvf and f"{m}.{n}" not in allowed_secvf}
     assert outside == set()
@@ -231,3 +232,26 @@ def test_iter_chunks_splits_and_preserves_bytes():
     chunks = list(protocol.iter_chunks(data, 1000))
     assert b"".join(chunks) == data and max(map(len, chunks)) == 1000
     assert list(protocol.iter_chunks(b"")) == []
+
+
+def test_data_frame_parts_are_the_same_bytes_as_chunked_frames():
+    data = bytes(range(256)) * 700  # 2.7 chunks of 64 KiB
+    parts = protocol.data_frame_parts(FrameType.STDOUT, 9, memoryview(data))
+    expected = b"".join(
+        protocol.encode_data(FrameType.STDOUT, 9, chunk) for chunk in protocol.iter_chunks(data)
+    )
+    assert b"".join(bytes(part) for part in parts) == expected
+    assert protocol.data_frame_parts(FrameType.STDOUT, 9, b"") == []
+    with pytest.raises(ValueError):
+        protocol.data_frame_parts(FrameType.CONTROL, 9, data)
+
+
+def test_decoder_returns_every_frame_of_one_feed_and_keeps_the_partial_rest():
+    frames = [protocol.encode_data(FrameType.STDIN, 1, bytes([i]) * 70_000) for i in range(4)]
+    stream = b"".join(frames)
+    decoder = FrameDecoder()
+    got = decoder.feed(stream[:-5])
+    assert [f.body for f in got] == [bytes([i]) * 70_000 for i in range(3)]
+    assert decoder.buffered_bytes == len(frames[3]) - 5 and not decoder.at_frame_boundary
+    (last,) = decoder.feed(stream[-5:])
+    assert last.body == bytes([3]) * 70_000 and decoder.at_frame_boundary

@@ -751,6 +751,31 @@ def encode_data(frame_type: FrameType, stream_id: int, data: bytes, flags: int =
     return encode_frame(frame_type, stream_id, data, flags)
 
 
+def data_frame_parts(
+    frame_type: FrameType, stream_id: int, data: bytes | bytearray | memoryview
+) -> list[bytes | memoryview]:
+    """Return ``data`` as consecutive data frames of at most :data:`DATA_CHUNK_BYTES`,
+    as a list ``[header, body, header, body, ...]`` for one ``socket.sendmsg``.
+
+    The bodies are views of ``data`` (nothing is copied), so ``data`` must not change
+    until the parts are sent. The bytes on the wire equal
+    ``b"".join(encode_data(frame_type, stream_id, c) for c in iter_chunks(data))``.
+
+    Raises:
+        ValueError: not a data frame type, or ``stream_id`` out of range.
+    """
+    if frame_type not in DATA_FRAME_TYPES:
+        raise ValueError(f"{frame_type!r} is not a data frame type")
+    if not 0 <= stream_id <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {stream_id} out of range")
+    view = memoryview(data).cast("B")
+    parts: list[bytes | memoryview] = []
+    for start in range(0, len(view), DATA_CHUNK_BYTES):
+        body = view[start : start + DATA_CHUNK_BYTES]
+        parts += (HEADER.pack(MAGIC, int(frame_type), 0, stream_id, len(body)), body)
+    return parts
+
+
 def iter_chunks(data: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
     """Yield ``data`` in slices of at most ``chunk_bytes`` (nothing for empty data)."""
     view = memoryview(data)
@@ -830,20 +855,24 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
+        self._start = 0  # where the next frame begins in _buffer (consumed bytes before it)
         self._failed: ProtocolViolation | None = None
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes held for a frame that is not complete yet."""
-        return len(self._buffer)
+        return len(self._buffer) - self._start
 
     @property
     def at_frame_boundary(self) -> bool:
         """True if no partial frame is buffered (a clean place for the peer to close)."""
-        return not self._buffer
+        return self.buffered_bytes == 0
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Append ``data`` and return every frame it completes, in order.
+
+        Each body is copied once, straight out of the buffer; consumed bytes are dropped
+        once per call, not once per frame.
 
         Raises:
             BadFrame, FrameTooLarge: the stream is corrupt; the decoder stays failed.
@@ -858,17 +887,22 @@ class FrameDecoder:
         except ProtocolViolation as exc:
             self._failed = exc
             self._buffer.clear()
+            self._start = 0
             raise
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
         return frames
 
     def _next_frame(self) -> Frame | None:
-        if len(self._buffer) < 2:
+        buf, start = self._buffer, self._start
+        if len(buf) - start < 2:
             return None
-        if int.from_bytes(self._buffer[:2], "big") != MAGIC:
-            raise BadFrame(f"bad magic {bytes(self._buffer[:2])!r}: not a SecVF exec stream")
-        if len(self._buffer) < HEADER_BYTES:
+        if int.from_bytes(buf[start : start + 2], "big") != MAGIC:
+            raise BadFrame(f"bad magic {bytes(buf[start : start + 2])!r}: not a SecVF exec stream")
+        if len(buf) - start < HEADER_BYTES:
             return None
-        _, type_byte, flags, stream_id, length = HEADER.unpack_from(self._buffer)
+        _, type_byte, flags, stream_id, length = HEADER.unpack_from(buf, start)
         try:
             frame_type = FrameType(type_byte)
         except ValueError:
@@ -877,11 +911,12 @@ class FrameDecoder:
             raise BadFrame(f"unknown flag bits {flags:#04x}")
         if length > self.max_frame_bytes:
             raise FrameTooLarge(length, self.max_frame_bytes)
-        end = HEADER_BYTES + length
-        if len(self._buffer) < end:
+        end = start + HEADER_BYTES + length
+        if len(buf) < end:
             return None
-        body = bytes(self._buffer[HEADER_BYTES:end])
-        del self._buffer[:end]
+        with memoryview(buf) as view:
+            body = bytes(view[start + HEADER_BYTES : end])
+        self._start = end
         return Frame(frame_type, flags, stream_id, body)
 
 
@@ -987,6 +1022,7 @@ __all__ = [
     "decode_message",
     "build_payload",
     "iter_chunks",
+    "data_frame_parts",
     "negotiate_generation",
     "describe_contract",
     "ProtocolViolation",

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import pty
+import select
 import selectors
 import struct
 import subprocess
@@ -34,6 +35,13 @@ DEFAULT_TERM = "xterm-256color"
 DRAIN_AFTER_EXIT_S = 2.0
 #: How often a blocked stdin write re-checks whether the command is gone.
 STDIN_POLL_S = 0.2
+#: Size the command's stdout and stdin pipes are grown to (``F_SETPIPE_SZ``; 64 KiB if the
+#: kernel refuses). Under TCG every pipe refill is a context switch the guest pays dearly
+#: for, so larger pipes mean fewer of them (docs/performance.md, "Exec throughput").
+PIPE_BYTES = 1024 * 1024
+#: Most output bytes read from one fd per wakeup; they leave as DATA_CHUNK_BYTES frames in
+#: one ``sendmsg``, straight from this buffer (no copy in the agent).
+PUMP_READ_BYTES = 1024 * 1024
 MAX_TERMINAL_DIM = 65535
 
 
@@ -103,6 +111,14 @@ def _start_failure(exc: OSError, program: str, cwd: str) -> RequestFailed:
     return RequestFailed(kind, f"cannot execute {program!r}: {exc.strerror}", err, "exec")
 
 
+def _grow_pipe(fd: int) -> None:
+    """Grow the pipe of ``fd`` to :data:`PIPE_BYTES` if the kernel allows (else keep it)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:  # EPERM above fs.pipe-max-size or the user's pipe quota
+        pass
+
+
 class _InputClosed(Exception):
     """The command's stdin is closed or the command has ended: drop the input."""
 
@@ -136,6 +152,7 @@ class ExecTask:
         self._fd_lock = threading.RLock()
         self._fds_open = True
         self._pump_done = threading.Event()
+        self._pump_buffer = memoryview(bytearray(protocol.DATA_CHUNK_BYTES))  # see _pump_one
         self._drain_until: float | None = None
         self.started_at = time.monotonic()
 
@@ -249,11 +266,13 @@ class ExecTask:
 
     def _prepare_pipes(self, kwargs: dict[str, Any]) -> list[int]:
         out_r, out_w = os.pipe()
+        _grow_pipe(out_r)
         err_r, err_w = os.pipe()
         child_fds = [out_w, err_w]
         self.output_fds = {out_r: protocol.FrameType.STDOUT, err_r: protocol.FrameType.STDERR}
         if self.request["stdin"]:
             in_r, in_w = os.pipe()
+            _grow_pipe(in_w)
             os.set_blocking(in_w, False)
             self.stdin_fd = in_w
             child_fds.append(in_r)
@@ -289,9 +308,9 @@ class ExecTask:
             try:
                 return os.write(fd, view)
             except BlockingIOError:
-                with selectors.DefaultSelector() as sel:
-                    sel.register(fd, selectors.EVENT_WRITE)
-                    sel.select(STDIN_POLL_S)
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                poller.poll(STDIN_POLL_S * 1000)
                 return 0
 
     def _report_stdin_error(self, exc: OSError) -> None:
@@ -355,14 +374,24 @@ class ExecTask:
             self._pump_done.set()
 
     def _pump_one(self, sel: selectors.BaseSelector, fd: int) -> None:
+        """Move what ``fd`` holds now (up to the buffer's size) to the client; the send
+        blocks while the client does not read, so the pipe is read no faster.
+
+        The buffer starts at DATA_CHUNK_BYTES (a short command never touches more) and
+        grows to PUMP_READ_BYTES the first time a read fills it."""
+        buffer = self._pump_buffer
         try:
-            data = os.read(fd, protocol.DATA_CHUNK_BYTES)
+            size = os.readv(fd, [buffer])
         except BlockingIOError:
             return
         except OSError:  # EIO from a PTY master once the last slave fd closes
-            data = b""
-        if data:
-            self.conn.send(protocol.encode_data(self.output_fds[fd], self.stream_id, data))
+            size = 0
+        if size:
+            frame_type = self.output_fds[fd]
+            self.conn.send_parts(protocol.data_frame_parts(frame_type, self.stream_id,
+                                                           buffer[:size]))  # fmt: skip
+            if size == len(buffer) < PUMP_READ_BYTES:
+                self._pump_buffer = memoryview(bytearray(PUMP_READ_BYTES))
         else:
             sel.unregister(fd)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from secvf.exec import protocol
@@ -27,11 +28,21 @@ class Connection:
         Raises:
             ConnectionGone: the socket is closed or the peer went away.
         """
+        self.send_parts([data])
+
+    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Send ``parts`` (e.g. :func:`~secvf.exec.protocol.data_frame_parts`) in order,
+        as whole frames, with as few ``sendmsg`` calls as the socket allows; blocks like
+        :meth:`send`.
+
+        Raises:
+            ConnectionGone: the socket is closed or the peer went away.
+        """
         with self._send_lock:
             if self.broken:
                 raise ConnectionGone("connection already failed")
             try:
-                self.sock.sendall(data)
+                _sendmsg_all(self.sock, parts)
             except OSError as exc:
                 self.broken = True
                 raise ConnectionGone(str(exc)) from exc
@@ -48,3 +59,20 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+#: Most buffers handed to one ``sendmsg`` (Linux's IOV_MAX is 1024).
+SENDMSG_MAX_PARTS = 512
+
+
+def _sendmsg_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """``sendall`` for a list of buffers: ``sendmsg`` until every byte is written."""
+    pending = [memoryview(part).cast("B") for part in parts if len(part)]
+    while pending:
+        sent = sock.sendmsg(pending[:SENDMSG_MAX_PARTS])
+        while sent:
+            if sent >= len(pending[0]):
+                sent -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][sent:]
+                sent = 0
