@@ -258,3 +258,47 @@ def test_readiness_is_one_line_on_inits_fifo(tmp_path):
         assert os.read(reader, 100) == b"agent\n"
     finally:
         os.close(reader)
+
+
+def test_bound_virtiofs_devices_are_counted_from_the_driver_directory(tmp_path):
+    driver = tmp_path / "virtiofs"
+    assert restore_mod.bound_virtiofs_devices(str(driver)) == 0  # no driver loaded yet
+    driver.mkdir()
+    for entry in ("bind", "unbind", "uevent", "module", "virtio3", "virtio7"):
+        (driver / entry).touch()
+    assert restore_mod.bound_virtiofs_devices(str(driver)) == 2
+
+
+def test_a_mac_the_driver_refuses_while_up_is_set_while_down(monkeypatch):
+    """SIOCSIFHWADDR with EBUSY: the link goes down, takes the address, and comes back
+    up with its flags as they were."""
+    calls = []
+
+    def ioctl(sock, request, arg):
+        calls.append((request, bytes(arg)))
+        if request == restore_mod.SIOCSIFHWADDR and len(calls) == 1:
+            raise OSError(16, "Device or resource busy")  # EBUSY
+        if request == restore_mod.SIOCGIFFLAGS:
+            return arg[:16] + (0x1043).to_bytes(2, "little") + arg[18:]  # UP|BROADCAST|...
+        return arg
+
+    monkeypatch.setattr(restore_mod.fcntl, "ioctl", ioctl)
+    restore_mod.set_hardware_address("eth0", "52:54:00:aa:bb:cc")
+    requests = [r for r, _ in calls]
+    assert requests == [restore_mod.SIOCSIFHWADDR, restore_mod.SIOCGIFFLAGS,
+                        restore_mod.SIOCSIFFLAGS, restore_mod.SIOCSIFHWADDR,
+                        restore_mod.SIOCSIFFLAGS]
+    hwaddr = calls[0][1]
+    assert hwaddr[:4] == b"eth0" and hwaddr[18:24] == bytes.fromhex("525400aabbcc")
+    down, up = calls[2][1], calls[4][1]
+    assert int.from_bytes(down[16:18], "little") == 0x1042  # IFF_UP cleared
+    assert int.from_bytes(up[16:18], "little") == 0x1043  # as it was
+
+
+def test_another_mac_error_is_not_retried(monkeypatch):
+    def ioctl(sock, request, arg):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(restore_mod.fcntl, "ioctl", ioctl)
+    with pytest.raises(PermissionError):
+        restore_mod.set_hardware_address("eth0", "52:54:00:aa:bb:cc")
