@@ -15,6 +15,9 @@ from secvf.store.library import get_vm
 ANSWER_TIMEOUT_S = 120.0
 #: How often Enter is pressed while waiting for the shell's prompt.
 PROMPT_RETRY_S = 2.0
+#: Lines the guest's own services print on the console (init, the restore watch, the
+#: kernel) whenever they have something to say: not the command's output.
+CONSOLE_NOTE_PREFIXES = ("secvf-init: ", "secvf-agent: ")
 
 
 class SerialShell:
@@ -56,7 +59,7 @@ class SerialShell:
                 text = seen.decode(errors="replace")
                 if text.count(end) and text.count(begin):
                     body = text.rsplit(begin, 1)[1].split(end, 1)[0]
-                    return body.replace("\r", "").strip()
+                    return _without_console_notes(body.replace("\r", "")).strip()
         raise AssertionError(f"no answer to {command!r} within {timeout:.0f} s; saw "
                              f"{seen[-500:]!r}")
 
@@ -74,3 +77,10 @@ class SerialShell:
                     self._prompted = True
                     return
         raise AssertionError(f"no shell prompt within {timeout:.0f} s; saw {seen[-500:]!r}")
+
+
+def _without_console_notes(text: str) -> str:
+    """``text`` without the lines the guest's services printed meanwhile (a restored
+    guest's restore watch says "clock was ... behind" at a moment of its own)."""
+    return "\n".join(line for line in text.split("\n")
+                     if not line.startswith(CONSOLE_NOTE_PREFIXES))
