@@ -35,7 +35,7 @@ from secvf.store.savedstate import (
     state_file,
     write_record,
 )
-from secvf.store.sparse import allocated_bytes, copy_sparse, data_extents
+from secvf.store.sparse import allocated_bytes, copy_into, copy_sparse, data_extents
 
 SHAPE = MachineShape(qemu_version="7.2.22", cpu_model="max", cpus=1, memory_mib=256,
                      accel="tcg", devices=["virtio-blk-pci:disk0dev", "pvpanic:panic0"])
@@ -98,6 +98,33 @@ def test_a_sparse_copy_keeps_the_data_and_the_holes(tmp_path: Path) -> None:
     assert allocated_bytes(tmp_path / "copy") < 4 << 20
     with open(src, "rb") as fh:
         assert len(data_extents(fh.fileno(), 64 << 20)) == 2
+
+
+def test_a_ram_copy_fills_an_existing_file_through_its_buffer(tmp_path: Path) -> None:
+    """copy_into: data extents bigger and smaller than its buffer, at odd offsets, land
+    where they were in the (already mapped, same-size) RAM file; holes stay holes."""
+    src, dst = tmp_path / "saved-ram", tmp_path / "ram"
+    big = os.urandom((8 << 20) * 2 + 12345)  # spans three buffer fills
+    with open(src, "wb") as fh:
+        fh.truncate(64 << 20)
+        fh.seek((3 << 20) + 17)
+        fh.write(b"small")
+        fh.seek(30 << 20)
+        fh.write(big)
+    with open(dst, "wb") as fh:
+        fh.truncate(64 << 20)
+    copied = copy_into(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert len(big) <= copied < len(big) + (2 << 20)
+    assert allocated_bytes(dst) < 24 << 20
+
+
+def test_a_ram_copy_into_a_file_of_another_size_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "saved").write_bytes(b"x" * 8192)
+    (tmp_path / "ram").write_bytes(b"y" * 4096)
+    with pytest.raises(OSError, match="is not 8192 bytes"):
+        copy_into(tmp_path / "saved", tmp_path / "ram")
+    assert (tmp_path / "ram").read_bytes() == b"y" * 4096
 
 
 def test_a_sparse_copy_never_overwrites(tmp_path: Path) -> None:
