@@ -38,12 +38,16 @@ from secvf import lazy_exports
 from secvf.model.enums import Accel, DisplayMode, NetworkMode, VMKind  # standard library only
 
 if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the same)
-    from secvf.errors import AgentUnavailable, CommandStartFailed
+    from secvf.errors import AgentUnavailable, CommandStartFailed, DetachedProcessError
     from secvf.exec import (
+        AttachSession,
+        DetachedProcessInfo,
+        DetachedStart,
         ExecClient,
         ExecResult,
         ExecSession,
         Exited,
+        OutputDropped,
         Stderr,
         Stdout,
         exit_code_for,
@@ -133,6 +137,16 @@ __all__ = [
     "Stderr",
     "AgentUnavailable",
     "CommandStartFailed",
+    # background processes in a sandbox
+    "start_detached",
+    "list_detached",
+    "kill_detached",
+    "detached_as_json",
+    "DetachedStart",
+    "DetachedProcessInfo",
+    "AttachSession",
+    "OutputDropped",
+    "DetachedProcessError",
     # audit
     "audit",
     # images
@@ -155,9 +169,11 @@ __all__ = [
 
 #: Re-exported names and the module each is imported from on first use.
 _LAZY = {
-    **dict.fromkeys(("AgentUnavailable", "CommandStartFailed"), "secvf.errors"),
+    **dict.fromkeys(("AgentUnavailable", "CommandStartFailed", "DetachedProcessError"),
+                    "secvf.errors"),
     **dict.fromkeys(("ExecClient", "ExecResult", "ExecSession", "Exited", "Stderr", "Stdout",
-                     "exit_code_for"), "secvf.exec"),
+                     "exit_code_for", "AttachSession", "DetachedProcessInfo", "DetachedStart",
+                     "OutputDropped"), "secvf.exec"),
     **dict.fromkeys(("ForwardError", "PortForward"), "secvf.exec.forwarder"),
     **dict.fromkeys(("DEFAULT_IMAGES", "ImageInfo", "Progress", "build_image", "list_images"),
                     "secvf.image"),
@@ -454,6 +470,52 @@ def port_forward(name: str, spec: str) -> PortForward:
     from secvf.workflows import port_forward as forward
 
     return forward.start_port_forward(name, spec)
+
+
+def start_detached(name: str, command: str | Sequence[str], **options: Any) -> DetachedStart:
+    """Start ``command`` in sandbox ``name`` as a background process that outlives the
+    call; returns its id and pid (options: env, cwd, user; see
+    ``ExecClient.start_detached``).
+
+    Raises:
+        DetachedProcessError: too many running (``limit_reached``), or the guest agent is
+            too old (``unsupported``). CommandStartFailed, NoExecChannel, AgentUnavailable.
+    """
+    from secvf.workflows import vm_exec
+
+    return vm_exec.start_detached(name, command, **options)
+
+
+def list_detached(name: str) -> list[DetachedProcessInfo]:
+    """Sandbox ``name``'s background processes, running and recently exited, oldest first.
+
+    Raises:
+        DetachedProcessError: ``unsupported``. NoExecChannel, AgentUnavailable.
+    """
+    from secvf.workflows import vm_exec
+
+    return vm_exec.list_detached(name)
+
+
+def kill_detached(name: str, process_id: str, signum: int = 15) -> None:
+    """Send ``signum`` (default SIGTERM) to background process ``process_id``'s process
+    group in sandbox ``name``. Follow one with ``connect_exec(name)`` and
+    ``client.attach(process_id)``.
+
+    Raises:
+        DetachedProcessError: ``not_found``, ``not_running``, ``invalid_request``,
+            ``unsupported``. NoExecChannel, AgentUnavailable.
+    """
+    from secvf.workflows import vm_exec
+
+    vm_exec.kill_detached(name, process_id, signum)
+
+
+def detached_as_json(info: DetachedProcessInfo) -> dict[str, Any]:
+    """The ``vm ps --json`` shape of one background process."""
+    from secvf.workflows import vm_exec
+
+    return vm_exec.detached_json(info)
 
 
 def result_as_json(result: ExecResult) -> dict[str, Any]:

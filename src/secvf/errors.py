@@ -230,6 +230,25 @@ class RestoreFailed(ExecError):
         super().__init__(f"restore failed ({kind}): {message}")
 
 
+class DetachedProcessError(ExecError):
+    """A background-process request (detach, ps, attach, kill) was refused.
+
+    ``kind`` is a ``DetachedErrorKind`` value from the agent (``not_found``: no such id;
+    ``not_running``: it has exited; ``limit_reached``: too many background processes, or
+    attachers of one; ``invalid_request``), or :attr:`UNSUPPORTED`: the guest agent is too
+    old to have background processes (nothing was sent). ``process_id`` is the id the
+    request named, if any.
+    """
+
+    #: The kind the host adds: the agent does not offer background processes.
+    UNSUPPORTED = "unsupported"
+
+    def __init__(self, kind: str, message: str, process_id: str = "") -> None:
+        self.kind = kind  # a DetachedErrorKind value, or UNSUPPORTED
+        self.process_id = process_id  # the id the request named ("" if none)
+        super().__init__(f"background process request refused ({kind}): {message}")
+
+
 class SupervisorFailed(SecVFError):
     """A VM's supervisor failed at a step of its own (control socket, QMP, its report).
 

@@ -25,37 +25,45 @@ All errors are :class:`secvf.errors.SecVFError` subclasses from :mod:`secvf.exec
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Generic, Self, TypeVar
 
 from secvf.exec import protocol
 from secvf.exec.channel import CONNECT_TIMEOUT_S
 from secvf.exec.client import Command, ExecClient
-from secvf.exec.outcome import AgentInfo, ExecEvent, ExecResult, Exited, FileTransfer
-from secvf.exec.stream import ExecSession, OutputCallback
+from secvf.exec.outcome import (
+    AgentInfo,
+    AttachResult,
+    DetachedProcessInfo,
+    DetachedStart,
+    ExecEvent,
+    ExecResult,
+    Exited,
+    FileTransfer,
+)
+from secvf.exec.stream import AttachSession, ExecSession, OutputCallback, OutputStream
 
 T = TypeVar("T")
+S = TypeVar("S", bound=OutputStream)
 Connector = Callable[[], ExecClient]
 """Opens a fresh, handshaken connection to the sandbox's agent."""
 
 
-class SandboxProcess:
-    """A command started with :meth:`Sandbox.start`; owns its connection.
+class _Streamed(Generic[S]):
+    """An exec or attach stream that owns its connection: iterate for its events; the
+    connection closes when the stream has ended or on :meth:`close`."""
 
-    Iterate for events (``Stdout``, ``Stderr``, ``StdinError``, finally ``Exited``);
-    the connection closes when the command has exited or on :meth:`close`.
-    """
-
-    def __init__(self, client: ExecClient, session: ExecSession) -> None:
+    def __init__(self, client: ExecClient, session: S) -> None:
         self._client = client
         self._session = session
         self.pid = session.pid  # guest pid
 
     def __repr__(self) -> str:
-        return f"<SandboxProcess pid={self.pid} exited={self.exited}>"
+        return f"<{type(self).__name__} pid={self.pid} exited={self.exited}>"
 
-    def __enter__(self) -> SandboxProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -80,6 +88,20 @@ class SandboxProcess:
         assert self._session.exited is not None
         return self._session.exited
 
+    def close(self) -> None:
+        """Close the connection (for an exec, a command still running is killed by the
+        guest; an attached background process keeps running)."""
+        self._client.close()
+
+
+class SandboxProcess(_Streamed[ExecSession]):
+    """A command started with :meth:`Sandbox.start`; owns its connection.
+
+    Iterate for events (``Stdout``, ``Stderr``, ``StdinError``, finally ``Exited``);
+    the connection closes when the command has exited or on :meth:`close` (the guest
+    then kills a command still running).
+    """
+
     def write_stdin(self, data: bytes) -> None:
         """Send bytes to the command's stdin (see :meth:`ExecSession.write_stdin`)."""
         self._session.write_stdin(data)
@@ -100,9 +122,31 @@ class SandboxProcess:
         """Ask the guest to kill the command; iterate on to collect ``Exited``."""
         self._session.cancel()
 
-    def close(self) -> None:
-        """Close the connection; a command still running is killed by the guest."""
-        self._client.close()
+
+class SandboxAttachment(_Streamed[AttachSession]):
+    """An attach to a background process (:meth:`Sandbox.attach`); owns its connection.
+
+    Iterate for events (``OutputDropped`` first if the agent's 1 MiB buffer had dropped
+    output already, ``Stdout``, ``Stderr``, finally ``Exited``), or :meth:`collect`.
+    :meth:`close` (or leaving the ``with`` block) detaches: the process keeps running.
+    """
+
+    def __init__(self, client: ExecClient, session: AttachSession) -> None:
+        super().__init__(client, session)
+        self.id = session.process_id  # the background process's id
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Output of the process this attach has not seen (dropped by the agent's buffer)."""
+        return self._session.dropped_bytes
+
+    def collect(self, **options: Any) -> AttachResult:
+        """Follow the process to its exit and return its output; options as
+        :meth:`secvf.exec.AttachSession.collect`."""
+        try:
+            return self._session.collect(**options)
+        finally:
+            self._client.close()
 
 
 class Sandbox:
@@ -233,11 +277,56 @@ class Sandbox:
         """Return the agent's version, hostname, uptime and accounts."""
         return self._call(lambda c: c.info())
 
+    def start_detached(
+        self,
+        command: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> DetachedStart:
+        """Start a background process that outlives this call (a dev server, a watcher);
+        see :meth:`ExecClient.start_detached`. Returns its ``id`` and ``pid``.
 
-class AsyncSandboxProcess:
-    """Asyncio view of a :class:`SandboxProcess` (``async for event in proc``)."""
+        Raises:
+            DetachedProcessError: ``limit_reached``, or ``unsupported`` (old agent).
+            CommandStartFailed, AgentUnavailable, ExecRefused, ProtocolError.
+        """
+        return self._call(lambda c: c.start_detached(command, env=env, cwd=cwd, user=user))
 
-    def __init__(self, process: SandboxProcess) -> None:
+    def list_detached(self) -> list[DetachedProcessInfo]:
+        """The background processes, running and recently exited (``secvf vm ps``)."""
+        return self._call(lambda c: c.list_detached())
+
+    def attach(self, process_id: str) -> SandboxAttachment:
+        """Follow a background process's buffered, then live output to its exit; see
+        :meth:`ExecClient.attach`. Closing the attachment only detaches.
+
+        Raises:
+            DetachedProcessError: ``not_found``, ``limit_reached`` or ``unsupported``.
+            AgentUnavailable, ExecRefused, ProtocolError.
+        """
+        client = self._connect()
+        try:
+            session = client.attach(process_id)
+        except BaseException:
+            client.close()
+            raise
+        return SandboxAttachment(client, session)
+
+    def kill_detached(self, process_id: str, signum: int = signal.SIGTERM) -> None:
+        """Signal a background process's process group (default SIGTERM); see
+        :meth:`ExecClient.kill_detached`."""
+        self._call(lambda c: c.kill_detached(process_id, signum))
+
+
+P = TypeVar("P", bound=_Streamed[Any])
+
+
+class _AsyncStreamed(Generic[P]):
+    """Asyncio view of a stream that owns its connection (``async for event in it``)."""
+
+    def __init__(self, process: P) -> None:
         self._process = process
         self._events = iter(process)
         self.pid = process.pid  # guest pid
@@ -252,7 +341,7 @@ class AsyncSandboxProcess:
                 return
             yield event
 
-    async def __aenter__(self) -> AsyncSandboxProcess:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -260,12 +349,21 @@ class AsyncSandboxProcess:
 
     @property
     def exited(self) -> Exited | None:
-        """The exit event once the command has ended, else None."""
+        """The exit event once the stream has ended, else None."""
         return self._process.exited
 
     async def wait(self) -> Exited:
         """Discard remaining output and return the exit event."""
         return await _in_thread(self._process.close, self._process.wait)
+
+    def close(self) -> None:
+        """Close the connection (an exec's running command is killed by the guest; an
+        attached background process keeps running)."""
+        self._process.close()
+
+
+class AsyncSandboxProcess(_AsyncStreamed[SandboxProcess]):
+    """Asyncio view of a :class:`SandboxProcess` (``async for event in proc``)."""
 
     async def write_stdin(self, data: bytes) -> None:
         """Send bytes to stdin (may wait for guest back-pressure)."""
@@ -287,9 +385,23 @@ class AsyncSandboxProcess:
         """Ask the guest to kill the command."""
         await _in_thread(self._process.close, self._process.cancel)
 
-    def close(self) -> None:
-        """Close the connection; a running command is killed by the guest."""
-        self._process.close()
+
+class AsyncSandboxAttachment(_AsyncStreamed[SandboxAttachment]):
+    """Asyncio view of a :class:`SandboxAttachment`; cancelling an awaiting task only
+    detaches (the background process keeps running)."""
+
+    def __init__(self, attachment: SandboxAttachment) -> None:
+        super().__init__(attachment)
+        self.id = attachment.id  # the background process's id
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Output of the process this attach has not seen (dropped by the agent's buffer)."""
+        return self._process.dropped_bytes
+
+    async def collect(self, **options: Any) -> AttachResult:
+        """Follow the process to its exit and return its output."""
+        return await _in_thread(self._process.close, lambda: self._process.collect(**options))
 
 
 class AsyncSandbox:
@@ -353,6 +465,24 @@ class AsyncSandbox:
         """Return the agent's version, hostname, uptime and accounts."""
         return await self._call(lambda c: c.info())
 
+    async def start_detached(self, command: Command, **options: Any) -> DetachedStart:
+        """Start a background process; options as :meth:`Sandbox.start_detached`."""
+        return await self._call(lambda c: c.start_detached(command, **options))
+
+    async def list_detached(self) -> list[DetachedProcessInfo]:
+        """The background processes, running and recently exited."""
+        return await self._call(lambda c: c.list_detached())
+
+    async def attach(self, process_id: str) -> AsyncSandboxAttachment:
+        """Follow a background process (``async for event in it``, or ``await
+        it.collect()``); closing it, or cancelling, only detaches."""
+        attachment = await asyncio.to_thread(self.sandbox.attach, process_id)
+        return AsyncSandboxAttachment(attachment)
+
+    async def kill_detached(self, process_id: str, signum: int = signal.SIGTERM) -> None:
+        """Signal a background process's process group (default SIGTERM)."""
+        await self._call(lambda c: c.kill_detached(process_id, signum))
+
 
 def _next_or_none(iterator: Iterator[ExecEvent]) -> ExecEvent | None:
     return next(iterator, None)
@@ -371,4 +501,12 @@ async def _in_thread(on_cancel: Callable[[], None], fn: Callable[..., T], *args:
         raise
 
 
-__all__ = ["Sandbox", "AsyncSandbox", "SandboxProcess", "AsyncSandboxProcess", "Connector"]
+__all__ = [
+    "Sandbox",
+    "AsyncSandbox",
+    "SandboxProcess",
+    "AsyncSandboxProcess",
+    "SandboxAttachment",
+    "AsyncSandboxAttachment",
+    "Connector",
+]

@@ -29,6 +29,21 @@ SAMPLES = {
     "map[str,str]": {"K": "V"},
     "list[map[str,str]]": [{"item": "hostname", "message": "m"}],
     "list[share]": [{"tag": "workspace", "path": "/workspace", "read_only": False}],
+    "list[process]": [
+        {
+            "id": "0001a7f3",
+            "argv": ["sleep", "9"],
+            "user": "agent",
+            "pid": 42,
+            "state": "running",
+            "started_at": 1.5,
+            "code": None,
+            "signal": None,
+            "duration_ms": None,
+            "buffered_bytes": 3,
+            "dropped_bytes": 0,
+        }
+    ],
 }
 
 #: Frames whose bytes must never change within a generation: (name, frame bytes builder).
@@ -73,6 +88,24 @@ GOLDEN_FRAMES = {
     "restore_failed": lambda: protocol.encode_message(
         "restore_failed", kind="invalid_request", field="mac", message="x"
     ),
+    "exec_detach": lambda: protocol.encode_message(
+        "exec", 4, argv=["python3", "-m", "http.server"], user="agent", detach=True
+    ),
+    "detached": lambda: protocol.encode_message("detached", 4, id="0001a7f3", pid=321),
+    "ps": lambda: protocol.encode_message("ps", 5),
+    "process_list": lambda: protocol.encode_message(
+        "process_list", 5, processes=SAMPLES["list[process]"]
+    ),
+    "attach": lambda: protocol.encode_message("attach", 6, id="0001a7f3"),
+    "attached": lambda: protocol.encode_message(
+        "attached", 6, id="0001a7f3", pid=321, state="running", dropped_bytes=4096
+    ),
+    "output_dropped": lambda: protocol.encode_message("output_dropped", 6, bytes=65536),
+    "kill": lambda: protocol.encode_message("kill", 7, id="0001a7f3", signum=9),
+    "killed": lambda: protocol.encode_message("killed", 7, id="0001a7f3", signum=9),
+    "detached_error": lambda: protocol.encode_message(
+        "detached_error", 7, kind="not_found", id="ffff0000", message="x"
+    ),
 }
 
 
@@ -82,6 +115,7 @@ ENUMERATIONS = {
     "start_failure_kinds": (("start_failed", "kind"), protocol.StartFailureKind),
     "file_error_kinds": (("file_error", "kind"), protocol.FileErrorKind),
     "restore_failure_kinds": (("restore_failed", "kind"), protocol.RestoreFailureKind),
+    "detached_error_kinds": (("detached_error", "kind"), protocol.DetachedErrorKind),
 }
 
 
@@ -179,6 +213,31 @@ def test_generation_1_snapshot_is_frozen():
     # the old generation's record is kept as it was (docs/VERSIONING.md)
     old = json.loads((SCHEMA_DIR / "gen-1.json").read_text())
     assert old["generation"] == 1 and "restore" not in old["messages"]
+
+
+def test_generation_2_snapshot_is_frozen():
+    old = json.loads((SCHEMA_DIR / "gen-2.json").read_text())
+    assert old["generation"] == 2 and "restore" in old["messages"]
+    assert "detached" not in old["messages"] and "detach" not in old["messages"]["exec"]["fields"]
+
+
+def test_a_generation_2_exec_frame_decodes_as_a_normal_exec():
+    # a generation-2 host never sends "detach": the agent reads it as false
+    (frame,) = protocol.FrameDecoder().feed(
+        bytes.fromhex(json.loads((SCHEMA_DIR / "golden-gen-2.json").read_text())["exec_argv"])
+    )
+    assert protocol.decode_message(frame)["detach"] is False
+
+
+def test_process_items_are_checked_field_by_field():
+    item = SAMPLES["list[process]"][0]
+    assert protocol.MESSAGES["process_list"].fields[0].accepts([item, {**item, "extra": 1}])
+    for key in protocol.PROCESS_FIELDS:
+        assert not protocol.MESSAGES["process_list"].fields[0].accepts(
+            [{k: v for k, v in item.items() if k != key}]
+        ), key
+    assert not protocol.MESSAGES["process_list"].fields[0].accepts([{**item, "pid": "42"}])
+    assert not protocol.MESSAGES["process_list"].fields[0].accepts([{**item, "state": None}])
 
 
 def test_golden_exec_frame_fields():

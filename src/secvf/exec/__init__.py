@@ -7,9 +7,9 @@ layers over :class:`ExecClient`: they connect to a VM's exec socket, call ``run`
 Modules, one concept each: ``protocol`` (the wire format, standard-library only, shared
 with the guest agent), ``channel`` (the framed connection: dialling, frames, deadlines,
 limits), ``outcome`` (events, results, exit codes), ``stream`` (a running command:
-events, stdin, signals, resize), ``client`` (:class:`ExecClient`: run, start, files,
-info, restore) and ``bridge`` (the supervisor's per-VM exec socket). The errors are in
-:mod:`secvf.errors`.
+events, stdin, signals, resize; an attach), ``client`` (:class:`ExecClient`: run, start,
+files, info, restore, background processes) and ``bridge`` (the supervisor's per-VM exec
+socket). The errors are in :mod:`secvf.errors`.
 """
 
 import logging
@@ -18,6 +18,7 @@ from secvf.errors import (
     AgentUnavailable,
     CommandStartFailed,
     ConnectFailed,
+    DetachedProcessError,
     ExecRefused,
     FileTransferError,
     ProtocolError,
@@ -26,10 +27,14 @@ from secvf.errors import (
 from secvf.exec.client import Command, ExecClient
 from secvf.exec.outcome import (
     AgentInfo,
+    AttachResult,
+    DetachedProcessInfo,
+    DetachedStart,
     ExecEvent,
     ExecResult,
     Exited,
     FileTransfer,
+    OutputDropped,
     RestoreIssue,
     RestoreResult,
     RestoreShare,
@@ -39,7 +44,7 @@ from secvf.exec.outcome import (
     Stdout,
     exit_code_for,
 )
-from secvf.exec.stream import ExecSession
+from secvf.exec.stream import AttachSession, ExecSession
 
 __all__ = [
     "ExecClient",
@@ -65,6 +70,12 @@ __all__ = [
     "RestoreShare",
     "RestoreIssue",
     "RestoreFailed",
+    "DetachedStart",
+    "DetachedProcessInfo",
+    "AttachSession",
+    "AttachResult",
+    "OutputDropped",
+    "DetachedProcessError",
 ]
 
 logging.getLogger("secvf.exec").addHandler(logging.NullHandler())

@@ -288,17 +288,23 @@ async def _pump(
 
 
 def audit_request_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The audit fields of an ``exec``, ``upload`` or ``download`` request, capped.
+    """The audit fields of an ``exec``, ``upload``, ``download`` or ``kill`` request, capped.
 
-    argv or the shell string, cwd, user, tty, path (those the request has) and, for an
-    exec with an environment, ``env_names``; see :func:`capped_field`.
+    argv or the shell string, cwd, user, tty, path (those the request has), for an
+    exec with an environment ``env_names``, for a detached exec ``detach: true``, for a
+    kill of a background process its ``process_id`` and ``signum``; see
+    :func:`capped_field`.
     """
     fields: dict[str, Any] = {}
-    for key in ("argv", "shell", "cwd", "user", "tty", "path"):
+    for key in ("argv", "shell", "cwd", "user", "tty", "path", "signum"):
         if key in payload:
             fields.update(capped_field(key, payload[key]))
     if payload.get("env"):
         fields.update(capped_field("env_names", list(payload["env"])))
+    if payload.get("detach"):
+        fields["detach"] = True
+    if "id" in payload:
+        fields.update(capped_field("process_id", payload["id"]))
     return fields
 
 
@@ -351,6 +357,12 @@ def _cut(text: str, limit: int) -> str:
     return data[:limit].decode("utf-8", "ignore")
 
 
+#: The agent's answers that end an audited request (``detached``: a background process
+#: started, its id recorded as ``started_id``).
+_RECORD_ENDS = ("exit", "start_failed", "upload_done", "download_end", "file_error",
+                "detached", "killed", "detached_error")
+
+
 class ExecAudit:
     """Watches a copy of one session's frames and writes the exec audit records."""
 
@@ -365,7 +377,7 @@ class ExecAudit:
     def from_client(self, data: bytes) -> None:
         """Observe client -> agent bytes (exec and file requests)."""
         for msg in self._messages(self.client, data):
-            if msg.name in ("exec", "upload", "download"):
+            if msg.name in ("exec", "upload", "download", "kill"):
                 self.open[msg.stream_id] = {
                     "op": msg.name,
                     "started": time.monotonic(),
@@ -375,7 +387,7 @@ class ExecAudit:
     def from_agent(self, data: bytes) -> None:
         """Observe agent -> client bytes (exit and failures close a record)."""
         for msg in self._messages(self.agent, data):
-            if msg.name in ("exit", "start_failed", "upload_done", "download_end", "file_error"):
+            if msg.name in _RECORD_ENDS:
                 self._close(msg.stream_id, msg.name, msg.payload)
 
     def _messages(self, decoder: protocol.FrameDecoder, data: bytes) -> list[protocol.Message]:
@@ -401,6 +413,8 @@ class ExecAudit:
         for key in ("code", "signal", "timed_out", "kind", "errno_name"):
             if key in payload:
                 outcome_fields.update(capped_field(key, payload[key]))
+        if outcome == "detached":
+            outcome_fields.update(capped_field("started_id", payload["id"]))
         seclog.write_event(
             "exec",
             stream="exec",

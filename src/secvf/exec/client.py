@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -42,6 +43,7 @@ from typing import Any, BinaryIO
 from secvf.errors import (
     AgentUnavailable,
     CommandStartFailed,
+    DetachedProcessError,
     FileTransferError,
     ProtocolError,
     RestoreFailed,
@@ -60,13 +62,21 @@ from secvf.exec.channel import (
 )
 from secvf.exec.outcome import (
     AgentInfo,
+    DetachedProcessInfo,
+    DetachedStart,
     ExecResult,
     FileTransfer,
     RestoreIssue,
     RestoreResult,
     RestoreShare,
 )
-from secvf.exec.stream import DEFAULT_MAX_OUTPUT_BYTES, ExecSession, OutputCallback, StdinFeeder
+from secvf.exec.stream import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    AttachSession,
+    ExecSession,
+    OutputCallback,
+    StdinFeeder,
+)
 
 #: Default cap on a downloaded file.
 DEFAULT_MAX_DOWNLOAD_BYTES = 4 * 1024 * 1024 * 1024
@@ -81,6 +91,12 @@ RESTORE_ENTROPY_BYTES = 64
 RESTORE_TIMEOUT_S = 60.0
 #: Most per-item errors (and mounted shares) kept from a restore reply.
 MAX_RESTORE_ITEMS = 64
+#: The generation that added background processes (exec detach, ps, attach, kill).
+DETACH_GENERATION = protocol.MESSAGES["detached"].introduced_in
+#: Most background processes kept from a ``process_list`` (the agent keeps 64 + 32).
+MAX_LISTED_PROCESSES = 256
+#: Most argv words kept per listed process.
+MAX_LISTED_ARGS = 64
 
 Command = Sequence[str] | str
 """argv (a sequence of strings) or a shell command line (run with /bin/sh -c)."""
@@ -504,6 +520,136 @@ class ExecClient:
             feeder.join()
         return result
 
+    # -- background processes -------------------------------------------------------------
+
+    def _require_detach(self, what: str) -> None:
+        """Refuse locally if the agent has no background processes.
+
+        Raises:
+            DetachedProcessError: kind ``unsupported``.
+        """
+        if self.generation < DETACH_GENERATION or "detach" not in self.capabilities:
+            raise DetachedProcessError(
+                DetachedProcessError.UNSUPPORTED,
+                f"the guest agent ({self.agent_software or 'unknown'}, protocol generation "
+                f"{self.generation}) has no background processes, so it cannot {what}; "
+                "rebuild the image (secvf image build sandbox --force)",
+            )
+
+    def _request(self, opener: bytes, stream_id: int, names: Sequence[str]) -> protocol.Message:
+        """Send a stream-opening request and return the agent's first answer on it."""
+        try:
+            self._channel.send(opener)
+            return self._channel.recv_message(stream_id, (*names, "detached_error"))
+        except BaseException:
+            self._fail()
+            raise
+
+    def start_detached(
+        self,
+        command: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> DetachedStart:
+        """Start ``command`` in the background: it outlives this connection (a dev server,
+        a watcher) and runs until it exits, :meth:`kill_detached` or the VM stops.
+
+        It starts like :meth:`start` (same user, environment and cwd rules), with no
+        terminal and stdin from /dev/null. The agent keeps its last 1 MiB of output, for
+        :meth:`attach`.
+
+        Returns:
+            Its id (for :meth:`list_detached`, :meth:`attach`, :meth:`kill_detached`) and
+            guest pid.
+
+        Raises:
+            DetachedProcessError: ``limit_reached`` (64 run already), or ``unsupported``
+                (the agent is too old; nothing was sent).
+            CommandStartFailed: the guest could not start the command.
+            StateError, AgentUnavailable, ProtocolError, ExecRefused: as for :meth:`start`.
+        """
+        self._require_detach("start one")
+        stream_id = self._begin()
+        argv, shell = (None, command) if isinstance(command, str) else (list(command), None)
+        request = protocol.encode_message(
+            "exec", stream_id, argv=argv, shell=shell, env=dict(env or {}), cwd=cwd,
+            user=user, detach=True,
+        )  # fmt: skip
+        msg = self._request(request, stream_id, ("detached", "start_failed"))
+        self._end()
+        if msg.name == "start_failed":
+            raise _start_failed(msg)
+        if msg.name == "detached_error":
+            raise _detached_error(msg)
+        return DetachedStart(msg["id"][:MAX_PEER_TEXT_CHARS], msg["pid"])
+
+    def list_detached(self) -> list[DetachedProcessInfo]:
+        """The agent's background processes, running and recently exited, oldest first.
+
+        Raises:
+            DetachedProcessError: ``unsupported`` (the agent is too old).
+            StateError, AgentUnavailable, ProtocolError, ExecRefused: the channel failed.
+        """
+        self._require_detach("list them")
+        stream_id = self._begin()
+        msg = self._request(protocol.encode_message("ps", stream_id), stream_id,
+                            ("process_list",))  # fmt: skip
+        self._end()
+        if msg.name == "detached_error":
+            raise _detached_error(msg)
+        return [_process_info(item) for item in msg["processes"][:MAX_LISTED_PROCESSES]]
+
+    def attach(self, process_id: str) -> AttachSession:
+        """Follow background process ``process_id``: its buffered output, then live output,
+        until it exits (at once, for one that has exited already).
+
+        Iterate the session for ``Stdout``/``Stderr``/``OutputDropped`` events and the
+        final ``Exited``; closing it early only detaches (the process keeps running).
+        This connection is busy until then. Several attaches to one process may run at
+        once (on several connections, up to 8).
+
+        Raises:
+            DetachedProcessError: ``not_found`` (no such id, or forgotten: the agent
+                remembers the last 32 that exited), ``limit_reached`` (8 attaches follow
+                it already) or ``unsupported``.
+            StateError, AgentUnavailable, ProtocolError, ExecRefused: the channel failed.
+        """
+        self._require_detach("attach")
+        stream_id = self._begin()
+        msg = self._request(protocol.encode_message("attach", stream_id, id=process_id),
+                            stream_id, ("attached",))  # fmt: skip
+        if msg.name == "detached_error":
+            self._end()
+            raise _detached_error(msg)
+        return AttachSession(
+            self._channel,
+            stream_id,
+            msg["id"][:MAX_PEER_TEXT_CHARS],
+            msg["pid"],
+            msg["dropped_bytes"],
+            on_end=self._end,
+            on_broken=self._fail,
+        )
+
+    def kill_detached(self, process_id: str, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` (default SIGTERM) to background process ``process_id``'s
+        process group.
+
+        Raises:
+            DetachedProcessError: ``not_found``, ``not_running`` (it has exited),
+                ``invalid_request`` (not a signal number) or ``unsupported``.
+            StateError, AgentUnavailable, ProtocolError, ExecRefused: the channel failed.
+        """
+        self._require_detach("kill one")
+        stream_id = self._begin()
+        request = protocol.encode_message("kill", stream_id, id=process_id, signum=int(signum))
+        msg = self._request(request, stream_id, ("killed",))
+        self._end()
+        if msg.name == "detached_error":
+            raise _detached_error(msg)
+
     # -- files ------------------------------------------------------------------------------
 
     def put_file(
@@ -665,6 +811,33 @@ def _start_failed(msg: protocol.Message) -> CommandStartFailed:
         p["errno"],
         p["errno_name"],
         p["stage"],
+    )
+
+
+def _detached_error(msg: protocol.Message) -> DetachedProcessError:
+    p = msg.payload
+    return DetachedProcessError(
+        _known(protocol.DetachedErrorKind, p["kind"])[:MAX_PEER_TEXT_CHARS],
+        p["message"][:MAX_PEER_TEXT_CHARS],
+        p["id"][:MAX_PEER_TEXT_CHARS],
+    )
+
+
+def _process_info(item: dict[str, Any]) -> DetachedProcessInfo:
+    """A ``process_list`` item (checked by the protocol's ``list[process]`` kind), its
+    text shortened."""
+    return DetachedProcessInfo(
+        id=item["id"][:MAX_PEER_TEXT_CHARS],
+        argv=tuple(arg[:MAX_PEER_TEXT_CHARS] for arg in item["argv"][:MAX_LISTED_ARGS]),
+        user=item["user"][:MAX_PEER_TEXT_CHARS],
+        pid=item["pid"],
+        state=item["state"][:MAX_PEER_TEXT_CHARS],
+        started_at=float(item["started_at"]),
+        exit_code=item["code"],
+        signal=item["signal"],
+        duration_ms=item["duration_ms"],
+        buffered_bytes=item["buffered_bytes"],
+        dropped_bytes=item["dropped_bytes"],
     )
 
 

@@ -56,8 +56,19 @@ class Exited:
     duration_ms: int  # wall time in the guest, spawn to exit
 
 
-ExecEvent = Started | Stdout | Stderr | StdinError | Exited
-"""Every event type of an exec session (see :class:`secvf.exec.ExecSession`)."""
+@dataclass(frozen=True)
+class OutputDropped:
+    """Attach only: output of the background process that this attach will never see.
+
+    At the start of an attach, the bytes the agent's buffer had dropped already; later,
+    bytes the buffer dropped while this attacher was too slow to read them.
+    """
+
+    size: int  # how many bytes were dropped here, between the events before and after
+
+
+ExecEvent = Started | Stdout | Stderr | StdinError | OutputDropped | Exited
+"""Every event type of an exec or attach session (see :class:`secvf.exec.ExecSession`)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,40 @@ class ExecResult:
     def shell_exit_code(self) -> int:
         """The exit code a shell would report: the code, 128+N for signal N, 124 timeout."""
         return exit_code_for(self)
+
+
+@dataclass(frozen=True)
+class AttachResult(ExecResult):
+    """Outcome of following a background process to its end
+    (:meth:`secvf.exec.AttachSession.collect`): an :class:`ExecResult` of the output this
+    attach saw, plus how much of the process's output it did not see."""
+
+    dropped_bytes: int = 0  # output dropped by the agent's buffer before this attach saw it
+
+
+@dataclass(frozen=True)
+class DetachedStart:
+    """A background process just started (:meth:`secvf.exec.ExecClient.start_detached`)."""
+
+    id: str  # the agent's id for it: what ps lists and attach and kill take
+    pid: int  # its guest pid
+
+
+@dataclass(frozen=True)
+class DetachedProcessInfo:
+    """One background process as ``ps`` reports it (text from the guest, shortened)."""
+
+    id: str  # the agent's id for it
+    argv: tuple[str, ...]  # what runs (a shell command as /bin/sh -c ...)
+    user: str  # the guest account it runs as
+    pid: int  # its guest pid
+    state: str  # "running" or "exited"
+    started_at: float  # seconds since the epoch, by the guest's clock
+    exit_code: int | None  # its exit status once exited (None: running, or a signal)
+    signal: int | None  # the signal that ended it, if one did
+    duration_ms: int | None  # spawn to exit, once exited
+    buffered_bytes: int  # output kept in the agent's buffer now
+    dropped_bytes: int  # output dropped from the buffer so far (the buffer keeps 1 MiB)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ Every frame is a fixed 12-byte header followed by a body (all integers big-endia
   :data:`MESSAGES`, ``p`` its payload. Unknown payload keys are ignored (so newer peers
   may add optional fields); missing keys take the defaults listed in :data:`MESSAGES`.
 * STDOUT, STDERR, STDIN and FILE_DATA bodies are raw bytes (no base64, binary-safe).
-* Four payload fields are enumerations, ``str`` enums here: ``error.code``
+* Five payload fields are enumerations, ``str`` enums here: ``error.code``
   (:class:`ErrorCode`), ``start_failed.kind`` (:class:`StartFailureKind`),
-  ``file_error.kind`` (:class:`FileErrorKind`) and ``restore_failed.kind``
-  (:class:`RestoreFailureKind`). Their values are append-only; a sender cannot encode a
-  value outside them, and a receiver keeps one it does not know.
+  ``file_error.kind`` (:class:`FileErrorKind`), ``restore_failed.kind``
+  (:class:`RestoreFailureKind`) and ``detached_error.kind`` (:class:`DetachedErrorKind`).
+  Their values are append-only; a sender cannot encode a value outside them, and a
+  receiver keeps one it does not know.
 
 Handshake: the client sends ``hello`` on stream 0; the agent answers ``hello`` with its
 version, the negotiated generation (the minimum of both), its capabilities and its
@@ -39,6 +40,15 @@ shares the guest should have; the agent applies them and answers ``restored`` (w
 did, with a list of per-item errors) or ``restore_failed`` (nothing was changed). Both
 sides check the request with :func:`check_restore_request`. Agents that can carry it out
 list ``restore`` in their ``hello`` capabilities.
+
+Background processes (generation 3): ``exec`` with ``detach`` starts a command that
+outlives the connection; the agent answers ``detached`` (its id) at once and keeps the
+last output of it in a bounded buffer. ``ps`` lists them (``process_list``), ``attach``
+streams one's buffered and then live output to its ``exit`` (``attached`` first, with the
+bytes already dropped; ``output_dropped`` when a slow attacher was overtaken), and
+``kill`` signals one's process group (``killed``). An id the agent does not know, a
+process that is no longer running, or a full table get ``detached_error``. Agents that
+support it list ``detach`` in their ``hello`` capabilities.
 
 Streams: the client opens a stream by sending ``exec``, ``upload`` or ``download`` with a
 fresh non-zero stream id and FLAG_START. Frames for that operation carry the same id;
@@ -68,8 +78,10 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Protocol generation implemented by this module (see docs/VERSIONING.md).
-#: 2 added ``restore`` / ``restored`` / ``restore_failed``.
-GENERATION = 2
+#: 2 added ``restore`` / ``restored`` / ``restore_failed``; 3 added background processes
+#: (``exec.detach``, ``detached``, ``ps``, ``process_list``, ``attach``, ``attached``,
+#: ``output_dropped``, ``kill``, ``killed``, ``detached_error``).
+GENERATION = 3
 #: Oldest generation this module can still speak.
 MIN_GENERATION = 1
 
@@ -162,6 +174,15 @@ class RestoreFailureKind(enum.StrEnum):
     UNSUPPORTED = "unsupported"  # this agent cannot apply restores (not root, not a guest)
 
 
+class DetachedErrorKind(enum.StrEnum):
+    """``detached_error.kind``: why the agent refused a background-process request."""
+
+    NOT_FOUND = "not_found"  # no background process has this id (never had, or forgotten)
+    NOT_RUNNING = "not_running"  # kill: the process has already exited
+    LIMIT_REACHED = "limit_reached"  # too many background processes, or attachers of one
+    INVALID_REQUEST = "invalid_request"  # the request itself is unusable (a bad signal)
+
+
 class ProtocolViolation(Exception):
     """The peer sent bytes or JSON that break the exec protocol."""
 
@@ -225,6 +246,7 @@ _KIND_CHECKS = {
     ),
     "list[map[str,str]]": lambda v: isinstance(v, list) and all(_is_str_map(i) for i in v),
     "list[share]": lambda v: isinstance(v, list) and all(_is_share(i) for i in v),
+    "list[process]": lambda v: isinstance(v, list) and all(_is_process(i) for i in v),
 }
 
 
@@ -243,6 +265,38 @@ def _is_share(value: Any) -> bool:
         and isinstance(value.get("path"), str)
         and isinstance(value.get("read_only"), bool)
     )
+
+
+#: The keys of a ``list[process]`` item (a background process in ``process_list``) and
+#: the kind of each; more keys are ignored, like unknown payload keys.
+PROCESS_FIELDS = {
+    "id": "str",  # the agent's id for it (not a pid; never reused by one agent run)
+    "argv": "list[str]",  # what runs (a shell command as ["/bin/sh", "-c", ...])
+    "user": "str",  # the account it runs as
+    "pid": "int",  # its guest pid (leader of its process group)
+    "state": "str",  # "running" or "exited"
+    "started_at": "number",  # when it started, seconds since the epoch (guest clock)
+    "code": "int?",  # its exit status once exited (null: running, or a signal ended it)
+    "signal": "int?",  # the signal that ended it, if one did
+    "duration_ms": "int?",  # spawn to exit, once exited
+    "buffered_bytes": "int",  # output bytes kept in its buffer now
+    "dropped_bytes": "int",  # output bytes dropped from the buffer's front so far
+}
+
+
+def _is_process(value: Any) -> bool:
+    """A ``list[process]`` item: every key of :data:`PROCESS_FIELDS` with its kind."""
+    if not isinstance(value, dict):
+        return False
+    for key, kind in PROCESS_FIELDS.items():
+        if key not in value:
+            return False
+        if value[key] is None:
+            if not kind.endswith("?"):
+                return False
+        elif not _KIND_CHECKS[kind.rstrip("?")](value[key]):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -297,6 +351,13 @@ def _f2(
 ) -> FieldSpec:
     """A field of a generation-2 message."""
     return _f(name, kind, default, choices, introduced_in=2)
+
+
+def _f3(
+    name: str, kind: str, default: Any = REQUIRED, choices: type[enum.StrEnum] | None = None
+) -> FieldSpec:
+    """A field of a generation-3 message (or added to an older one in generation 3)."""
+    return _f(name, kind, default, choices, introduced_in=3)
 
 
 _START_FAILURE_FIELDS = (
@@ -372,8 +433,10 @@ MESSAGES: dict[str, MessageSpec] = {
                 _f("cols", "int", 80),
                 _f("stdin", "bool", False),
                 _f("timeout_s", "number?", None),
+                _f3("detach", "bool", False),
             ),
-            doc="run argv (or shell via /bin/sh -c); exactly one of argv/shell",
+            doc="run argv (or shell via /bin/sh -c); exactly one of argv/shell; "
+            "detach (gen 3): in the background, answered by detached",
         ),
         MessageSpec("started", "to_client", "within", (_f("pid", "int"),)),
         MessageSpec("start_failed", "to_client", "ends", _START_FAILURE_FIELDS),
@@ -474,6 +537,82 @@ MESSAGES: dict[str, MessageSpec] = {
             ),
             introduced_in=2,
             doc="restore refused before anything was changed",
+        ),
+        MessageSpec(
+            "detached",
+            "to_client",
+            "ends",
+            (_f3("id", "str"), _f3("pid", "int")),
+            introduced_in=3,
+            doc="a detached exec started: its id (for ps, attach, kill) and pid",
+        ),
+        MessageSpec(
+            "ps", "to_agent", "opens", introduced_in=3, doc="list the background processes"
+        ),
+        MessageSpec(
+            "process_list",
+            "to_client",
+            "ends",
+            (_f3("processes", "list[process]", []),),
+            introduced_in=3,
+            doc="every background process the agent knows, oldest first",
+        ),
+        MessageSpec(
+            "attach",
+            "to_agent",
+            "opens",
+            (_f3("id", "str"),),
+            introduced_in=3,
+            doc="stream a background process's buffered, then live output until it exits",
+        ),
+        MessageSpec(
+            "attached",
+            "to_client",
+            "within",
+            (
+                _f3("id", "str"),
+                _f3("pid", "int"),
+                _f3("state", "str"),
+                _f3("dropped_bytes", "int", 0),
+            ),
+            introduced_in=3,
+            doc="attach accepted; dropped_bytes: output lost before the first byte sent",
+        ),
+        MessageSpec(
+            "output_dropped",
+            "to_client",
+            "within",
+            (_f3("bytes", "int"),),
+            introduced_in=3,
+            doc="this attacher fell behind the buffer: that many bytes were skipped here",
+        ),
+        MessageSpec(
+            "kill",
+            "to_agent",
+            "opens",
+            (_f3("id", "str"), _f3("signum", "int", 15)),
+            introduced_in=3,
+            doc="send signum to a background process's process group",
+        ),
+        MessageSpec(
+            "killed",
+            "to_client",
+            "ends",
+            (_f3("id", "str"), _f3("signum", "int")),
+            introduced_in=3,
+            doc="the signal was delivered",
+        ),
+        MessageSpec(
+            "detached_error",
+            "to_client",
+            "ends",
+            (
+                _f3("kind", "str", choices=DetachedErrorKind),
+                _f3("id", "str", ""),
+                _f3("message", "str", ""),
+            ),
+            introduced_in=3,
+            doc="a detach, ps, attach or kill request refused",
         ),
     )
 }
@@ -972,6 +1111,8 @@ def describe_contract() -> dict[str, Any]:
         "file_error_kinds": [kind.value for kind in FileErrorKind],
         "error_codes": [code.value for code in ErrorCode],
         "restore_failure_kinds": [kind.value for kind in RestoreFailureKind],
+        "detached_error_kinds": [kind.value for kind in DetachedErrorKind],
+        "process_fields": dict(PROCESS_FIELDS),
         "restore_limits": {
             "min_entropy_bytes": RESTORE_MIN_ENTROPY_BYTES,
             "max_entropy_bytes": RESTORE_MAX_ENTROPY_BYTES,
@@ -1014,6 +1155,8 @@ __all__ = [
     "StartFailureKind",
     "FileErrorKind",
     "RestoreFailureKind",
+    "DetachedErrorKind",
+    "PROCESS_FIELDS",
     "FrameDecoder",
     "encode_frame",
     "encode_message",

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from secvf.errors import AgentUnavailable
 from secvf.exec import protocol
 from secvf.exec.channel import FrameChannel, expect
-from secvf.exec.outcome import ExecEvent, ExecResult, Exited, Stderr, StdinError, Stdout
+from secvf.exec.outcome import (
+    AttachResult,
+    ExecEvent,
+    ExecResult,
+    Exited,
+    OutputDropped,
+    Stderr,
+    StdinError,
+    Stdout,
+)
 
 #: Default cap on captured stdout and on captured stderr, each.
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -31,14 +40,15 @@ OutputCallback = Callable[[bytes], None]
 """Receives every output chunk as it arrives (on the reading thread)."""
 
 
-class ExecSession:
-    """A running command: iterate over its events, feed stdin, signal, resize, cancel.
+class OutputStream:
+    """What an exec and an attach share: a stream of output events ending in ``Exited``.
 
-    Iterating yields :data:`~secvf.exec.ExecEvent` objects (``Stdout``, ``Stderr``,
-    ``StdinError``) and ends with ``Exited`` (also stored in :attr:`exited`). Leaving
-    the session early (``close()`` or the context manager) closes the connection, which
-    kills the command in the guest.
+    Iterating yields :data:`~secvf.exec.ExecEvent` objects and ends with ``Exited``
+    (also stored in :attr:`exited`); :meth:`collect` reads to the end.
     """
+
+    #: The control messages a stream of this kind carries before ``exit``.
+    _MESSAGES: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -65,9 +75,9 @@ class ExecSession:
 
     def __repr__(self) -> str:
         state = "exited" if self.exited else "running"
-        return f"<ExecSession stream={self.stream_id} pid={self.pid} {state}>"
+        return f"<{type(self).__name__} stream={self.stream_id} pid={self.pid} {state}>"
 
-    def __enter__(self) -> ExecSession:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -82,7 +92,8 @@ class ExecSession:
         Raises:
             AgentUnavailable: the agent went silent, hung up, or ignored the timeout.
             ProtocolError, ExecRefused: the agent broke the protocol.
-            Either way the connection is closed, which kills the command in the guest.
+            Either way the connection is closed (an exec's command is killed in the
+            guest; an attached background process keeps running).
         """
         try:
             while self.exited is None:
@@ -137,14 +148,34 @@ class ExecSession:
             return Stdout(frame.body)
         if frame.type is protocol.FrameType.STDERR:
             return Stderr(frame.body)
-        msg = expect(frame, ("stdin_error", "exit"))
+        msg = expect(frame, (*self._MESSAGES, "exit"))
         p = msg.payload
         if msg.name == "stdin_error":
             return StdinError(p["errno"], p["errno_name"], p["message"])
+        if msg.name == "output_dropped":
+            return OutputDropped(p["bytes"])
         self.exited = Exited(
             p["code"], p["signal"], p["timed_out"], p["cancelled"], p["duration_ms"]
         )
         return self.exited
+
+    def close(self) -> None:
+        """Drop the connection if the stream has not ended yet (an exec's command
+        is killed by the guest; an attached process keeps running)."""
+        if self.exited is None:
+            self._on_broken()
+
+
+class ExecSession(OutputStream):
+    """A running command: iterate over its events, feed stdin, signal, resize, cancel.
+
+    Iterating yields :data:`~secvf.exec.ExecEvent` objects (``Stdout``, ``Stderr``,
+    ``StdinError``) and ends with ``Exited`` (also stored in :attr:`exited`). Leaving
+    the session early (``close()`` or the context manager) closes the connection, which
+    kills the command in the guest.
+    """
+
+    _MESSAGES = ("stdin_error",)
 
     def write_stdin(self, data: bytes) -> None:
         """Send ``data`` to the command's stdin (needs ``start(..., stdin=True)`` or tty).
@@ -193,10 +224,67 @@ class ExecSession:
         """
         self._channel.send(protocol.encode_message("cancel", self.stream_id))
 
-    def close(self) -> None:
-        """Drop the connection if the command is still running (the guest kills it)."""
-        if self.exited is None:
-            self._on_broken()
+
+class AttachSession(OutputStream):
+    """An attach to a background process: its buffered, then live output, to ``Exited``.
+
+    What :meth:`secvf.exec.ExecClient.attach` returns. Iterating yields ``Stdout`` and
+    ``Stderr`` chunks, ``OutputDropped`` where output was lost (first, if the agent's
+    buffer had dropped a prefix already; later, if this reader was too slow for it), and
+    ends with ``Exited``. Leaving early (``close()``, the context manager, Ctrl-C) only
+    detaches: the process keeps running. It has no stdin; signals go through
+    :meth:`secvf.exec.ExecClient.kill_detached`.
+    """
+
+    _MESSAGES = ("output_dropped",)
+
+    def __init__(
+        self,
+        channel: FrameChannel,
+        stream_id: int,
+        process_id: str,
+        pid: int,
+        dropped_bytes: int,
+        *,
+        on_end: Callable[[], None],
+        on_broken: Callable[[], None],
+    ) -> None:
+        """Wrap an accepted attach; :meth:`ExecClient.attach` builds them."""
+        super().__init__(channel, stream_id, pid, None, on_end=on_end, on_broken=on_broken)
+        self.process_id = process_id  # the background process's id
+        self.dropped_bytes = dropped_bytes  # output lost to this attach so far
+        self._pending_drop = dropped_bytes  # reported as the first event
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited else "running"
+        return f"<AttachSession {self.process_id} pid={self.pid} {state}>"
+
+    def _next_event(self) -> ExecEvent:
+        if self._pending_drop:
+            first, self._pending_drop = OutputDropped(self._pending_drop), 0
+            return first
+        event = super()._next_event()
+        if isinstance(event, OutputDropped):
+            self.dropped_bytes += event.size
+        return event
+
+    def collect(
+        self,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    ) -> AttachResult:
+        """Follow the process to its end; the result adds ``dropped_bytes`` (see
+        :meth:`ExecSession.collect` for the rest).
+
+        Raises:
+            AgentUnavailable, ProtocolError, ExecRefused: see :meth:`events`.
+        """
+        result = super().collect(
+            on_stdout=on_stdout, on_stderr=on_stderr, max_output_bytes=max_output_bytes
+        )
+        return AttachResult(**vars(result), dropped_bytes=self.dropped_bytes)
 
 
 class StdinFeeder:

@@ -21,6 +21,7 @@ The CLI's terminal handling (live output, stdin, raw mode) is in
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from secvf.errors import AgentUnavailable, NoExecChannel
-from secvf.exec import ExecClient, ExecResult, exit_code_for
+from secvf.exec import DetachedProcessInfo, DetachedStart, ExecClient, ExecResult, exit_code_for
 from secvf.exec.channel import CONNECT_TIMEOUT_S
 from secvf.model.enums import VMKind, VmState
 from secvf.store.bundle import Bundle, RuntimeFiles, get_bundle
@@ -137,6 +138,47 @@ def run_captured(name: str, command: str | Sequence[str], **options: Any) -> Exe
     """
     with connect(name) as client:
         return client.run(command, **options)
+
+
+def start_detached(name: str, command: str | Sequence[str], **options: Any) -> DetachedStart:
+    """Start ``command`` as a background process in VM ``name`` (``vm exec --detach``).
+
+    ``options`` are those of :meth:`ExecClient.start_detached` (env, cwd, user).
+
+    Raises:
+        DetachedProcessError: ``limit_reached``, or ``unsupported`` (an old agent).
+        CommandStartFailed: the command did not start; and as for :func:`connect`.
+    """
+    with connect(name) as client:
+        return client.start_detached(command, **options)
+
+
+def list_detached(name: str) -> list[DetachedProcessInfo]:
+    """VM ``name``'s background processes, running and recently exited (``vm ps``).
+
+    Raises:
+        DetachedProcessError: ``unsupported`` (an old agent); and as for :func:`connect`.
+    """
+    with connect(name) as client:
+        return client.list_detached()
+
+
+def kill_detached(name: str, process_id: str, signum: int = signal.SIGTERM) -> None:
+    """Send ``signum`` to background process ``process_id``'s group in VM ``name``.
+
+    Raises:
+        DetachedProcessError: ``not_found``, ``not_running``, ``invalid_request`` or
+            ``unsupported``; and as for :func:`connect`.
+    """
+    with connect(name) as client:
+        client.kill_detached(process_id, signum)
+
+
+def detached_json(info: DetachedProcessInfo) -> dict[str, Any]:
+    """The ``vm ps --json`` shape of one background process (argv as a list)."""
+    data = asdict(info)
+    data["argv"] = list(info.argv)
+    return data
 
 
 def result_json(result: ExecResult) -> dict[str, Any]:

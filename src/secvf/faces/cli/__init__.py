@@ -11,10 +11,14 @@ from secvf.faces.cli.image import image
 from secvf.faces.cli.sandbox import sandbox
 from secvf.faces.cli.sandbox_template import sandbox_template
 from secvf.faces.cli.vm import vm
+from secvf.faces.cli.vm_background import vm_attach, vm_kill, vm_ps
 from secvf.faces.cli.vm_exec import vm_exec
 from secvf.faces.cli.vm_snapshot import vm_snapshot
 
 vm.add_command(vm_exec)
+vm.add_command(vm_ps)
+vm.add_command(vm_attach)
+vm.add_command(vm_kill)
 vm.add_command(vm_snapshot)
 sandbox.add_command(sandbox_template)
 main.add_command(vm)

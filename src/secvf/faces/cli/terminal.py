@@ -157,9 +157,38 @@ def run_streaming(
     if exited is None:
         note("connection closed (~.): the guest kills the command")
         return INTERRUPTED_EXIT
+    return exit_status(exited)
+
+
+def exit_status(exited: api.Exited) -> int:
+    """The status ``vm exec`` (and ``vm attach``) exits with for a command that ended."""
     return api.exit_code_for(api.ExecResult(exited.exit_code, exited.signal, exited.timed_out,
                                             exited.cancelled, exited.duration_ms, b"", b"",
                                             False, False))
+
+
+def follow_detached(name: str, process_id: str) -> int:
+    """Write background process ``process_id``'s buffered, then live output here (stdout
+    to stdout, stderr to stderr) until it exits; return its exit status. Output the
+    agent's buffer dropped is reported on stderr, never skipped silently. A
+    KeyboardInterrupt detaches (the process keeps running) and propagates.
+
+    Raises:
+        DetachedProcessError: no such process (``not_found``), ``limit_reached``,
+            ``unsupported``. NoExecChannel, AgentUnavailable, ProtocolError.
+    """
+    with api.connect_exec(name) as client:
+        session = client.attach(process_id)
+        for event in session:
+            if isinstance(event, api.Stdout):
+                _write(sys.stdout.fileno(), event.data)
+            elif isinstance(event, api.Stderr):
+                _write(sys.stderr.fileno(), event.data)
+            elif isinstance(event, api.OutputDropped):
+                note(f"{event.size} bytes of output of {process_id} were dropped here "
+                     "(the guest keeps the last 1 MiB of a background process's output)")
+    assert session.exited is not None  # the loop ends at Exited
+    return exit_status(session.exited)
 
 
 def _print_events(session: api.ExecSession, forwarder: _StdinForwarder) -> api.Exited | None:

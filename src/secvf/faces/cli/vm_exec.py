@@ -119,10 +119,12 @@ class VmExecCommand(ExecCommand):
               help="Kill the command's process group after SECONDS (default: no limit).")
 @click.option("--wait", type=Seconds(),
               help="Wait up to SECONDS for the guest agent of a booting VM first.")
+@click.option("--detach", "-d", is_flag=True,
+              help="Start COMMAND in the background (it outlives this call); print its id.")
 @click.option("--json", "as_json", is_flag=True, help="Capture output; print a JSON result.")
 def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | None, root: bool,
             env: tuple[str, ...], workdir: str | None, tty_mode: bool, interactive: bool,
-            timeout: float | None, wait: float | None, as_json: bool) -> None:
+            timeout: float | None, wait: float | None, detach: bool, as_json: bool) -> None:
     """Run COMMAND (or -c STRING) in AI sandbox NAME; exits with the command's status.
 
     Options go before COMMAND: its first word ends them (or `--` does).
@@ -130,6 +132,10 @@ def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | 
     Exit status: the command's code; 128+N if killed by signal N; 124 on timeout;
     125 for a SecVF error (a bad command line included); 126/127 if the command could
     not run / was not found; 130 after Ctrl-C or ~. (the guest kills the command).
+
+    With --detach the command runs in the background until it exits, `secvf vm kill`
+    or the VM stops; this prints its id (--json: {"id", "pid"}) and exits 0. Follow it
+    with `secvf vm attach`, list them with `secvf vm ps`.
     """
     with exec_errors(as_json):
         cmd = _command(command, shell)
@@ -137,8 +143,19 @@ def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | 
         if root and user:
             raise ConfigError("--root and --user exclude each other")
         user = "root" if root else user
+        if detach and (tty_mode or interactive or timeout is not None):
+            raise ConfigError("--detach takes no -t, -i or --timeout: a background process "
+                              "has no terminal and no stdin (read its output with secvf vm "
+                              "attach) and runs until it exits or secvf vm kill")
         if wait is not None:
             api.wait_for_exec(name, wait)
+        if detach:
+            started = api.start_detached(name, cmd, env=env_map, cwd=workdir, user=user)
+            if as_json:
+                print_json({"id": started.id, "pid": started.pid})
+            else:
+                click.echo(started.id)
+            return
         if as_json:
             stdin = sys.stdin.buffer if forwards_stdin(tty_mode, interactive) else None
             result = api.run_command(name, cmd, env=env_map, cwd=workdir, user=user,

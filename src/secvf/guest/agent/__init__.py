@@ -15,6 +15,10 @@ Modules, one concept each:
   group.
 * :mod:`~secvf.guest.agent.connection` - one session's socket, with serialised sends.
 * :mod:`~secvf.guest.agent.command` - one exec stream: spawn, pump, supervise, input.
+* :mod:`~secvf.guest.agent.output_ring` - a background process's bounded output buffer.
+* :mod:`~secvf.guest.agent.detached` - background processes (exec ``detach``) and the
+  agent's table of them: limits, ids, ps, kill.
+* :mod:`~secvf.guest.agent.attach` - one attach stream following a background process.
 * :mod:`~secvf.guest.agent.files` - upload and download streams.
 * :mod:`~secvf.guest.agent.session` - one connection: handshake, frame routing, streams.
 * :mod:`~secvf.guest.agent.server` - the listener and its sessions.
@@ -44,6 +48,10 @@ Primer
   the client went away - every process still in its process group or session is sent
   SIGTERM, then SIGKILL after KILL_GRACE_S. A process that calls ``setsid`` itself
   escapes this (as it would escape any process-group based supervisor).
+* **Background processes.** An ``exec`` with ``detach`` starts the same way but is
+  not part of the session: its output goes to a ring of its last 1 MiB (dropped bytes
+  counted), it survives the connection, and ``ps``, ``attach`` and ``kill`` reach it by
+  id from any session. At most 64 run at once; the agent ends them when it gets SIGTERM.
 * **Files.** Uploads and downloads open the file *as the requested user*: a short
   forked helper takes that user's credentials, opens the file and passes the descriptor
   back (SCM_RIGHTS). Permission checks are therefore the user's own, and an uploaded

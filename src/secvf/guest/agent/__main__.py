@@ -105,6 +105,19 @@ def start_forward_relay() -> None:
                      daemon=True).start()
 
 
+def stop_detached_on_sigterm(agent: Agent) -> None:
+    """On SIGTERM (the VM shutting down, or a test stopping the agent), end the agent's
+    background processes first (TERM, then KILL after the grace), then die of SIGTERM as
+    before: they are started in sessions of their own, so nothing else would."""
+
+    def stop(signum: int, frame: types.FrameType | None) -> None:
+        agent.detached.stop_all()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def start_default_spawner(agent: Agent) -> None:
     """Start the default user's spawner before the agent reports ready, so a guest
     saved at "ready" (a sandbox template) has it running and no session's first command
@@ -135,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions,
         restorer=Restorer.for_agent(listening_on_vsock=not args.unix),
     )
+    stop_detached_on_sigterm(agent)
     if not args.unix:
         start_forward_relay()
     start_default_spawner(agent)

@@ -132,10 +132,17 @@ class TaskState(enum.Enum):
 
 
 class ExecTask:
-    """One running command: spawn, pump output, supervise, accept input."""
+    """One running command: spawn, pump output, supervise, accept input.
+
+    Where its ``started``, output and ``exit`` go is four small methods (``_announce_started``,
+    ``_emit_output``, ``_report_exit``, ``_ended``): here, the session's stream; a
+    background process (:class:`~secvf.guest.agent.detached.DetachedProcess`) overrides
+    them to keep its output in a buffer instead.
+    """
 
     def __init__(self, session: Session, stream_id: int, request: dict[str, Any]) -> None:
         self.session = session
+        self.agent = session.agent
         self.conn = session.conn
         self.stream_id = stream_id
         self.request = request
@@ -166,8 +173,17 @@ class ExecTask:
         """Spawn the command and its two threads (the pump sends ``started`` first).
 
         Raises:
-            RequestFailed: the command could not start (sent as start_failed by caller).
+            RequestFailed: the command could not start (sent as start_failed by caller);
+                every descriptor of the task is closed then.
         """
+        try:
+            self._start()
+        except RequestFailed:
+            self._close_own_fds()
+            raise
+
+    def _start(self) -> None:
+        """Check the request and spawn (see :meth:`start`)."""
         req = self.request
         if (req["argv"] is None) == (req["shell"] is None):
             raise RequestFailed("invalid_request", "exactly one of argv and shell is required")
@@ -177,7 +193,7 @@ class ExecTask:
         if req["timeout_s"] is not None and req["timeout_s"] <= 0:
             raise RequestFailed("invalid_request", "timeout_s must be positive")
         _check_dims(req["rows"], req["cols"])
-        identity = resolve_identity(req["user"] or self.session.agent.default_user)
+        identity = resolve_identity(req["user"] or self.agent.default_user)
         env = build_env(identity, req["env"], req["tty"])
         cwd = req["cwd"] or default_cwd(identity)
         if not os.path.isdir(cwd):
@@ -208,7 +224,7 @@ class ExecTask:
             stdin = kwargs["stdin"]
             if stdin == subprocess.DEVNULL:
                 stdin = devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            spawner = self.session.agent.spawners.for_account(identity.account)
+            spawner = self.agent.spawners.for_account(identity.account)
             self.proc = spawner.spawn(argv, env, cwd, (stdin, kwargs["stdout"], kwargs["stderr"]))
         except SpawnerFailed as exc:
             log.warning("exec: %s; starting the command from the agent", exc)
@@ -359,7 +375,7 @@ class ExecTask:
     def _bh_pump(self) -> None:
         """Send ``started``, then copy output until EOF or the drain deadline passes."""
         try:
-            self.conn.message("started", self.stream_id, pid=self.proc.pid)  # type: ignore[union-attr]
+            self._announce_started()
             with selectors.DefaultSelector() as sel:
                 for fd in self.output_fds:
                     sel.register(fd, selectors.EVENT_READ)
@@ -387,9 +403,7 @@ class ExecTask:
         except OSError:  # EIO from a PTY master once the last slave fd closes
             size = 0
         if size:
-            frame_type = self.output_fds[fd]
-            self.conn.send_parts(protocol.data_frame_parts(frame_type, self.stream_id,
-                                                           buffer[:size]))  # fmt: skip
+            self._emit_output(self.output_fds[fd], buffer[:size])
             if size == len(buffer) < PUMP_READ_BYTES:
                 self._pump_buffer = memoryview(bytearray(PUMP_READ_BYTES))
         else:
@@ -430,20 +444,47 @@ class ExecTask:
         self._pump_done.wait()
         duration_ms = int((time.monotonic() - self.started_at) * 1000)
         code, sig = (returncode, None) if returncode >= 0 else (None, -returncode)
-        try:
-            self.conn.message(
-                "exit",
-                self.stream_id,
-                code=code,
-                signal=sig,
-                timed_out=timed_out,
-                cancelled=cancelled,
-                duration_ms=duration_ms,
-            )
-        except ConnectionGone:
-            pass
+        self._report_exit(
+            {
+                "code": code,
+                "signal": sig,
+                "timed_out": timed_out,
+                "cancelled": cancelled,
+                "duration_ms": duration_ms,
+            }
+        )
         self.state = TaskState.DONE
         self._close_own_fds()
+        self._ended()
+
+    # -- where started, output and exit go (overridden by DetachedProcess) ----------------
+
+    def _announce_started(self) -> None:
+        """Send ``started`` (pump thread, before any output).
+
+        Raises:
+            ConnectionGone: the client went away.
+        """
+        self.conn.message("started", self.stream_id, pid=self.proc.pid)  # type: ignore[union-attr]
+
+    def _emit_output(self, frame_type: protocol.FrameType, data: memoryview) -> None:
+        """Send one read of output (``data`` is only valid during the call); blocks while
+        the client does not read, so the pipe is read no faster.
+
+        Raises:
+            ConnectionGone: the client went away.
+        """
+        self.conn.send_parts(protocol.data_frame_parts(frame_type, self.stream_id, data))
+
+    def _report_exit(self, outcome: dict[str, Any]) -> None:
+        """Send ``exit`` with ``outcome`` (its payload); a client already gone is fine."""
+        try:
+            self.conn.message("exit", self.stream_id, **outcome)
+        except ConnectionGone:
+            pass
+
+    def _ended(self) -> None:
+        """The command is over and its descriptors are closed: forget the stream."""
         self.session.stream_ended(self.stream_id)
 
     def _close_own_fds(self) -> None:

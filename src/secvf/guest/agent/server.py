@@ -12,6 +12,7 @@ from typing import Any
 
 from secvf.exec import protocol
 from secvf.guest.agent import AGENT_VERSION
+from secvf.guest.agent.detached import DetachedRegistry
 from secvf.guest.agent.identity import login_users
 from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.session import Session
@@ -43,6 +44,8 @@ class Agent:
         self.default_user = default_user
         #: One spawner per account commands run as (other than the agent's own).
         self.spawners = Spawners()
+        #: Background processes (exec ``detach``): they outlive the sessions.
+        self.detached = DetachedRegistry()
         self.keepalive_interval_s = keepalive_interval_s
         self.started_at = time.monotonic()
         self._slots = threading.BoundedSemaphore(max_sessions)

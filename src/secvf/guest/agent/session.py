@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 from secvf.exec import protocol
 from secvf.guest.agent import AGENT_VERSION
+from secvf.guest.agent.attach import AttachTask
 from secvf.guest.agent.command import ExecTask
 from secvf.guest.agent.connection import Connection, ConnectionGone
+from secvf.guest.agent.detached import DetachedRefused
 from secvf.guest.agent.errors import RequestFailed
 from secvf.guest.agent.files import DownloadTask, UploadTask
 
@@ -27,6 +29,15 @@ CAPABILITIES = ["exec", "tty", "stdin", "signal", "resize", "files", "info", "ke
 RESTORE_CAPABILITY = "restore"
 #: The generation that introduced ``restore``.
 RESTORE_GENERATION = protocol.MESSAGES["restore"].introduced_in
+#: Listed as well on connections that speak background processes (exec detach, ps,
+#: attach, kill).
+DETACH_CAPABILITY = "detach"
+#: The generation that introduced them.
+DETACH_GENERATION = protocol.MESSAGES["detached"].introduced_in
+#: Stream openers that need it.
+_DETACH_OPENERS = ("ps", "attach", "kill")
+#: Longest id echoed back in a ``detached_error`` (real ids have 8 characters).
+ECHOED_ID_CHARS = 80
 
 log = logging.getLogger("secvf.agent")
 
@@ -39,12 +50,15 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
-Task = ExecTask | UploadTask | DownloadTask
+Task = ExecTask | UploadTask | DownloadTask | AttachTask
 
-_OPENERS: dict[str, type[ExecTask] | type[UploadTask] | type[DownloadTask]] = {
+_OPENERS: dict[
+    str, type[ExecTask] | type[UploadTask] | type[DownloadTask] | type[AttachTask]
+] = {
     "exec": ExecTask,
     "upload": UploadTask,
     "download": DownloadTask,
+    "attach": AttachTask,
 }
 
 
@@ -108,9 +122,9 @@ class Session:
             self._streams.pop(stream_id, None)
 
     def running_commands(self) -> int:
-        """Number of exec streams in progress."""
+        """Number of exec and attach streams in progress (they get keepalives)."""
         with self._lock:
-            return sum(isinstance(t, ExecTask) for t in self._streams.values())
+            return sum(isinstance(t, ExecTask | AttachTask) for t in self._streams.values())
 
     # -- dispatch (reader thread) ---------------------------------------------------------
 
@@ -143,6 +157,8 @@ class Session:
         capabilities = list(CAPABILITIES)
         if self.agent.restorer.enabled and self.generation >= RESTORE_GENERATION:
             capabilities.append(RESTORE_CAPABILITY)
+        if self.generation >= DETACH_GENERATION:
+            capabilities.append(DETACH_CAPABILITY)
         self.conn.message(
             "hello",
             generation=self.generation,
@@ -156,7 +172,7 @@ class Session:
         threading.Thread(target=self._bh_keepalive, name=f"keepalive-s{self.number}").start()
 
     def _handle_message(self, msg: protocol.Message) -> None:
-        if msg.name in _OPENERS:
+        if msg.name in _OPENERS or msg.name in _DETACH_OPENERS:
             self._open_stream(msg)
         elif msg.name == "ping":
             self.conn.message("pong", agent_version=AGENT_VERSION)
@@ -190,19 +206,60 @@ class Session:
         sid = msg.stream_id
         if sid == 0:
             raise protocol.BadMessage(f"{msg.name} needs a non-zero stream id")
+        answered_at_once = msg.name in ("ps", "kill") or (msg.name == "exec" and msg["detach"])
+        if answered_at_once or msg.name == "attach":
+            self._require_detach_generation(msg.name)
         with self._lock:
             if sid in self._streams:
                 raise protocol.BadMessage(f"stream {sid} is already in use")
-            task = _OPENERS[msg.name](self, sid, msg.payload)
-            self._streams[sid] = task
+            task = None if answered_at_once else _OPENERS[msg.name](self, sid, msg.payload)
+            if task is not None:
+                self._streams[sid] = task
         try:
-            task.start()
+            if task is None:
+                self._answer_detach_request(msg)
+            else:
+                task.start()
         except RequestFailed as failure:
             self.stream_ended(sid)
             self._report_failure(msg.name, sid, failure)
 
+    def _require_detach_generation(self, name: str) -> None:
+        if self.generation < DETACH_GENERATION:
+            raise protocol.BadMessage(
+                f"{name} of background processes needs protocol generation "
+                f"{DETACH_GENERATION}; this connection speaks {self.generation}"
+            )
+
+    def _answer_detach_request(self, msg: protocol.Message) -> None:
+        """``exec`` with ``detach``, ``ps`` or ``kill``: done now, answered on the stream.
+
+        Raises:
+            RequestFailed: the command did not start; DetachedRefused: refused.
+        """
+        registry, sid = self.agent.detached, msg.stream_id
+        if msg.name == "ps":
+            self.conn.message("process_list", sid, processes=registry.describe_all())
+        elif msg.name == "kill":
+            if not 1 <= msg["signum"] <= signal.SIGRTMAX:
+                raise DetachedRefused(
+                    protocol.DetachedErrorKind.INVALID_REQUEST,
+                    f"invalid signal number {msg['signum']}",
+                    msg["id"],
+                )
+            registry.kill(msg["id"], msg["signum"])
+            self.conn.message("killed", sid, id=msg["id"], signum=msg["signum"])
+        else:
+            process = registry.launch(self, sid, dict(msg.payload))
+            assert process.proc is not None  # started
+            self.conn.message("detached", sid, id=process.id, pid=process.proc.pid)
+
     def _report_failure(self, opener: str, sid: int, failure: RequestFailed) -> None:
-        if opener == "exec":
+        if isinstance(failure, DetachedRefused):
+            process_id = failure.process_id[:ECHOED_ID_CHARS]  # a hostile id stays small
+            fields = {"kind": failure.kind, "id": process_id, "message": str(failure)}
+            self.conn.message("detached_error", sid, **fields)
+        elif opener == "exec":
             stage = failure.stage or "exec"
             fields = {"kind": failure.kind, "stage": stage, **failure.fields()}
             self.conn.message("start_failed", sid, **fields)
