@@ -33,6 +33,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from secvf.exec import bridge, protocol
 from secvf.model.config import VMConfig, new_mac, now_iso, parse_config, save_config
 from secvf.model.runtime import RuntimeRecord, Transition, VmState
@@ -44,6 +46,9 @@ from secvf.testing.agent import AgentProcess
 from secvf.testing.vsock_backend import FakeVsockBackend
 
 CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
+IS_ROOT = os.geteuid() == 0
+#: For tests that switch users (the host agent acts as another account only as root).
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
 #: Generous bound for waits on background work; reaching it fails the test, nothing is timed.
 WAIT_S = 60.0
 

@@ -27,16 +27,7 @@ from secvf.exec import (
     protocol,
 )
 from secvf.testing.agent import AgentProcess
-
-IS_ROOT = os.geteuid() == 0
-CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
-
-
-@pytest.fixture
-def agent(tmp_path):
-    with AgentProcess(tmp_path, default_user=CURRENT_USER, keepalive_interval_s=0.2) as running:
-        yield running
+from tests.unit.running_sandbox import CURRENT_USER, needs_root
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ agent run on the host with --unix, driven through the real client, and its outpu
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import socket
 import subprocess
@@ -32,18 +31,9 @@ from secvf.guest.agent import detached
 from secvf.guest.agent.output_ring import OutputRing
 from secvf.sdk import AsyncSandbox, Sandbox
 from secvf.testing.agent import AgentProcess
-from tests.unit.running_sandbox import wait_for
+from tests.unit.running_sandbox import CURRENT_USER, needs_root, wait_for
 
-IS_ROOT = os.geteuid() == 0
-CURRENT_USER = pwd.getpwuid(os.geteuid()).pw_name
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
 OUT, ERR = protocol.FrameType.STDOUT, protocol.FrameType.STDERR
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    with AgentProcess(tmp_path, default_user=CURRENT_USER, keepalive_interval_s=0.2) as running:
-        yield running
 
 
 def connect(agent: AgentProcess) -> ExecClient:

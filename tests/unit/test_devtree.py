@@ -81,3 +81,11 @@ def test_the_walk_stops_near_the_node_bound(monkeypatch: pytest.MonkeyPatch) -> 
     # and none of them is read
     assert len(devices) == 403
     assert not any(path.startswith("/machine/unattached/device") for path in qmp.requests)
+
+
+def test_only_a_named_peripheral_has_a_device_id() -> None:
+    from secvf.runtime.devtree import LiveDevice
+
+    assert LiveDevice("/machine/peripheral/vsock0", "vhost-user-vsock-pci").device_id == "vsock0"
+    assert LiveDevice("/machine/peripheral-anon/device[0]", "virtio-rng-pci").device_id is None
+    assert LiveDevice("/machine/peripheral/vsock0/virtio-backend", "x").device_id is None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from secvf.errors import AgentUnavailable, ConnectFailed, ExecError, ExecRefused, ProtocolError
 from secvf.exec import protocol
+from secvf.exec.forwarding import read_line
 
 #: Default bound on dialling plus the protocol handshake.
 CONNECT_TIMEOUT_S = 10.0
@@ -74,7 +75,7 @@ def dial_hybrid(path: Path, port: int, timeout: float) -> socket.socket:
     sock = dial(path, timeout)
     try:
         sock.sendall(f"CONNECT {port}\n".encode())
-        reply = _read_line(sock, MAX_HYBRID_REPLY_BYTES)
+        reply = read_line(sock, MAX_HYBRID_REPLY_BYTES)
     except OSError as exc:
         sock.close()
         raise ConnectFailed(Path(path), f"hybrid vsock handshake failed: {exc}") from exc
@@ -82,17 +83,6 @@ def dial_hybrid(path: Path, port: int, timeout: float) -> socket.socket:
         sock.close()
         raise ConnectFailed(Path(path), f"vsock backend answered {reply[:40]!r}, not OK")
     return sock
-
-
-def _read_line(sock: socket.socket, limit: int) -> bytes:
-    """Read up to a newline, one byte at a time so no protocol byte is consumed."""
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        byte = sock.recv(1)
-        if not byte or len(line) >= limit:
-            break
-        line += byte
-    return bytes(line)
 
 
 def decode(frame: protocol.Frame) -> protocol.Message:

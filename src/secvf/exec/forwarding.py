@@ -97,11 +97,12 @@ def check_port(port: int) -> int:
     return port
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """Read a handshake line, one byte at a time so no data byte is consumed (at most
-    :data:`MAX_LINE_BYTES`; shorter at EOF)."""
+def read_line(sock: socket.socket, limit: int = MAX_LINE_BYTES) -> bytes:
+    """Read a handshake line, one byte at a time so no data byte after it is consumed
+    (at most ``limit`` bytes; shorter at EOF). The hybrid-vsock ``CONNECT`` reply is read
+    with it too (:func:`secvf.exec.channel.dial_hybrid`)."""
     line = bytearray()
-    while not line.endswith(b"\n") and len(line) < MAX_LINE_BYTES:
+    while not line.endswith(b"\n") and len(line) < limit:
         byte = sock.recv(1)
         if not byte:
             break

@@ -45,6 +45,12 @@ class LiveDevice:
         parent, _, _ = self.path.rpartition("/")
         return parent in ("/machine/peripheral", "/machine/peripheral-anon")
 
+    @property
+    def device_id(self) -> str | None:
+        """The id a ``-device``/``device_add`` gave it (``/machine/peripheral/<id>``)."""
+        parent, _, name = self.path.rpartition("/")
+        return name if parent == "/machine/peripheral" else None
+
     def info(self) -> DeviceInfo:
         """The record stored in the runtime state and shown by ``vm status --json``."""
         return DeviceInfo(path=self.path, type=self.type, channel=self.channel)

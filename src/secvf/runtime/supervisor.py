@@ -341,8 +341,8 @@ class Supervisor:
         self._step(LaunchStage.RESUME)
         await self._qmp_step("resuming the guest", self._qmp().execute("cont"))
         self.lifecycle.require(VmState.STARTING)  # a stop request may have come in meanwhile
-        plugged_paths = {f"/machine/peripheral/{h.device['id']}" for h in plan.hotplug}
-        plugged = [d.info() for d in devices if d.user_visible and d.path in plugged_paths]
+        plugged_ids = {h.device["id"] for h in plan.hotplug}
+        plugged = [d for d in devices if d.device_id in plugged_ids]
         self.lifecycle.transition(
             VmState.RUNNING,
             qemu_pid=self._qemu().pid,
@@ -354,7 +354,7 @@ class Supervisor:
             planned_devices=[PlannedDeviceInfo(id=d.id, driver=d.driver, purpose=d.purpose)
                              for d in [*plan.devices, *(h.planned for h in plan.hotplug)]],
             restored_from=str(self.restore) if self.restore else None,
-            hotplugged=plugged,
+            hotplugged=[d.info() for d in plugged],
         )
         if self.restored_ready:  # its marker is in the log of the run that saved it
             self.lifecycle.update(guest_ready=True, ready_at=now_iso())
@@ -362,9 +362,7 @@ class Supervisor:
                            kind=str(self.config.kind), accel=choice.accel,
                            devices=[d.type for d in devices if d.user_visible],
                            restored_from=str(self.restore) if self.restore else None)
-        if plugged:
-            seclog.write_event("vm_devices_added", vm=self.config.name, vm_id=self.config.id,
-                               devices=[d.model_dump() for d in plugged])
+        self._log_added(plugged)
         self.watch = DeviceWatch(self._qmp(), self._devices_changed)
         await self._qmp_step("listing devices", self.watch.expect())
         self.stage = LaunchStage.BRIDGE
@@ -554,9 +552,13 @@ class Supervisor:
             device_types=sorted({d.type for d in devices}),
             channels=[d.info() for d in channels_in(devices)],
             device_count=len(devices), hotplugged=hot)
-        if added:
+        self._log_added(added)
+
+    def _log_added(self, devices: list[LiveDevice]) -> None:
+        """The ``vm_devices_added`` event for ``devices`` (none: no event)."""
+        if devices:
             seclog.write_event("vm_devices_added", vm=self.config.name, vm_id=self.config.id,
-                               devices=[d.info().model_dump() for d in added])
+                               devices=[d.info().model_dump() for d in devices])
 
     async def _start_helper(self, spec: HelperSpec) -> None:
         """Start one helper and wait until it is ready.

@@ -103,7 +103,8 @@ def _copy_range(fin: int, fout: int, start: int, end: int) -> int:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            done = _copy_by_hand(fin, fout, offset, count)
+            done = _copy_range_buffered(fin, fout, offset, offset + count,
+                                        memoryview(bytearray(min(count, _BUFFERED_CHUNK))))
         if done == 0:  # the source shrank under us
             break
         offset += done
@@ -129,12 +130,3 @@ def _copy_range_buffered(fin: int, fout: int, start: int, end: int,
             view = view[os.pwrite(fout, view, offset + got - len(view)):]
         offset += got
     return offset - start
-
-
-def _copy_by_hand(fin: int, fout: int, offset: int, count: int) -> int:
-    data = os.pread(fin, count, offset)
-    view = memoryview(data)
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fout, view[written:], offset + written)
-    return len(data)
