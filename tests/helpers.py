@@ -25,3 +25,12 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300,
         raise AssertionError(f"secvf {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (False if it vanishes mid-read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from secvf.store.bundle import RuntimeFiles
-from tests.helpers import run_cli
+from tests.helpers import alive, run_cli
 
 pytestmark = pytest.mark.vm
 
@@ -238,14 +238,6 @@ def cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead too
 
 
 def security_events(vm_library: Path) -> list[dict]:

@@ -27,6 +27,7 @@ from secvf.exec import (
     protocol,
 )
 from secvf.testing.agent import AgentProcess
+from tests.helpers import alive
 from tests.unit.running_sandbox import CURRENT_USER, needs_root
 
 
@@ -39,11 +40,7 @@ def client(agent):
 def _gone(pid: int, within_s: float = 5.0) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
+        if not alive(pid):
             return True
         time.sleep(0.05)
     return False

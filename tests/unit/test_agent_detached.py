@@ -31,6 +31,7 @@ from secvf.guest.agent import detached
 from secvf.guest.agent.output_ring import OutputRing
 from secvf.sdk import AsyncSandbox, Sandbox
 from secvf.testing.agent import AgentProcess
+from tests.helpers import alive
 from tests.unit.running_sandbox import CURRENT_USER, needs_root, wait_for
 
 OUT, ERR = protocol.FrameType.STDOUT, protocol.FrameType.STDERR
@@ -44,15 +45,6 @@ def connect(agent: AgentProcess) -> ExecClient:
 def client(agent: AgentProcess) -> Iterator[ExecClient]:
     with connect(agent) as connected:
         yield connected
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def listed(agent: AgentProcess, process_id: str) -> dict:
