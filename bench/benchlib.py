@@ -45,6 +45,11 @@ ACCEL = "tcg"  # /dev/kvm exists on the dev host but guests hang under it
 GUEST_MEMORY_MIB = 1024  # SecVF's default for VMs and sandboxes; baselines use the same
 SSH_ROUND_TRIP_NOTE = "ssh client per call over a ControlMaster connection"
 
+#: The NIC of a plain-QEMU baseline VM, and the kernel parameter that has SecVF's guest
+#: init run DHCP on it.
+NAT_NIC_MAC = "52:54:00:12:34:56"
+NAT_NIC_PARAM = f"secvf_nics={NAT_NIC_MAC}+dhcp"
+
 
 def log(message: str) -> None:
     """Progress line on stderr (tables go to stdout)."""
@@ -496,7 +501,7 @@ class PlainVM:
             "-netdev",
             f"user,id=n0{fwd}",
             "-device",
-            "virtio-net-pci,netdev=n0",
+            f"virtio-net-pci,netdev=n0,mac={NAT_NIC_MAC}",
             "-object",
             "rng-random,id=rng0,filename=/dev/urandom",
             "-device",

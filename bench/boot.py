@@ -67,7 +67,7 @@ def plain_base_boot(workdir: Path, base) -> float:
         base.kernel,
         base.initrd,
         base.rootfs,
-        append=f"{base.cmdline} secvf_net=nat",
+        append=f"{base.cmdline} {bl.NAT_NIC_PARAM}",
         name="plainbase",
     ) as vm:
         return vm.wait_line(READY_MARKER, 120)

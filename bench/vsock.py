@@ -253,7 +253,7 @@ def run_baseline(workdir: Path, echo_runs: int) -> tuple[Results, str]:
     """The same guest with TCP servers, plain QEMU + hostfwd."""
     sandbox = build_image("sandbox")
     disk = baseline_image.tcp_server_disk(sandbox, SERVERS, progress=bl.log)
-    append = f"{sandbox.cmdline} secvf_net=nat secvf_hostname=baseline"
+    append = f"{sandbox.cmdline} {bl.NAT_NIC_PARAM} secvf_hostname=baseline"
     with bl.PlainVM(
         workdir,
         sandbox.kernel,

@@ -30,7 +30,7 @@ name in ``__all__``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +55,14 @@ if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the s
     from secvf.exec.forwarder import ForwardError, PortForward
     from secvf.image import DEFAULT_IMAGES, ImageInfo, Progress, build_image, list_images
     from secvf.model.config import VMConfig
+    from secvf.model.network import NetworkConfig
     from secvf.model.savedstate import SnapshotInfo, SnapshotKind, TemplateInfo
-    from secvf.model.sizes import format_size
+    from secvf.model.sizes import format_size, parse_size
+    from secvf.net.decode import Packet
     from secvf.runtime.control import StopDone, StopListener, StopWaiting
     from secvf.sdk import AsyncSandbox, Sandbox
     from secvf.store.library import ListedVM
+    from secvf.workflows.capture import CaptureProgress, CaptureRequest
     from secvf.workflows.display import DisplayInfo
     from secvf.workflows.media import MediaChange
     from secvf.workflows.sandbox import (
@@ -149,6 +152,21 @@ __all__ = [
     "DetachedProcessError",
     # audit
     "audit",
+    # isolated networks
+    "create_network",
+    "list_networks",
+    "show_network",
+    "remove_network",
+    "set_vm_networks",
+    "capture_network",
+    "export_ring",
+    "CaptureRequest",
+    "CaptureProgress",
+    "NetworkConfig",
+    # packets
+    "read_packets",
+    "packet_presets",
+    "Packet",
     # images
     "build_image",
     "list_images",
@@ -165,10 +183,14 @@ __all__ = [
     "DisplayMode",
     "ListedVM",
     "format_size",
+    "parse_size",
 ]
 
 #: Re-exported names and the module each is imported from on first use.
 _LAZY = {
+    **dict.fromkeys(("CaptureRequest", "CaptureProgress"), "secvf.workflows.capture"),
+    "NetworkConfig": "secvf.model.network",
+    "Packet": "secvf.net.decode",
     **dict.fromkeys(("AgentUnavailable", "CommandStartFailed", "DetachedProcessError"),
                     "secvf.errors"),
     **dict.fromkeys(("ExecClient", "ExecResult", "ExecSession", "Exited", "Stderr", "Stdout",
@@ -180,6 +202,7 @@ _LAZY = {
     "VMConfig": "secvf.model.config",
     **dict.fromkeys(("SnapshotInfo", "SnapshotKind", "TemplateInfo"), "secvf.model.savedstate"),
     "format_size": "secvf.model.sizes",
+    "parse_size": "secvf.model.sizes",
     **dict.fromkeys(("StopDone", "StopListener", "StopWaiting"), "secvf.runtime.control"),
     **dict.fromkeys(("AsyncSandbox", "Sandbox"), "secvf.sdk"),
     "ListedVM": "secvf.store.library",
@@ -210,7 +233,8 @@ def create_vm(
     image: str | None = None,
     disk_image: Path | None = None,
     iso: Path | None = None,
-    network: str | None = None,
+    networks: Sequence[str] = (),
+    allow_internet: bool = False,
     accel: str = "auto",
     shares: Sequence[str] = (),
     workspace: Path | None = None,
@@ -226,6 +250,10 @@ def create_vm(
     ``display="vnc"`` gives it a graphical console (see :func:`display_info`; view-only
     on a malware-analysis VM, refused for an AI sandbox).
 
+    ``networks`` are ``--network`` values: ``none``, ``nat``, ``isolated:NAME[,router]
+    [,ip=ADDRESS]`` (several for several NICs; default ``nat``, and ``none`` for a
+    malware-analysis VM, which gets ``nat`` only with ``allow_internet``).
+
     Raises:
         InvalidName, ConfigError, ForbiddenDevice: the options cannot work (nothing
             was written).
@@ -233,13 +261,15 @@ def create_vm(
         AlreadyExists: the name is taken, or (an AI sandbox without ``workspace``) an
             earlier sandbox of that name left its default workspace behind.
     """
+    from secvf.store.networks import networks_lock
     from secvf.workflows import vms, workspaces
     from secvf.workflows.create import build_config, hash_root_password
 
-    with workspaces.for_new_vm(name, kind, workspace):
+    with workspaces.for_new_vm(name, kind, workspace), networks_lock():
         config = build_config(name=name, kind=kind, cpus=cpus, memory=memory,
                               disk_size=disk_size, image=image, disk_image=disk_image,
-                              iso=iso, network=network, accel=accel, shares=shares,
+                              iso=iso, networks=networks, allow_internet=allow_internet,
+                              accel=accel, shares=shares,
                               workspace=workspace, autologin=autologin,
                               root_password=root_password, display=display)
         hashed = None if root_password is None else hash_root_password(root_password)
@@ -548,3 +578,125 @@ def image_recipes() -> list[str]:
     from secvf.image.recipe import RECIPES
 
     return sorted(RECIPES)
+
+
+# ---- packets: decoding and filtering captures --------------------------------------------
+
+
+def read_packets(source: str | Path, *, filter: str | None = None, preset: str | None = None,
+                 limit: int | None = None) -> Iterator[Packet]:
+    """The decoded packets of capture file ``source`` (pcapng or pcap) — or, when
+    ``source`` names an isolated network and no such file exists, of that network's
+    always-on ring (its switch's last frames) — that match
+    ``filter`` and ``preset`` (both, if both are given), at most ``limit``; decoded
+    as the result is iterated. The filter language: docs/packets.md.
+
+    Raises:
+        InvalidFilter: the filter does not parse (at once, before anything is read).
+        NotFound: no such preset, or no such file.
+        CaptureFileError (a ConfigError): the file is not a capture, or is damaged;
+            raised while iterating, after the packets before the damage.
+    """
+    from secvf.workflows import packets
+
+    path = Path(source)
+    if not path.exists() and isinstance(source, str) and _is_network(source):
+        from secvf.workflows.capture import ring_frames
+
+        return packets.read_packets(ring_frames(source), filter=filter, preset=preset,
+                                    limit=limit)
+    return packets.read_file(path, filter=filter, preset=preset, limit=limit)
+
+
+def _is_network(name: str) -> bool:
+    from secvf.errors import SecVFError
+    from secvf.store.networks import load_network
+
+    try:
+        load_network(name)
+    except SecVFError:
+        return False
+    return True
+
+
+def packet_presets() -> list[dict[str, str]]:
+    """The packet filter presets (name, section, expression, catches, cannot), by section."""
+    from secvf.workflows import packets
+
+    return packets.presets()
+
+
+# ---- isolated networks -------------------------------------------------------------------
+
+
+def create_network(name: str, *, subnet: str = "10.0.100.0/24", isolate_guests: bool = False,
+                   ipam: bool = True, frames_per_s: int | None = None,
+                   broadcast_per_s: int | None = None,
+                   ring_frames: int | None = None) -> NetworkConfig:
+    """Create isolated network ``name``: an L2 segment of its own switch, reachable from
+    nothing but its VMs' NICs (``vm create --network isolated:NAME``).
+
+    ``isolate_guests``: guest NICs reach only the network's router NIC (a private VLAN).
+    ``ipam``: each NIC gets a fixed address from ``subnet`` (``.1`` is the router's).
+    Limits are per port, per second (0: none); ``ring_frames``: the always-on ring's size.
+
+    Raises:
+        InvalidName, AlreadyExists, ConfigError (a bad or overlapping subnet), LockBusy.
+    """
+    from secvf.workflows import networks
+
+    return networks.create_network(name, subnet=subnet, isolate_guests=isolate_guests,
+                                   ipam=ipam, frames_per_s=frames_per_s,
+                                   broadcast_per_s=broadcast_per_s, ring_frames=ring_frames)
+
+
+def list_networks() -> list[dict[str, Any]]:
+    """One dict per network: name, subnet, isolate_guests, ipam, vms, switch, ports
+    (or name and error for an unreadable record)."""
+    from secvf.workflows import networks
+
+    return networks.list_networks()
+
+
+def show_network(name: str) -> dict[str, Any]:
+    """Network ``name``'s record, its NICs (VM, MAC, address, live counters and drops by
+    reason) and its switch's state. Raises NotFound, ConfigError."""
+    from secvf.workflows import networks
+
+    return networks.show_network(name)
+
+
+def remove_network(name: str) -> None:
+    """Remove network ``name``. Raises NotFound, NetworkError (VMs still use it)."""
+    from secvf.workflows import networks
+
+    networks.remove_network(name)
+
+
+def set_vm_networks(name: str, networks: Sequence[str], *,
+                    allow_internet: bool = False) -> VMConfig:
+    """Give stopped VM ``name`` the NICs ``networks`` ask for (``--network`` values, as
+    :func:`create_vm` takes them; ``["none"]``: no NIC). A NIC asked for again keeps its
+    MAC and address. Raises StateError (running), ConfigError, NotFound."""
+    from secvf.workflows import networks as workflow
+
+    return workflow.set_vm_networks(name, list(networks), allow_internet=allow_internet)
+
+
+def capture_network(request: CaptureRequest,
+                    progress: Callable[[CaptureProgress], None] | None = None,
+                    stop: Callable[[], bool] = lambda: False) -> CaptureProgress:
+    """Capture a network's frames to pcapng until the request's duration or frame count,
+    or ``stop()`` (see :class:`CaptureRequest`); ``progress`` is called about twice a
+    second. Raises NotFound, NetworkError (no switch runs; disk full), InvalidFilter."""
+    from secvf.workflows.capture import capture
+
+    return capture(request, progress, stop)
+
+
+def export_ring(name: str, path: Path | None = None) -> CaptureProgress:
+    """Write network ``name``'s always-on ring (its last frames) to a pcapng file.
+    Raises NotFound, NetworkError (no switch runs)."""
+    from secvf.workflows import capture
+
+    return capture.export_ring(name, path)

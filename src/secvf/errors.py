@@ -18,6 +18,8 @@ its ``exit_code`` (an :class:`ExitCode`) by the CLI::
      ├── LaunchFailed                 QEMU (or a helper) did not start (.argv, .output, .exitcode)
      ├── SupervisorFailed             a supervisor step failed (.stage, .errno)
  ├── SnapshotError                saving or restoring guest state failed
+     ├── NetworkError                 an isolated network, its switch or a capture failed
+     ├── InvalidFilter                a packet filter that does not parse (.position)
      ├── NoExecChannel                exec on a VM without a channel (by design)   125
      ├── ExecError                    the exec channel failed                      125
      │    ├── AgentUnavailable        no working agent behind the socket
@@ -265,6 +267,21 @@ class SupervisorFailed(SecVFError):
 
 class SnapshotError(SecVFError):
     """A snapshot, a template or another saved guest state could not be made or used."""
+
+
+class NetworkError(SecVFError):
+    """An isolated network could not be created, used or removed, its switch did not
+    answer, or a capture could not go on (the message says which and why)."""
+
+
+class InvalidFilter(SecVFError):
+    """A packet filter expression that does not parse; ``position`` is the 0-based
+    character offset where the problem is (``None`` for the expression as a whole)."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        self.position = position
+        super().__init__(message if position is None else f"{message} (at character "
+                         f"{position + 1})")
 
 
 class IllegalTransition(StateError):

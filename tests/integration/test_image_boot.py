@@ -19,7 +19,7 @@ POWEROFF_TIMEOUT_S = 20
 
 
 def _qemu_argv(image: ImageInfo, overlay: Path, serial: Path, qmp: Path) -> list[str]:
-    append = f"{image.cmdline} secvf_hostname=imgtest secvf_net=nat"
+    append = f"{image.cmdline} secvf_hostname=imgtest secvf_nics=52:54:00:12:34:56+dhcp"
     return [
         "qemu-system-x86_64",
         "-machine", "q35,memory-backend=mem",
@@ -37,7 +37,7 @@ def _qemu_argv(image: ImageInfo, overlay: Path, serial: Path, qmp: Path) -> list
         "-device", "virtio-blk-pci,drive=root",
         "-device", "virtio-rng-pci",
         "-netdev", "user,id=net0",
-        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
         "-serial", f"file:{serial}",
         "-qmp", f"unix:{qmp},server=on,wait=off",
     ]  # fmt: skip

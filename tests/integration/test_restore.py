@@ -133,7 +133,7 @@ class PlainGuest:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                         str(image.rootfs), str(self.overlay)], check=True)
         self.qmp_path, self.serial_path = workdir / "qmp.sock", workdir / "serial.sock"
-        append = (f"{image.cmdline} secvf_hostname=plain secvf_net=nat "
+        append = (f"{image.cmdline} secvf_hostname=plain secvf_nics=52:54:00:12:34:56+dhcp "
                   f"secvf_console={console} secvf_time={time.time_ns() + 600_000_000}")
         argv = [
             "qemu-system-x86_64", "-machine", "q35,memory-backend=mem", "-accel", "tcg",
@@ -144,7 +144,8 @@ class PlainGuest:
             "-device", "virtio-blk-pci,drive=root",
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-pci,rng=rng0",
-            "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0",
+            "-netdev", "user,id=net0",
+            "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
             "-device", "pcie-root-port,id=rp0,chassis=1,slot=1",
             "-device", "pcie-root-port,id=rp1,chassis=2,slot=2",
             "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off",

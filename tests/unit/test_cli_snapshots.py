@@ -200,7 +200,7 @@ def test_json_errors_are_json_with_the_same_exit_code(web: str, args: tuple[str,
 def sandbox_key() -> tuple[str, Any]:
     """The template ID and machine shape a default ``sandbox create`` looks for."""
     config = build_config(name="probe", kind=VMKind.AI_SANDBOX, cpus=1, memory="1G",
-                          disk_size="8G", image="sandbox", network="nat", accel="auto",
+                          disk_size="8G", image="sandbox", networks=["nat"], accel="auto",
                           channels=SandboxChannels())
     key, shape, _ = key_for(config)
     return key, shape

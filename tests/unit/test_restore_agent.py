@@ -302,3 +302,94 @@ def test_another_mac_error_is_not_retried(monkeypatch):
     monkeypatch.setattr(restore_mod.fcntl, "ioctl", ioctl)
     with pytest.raises(PermissionError):
         restore_mod.set_hardware_address("eth0", "52:54:00:aa:bb:cc")
+
+
+# ---- DHCP after a new MAC: init's secvf_nics on the kernel command line ------------------------
+
+CMDLINE = "console=ttyS0 root=/dev/vda ro quiet secvf_hostname=tpl {nics}secvf_time=1\n"
+
+
+@pytest.mark.parametrize(("nics", "entries"), [
+    ("secvf_nics=52:54:00:12:34:56+dhcp ", [("52:54:00:12:34:56", "dhcp")]),
+    ("secvf_nics=52:54:00:AB:CD:EF+manual,52:54:00:12:34:56+10.0.100.5/24@10.0.100.1 ",
+     [("52:54:00:ab:cd:ef", "manual"), ("52:54:00:12:34:56", "10.0.100.5/24@10.0.100.1")]),
+    ("secvf_nics= ", []),
+    ("", []),
+    ("secvf_nics=52:54:00:12:34:56+dhcp secvf_nics=52:54:00:12:34:56+manual ",
+     [("52:54:00:12:34:56", "manual")]),  # the last one counts
+    ("secvf_nics=a+dhcp,,nomode ", [("a", "dhcp"), ("nomode", "")]),
+    ("xsecvf_nics=52:54:00:12:34:56+dhcp ", []),
+])
+def test_the_nics_are_read_from_the_kernel_command_line(nics, entries):
+    assert restore_mod.kernel_nics(CMDLINE.format(nics=nics)) == entries
+
+
+@pytest.mark.parametrize(("nics", "dhcp"), [
+    ("secvf_nics=52:54:00:12:34:56+dhcp ", True),
+    ("secvf_nics=52:54:00:ab:cd:ef+10.0.100.5/24,52:54:00:12:34:56+dhcp ", True),
+    ("secvf_nics=52:54:00:12:34:56+manual ", False),
+    ("secvf_nics=52:54:00:12:34:56+10.0.100.5/24@10.0.100.1 ", False),
+    ("secvf_nics=52:54:00:12:34:56+dhcpx ", False),
+    ("secvf_nics= ", False),
+    ("", False),
+    ("secvf_net=nat ", False),  # the old parameter: init no longer reads it
+])
+def test_dhcp_is_restarted_only_for_a_dhcp_nic(monkeypatch, tmp_path, nics, dhcp):
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(CMDLINE.format(nics=nics))
+    monkeypatch.setattr(restore_mod, "KERNEL_CMDLINE", str(cmdline))
+    started = []
+
+    class Thread:
+        def __init__(self, *, target, args, name, daemon):
+            started.append((target, args, name, daemon))
+
+        def start(self):
+            started.append("started")
+
+    monkeypatch.setattr(restore_mod.threading, "Thread", Thread)
+    outcome = restore_mod.Outcome()
+    restore_mod._restart_dhcp(outcome, "eth0")
+    assert outcome.dhcp_restarted is dhcp
+    assert started == ([(restore_mod._replace_dhcp_client, ("eth0",), "dhcp", True), "started"]
+                       if dhcp else [])
+
+
+def test_the_restarted_client_is_the_one_on_the_interface_whose_mac_changed(monkeypatch):
+    looked_up, popen = [], []
+    monkeypatch.setattr(restore_mod, "DHCP_RESTART_DELAY_S", 0)
+    monkeypatch.setattr(restore_mod, "dhcp_clients",
+                        lambda iface: looked_up.append(iface) or [])
+    monkeypatch.setattr(restore_mod.subprocess, "Popen", lambda *a, **k: popen.append(a))
+    restore_mod._replace_dhcp_client("eth3")
+    assert (looked_up, popen) == (["eth3"], [])  # none runs there: none started
+
+
+def test_the_set_mac_step_restarts_dhcp_on_its_interface(monkeypatch):
+    restarted = []
+    monkeypatch.setattr(restore_mod, "_current_mac", lambda iface: "52:54:00:00:00:01")
+    monkeypatch.setattr(restore_mod, "set_hardware_address", lambda iface, mac: None)
+    monkeypatch.setattr(restore_mod, "_renew_ipv6", lambda iface: None)
+    monkeypatch.setattr(restore_mod, "_restart_dhcp",
+                        lambda outcome, iface: restarted.append(iface))
+    outcome = restore_mod.Outcome()
+    Restorer(enabled=True)._set_mac(outcome, "52:54:00:00:00:02")
+    assert restarted == [restore_mod.NET_IFACE] and outcome.errors == []
+
+
+@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v dash"], capture_output=True,
+                                   check=False).returncode != 0, reason="needs dash")
+@pytest.mark.parametrize("nics", [
+    "52:54:00:12:34:56+dhcp",
+    "52:54:00:12:34:56+manual,52:54:00:ab:cd:ef+dhcp",
+    "52:54:00:12:34:56+10.0.100.5/24@10.0.100.1",
+    "52:54:00:12:34:56+manual",
+    "",
+])
+def test_the_agent_and_init_agree_on_whether_a_nic_uses_dhcp(nics):
+    script = (f'. {INIT}\nsay() {{ :; }}\nsecvf_nics="$1" parse_nics\n'
+              'echo "${NIC_DHCP:-no}"')
+    init_says = subprocess.run(["dash", "-c", script, "dash", nics], capture_output=True,
+                               text=True, check=True).stdout
+    agent_says = restore_mod.uses_dhcp(CMDLINE.format(nics=f"secvf_nics={nics} "))
+    assert init_says == ("yes\n" if agent_says else "no\n")

@@ -56,7 +56,7 @@ from tests.unit import fake_vm
 REPORT_WAIT_S = 30.0
 #: What ``vm status --json`` prints, in order (scripts depend on it).
 STATUS_KEYS = ["name", "id", "kind", "state", "pid", "qemu_pid", "accel", "accel_reason",
-               "uptime_s", "guest_ready", "devices", "channels", "network", "cpus",
+               "uptime_s", "guest_ready", "devices", "channels", "network", "nics", "cpus",
                "memory_mib", "exec_socket", "last_run", "vsock_backend", "device_errors",
                "snapshots", "restored_from", "hotplugged"]
 

@@ -11,7 +11,16 @@
 # Kernel command line parameters (the kernel hands unknown key=value pairs to init
 # as environment variables):
 #   secvf_hostname=NAME                     hostname (default: secvf)
-#   secvf_net=nat                           configure eth0 by DHCP (QEMU user networking)
+#   secvf_nics=MAC+MODE[,...]               the NICs to configure, each found by its MAC
+#                                           (never by name or PCI order); MODE is one of
+#                                             dhcp         udhcpc (QEMU user networking)
+#                                             manual       link up, no address
+#                                             ADDR/PREFIX  a fixed IPv4 address
+#                                             ADDR/PREFIX@GATEWAY  and a default route via
+#                                                          GATEWAY, its nameserver too
+#                                           one default route: a dhcp NIC's lease, else the
+#                                           first GATEWAY; a bad entry is skipped (with a
+#                                           console line); absent or empty: only lo
 #   secvf_shares=TAG:/PATH:ro|rw[,...]      virtio-fs shares to mount
 #   secvf_console=login|autologin           a getty on ttyS0 (root logs in with its password;
 #                                           without one, a hint) or a root shell without a
@@ -41,8 +50,14 @@ READY_FIFO=/run/secvf/ready
 # how long the ready marker waits for the agent (seconds)
 READY_WAIT_S=60
 # the agent's restore creates this before it restarts the DHCP client for a new MAC: that
-# client's first "deconfig" then keeps eth0's address (the new lease is the same one)
+# client's first "deconfig" then keeps its interface's address (the new lease is the same)
 DHCP_KEEP_ADDRESS=/run/secvf/dhcp-keep-address
+# where the interfaces of secvf_nics are looked up by MAC (<name>/address)
+NET_CLASS_DIR=/sys/class/net
+RESOLV_CONF=/etc/resolv.conf
+# how long start_network waits for a NIC of secvf_nics that is not there yet, all NICs
+# together (centiseconds of uptime): virtio_net may bind a little after init starts
+NIC_WAIT_CS=200
 # drivers of the devices a restored sandbox gets hot-plugged (there is no udev to load them)
 CHANNEL_MODULES="vmw_vsock_virtio_transport virtiofs"
 ACPI_DIR=/run/secvf/acpi
@@ -137,15 +152,166 @@ set_hostname() {
 	printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost\n' "$name" >/etc/hosts
 }
 
+is_ipv4() { # TEXT: true if TEXT is a dotted-quad IPv4 address (no leading zeros)
+	case $1 in '' | *[!0-9.]* | .* | *. | *..*) return 1 ;; esac
+	ipv4_ifs=$IFS
+	IFS=.
+	# shellcheck disable=SC2086 # split at the dots (digits and dots only: no globbing)
+	set -- $1
+	IFS=$ipv4_ifs
+	[ "$#" -eq 4 ] || return 1
+	for octet; do
+		case $octet in
+		[0-9] | [1-9][0-9] | 1[0-9][0-9] | 2[0-4][0-9] | 25[0-5]) ;;
+		*) return 1 ;;
+		esac
+	done
+}
+
+split_nic() { # MAC+MODE: sets NIC_MAC, NIC_MODE, NIC_ADDR (ADDR/PREFIX) and NIC_GATEWAY
+	NIC_MAC=${1%%+*}
+	NIC_MODE=${1#*+}
+	NIC_ADDR=${NIC_MODE%%@*}
+	NIC_GATEWAY=
+	case $NIC_MODE in *@*) NIC_GATEWAY=${NIC_MODE#*@} ;; esac
+}
+
+check_nic() { # ENTRY: split_nic, and NIC_PROBLEM says what is wrong with ENTRY (empty: nothing)
+	split_nic "$1"
+	NIC_PROBLEM=
+	hex='[0-9A-Fa-f][0-9A-Fa-f]'
+	case $1 in
+	*+*) ;;
+	*)
+		NIC_PROBLEM="expected MAC+MODE"
+		return
+		;;
+	esac
+	# shellcheck disable=SC2254 # $hex is a pattern
+	case $NIC_MAC in
+	$hex:$hex:$hex:$hex:$hex:$hex) ;;
+	*)
+		NIC_PROBLEM="'$NIC_MAC' is not a MAC address"
+		return
+		;;
+	esac
+	case $NIC_MODE in
+	dhcp | manual) return ;;
+	*/*) ;;
+	*)
+		NIC_PROBLEM="unknown mode '$NIC_MODE' (dhcp, manual, ADDR/PREFIX or ADDR/PREFIX@GATEWAY)"
+		return
+		;;
+	esac
+	if ! is_ipv4 "${NIC_ADDR%%/*}"; then
+		NIC_PROBLEM="'${NIC_ADDR%%/*}' is not an IPv4 address"
+		return
+	fi
+	case ${NIC_ADDR#*/} in
+	[0-9] | [12][0-9] | 3[0-2]) ;;
+	*)
+		NIC_PROBLEM="prefix '${NIC_ADDR#*/}' is not in 0..32"
+		return
+		;;
+	esac
+	case $NIC_MODE in
+	*@*) is_ipv4 "$NIC_GATEWAY" || NIC_PROBLEM="gateway '$NIC_GATEWAY' is not an IPv4 address" ;;
+	esac
+}
+
+parse_nics() { # sets NICS to secvf_nics' valid entries (MACs in lower case), NIC_DHCP if one is dhcp
+	NICS=
+	NIC_DHCP=
+	nics_ifs=$IFS
+	IFS=,
+	set -f
+	for entry in ${secvf_nics:-}; do
+		IFS=$nics_ifs
+		[ -n "$entry" ] || continue
+		check_nic "$entry"
+		if [ -n "$NIC_PROBLEM" ]; then
+			say "ignoring NIC '$entry': $NIC_PROBLEM"
+			continue
+		fi
+		case $NIC_MAC in *[A-F]*) NIC_MAC=$(echo "$NIC_MAC" | tr A-F a-f) ;; esac
+		case " $NICS " in
+		*" $NIC_MAC+"*)
+			say "ignoring NIC '$entry': MAC $NIC_MAC is listed before"
+			continue
+			;;
+		esac
+		NICS="${NICS:+$NICS }$NIC_MAC+$NIC_MODE"
+		[ "$NIC_MODE" = dhcp ] && NIC_DHCP=yes
+	done
+	set +f
+	IFS=$nics_ifs
+}
+
+iface_of() { # MAC (lower case): sets IFACE to the network interface with that address
+	for dir in "$NET_CLASS_DIR"/*; do
+		read -r addr 2>/dev/null <"$dir/address" || continue
+		if [ "$addr" = "$1" ]; then
+			IFACE=${dir##*/}
+			return 0
+		fi
+	done
+	return 1
+}
+
+configure_nic() { # IFACE, after split_nic: link up, then the entry's mode
+	$BB ip link set "$1" up || {
+		say "cannot bring up $1 (MAC $NIC_MAC)"
+		return
+	}
+	case $NIC_MODE in
+	dhcp)
+		# Returns once a lease is bound (or after ~5 s); udhcpc then renews in the background.
+		$BB udhcpc -i "$1" -s "$SELF" -t 5 -T 1 -A 3 -b >/dev/null 2>&1 || say "DHCP on $1 failed"
+		;;
+	manual) say "network: $1 up without an address (manual)" ;;
+	*)
+		$BB ip -4 addr add "$NIC_ADDR" dev "$1" || {
+			say "cannot add $NIC_ADDR to $1"
+			return
+		}
+		if [ -z "$NIC_GATEWAY" ]; then
+			say "network: $1 $NIC_ADDR, no gateway"
+		elif [ -n "$NIC_DHCP" ]; then
+			say "network: $1 $NIC_ADDR; gateway $NIC_GATEWAY unused (the default route is DHCP's)"
+		elif [ -n "$DEFAULT_GATEWAY" ]; then
+			say "network: $1 $NIC_ADDR; gateway $NIC_GATEWAY unused (the default route is via $DEFAULT_GATEWAY)"
+		elif $BB ip -4 route replace default via "$NIC_GATEWAY" dev "$1"; then
+			DEFAULT_GATEWAY=$NIC_GATEWAY
+			rm -f "$RESOLV_CONF"
+			echo "nameserver $NIC_GATEWAY" >"$RESOLV_CONF"
+			say "network: $1 $NIC_ADDR via $NIC_GATEWAY"
+		else
+			say "network: $1 $NIC_ADDR; cannot route via $NIC_GATEWAY"
+		fi
+		;;
+	esac
+}
+
 start_network() {
 	$BB ip link set lo up
-	[ "${secvf_net:-none}" = nat ] || return 0
-	if ! $BB ip link set eth0 up 2>/dev/null; then
-		say "secvf_net=nat but the VM has no eth0"
-		return 0
-	fi
-	# Returns once a lease is bound (or after ~5 s); udhcpc then renews in the background.
-	$BB udhcpc -i eth0 -s "$SELF" -t 5 -T 1 -A 3 -b >/dev/null 2>&1 || say "DHCP on eth0 failed"
+	parse_nics
+	[ -n "$NICS" ] || return 0
+	DEFAULT_GATEWAY=
+	read_uptime_cs
+	nic_deadline=$((UPTIME_CS + NIC_WAIT_CS))
+	for entry in $NICS; do
+		split_nic "$entry"
+		# the driver may bind a NIC a little after init starts: look again until the deadline
+		until iface_of "$NIC_MAC"; do
+			read_uptime_cs
+			if [ "$UPTIME_CS" -ge "$nic_deadline" ]; then
+				say "no network interface has MAC $NIC_MAC: NIC '$entry' not configured"
+				continue 2
+			fi
+			sleep 0.05
+		done
+		configure_nic "$IFACE"
+	done
 }
 
 mount_shares() {
@@ -428,10 +594,10 @@ dhcp_event() { # udhcpc passes the lease in: interface ip mask router dns
 			$BB ip -4 route replace default via "$gateway" dev "$interface"
 			break
 		done
-		rm -f /etc/resolv.conf
+		rm -f "$RESOLV_CONF"
 		for server in $dns; do
 			echo "nameserver $server"
-		done >/etc/resolv.conf
+		done >"$RESOLV_CONF"
 		say "network: $interface $ip/$mask via ${router:-no gateway}"
 		;;
 	esac

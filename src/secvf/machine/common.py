@@ -10,13 +10,13 @@ import time
 
 from secvf.errors import NotFound
 from secvf.image import ImageInfo, list_images
+from secvf.machine.network import nics_kernel_param
 from secvf.machine.plan import MachinePlan, RunMode
 from secvf.model.config import (
     DiskImageBoot,
     DisplayMode,
     ImageBoot,
     IsoBoot,
-    NetworkMode,
     VMConfig,
     VMKind,
 )
@@ -119,7 +119,7 @@ def kernel_params(config: VMConfig, accel: str) -> list[str]:
     sets its clock from it)."""
     host = guest_hostname(config.name)
     guest_time = time.time_ns() + PRE_KERNEL_NS.get(accel, 0)
-    return [f"secvf_hostname={host}", f"secvf_net={config.network}",
+    return [f"secvf_hostname={host}", nics_kernel_param(config),
             f"secvf_console={config.console}", f"secvf_time={guest_time}"]
 
 
@@ -160,13 +160,6 @@ def display_is_view_only(config: VMConfig) -> bool:
 def _option_value(text: str) -> str:
     """``text`` as the value of a QEMU ``key=value,…`` option (a comma doubled)."""
     return text.replace(",", ",,")
-
-
-def add_nic(plan: MachinePlan, config: VMConfig) -> None:
-    """One virtio NIC on QEMU user networking (NAT), or none at all."""
-    if config.network is NetworkMode.NAT:
-        plan.add_backend("-netdev", "user,id=net0")
-        plan.add_device("virtio-net-pci", "net0dev", "NIC (NAT)", netdev="net0", mac=config.mac)
 
 
 def add_platform_devices(plan: MachinePlan) -> None:

@@ -15,10 +15,10 @@ from secvf.errors import ConfigError, ForbiddenDevice
 from secvf.machine.common import (
     add_boot_and_disks,
     add_display,
-    add_nic,
     add_platform_devices,
     base_plan,
 )
+from secvf.machine.network import add_nics
 from secvf.machine.plan import MachinePlan, RunMode
 from secvf.model.config import VMConfig, VMKind
 from secvf.store.bundle import Bundle, RuntimeFiles
@@ -48,6 +48,6 @@ def build_generic_machine(
     plan = base_plan(config, bundle, files, accel, mode)
     add_boot_and_disks(plan, config, bundle)
     add_display(plan, config, files)
-    add_nic(plan, config)
+    add_nics(plan, config)
     add_platform_devices(plan)
     return plan

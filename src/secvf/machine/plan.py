@@ -75,6 +75,20 @@ class HotplugDevice:
         return PlannedDevice(str(self.device["id"]), str(self.device["driver"]), self.purpose)
 
 
+@dataclass(frozen=True)
+class SwitchPort:
+    """One NIC's port on its network's switch: what the supervisor registers."""
+
+    netdir: Path  # the network's runtime directory
+    switch_config: dict[str, Any]  # the network's switch.json
+    record: dict[str, Any]  # the port's ports/<port>.json (without the supervisor's pid)
+
+    @property
+    def name(self) -> str:
+        """The port's name (``a1b2c3d4-0``)."""
+        return str(self.record["port"])
+
+
 @dataclass
 class MachinePlan:
     """Everything the supervisor needs to launch QEMU for one run of one VM."""
@@ -91,6 +105,8 @@ class MachinePlan:
     # the name of the helper that serves them (the helper is restarted in between)
     replug: dict[str, HotplugDevice] = field(default_factory=dict)
     cpu_model: str = "max"  # the -cpu value
+    # isolated NICs' switch ports, registered by the supervisor before QEMU starts
+    switch_ports: list[SwitchPort] = field(default_factory=list)
 
     def add_backend(self, *args: str) -> None:
         """Add host-side arguments that create no guest device (-object, -netdev, ...)."""

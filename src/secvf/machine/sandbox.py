@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from secvf.errors import ConfigError, ForbiddenDevice
-from secvf.machine.common import add_boot_and_disks, add_nic, add_platform_devices, base_plan
+from secvf.machine.common import add_boot_and_disks, add_platform_devices, base_plan
+from secvf.machine.network import add_nics
 from secvf.machine.plan import HelperSpec, HotplugDevice, MachinePlan, RunMode
 from secvf.machine.shares import (
     WORKSPACE_GUEST_PATH,
@@ -101,7 +102,7 @@ def build_sandbox_machine(
             for share, port in zip(channels.shares, ports[1:], strict=False):
                 add_virtiofs_share(plan, share, files, bus=port)
     add_boot_and_disks(plan, config, bundle)
-    add_nic(plan, config)
+    add_nics(plan, config)
     add_platform_devices(plan)
     return plan
 

@@ -10,6 +10,7 @@ only an ``ai-sandbox`` VM may carry; any other attempt to describe a channel in
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import uuid
@@ -119,6 +120,50 @@ class Share(_Strict):
     read_only: bool  # enforced on the host side
 
 
+MAC_PATTERN = r"^52:54:00(:[0-9a-f]{2}){3}$"
+#: NICs a VM may have (QEMU's q35 has room for more; nobody needs more here).
+MAX_NICS = 8
+
+
+class Nic(_Strict):
+    """One virtio NIC of a VM: on QEMU user networking (``nat``) or a port of an isolated
+    network's switch (``isolated``, with the network's name)."""
+
+    mode: NetworkMode
+    network: str | None = None  # the isolated network's name
+    mac: str = Field(pattern=MAC_PATTERN)
+    # fixed IPv4 address with prefix length ("10.0.100.5/24") from the network's IPAM;
+    # None: the guest configures the NIC itself (--no-ipam, nat)
+    address: str | None = None
+    router: bool = False  # the network's router port (reaches every guest with --isolate-guests)
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> Nic:
+        if self.mode is NetworkMode.NONE:
+            raise ValueError("a NIC is 'nat' or 'isolated'; 'none' means no NIC")
+        if self.mode is NetworkMode.ISOLATED:
+            if self.network is None:
+                raise ValueError("an isolated NIC names its network")
+            validate_name(self.network, "network")
+            if self.address is not None:
+                ipaddress.IPv4Interface(self.address)  # ValueError names the problem
+        elif self.network is not None or self.address is not None or self.router:
+            raise ValueError("a nat NIC has no network, address or router flag")
+        return self
+
+    def describe(self) -> str:
+        """``nat``, ``isolated:lab`` or ``isolated:lab (router)``."""
+        if self.mode is NetworkMode.NAT:
+            return "nat"
+        return f"isolated:{self.network}" + (" (router)" if self.router else "")
+
+
+def network_summary(nics: list[Nic]) -> str:
+    """A VM's networks in one word-list (``none``, ``nat``, ``nat,isolated:lab``): what
+    ``vm list`` shows and what a sandbox template's key records."""
+    return ",".join(n.describe() for n in nics) or str(NetworkMode.NONE)
+
+
 class SandboxChannels(_Strict):
     """The host-guest channels of an AI-sandbox VM (and only of one)."""
 
@@ -132,7 +177,9 @@ class SandboxChannels(_Strict):
 class VMConfig(_Strict):
     """Validated content of a VM's ``vm.json``."""
 
-    schema_version: Literal[1] = 1  # vm.json format version; a new format bumps it
+    # vm.json format version; a new format bumps it (version 1 had one "network" and
+    # one "mac" instead of "nics" and is read as its version 2 equivalent)
+    schema_version: Literal[2] = 2
     id: str  # UUID, stable for the VM's life (names the runtime files)
     name: str
     kind: VMKind
@@ -140,8 +187,7 @@ class VMConfig(_Strict):
     memory_mib: int = Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     disk_bytes: int = Field(ge=MIN_DISK_BYTES, le=MAX_DISK_BYTES)
     boot: Boot
-    network: NetworkMode
-    mac: str = Field(pattern=r"^52:54:00(:[0-9a-f]{2}){3}$")
+    nics: list[Nic] = Field(default=[], max_length=MAX_NICS)
     accel: Accel = Accel.AUTO
     # serial console of an image-booted VM; only a generic VM's can take input
     console: ConsoleAccess = Field(default_factory=default_console)
@@ -150,6 +196,20 @@ class VMConfig(_Strict):
     channels: SandboxChannels | None = None
     created_at: str
     updated_at: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_version_1(cls, data: object) -> object:
+        """Read a version 1 ``vm.json`` (``network``: none|nat, ``mac``) as version 2."""
+        if not isinstance(data, dict) or data.get("schema_version", 1) != 1:
+            return data
+        if "network" not in data or "nics" in data:
+            return data
+        data = dict(data)
+        network, mac = data.pop("network"), data.pop("mac", None)
+        data["nics"] = [] if network == NetworkMode.NONE else [{"mode": network, "mac": mac}]
+        data["schema_version"] = 2
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +247,24 @@ class VMConfig(_Strict):
             raise ValueError(f"an ai-sandbox VM has no display, not '{value}': drive it with "
                              "'secvf vm exec'")
         return value
+
+    @field_validator("nics")
+    @classmethod
+    def _distinct_nics(cls, value: list[Nic]) -> list[Nic]:
+        macs = [n.mac for n in value]
+        if len(set(macs)) != len(macs):
+            raise ValueError("two NICs have the same MAC")
+        if sum(n.mode is NetworkMode.NAT for n in value) > 1:
+            raise ValueError("a VM has at most one nat NIC")
+        networks = [n.network for n in value if n.network is not None]
+        if len(set(networks)) != len(networks):
+            raise ValueError("a VM has at most one NIC on each isolated network")
+        return value
+
+    @property
+    def network_summary(self) -> str:
+        """This VM's networks as one string (see :func:`network_summary`)."""
+        return network_summary(self.nics)
 
     @model_validator(mode="after")
     def _sandbox_has_channels(self) -> VMConfig:

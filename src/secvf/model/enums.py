@@ -21,10 +21,12 @@ class VMKind(StrEnum):
 
 
 class NetworkMode(StrEnum):
-    """How the VM's NIC is attached (``none`` means no NIC at all)."""
+    """How a VM's NIC is attached: QEMU user networking (``nat``) or a port of an isolated
+    network's switch (``isolated``); ``none`` (no NIC at all) is only ever a request."""
 
     NONE = "none"
     NAT = "nat"
+    ISOLATED = "isolated"
 
 
 class Accel(StrEnum):

@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from secvf.errors import CorruptRecord
+from secvf.model.config import Nic
 from secvf.model.enums import VMKind
 from secvf.model.enums import VmState as VmState  # re-exported: defined without pydantic
 from secvf.model.savedstate import SavedState
@@ -242,6 +243,7 @@ class VmStatus(_Message):
     devices: list[DeviceInfo] = []  # live, user-visible
     channels: list[DeviceInfo] = []  # live host-guest channels
     network: str
+    nics: list[Nic] = []  # the VM's NICs: mode, network, MAC, fixed address
     cpus: int
     memory_mib: int
     exec_socket: str | None = None

@@ -76,7 +76,7 @@ from secvf.errors import (
 )
 from secvf.machine import MachinePlan, build_machine
 from secvf.machine.common import CDROM_DEVICE_ID, resolve_image
-from secvf.machine.plan import HelperSpec, RunMode, qemu_binary
+from secvf.machine.plan import HelperSpec, RunMode, SwitchPort, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
 from secvf.model.config import Accel, DisplayMode, ImageBoot, IsoBoot, VMKind, now_iso
 from secvf.model.runtime import (
@@ -206,6 +206,7 @@ class Supervisor:
         self.helpers: dict[str, asyncio.subprocess.Process] = {}
         self.bridge: ExecBridge | None = None
         self.plan: MachinePlan | None = None  # set at the plan step
+        self.joined: list[SwitchPort] = []  # switch ports registered for this run
         self.restored_ready = False  # the restored state was saved from a ready guest
         self._replacing: set[str] = set()  # helpers being restarted on purpose
         self._deleted: dict[str, asyncio.Event] = {}  # device id -> set on DEVICE_DELETED
@@ -373,6 +374,7 @@ class Supervisor:
         hot-plugged devices only (a restore's channels) start while QEMU does: they must
         be ready by the hot-plug, not before QEMU."""
         self._step(LaunchStage.HELPERS)
+        await asyncio.to_thread(self._join_networks, plan)
         for spec in plan.helpers:
             if not spec.for_hotplug:
                 await self._start_helper(spec)
@@ -389,6 +391,39 @@ class Supervisor:
                 await asyncio.wait([helpers])  # never leave one half-started
         if helpers is not None:
             helpers.result()  # what it raised
+
+    def _join_networks(self, plan: MachinePlan) -> None:
+        """Register each isolated NIC's port with its network's switch, starting the
+        switch if no other VM's run did: frames QEMU sends before would be lost."""
+        from secvf.net.config import ConfigError as SwitchConfigError
+        from secvf.net.launcher import ensure_switch, write_port
+
+        for port in plan.switch_ports:
+            with contextlib.suppress(FileNotFoundError):  # QEMU leaves its socket behind
+                os.unlink(port.record["qemu_path"])
+            try:
+                write_port(port.netdir, {**port.record, "pid": os.getpid()})
+                self.joined.append(port)
+                ensure_switch(port.netdir, port.switch_config)
+            except (OSError, SwitchConfigError) as exc:
+                network = port.switch_config["network"]
+                raise LaunchFailed(f"the switch of network '{network}'",
+                                   [sys.executable, "-m", "secvf.net.watchdog",
+                                    str(port.netdir)], str(exc), None) from exc
+        if self.joined:
+            self.log.info("switch ports: %s", ", ".join(
+                f"{p.switch_config['network']}/{p.name}" for p in self.joined))
+
+    def _leave_networks(self) -> None:
+        """Unregister this run's switch ports (the last one out stops its switch)."""
+        from secvf.net.launcher import release_port
+
+        for port in self.joined:
+            try:
+                release_port(port.netdir, port.name)
+            except OSError as exc:
+                self.log.debug("releasing switch port %s: %s", port.name, exc)
+        self.joined.clear()
 
     async def _start_helpers(self, specs: list[HelperSpec]) -> None:
         for spec in specs:
@@ -916,6 +951,7 @@ class Supervisor:
             await _end_process(self.qemu, grace=0)
         for proc in self.helpers.values():
             await _end_process(proc, grace=HELPER_TERM_GRACE_S)
+        await asyncio.to_thread(self._leave_networks)
         self._exited.set()
 
     async def _quietly(self, what: str, call: Awaitable[None]) -> None:

@@ -35,7 +35,6 @@ from secvf.model.config import (
     ImageBoot,
     IsoBoot,
     VMConfig,
-    new_mac,
     now_iso,
     save_config,
 )
@@ -56,6 +55,7 @@ from secvf.store.disks import (
 )
 from secvf.store.layers import LAYER_SUFFIX, layers_dir, using_layers
 from secvf.store.locks import locked
+from secvf.store.networks import networks_lock, renew_nics
 from secvf.store.runstate import is_running
 from secvf.store.staging import hold, new_work_dir, work_dir_name
 
@@ -170,7 +170,7 @@ def create_vm(config: VMConfig, *, image_rootfs: Path | None = None,
         save_config(staging.config_file, config)
         _claim(staging, bundle)
     seclog.write_event("vm_created", vm=config.name, vm_id=config.id, kind=str(config.kind),
-                       network=str(config.network), boot=config.boot.type)
+                       network=config.network_summary, boot=config.boot.type)
     return bundle
 
 
@@ -259,11 +259,12 @@ def clone_vm(src: str, dst: str, *,
     dst_bundle = bundle_for(dst)
     if dst_bundle.path.exists():
         raise AlreadyExists(f"a VM named '{dst}' already exists")
-    with locked(bundle.edit_lock, f"VM '{src}'"):
+    with locked(bundle.edit_lock, f"VM '{src}'"), networks_lock():
         if is_running(bundle):
             raise StateError(f"VM '{src}' is running; stop it before cloning", "running")
         new = config.model_copy(
-            update={"id": str(uuid.uuid4()), "name": dst, "mac": new_mac(),
+            update={"id": str(uuid.uuid4()), "name": dst,
+                    "nics": renew_nics(config.nics, vm=dst),
                     "created_at": now_iso(), "updated_at": now_iso()}
         )
         if prepare is not None:

@@ -68,6 +68,13 @@ def runtime_dir() -> Path:
     return ensure_private_dir(path)
 
 
+def network_runtime_dir(network_id: str) -> Path:
+    """The runtime directory of an isolated network's switch (0700): its port sockets,
+    port records and control socket, named by the network id's first 12 hex digits."""
+    return ensure_private_dir(ensure_private_dir(runtime_dir() / "net")
+                              / network_id.replace("-", "")[:12])
+
+
 def templates_dir() -> Path:
     """Return the directory of saved sandbox templates (0700)."""
     return ensure_private_dir(secvf_home() / "templates")

@@ -107,7 +107,7 @@ def audit_vm(config: VMConfig, bundle: Bundle) -> VMAudit:
     view = current_state(bundle, config.id)
     running = view.live
     res = VMAudit(config.name, config.id, str(config.kind), str(view.state),
-                  "live" if running else "plan", network=str(config.network))
+                  "live" if running else "plan", network=config.network_summary)
     if running:
         channels = view.record.channels if view.record else []
         res.channel_devices = [d.model_dump() for d in channels]

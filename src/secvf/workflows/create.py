@@ -40,14 +40,15 @@ from secvf.model.config import (
     SandboxChannels,
     VMConfig,
     VMKind,
-    new_mac,
     now_iso,
     parse_config,
 )
 from secvf.model.names import validate_name
+from secvf.model.network import NicRequest, parse_nic_requests
 from secvf.model.sizes import format_size, parse_size, round_up_size
 from secvf.runtime.accel import kvm_problem
 from secvf.store.disks import check_host_file, disk_image_format, image_info
+from secvf.store.networks import build_nics
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def build_config(
     image: str | None = None,
     disk_image: Path | None = None,
     iso: Path | None = None,
-    network: str | None = None,
+    networks: Sequence[str] = (),
+    allow_internet: bool = False,
     accel: str = "auto",
     shares: Sequence[str] = (),
     workspace: Path | None = None,
@@ -75,6 +77,11 @@ def build_config(
     display: str = "none",
 ) -> VMConfig:
     """Validate create options and return the config of the new VM (nothing is written).
+
+    ``networks`` are ``--network`` values (:func:`secvf.model.network.parse_nic_requests`;
+    none given: ``nat``, or no NIC for a malware-analysis VM, which gets ``nat`` only with
+    ``allow_internet``). An isolated NIC gets its fixed address here, so the caller holds
+    :func:`secvf.store.networks.networks_lock` until the VM's config is written.
 
     ``display`` is ``none`` or ``vnc`` (a graphical console; not for an ai-sandbox, and
     view-only on a malware-analysis VM).
@@ -117,7 +124,9 @@ def build_config(
         "id": str(uuid.uuid4()), "name": name, "kind": str(kind), "cpus": cpus,
         "memory_mib": memory_mib, "disk_bytes": disk_bytes,
         "boot": boot.model_dump(mode="json"),
-        "network": network or _default_network(kind), "mac": new_mac(), "accel": accel,
+        "nics": [n.model_dump(mode="json") for n in
+                 build_nics(_nic_requests(name, kind, networks, allow_internet), vm=name)],
+        "accel": accel,
         "display": display, "created_at": now_iso(), "updated_at": now_iso(),
     }
     if autologin:
@@ -209,8 +218,31 @@ def _warn_if_bigger_than_host(config: VMConfig) -> None:
                     "killed when it uses it", format_size(memory), format_size(host_ram))
 
 
-def _default_network(kind: VMKind) -> str:
-    return NetworkMode.NONE if kind is VMKind.MALWARE_ANALYSIS else NetworkMode.NAT
+def _nic_requests(name: str, kind: VMKind, networks: Sequence[str], allow_internet: bool
+                  ) -> list[NicRequest]:
+    """What ``--network`` asks for, with the kind's default, and a malware-analysis VM's
+    internet access (``nat``) only when asked for explicitly."""
+    if not networks:
+        networks = [NetworkMode.NONE if kind is VMKind.MALWARE_ANALYSIS else NetworkMode.NAT]
+    requests = parse_nic_requests(list(networks))
+    check_internet(name, kind, requests, allow_internet)
+    return requests
+
+
+def check_internet(name: str, kind: VMKind, requests: list[NicRequest],
+                   allow_internet: bool) -> None:
+    """Refuse ``nat`` for a malware-analysis VM unless ``allow_internet`` (then warn).
+
+    Raises:
+        ConfigError: it asks for ``nat`` without ``allow_internet``.
+    """
+    if kind is VMKind.MALWARE_ANALYSIS and any(r.mode is NetworkMode.NAT for r in requests):
+        if not allow_internet:
+            raise ConfigError("--network nat gives a malware-analysis VM (and the sample in "
+                              "it) the internet; add --allow-internet if that is what you want, "
+                              "or use an isolated network")
+        log.warning("malware-analysis VM %s gets the internet (--network nat): a sample in "
+                    "it can reach the outside world", name)
 
 
 def boot_source(kind: VMKind, image: str | None, disk_image: Path | None, iso: Path | None,

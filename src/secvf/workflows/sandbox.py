@@ -25,6 +25,7 @@ from secvf.runtime import control
 from secvf.store import library
 from secvf.store import templates as template_store
 from secvf.store.bundle import RuntimeFiles
+from secvf.store.networks import networks_lock
 from secvf.store.runstate import is_running
 from secvf.workflows import templates, vms, workspaces
 from secvf.workflows.create import build_config
@@ -48,7 +49,7 @@ def create_sandbox(
     disk_size: str = "8G",
     workspace: Path | None = None,
     shares: Sequence[str] = (),
-    network: str = "nat",
+    networks: Sequence[str] = ("nat",),
     accel: str = "auto",
     cold: bool = False,
     notes: list[str] | None = None,
@@ -62,9 +63,9 @@ def create_sandbox(
     about that (a stale template) is appended to ``notes``.
     """
     name = name or f"sbx-{uuid.uuid4().hex[:8]}"
-    with workspaces.for_new_vm(name, VMKind.AI_SANDBOX, workspace):
+    with workspaces.for_new_vm(name, VMKind.AI_SANDBOX, workspace), networks_lock():
         config = build_config(name=name, kind=VMKind.AI_SANDBOX, cpus=cpus, memory=memory,
-                              disk_size=disk_size, image=image, network=network, accel=accel,
+                              disk_size=disk_size, image=image, networks=networks, accel=accel,
                               shares=shares, workspace=workspace)
         choice = templates.TemplateChoice(None) if cold else templates.choose_template(config)
         if choice.note and notes is not None:
@@ -155,7 +156,8 @@ def personalize(config: VMConfig, client: ExecClient) -> None:
         ExecError: the agent failed or refused.
     """
     shares = config.channels.shares if config.channels else []
-    client.restore(hostname=guest_hostname(config.name), mac=config.mac,
+    mac = config.nics[0].mac if config.nics else None  # a template's VM has one NIC at most
+    client.restore(hostname=guest_hostname(config.name), mac=mac,
                    shares=[(s.tag, s.guest_path, s.read_only) for s in shares])
 
 

@@ -33,6 +33,7 @@ from secvf.machine import build_machine
 from secvf.machine.plan import RunMode
 from secvf.machine.sandbox import SPARE_PORTS
 from secvf.model.config import ImageBoot, SandboxChannels, VMConfig, VMKind, now_iso
+from secvf.model.enums import NetworkMode
 from secvf.model.savedstate import SAVED_STATE_FORMAT, MachineShape, SavedState, TemplateInfo
 from secvf.model.sizes import format_size
 from secvf.runtime import control
@@ -79,7 +80,7 @@ def template_key(config: VMConfig, shape: MachineShape) -> str:
     """The template ID for sessions like ``config`` on a machine of ``shape``."""
     boot = _image_boot(config)
     described = {"format": SAVED_STATE_FORMAT, "image": boot.image,
-                 "recipe_hash": boot.recipe_hash, "network": str(config.network),
+                 "recipe_hash": boot.recipe_hash, "network": config.network_summary,
                  "disk_bytes": config.disk_bytes, "spare_ports": SPARE_PORTS,
                  "shape": shape.model_dump()}
     canonical = json.dumps(described, sort_keys=True, separators=(",", ":"))
@@ -100,6 +101,9 @@ def choose_template(config: VMConfig) -> TemplateChoice:
     A stale template of the same family is reported once (and a rebuild started in the
     background); a session with more shares than the spare slots boots cold.
     """
+    if any(nic.mode is NetworkMode.ISOLATED for nic in config.nics):
+        return TemplateChoice(None, "a session on an isolated network boots cold (templates "
+                                    "are saved with --network nat or none)")
     shares = len(config.channels.shares) if config.channels else 0
     if shares > SPARE_PORTS - 1:
         return TemplateChoice(None, f"{shares} shares do not fit a template session (at most "
@@ -138,7 +142,7 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
     """
     say = progress or (lambda _line: None)
     probe = build_config(name="template-build", kind=VMKind.AI_SANDBOX, cpus=cpus,
-                         memory=memory, disk_size=disk_size, image=image, network=network,
+                         memory=memory, disk_size=disk_size, image=image, networks=[network],
                          accel=accel, channels=SandboxChannels())
     prefix = f"template-build-{_family_digest(probe)[:8]}-"
     name = f"{prefix}{uuid.uuid4().hex[:8]}"
@@ -161,7 +165,7 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
                 layer = _freeze(library.get_bundle(name).disk)
                 info = TemplateInfo(
                     id=key, image=image, recipe_hash=_image_boot(config).recipe_hash,
-                    network=str(config.network), disk_bytes=config.disk_bytes,
+                    network=config.network_summary, disk_bytes=config.disk_bytes,
                     spare_ports=SPARE_PORTS, layer=str(layer), state=saved,
                     created_at=now_iso(), build_s=round(time.monotonic() - began, 2))
                 staging.commit(info)
@@ -220,7 +224,7 @@ def start_background_rebuild(config: VMConfig) -> None:
     boot = _image_boot(config)
     argv = [sys.executable, "-m", "secvf", "sandbox", "template", "build",
             "--image", boot.image, "--cpus", str(config.cpus),
-            "--memory", f"{config.memory_mib}M", "--network", str(config.network),
+            "--memory", f"{config.memory_mib}M", "--network", config.network_summary,
             "--disk", f"{config.disk_bytes >> 20}M", "--accel", str(config.accel)]
     with (paths.logs_dir() / "template-build.log").open("ab") as out:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -269,7 +273,7 @@ def _family(image: str, cpus: int, memory_mib: int, network: str, disk_bytes: in
 
 def _config_family(config: VMConfig) -> str:
     return _family(_image_boot(config).image, config.cpus, config.memory_mib,
-                   str(config.network), config.disk_bytes)
+                   config.network_summary, config.disk_bytes)
 
 
 def _same_family(template: TemplateInfo, config: VMConfig) -> bool:

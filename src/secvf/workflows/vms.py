@@ -33,7 +33,6 @@ from secvf.model.config import (
     IsoBoot,
     VMConfig,
     VMKind,
-    new_mac,
     now_iso,
 )
 from secvf.model.names import validate_name
@@ -48,6 +47,7 @@ from secvf.store.disks import (
     secvf_places,
 )
 from secvf.store.locks import locked
+from secvf.store.networks import networks_lock, renew_nics
 from secvf.store.runstate import is_running
 from secvf.workflows import vm_exec, workspaces
 from secvf.workflows.create import boot_source
@@ -331,14 +331,17 @@ def import_vm(source: Path, *, name: str | None = None) -> Bundle:
     """
     src, config = library.read_bundle(source)
     boot = _imported_boot(config)
-    new = config.model_copy(update={
-        "id": str(uuid.uuid4()), "name": validate_name(name or config.name),
-        "mac": new_mac(), "boot": boot, "updated_at": now_iso()})
-    validate_shares(new)
-    base = Path(boot.path) if isinstance(boot, DiskImageBoot) else None
-    chain = check_chain(src.disk, secvf_places(src.path, disk_image=base,
-                                               bundle_label="the bundle"))
-    return library.import_vm(new, chain, source=src.path)
+    new_name = validate_name(name or config.name)
+    with networks_lock():  # until the new VM's addresses are written
+        new = config.model_copy(update={
+            "id": str(uuid.uuid4()), "name": new_name,
+            "nics": renew_nics(config.nics, vm=new_name), "boot": boot,
+            "updated_at": now_iso()})
+        validate_shares(new)
+        base = Path(boot.path) if isinstance(boot, DiskImageBoot) else None
+        chain = check_chain(src.disk, secvf_places(src.path, disk_image=base,
+                                                   bundle_label="the bundle"))
+        return library.import_vm(new, chain, source=src.path)
 
 
 def _imported_boot(config: VMConfig) -> ImageBoot | DiskImageBoot | IsoBoot:

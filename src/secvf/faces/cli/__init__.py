@@ -8,6 +8,8 @@ from secvf.faces.cli.app import main
 from secvf.faces.cli.audit import audit
 from secvf.faces.cli.gc import gc
 from secvf.faces.cli.image import image
+from secvf.faces.cli.net import net, vm_set_network
+from secvf.faces.cli.packets import packets
 from secvf.faces.cli.sandbox import sandbox
 from secvf.faces.cli.sandbox_template import sandbox_template
 from secvf.faces.cli.vm import vm
@@ -20,11 +22,14 @@ vm.add_command(vm_ps)
 vm.add_command(vm_attach)
 vm.add_command(vm_kill)
 vm.add_command(vm_snapshot)
+vm.add_command(vm_set_network)
 sandbox.add_command(sandbox_template)
 main.add_command(vm)
 main.add_command(image)
 main.add_command(sandbox)
 main.add_command(audit)
 main.add_command(gc)
+main.add_command(net)
+main.add_command(packets)
 
 __all__ = ["main"]

@@ -101,6 +101,11 @@ out = LazyConsole(stderr=False)
 err = LazyConsole(stderr=True)
 
 
+#: What ``--network`` takes (``vm create``, ``sandbox create|run``).
+NETWORK_HELP = ("none, nat, or isolated:NAME[,router][,ip=ADDRESS] (see: secvf net); "
+                "repeat for several NICs.")
+
+
 def escape(text: str) -> str:
     """``text`` with rich markup escaped (:func:`rich.markup.escape`): ``[plan]`` stays
     ``[plan]`` when printed."""

@@ -13,6 +13,7 @@ from secvf import api
 from secvf.errors import StateError
 from secvf.faces.cli.app import (
     LIVE_STATES,
+    NETWORK_HELP,
     Seconds,
     SecVFGroup,
     err,
@@ -45,8 +46,8 @@ def sandbox_options(func: Command) -> Command:
                      help="Host dir for /workspace (default: under $SECVF_HOME/sandboxes)."),
         click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH[:ro|:rw]",
                      help="Extra share, read-only unless :rw (repeatable)."),
-        click.option("--network", type=click.Choice(["nat", "none"]), default="nat",
-                     show_default=True),
+        click.option("--network", "networks", multiple=True, default=("nat",),
+                     show_default=True, metavar="SPEC", help=NETWORK_HELP),
         click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
                      show_default=True),
         cold_option,
@@ -65,15 +66,15 @@ def sandbox() -> None:
 @sandbox_options
 @click.option("--json", "as_json", is_flag=True)
 def sandbox_create(name: str, image: str, cpus: int, memory: str, disk_size: str,
-                   workspace: Path | None, shares: tuple[str, ...], network: str, accel: str,
-                   cold: bool, as_json: bool) -> None:
+                   workspace: Path | None, shares: tuple[str, ...], networks: tuple[str, ...],
+                   accel: str, cold: bool, as_json: bool) -> None:
     """Create sandbox NAME from the sealed sandbox image (copy-on-write); over a sandbox
     template of its shape if there is one (its first start restores it), unless --cold."""
     notes: list[str] = []
     try:
         config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
                                     disk_size=disk_size, workspace=workspace, shares=shares,
-                                    network=network, accel=accel, cold=cold, notes=notes)
+                                    networks=networks, accel=accel, cold=cold, notes=notes)
     finally:
         _say_notes(notes)
     if as_json:
@@ -134,9 +135,9 @@ def sandbox_start(name: str, timeout: float, cold: bool, as_json: bool) -> None:
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin (EOF included).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: str,
-                disk_size: str, workspace: Path | None, shares: tuple[str, ...], network: str,
-                accel: str, cold: bool, timeout: float | None, tty_mode: bool,
-                interactive: bool, command: tuple[str, ...]) -> None:
+                disk_size: str, workspace: Path | None, shares: tuple[str, ...],
+                networks: tuple[str, ...], accel: str, cold: bool, timeout: float | None,
+                tty_mode: bool, interactive: bool, command: tuple[str, ...]) -> None:
     """Create + start a sandbox, run COMMAND, exit with its status (--rm: then delete).
 
     The session is restored from a sandbox template of its shape if there is one
@@ -149,7 +150,7 @@ def sandbox_run(name: str | None, remove: bool, image: str, cpus: int, memory: s
         try:
             config = api.create_sandbox(name, image=image, cpus=cpus, memory=memory,
                                         disk_size=disk_size, workspace=workspace,
-                                        shares=shares, network=network, accel=accel,
+                                        shares=shares, networks=networks, accel=accel,
                                         cold=cold, notes=notes)
         finally:
             _say_notes(notes)

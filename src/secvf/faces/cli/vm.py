@@ -13,6 +13,7 @@ import click
 from secvf import api
 from secvf.faces.cli.app import (
     LIVE_STATES,
+    NETWORK_HELP,
     Seconds,
     SecVFGroup,
     err,
@@ -45,8 +46,10 @@ def vm() -> None:
 @click.option("--image", help="SecVF image to boot (default: base; sandbox for ai-sandbox).")
 @click.option("--disk-image", type=click.Path(path_type=Path), help="Boot this disk image.")
 @click.option("--iso", type=click.Path(path_type=Path), help="Boot this installer ISO.")
-@click.option("--network", type=click.Choice([n.value for n in api.NetworkMode]),
-              help="none or nat (default: nat; none for malware-analysis).")
+@click.option("--network", "networks", multiple=True, metavar="SPEC",
+              help=f"{NETWORK_HELP} Default: nat; none for malware-analysis.")
+@click.option("--allow-internet", is_flag=True,
+              help="Let a malware-analysis VM have --network nat (the sample gets the internet).")
 @click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
               show_default=True)
 @click.option("--share", "shares", multiple=True, metavar="HOSTDIR:GUESTPATH[:ro|:rw]",
@@ -65,7 +68,8 @@ def vm() -> None:
                    "view-only on malware-analysis VMs, none on ai-sandbox.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new VM's config as JSON.")
 def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, image: str | None,
-              disk_image: Path | None, iso: Path | None, network: str | None, accel: str,
+              disk_image: Path | None, iso: Path | None, networks: tuple[str, ...],
+              allow_internet: bool, accel: str,
               shares: tuple[str, ...], workspace: Path | None,
               root_password_file: TextIO | None, ask_root_password: bool, autologin: bool,
               display: str, as_json: bool) -> None:
@@ -73,7 +77,8 @@ def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, imag
     root_password = _root_password(root_password_file, ask_root_password)
     config = api.create_vm(name, kind=api.VMKind(kind), cpus=cpus, memory=memory,
                            disk_size=disk_size, image=image, disk_image=disk_image, iso=iso,
-                           network=network, accel=accel, shares=shares, workspace=workspace,
+                           networks=networks, allow_internet=allow_internet, accel=accel,
+                           shares=shares, workspace=workspace,
                            root_password=root_password, autologin=autologin, display=display)
     if as_json:
         print_json(config.model_dump(mode="json"))
@@ -149,6 +154,12 @@ def vm_status(name: str, as_json: bool) -> None:
         channel = f", {dev['channel']} channel" if dev.get("channel") else ""
         out.print(f"  hot-plugged: {escape(dev['path'].rsplit('/', 1)[-1])} "
                   f"({escape(dev['type'])}{escape(channel)})", highlight=False)
+    for index, nic in enumerate(status.get("nics", [])):
+        where = "nat" if nic["mode"] == "nat" else f"isolated:{nic['network']}"
+        role = " (router)" if nic.get("router") else ""
+        address = f" {nic['address']}" if nic.get("address") else ""
+        out.print(f"  nic{index}:    {escape(where)}{role} {nic['mac']}{address}",
+                  highlight=False)
     if status.get("snapshots"):
         out.print(f"  snapshots: {escape(', '.join(status['snapshots']))}", highlight=False)
     for line in status.get("device_errors", []):

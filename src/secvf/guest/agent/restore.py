@@ -17,11 +17,14 @@ answered ``restore_failed``), then applies it in this order and answers ``restor
 5. **mac** - eth0's address set with the ``SIOCSIFHWADDR`` ioctl (virtio-net takes it
    while the link is up; a driver that refuses gets it while down); eth0's IPv6 is
    switched off and on again, so its link-local and SLAAC addresses (made from the MAC)
-   are made afresh; if a DHCP client runs on eth0 (``secvf_net=nat``), it is restarted
-   with its own command line, because busybox udhcpc keeps the MAC it started with for
-   its renewals - in the background, a second later (``dhcp_restarted`` says it was
-   begun): eth0 keeps its address meanwhile, so neither the reply nor the session's
-   first commands wait for it;
+   are made afresh; if init configured a NIC by DHCP (a ``dhcp`` entry in the kernel
+   command line's ``secvf_nics``), eth0's DHCP client (the ``udhcpc -i eth0`` running)
+   is restarted with its own command line, because busybox udhcpc keeps the MAC it
+   started with for its renewals - in the background, a second later
+   (``dhcp_restarted`` says it was begun): eth0 keeps its address meanwhile, so neither
+   the reply nor the session's first commands wait for it. Templates have at most one
+   NIC, so eth0 is it; the MACs of ``secvf_nics`` are the template's, not the
+   session's, so they do not name the interface;
 6. **shares** - each virtio-fs tag mounted with ``mount(2)`` as init's ``mount_shares``
    does (``mkdir -p``, virtiofs, ``ro`` or ``rw``), once as many virtio-fs devices are
    bound as the request has shares, retried for up to :data:`SHARE_WAIT_S` while a
@@ -83,9 +86,11 @@ ARPHRD_ETHER = 1
 IFF_UP = 0x1
 #: Bound on the restarted DHCP client getting its lease (it backgrounds itself then).
 DHCP_TIMEOUT_S = 15.0
-#: The kernel parameter with which init configures eth0 by DHCP.
 KERNEL_CMDLINE = "/proc/cmdline"
-DHCP_KERNEL_PARAM = "secvf_net=nat"
+#: The kernel parameter that lists the NICs init configures: ``MAC+MODE[,...]``.
+NICS_KERNEL_PARAM = "secvf_nics"
+#: The mode of a NIC that init configures by DHCP.
+DHCP_MODE = "dhcp"
 #: init's DHCP script keeps eth0's address on the next ``deconfig`` if this exists.
 DHCP_KEEP_ADDRESS = "/run/secvf/dhcp-keep-address"
 #: How long an old DHCP client gets to exit after TERM.
@@ -141,6 +146,30 @@ def parse_mountinfo(text: str) -> list[Mount]:
                 Mount(unescape_mountinfo(fields[4]), tail[0], unescape_mountinfo(tail[1]))
             )
     return mounts
+
+
+def kernel_nics(cmdline: str) -> list[tuple[str, str]]:
+    """The (MAC, MODE) entries of ``secvf_nics=MAC+MODE[,...]`` on a kernel command
+    line, as written (init checks them; an entry without ``+`` has mode ``""``). The last
+    ``secvf_nics`` counts; none at all: no NIC, ``[]``."""
+    value = None
+    for word in cmdline.split():
+        name, sep, rest = word.partition("=")
+        if sep and name == NICS_KERNEL_PARAM:
+            value = rest
+    if not value:
+        return []
+    nics = []
+    for entry in value.split(","):
+        mac, _, mode = entry.partition("+")
+        if entry:
+            nics.append((mac.lower(), mode))
+    return nics
+
+
+def uses_dhcp(cmdline: str) -> bool:
+    """Whether init configured a NIC by DHCP: a ``dhcp`` entry in ``secvf_nics``."""
+    return any(mode == DHCP_MODE for _, mode in kernel_nics(cmdline))
 
 
 def dhcp_clients(iface: str, proc: str = "/proc") -> list[tuple[int, list[str]]]:
@@ -346,7 +375,7 @@ class Restorer:
             raise StepFailed(f"cannot set {NET_IFACE}'s address to {mac}: "
                              f"{exc.strerror or exc}") from exc
         _renew_ipv6(NET_IFACE)
-        self._step(outcome, "dhcp", lambda: _restart_dhcp(outcome))
+        self._step(outcome, "dhcp", lambda: _restart_dhcp(outcome, NET_IFACE))
 
     @staticmethod
     def _mount(outcome: Outcome, share: dict[str, Any], devices: int, deadline: float) -> None:
@@ -465,31 +494,33 @@ def _renew_ipv6(iface: str) -> None:
             fh.write(value)
 
 
-def _restart_dhcp(outcome: Outcome) -> None:
-    """Restart eth0's DHCP client (its own command line) so it renews with the new MAC,
-    in a thread: the reply does not wait for it.
+def _restart_dhcp(outcome: Outcome, iface: str) -> None:
+    """Restart ``iface``'s DHCP client (its own command line) so it renews with the new
+    MAC, in a thread: the reply does not wait for it.
 
-    Whether the guest uses DHCP at all is read from the kernel command line (init's
-    ``secvf_net=nat``); the thread looks for the client itself. The address stays
-    meanwhile (init's DHCP script keeps it on the new client's first ``deconfig`` when
-    :data:`DHCP_KEEP_ADDRESS` exists), so the guest keeps its network, and the client
-    backgrounds itself once it has the lease.
+    Whether the guest uses DHCP at all is read from the kernel command line (a ``dhcp``
+    entry in init's ``secvf_nics``; no ``secvf_nics``: no NIC, nothing to restart); the
+    thread looks for the client itself, the ``udhcpc -i IFACE`` that runs. The address
+    stays meanwhile (init's DHCP script keeps it on the new client's first ``deconfig``
+    when :data:`DHCP_KEEP_ADDRESS` exists), so the guest keeps its network, and the
+    client backgrounds itself once it has the lease.
     """
     with open(KERNEL_CMDLINE) as fh:
-        if DHCP_KERNEL_PARAM not in fh.read().split():
-            return  # no DHCP on this VM (secvf_net=none)
-    threading.Thread(target=_replace_dhcp_client, name="dhcp", daemon=True).start()
+        if not uses_dhcp(fh.read()):
+            return  # no NIC configured by DHCP on this VM
+    threading.Thread(target=_replace_dhcp_client, args=(iface,), name="dhcp",
+                     daemon=True).start()
     outcome.dhcp_restarted = True
 
 
-def _replace_dhcp_client() -> None:
-    """After :data:`DHCP_RESTART_DELAY_S`, stop eth0's running DHCP clients, start the
-    first one's command line again, and wait for its foreground part (it exits once it
-    has a lease)."""
+def _replace_dhcp_client(iface: str) -> None:
+    """After :data:`DHCP_RESTART_DELAY_S`, stop ``iface``'s running DHCP clients, start
+    the first one's command line again, and wait for its foreground part (it exits once
+    it has a lease)."""
     time.sleep(DHCP_RESTART_DELAY_S)
-    clients = dhcp_clients(NET_IFACE)
+    clients = dhcp_clients(iface)
     if not clients:
-        log.warning("restore: no DHCP client runs on %s; none restarted", NET_IFACE)
+        log.warning("restore: no DHCP client runs on %s; none restarted", iface)
         return
     for pid, _ in clients:
         _stop(pid)
