@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the s
     from secvf.sdk import AsyncSandbox, Sandbox
     from secvf.store.library import ListedVM
     from secvf.workflows.capture import CaptureProgress, CaptureRequest
+    from secvf.workflows.detonation import DetonationRequest, DetonationResult
     from secvf.workflows.display import DisplayInfo
     from secvf.workflows.media import MediaChange
     from secvf.workflows.sandbox import (
@@ -152,6 +153,15 @@ __all__ = [
     "DetachedProcessError",
     # audit
     "audit",
+    # malware detonation
+    "analyze",
+    "list_analyses",
+    "show_analysis",
+    "analysis_dir",
+    "remove_analysis",
+    "export_analysis",
+    "DetonationRequest",
+    "DetonationResult",
     # isolated networks
     "create_network",
     "list_networks",
@@ -188,6 +198,7 @@ __all__ = [
 
 #: Re-exported names and the module each is imported from on first use.
 _LAZY = {
+    **dict.fromkeys(("DetonationRequest", "DetonationResult"), "secvf.workflows.detonation"),
     **dict.fromkeys(("CaptureRequest", "CaptureProgress"), "secvf.workflows.capture"),
     "NetworkConfig": "secvf.model.network",
     "Packet": "secvf.net.decode",
@@ -700,3 +711,72 @@ def export_ring(name: str, path: Path | None = None) -> CaptureProgress:
     from secvf.workflows import capture
 
     return capture.export_ring(name, path)
+
+
+# ---- malware detonation ------------------------------------------------------------------
+
+
+def analyze(requests: Sequence[DetonationRequest], *, jobs: int = 1,
+            progress: Callable[[str, str], None] | None = None) -> list[DetonationResult]:
+    """Detonate each sample of ``requests`` in a malware-analysis VM restored from a
+    clean state, with no host-guest channel (docs/analysis.md); ``jobs`` at a time.
+    ``progress(analysis_id, stage)`` hears each stage. A sample that fails is a result
+    with ``verdict == "failed"`` and its ``error``.
+
+    Raises:
+        NotFound, ConfigError: a request cannot run (nothing was started).
+    """
+    from secvf.workflows.detonation import detonate_all
+
+    return detonate_all(list(requests), jobs=jobs, progress=progress)
+
+
+def list_analyses() -> list[dict[str, Any]]:
+    """Every analysis result: id, state, verdict, sample, times (what a killed
+    ``secvf analyze`` left is removed and marked ``interrupted`` first)."""
+    from secvf.store import analyses
+    from secvf.workflows.detonation import sweep_interrupted
+
+    sweep_interrupted()
+    return [{"id": a.id, "running": a.running, "directory": str(a.directory),
+             **{k: a.status.get(k) for k in ("state", "verdict", "sample_name",
+                                             "sample_sha256", "network", "started_at",
+                                             "ended_at", "error")}}
+            for a in analyses.list_analyses()]
+
+
+def show_analysis(analysis_id: str) -> dict[str, Any]:
+    """An analysis's report (``report.json``), or its status if it has no report.
+    Raises NotFound, ConfigError."""
+    import json
+
+    from secvf.store import analyses
+
+    directory = analyses.result_dir(analysis_id)
+    report = directory / "report.json"
+    if report.exists():
+        loaded: dict[str, Any] = json.loads(report.read_text())
+        return loaded
+    return analyses.read_status(directory)
+
+
+def analysis_dir(analysis_id: str) -> Path:
+    """The result directory of ``analysis_id`` (a unique prefix works). Raises NotFound."""
+    from secvf.store import analyses
+
+    return analyses.result_dir(analysis_id)
+
+
+def remove_analysis(analysis_id: str) -> Path:
+    """Remove an analysis's results. Raises NotFound, StateError (still running)."""
+    from secvf.store import analyses
+
+    return analyses.remove_analysis(analysis_id)
+
+
+def export_analysis(analysis_id: str, out: Path) -> Path:
+    """Write an analysis's results to ``out`` (a .tar.gz). Raises NotFound, StateError,
+    ConfigError (``out`` exists)."""
+    from secvf.store import analyses
+
+    return analyses.export_analysis(analysis_id, out)

@@ -17,7 +17,7 @@ its ``exit_code`` (an :class:`ExitCode`) by the CLI::
      ├── ImageBuildFailed             building a guest image failed (.step)
      ├── LaunchFailed                 QEMU (or a helper) did not start (.argv, .output, .exitcode)
      ├── SupervisorFailed             a supervisor step failed (.stage, .errno)
- ├── SnapshotError                saving or restoring guest state failed
+     ├── SnapshotError                saving or restoring guest state failed
      ├── NetworkError                 an isolated network, its switch or a capture failed
      ├── InvalidFilter                a packet filter that does not parse (.position)
      ├── NoExecChannel                exec on a VM without a channel (by design)   125

@@ -73,7 +73,7 @@ def test_two_sessions_from_one_template_are_two_machines(template, sessions) -> 
         after = time.time()
         assert result.exit_code == 0, result.stderr
         host, mac, rng, clock, tmp = result.stdout.decode().split()
-        assert host == name and tmp == "0" and mac == api.get_vm(name).mac
+        assert host == name and tmp == "0" and mac == api.get_vm(name).nics[0].mac
         assert before - 1.0 < float(clock) < after + 1.0
         seen[name] = (mac, rng)
     (mac_a, rng_a), (mac_b, rng_b) = seen["tpl-a"], seen["tpl-b"]

@@ -72,7 +72,7 @@ def test_memory_range_is_told_in_units(iso: Path) -> None:
 @pytest.mark.parametrize("command", [("vm", "create", "v"), ("sandbox", "create", "s")])
 def test_unknown_image_names_no_build_hint_that_would_fail(command: tuple[str, ...]) -> None:
     proc = run_cli(*command, "--image", "nope")
-    assert_clean_error(proc, "'nope'", "base, sandbox")
+    assert_clean_error(proc, "'nope'", "analysis, base, fakenet, sandbox")
     assert "image build nope" not in proc.stderr
 
 

@@ -31,6 +31,7 @@ RANKS = {
     "net": 3,
     "guest": 4,
     "machine": 4,
+    "analysis": 4,
     "runtime": 5,
     "workflows": 6,
     "sdk": 7,
@@ -52,7 +53,8 @@ STDLIB_ONLY = ("secvf.errors", "secvf.exec.protocol", "secvf.exec.forwarding",
                # the decoder and the filter language beside it use dpkt
                *(f"secvf.net.{m}" for m in ("frame", "ratelimit", "events", "config",
                                             "engine", "taps", "switch", "watchdog",
-                                            "launcher", "control", "capture", "pcapng")))
+                                            "launcher", "control", "capture", "pcapng",
+                                            "capture_file")))
 
 
 def module_name(path: Path) -> str:

@@ -3,7 +3,8 @@
 #
 # As PID 1 it mounts the API filesystems, sets the clock, grows the root filesystem to
 # the disk, sets the hostname, brings up the network, mounts virtio-fs shares, starts the
-# exec agent (sandbox images), arms the ACPI power button, waits until the agent listens,
+# exec agent (sandbox images) or the detonator (analysis images) or the fake internet
+# (fakenet images), arms the ACPI power button, waits until that one is ready,
 # starts the restore watch (every image), prints the ready marker on the serial console,
 # offers a login there if the VM has one, then reaps orphans forever.
 # On SIGUSR2 it shuts the guest down (TERM, grace, KILL, sync, unmount, power off).
@@ -45,6 +46,10 @@ READY_MARKER=SECVF-READY
 AGENT=/usr/lib/secvf/agent/agent.pyz
 AGENT_LOG_FIFO=/run/secvf/agent-log
 RESTORE_WATCH=/usr/lib/secvf/restore-watch.py
+# analysis images: runs the sample of the cdrom medium; fakenet images: the fake internet.
+# Each writes its name to READY_FIFO once it waits for the medium / its services listen.
+DETONATOR=/usr/lib/secvf/detonator.py
+FAKENET=/usr/lib/secvf/fakenet.py
 # the agent writes "agent" here once it listens on vsock port 2222; the marker waits for it
 READY_FIFO=/run/secvf/ready
 # how long the ready marker waits for the agent (seconds)
@@ -394,10 +399,20 @@ arm_power_button() {
 	$BB acpid -c "$ACPI_DIR" -l /dev/null -p /run/acpid.pid 3<&- || say "cannot start acpid"
 }
 
+start_image_service() { # PATH COMMAND...: the detonator or fakenet, if the image has it
+	[ -f "$1" ] || return 0
+	shift
+	(cd / && exec "$@" --ready-fifo "$READY_FIFO" </dev/null >/dev/console 2>&1) 3<&- &
+}
+
 open_ready_fifo() {
 	# Opened read-write on fd 3 before the agent starts, so its non-blocking write always
 	# finds a reader; what init starts meanwhile gets no copy of fd 3 (3<&-).
-	[ -f "$AGENT" ] || return 0
+	READY_FROM=
+	for candidate in "agent:$AGENT" "detonator:$DETONATOR" "fakenet:$FAKENET"; do
+		[ -f "${candidate#*:}" ] && READY_FROM=${candidate%%:*}
+	done
+	[ -n "$READY_FROM" ] || return 0
 	rm -f "$READY_FIFO"
 	mkfifo -m 0600 "$READY_FIFO" && exec 3<>"$READY_FIFO"
 }
@@ -414,13 +429,17 @@ wait_for_agent() { # SECONDS: wait for the agent's ready line on fd 3 (no pollin
 	timer=$!
 	while read -r line <&3; do
 		case $line in
-		agent | timeout) break ;;
+		"$READY_FROM" | timeout) break ;;
 		esac
 	done
 	kill "$timer" 2>/dev/null
 	exec 3<&-
 	rm -f "$READY_FIFO"
-	[ "$line" = agent ] || say "the exec agent is not listening after $1 s"
+	[ "$line" = "$READY_FROM" ] && return 0
+	case $READY_FROM in
+	agent) say "the exec agent is not listening after $1 s" ;;
+	*) say "$READY_FROM is not ready after $1 s" ;;
+	esac
 }
 
 announce_ready() {
@@ -502,6 +521,8 @@ boot() {
 	mount_shares
 	open_ready_fifo
 	start_agent
+	start_image_service "$DETONATOR" python3 -I -S -u "$DETONATOR"
+	start_image_service "$FAKENET" python3 -I -S -u "$FAKENET"
 	arm_power_button
 	wait_for_agent "$READY_WAIT_S"
 	start_restore_watch

@@ -12,6 +12,12 @@ Recipes: ``base`` (minimal Debian with Python 3, busybox, procps, iproute2, e2fs
 the restore watch ``/usr/lib/secvf/restore-watch.py`` that init starts in every image) and
 ``sandbox`` (``base`` + the unprivileged user ``agent`` + the exec agent as one zipapp,
 ``/usr/lib/secvf/agent/agent.pyz``, built by :func:`~secvf.image.agent_zipapp.agent_zipapp`).
+
+Two more recipes for malware detonation, not built by default (``docs/analysis-images.md``):
+``analysis`` (``base`` + strace + the unprivileged user ``analyst`` + the detonator
+``/usr/lib/secvf/detonator.py``, and the cdrom drivers in the initramfs; no exec agent) and
+``fakenet`` (``base`` + dnsmasq + INetSim + ``/usr/lib/secvf/fakenet.py``: a fake internet
+for an isolated network's router address).
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ AGENT_GUEST_PATH = "/usr/lib/secvf/agent/agent.pyz"
 #: The restore watch (source ``secvf/guest/restore_watch.py``), in every image; init starts it.
 RESTORE_WATCH_SOURCE = GUEST_SOURCE_DIR / "restore_watch.py"
 RESTORE_WATCH_GUEST_PATH = "/usr/lib/secvf/restore-watch.py"
+#: The detonator (source ``secvf/guest/detonator.py``), in analysis images; init starts it.
+DETONATOR_SOURCE = GUEST_SOURCE_DIR / "detonator.py"
+DETONATOR_GUEST_PATH = "/usr/lib/secvf/detonator.py"
+#: The fake internet (source ``secvf/guest/fakenet.py``), in fakenet images; init starts it.
+FAKENET_SOURCE = GUEST_SOURCE_DIR / "fakenet.py"
+FAKENET_GUEST_PATH = "/usr/lib/secvf/fakenet.py"
 
 #: The agent zipapp's parent packages, as stubs: their real ``__init__`` is host code.
 
@@ -68,6 +80,19 @@ BOOT_MODULES = (
 #: so minbase has it anyway, but named here so a suite that demotes it keeps it). The serial
 #: console's agetty (util-linux) and login are Essential.
 BASE_PACKAGES = ("python3", "busybox-static", "procps", "iproute2", "e2fsprogs")
+
+#: The analysis image's cdrom: the sample medium arrives in an empty drive after a restore,
+#: and with no udev nobody would load a driver then. The cloud kernel has no AHCI driver
+#: (q35's own IDE controller), so the drive sits on a PIIX IDE controller (ata_piix) or on
+#: virtio-scsi; sr_mod makes /dev/sr0 and isofs reads the medium.
+CDROM_MODULES = ("ata_piix", "virtio_scsi", "sr_mod", "isofs")
+#: Drivers of host<->guest channels, left out of the analysis initramfs: with ``vsock``
+#: loaded /dev/vsock exists even without a device, and a sample should find no channel.
+CHANNEL_DRIVERS = ("vsock", "vmw_vsock_virtio_transport", "fuse", "virtiofs")
+#: strace runs the sample; setpriv and runuser (util-linux) are Essential, so no more.
+ANALYSIS_PACKAGES = (*BASE_PACKAGES, "strace")
+#: dnsmasq-base is the daemon without its service scripts (fakenet.py runs it).
+FAKENET_PACKAGES = (*BASE_PACKAGES, "dnsmasq-base", "inetsim")
 
 
 @dataclass(frozen=True)
@@ -180,7 +205,25 @@ def _builtin_recipes() -> dict[str, Recipe]:
         files=(*base.files, GuestFile(AGENT_GUEST_PATH, PACKAGE_DIR, build=agent_zipapp)),
         users=(GuestUser("agent", 1000, "/home/agent"),),
     )
-    return {r.name: r for r in (base, sandbox)}
+    analysis = replace(
+        base,
+        name="analysis",
+        description="base + strace + unprivileged user 'analyst' (uid 1000) + the detonator "
+                    "(runs the sample of a read-only cdrom medium under strace); no exec agent",
+        packages=ANALYSIS_PACKAGES,
+        boot_modules=(*(m for m in BOOT_MODULES if m not in CHANNEL_DRIVERS), *CDROM_MODULES),
+        files=(*base.files, GuestFile(DETONATOR_GUEST_PATH, DETONATOR_SOURCE, mode=0o755)),
+        users=(GuestUser("analyst", 1000, "/home/analyst"),),
+    )
+    fakenet = replace(
+        base,
+        name="fakenet",
+        description="base + dnsmasq + INetSim: a fake internet (every name resolves to it, "
+                    "HTTP/HTTPS/SMTP/FTP/IRC/... answer) on an isolated network's router address",
+        packages=FAKENET_PACKAGES,
+        files=(*base.files, GuestFile(FAKENET_GUEST_PATH, FAKENET_SOURCE, mode=0o755)),
+    )
+    return {r.name: r for r in (base, sandbox, analysis, fakenet)}
 
 
 #: The recipes ``secvf image build`` knows, by name.

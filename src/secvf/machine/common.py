@@ -70,10 +70,18 @@ def base_plan(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
 
 
 def add_serial(plan: MachinePlan, config: VMConfig, bundle: Bundle, files: RuntimeFiles) -> None:
-    """Serial console: logged always; attachable only if the kind allows console input."""
+    """Serial console: logged always; attachable only if the kind allows console input.
+
+    A malware-analysis VM's serial ports are files QEMU appends to (a file chardev takes
+    no input, so nothing can be typed into the guest), and it has a second one, ttyS1:
+    the monitor log of the image's detonator (``secvf analyze``)."""
     log = f"{bundle.serial_log}"
     if config.kind is VMKind.MALWARE_ANALYSIS:
         plan.add_backend("-chardev", f"file,id=ser0,path={log},append=on")
+        plan.add_backend("-serial", "chardev:ser0")
+        plan.add_backend("-chardev", f"file,id=ser1,path={bundle.monitor_log},append=on",
+                         "-serial", "chardev:ser1")
+        return
     else:
         plan.add_backend(
             "-chardev",
@@ -104,6 +112,11 @@ def add_boot_and_disks(plan: MachinePlan, config: VMConfig, bundle: Bundle) -> N
                             *plan.kernel_params])
         plan.add_backend("-kernel", str(image.kernel), "-initrd", str(image.initrd),
                          "-append", cmdline)
+        if has_sample_drive(config):  # on virtio-scsi: the cloud kernel has no AHCI driver
+            plan.add_backend("-drive", "if=none,id=cd0,media=cdrom,readonly=on")
+            plan.add_device("virtio-scsi-pci", "scsi0", "controller of the sample drive")
+            plan.add_device("scsi-cd", CDROM_DEVICE_ID, "sample drive (read-only, empty)",
+                            drive="cd0", bus="scsi0.0")
     elif isinstance(boot, IsoBoot):
         medium = "" if boot.ejected else f"file={_option_value(boot.path)},format=raw,"
         plan.add_backend("-drive", f"{medium}if=none,id=cd0,media=cdrom,readonly=on")
@@ -111,6 +124,18 @@ def add_boot_and_disks(plan: MachinePlan, config: VMConfig, bundle: Bundle) -> N
                         bootindex="2")
     elif isinstance(boot, DiskImageBoot):
         pass
+
+
+def has_sample_drive(config: VMConfig) -> bool:
+    """Whether ``config``'s VM has an empty read-only cdrom drive for sample media: every
+    malware-analysis VM booted from a SecVF image (``secvf analyze`` inserts the sample's
+    medium over QMP; the image's detonator waits for it)."""
+    return config.kind is VMKind.MALWARE_ANALYSIS and isinstance(config.boot, ImageBoot)
+
+
+def has_cdrom(config: VMConfig) -> bool:
+    """Whether ``config``'s VM has a cdrom drive (``vm media``, ``secvf analyze``)."""
+    return isinstance(config.boot, IsoBoot) or has_sample_drive(config)
 
 
 def kernel_params(config: VMConfig, accel: str) -> list[str]:

@@ -36,15 +36,17 @@ def build_generic_machine(
     Raises:
         ForbiddenDevice: the config is not of a generic kind or carries channels.
         NotFound: the VM's base image is gone.
-        ConfigError: ``mode`` is ``template`` (templates are AI-sandbox machines).
+        ConfigError: ``mode`` is ``template`` for a generic VM (a malware-analysis VM's
+            template machine is its normal machine: ``secvf analyze``'s clean state).
     """
     if config.kind not in GENERIC_KINDS:
         raise ForbiddenDevice("kind", str(config.kind), "use the AI-sandbox machine builder")
     if config.channels is not None:
         raise ForbiddenDevice("channels", str(config.kind))
-    if mode is RunMode.TEMPLATE:
-        raise ConfigError(f"VM '{config.name}' is a {config.kind} VM: only AI sandboxes are "
-                          "saved as templates")
+    if mode is RunMode.TEMPLATE and config.kind is not VMKind.MALWARE_ANALYSIS:
+        raise ConfigError(f"VM '{config.name}' is a {config.kind} VM: only AI sandboxes and "
+                          "malware-analysis VMs (secvf analyze's clean states) are saved as "
+                          "templates")
     plan = base_plan(config, bundle, files, accel, mode)
     add_boot_and_disks(plan, config, bundle)
     add_display(plan, config, files)

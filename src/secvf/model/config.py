@@ -144,7 +144,10 @@ class Nic(_Strict):
         if self.mode is NetworkMode.ISOLATED:
             if self.network is None:
                 raise ValueError("an isolated NIC names its network")
-            validate_name(self.network, "network")
+            try:
+                validate_name(self.network, "network")
+            except InvalidName as exc:
+                raise ValueError(str(exc)) from None
             if self.address is not None:
                 ipaddress.IPv4Interface(self.address)  # ValueError names the problem
         elif self.network is not None or self.address is not None or self.router:

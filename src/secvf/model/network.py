@@ -50,6 +50,10 @@ class NetworkConfig(_Strict):
     ipam: bool = True  # SecVF gives each NIC a fixed address from the subnet
     limits: NetworkLimits = NetworkLimits()
     ring_frames: int = Field(default=DEFAULT_RING_FRAMES, ge=0, le=1_000_000)
+    # made by secvf analyze for one detonation (or its clean states): its subnet may
+    # overlap other networks' (every analysis network uses the same one), and it is
+    # removed with the detonation
+    analysis: bool = False
     created_at: str
 
     @field_validator("name")

@@ -5,7 +5,7 @@ switch. QEMU's ``-netdev dgram`` backend sends each frame as one ``AF_UNIX`` dat
 to the switch, which checks the sender, the size, the pinned source MAC and the rate
 limits, then forwards, counts, writes security events and keeps a ring of recent
 frames for capture. A watchdog process keeps the switch running while ports exist.
-The contract with the VM side is ``docs/networks-interface.md``; how the switch works
+The contract with the VM side is ``docs/networks.md`` ("Files and protocol"); how the switch works
 is ``docs/switch.md``.
 
 Modules: :mod:`~secvf.net.frame` (Ethernet header), :mod:`~secvf.net.ratelimit`,

@@ -1,6 +1,6 @@
 """What the switch reads from its network directory: ``switch.json`` and ``ports/*.json``.
 
-The layout and the JSON shapes are fixed by ``docs/networks-interface.md``; this module
+The layout and the JSON shapes are fixed by ``docs/networks.md`` ("Files and protocol"); this module
 parses them into frozen dataclasses and checks every field, because a port file decides
 which socket paths the switch binds and unlinks. A port whose file is not valid is
 skipped with one line on stderr, and the other ports keep working.

@@ -9,7 +9,7 @@ ring dump, a frame message::
     b"F" + struct ">QH" (ts_ns, interface index) + frame bytes
 
 Requests larger than :data:`MAX_REQUEST_BYTES` get an error reply and the connection
-is closed. Ops and reply shapes: ``docs/networks-interface.md``.
+is closed. Ops and reply shapes: ``docs/networks.md`` ("Files and protocol").
 
 Errors: :class:`SwitchUnavailable` (an :class:`OSError`) when nothing answers on the
 socket; a reply with ``"ok": false`` is returned as data, not raised.

@@ -2,7 +2,7 @@
 
 Primer. The socket loop (:mod:`secvf.net.switch`) hands every datagram to
 :meth:`Engine.ingress` with the sender's address and the time of the batch; the engine
-applies the rules of ``docs/networks-interface.md`` in order and calls ``transmit``
+applies the rules of ``docs/networks.md`` ("Files and protocol") in order and calls ``transmit``
 for each port the frame goes out of:
 
 1. sender check: only the port's ``qemu_path`` may send to it (``foreign_sender``);

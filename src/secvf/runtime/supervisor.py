@@ -75,10 +75,10 @@ from secvf.errors import (
     SupervisorFailed,
 )
 from secvf.machine import MachinePlan, build_machine
-from secvf.machine.common import CDROM_DEVICE_ID, resolve_image
+from secvf.machine.common import CDROM_DEVICE_ID, has_cdrom, resolve_image
 from secvf.machine.plan import HelperSpec, RunMode, SwitchPort, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
-from secvf.model.config import Accel, DisplayMode, ImageBoot, IsoBoot, VMKind, now_iso
+from secvf.model.config import Accel, DisplayMode, ImageBoot, VMKind, now_iso
 from secvf.model.runtime import (
     MAX_FAILURE_OUTPUT_CHARS,
     ControlReply,
@@ -1086,9 +1086,9 @@ class Supervisor:
         """
         async with self._media_lock:
             self.lifecycle.require(VmState.RUNNING)
-            if not isinstance(self.config.boot, IsoBoot):
+            if not has_cdrom(self.config):
                 raise ConfigError(f"VM '{self.config.name}' has no cdrom drive: only VMs "
-                                  "created with --iso have one")
+                                  "created with --iso and malware-analysis VMs have one")
             path = None if iso is None else str(check_host_file(iso, "ISO"))
             try:
                 if path is None:

@@ -138,6 +138,12 @@ class Bundle:
         before per-run logs, until the next start)."""
         return self.path / "serial.log"
 
+    @property
+    def monitor_log(self) -> Path:
+        """What a malware-analysis guest wrote to its second serial port (ttyS1): the
+        detonator's monitor log (``secvf analyze``); QEMU appends to it."""
+        return self.path / "monitor.log"
+
     def run_serial_log(self, run: int) -> Path:
         """The serial log of run ``run`` (runs are numbered from 1, one per start)."""
         return self.path / f"serial-{run}.log"

@@ -120,9 +120,10 @@ def list_networks() -> list[ListedNetwork]:
 
 
 def create_network(name: str, *, subnet: str, isolate_guests: bool = False, ipam: bool = True,
-                   limits: NetworkLimits | None = None, ring_frames: int | None = None
-                   ) -> NetworkConfig:
-    """Create network ``name`` over ``subnet``.
+                   limits: NetworkLimits | None = None, ring_frames: int | None = None,
+                   analysis: bool = False) -> NetworkConfig:
+    """Create network ``name`` over ``subnet`` (``analysis``: a detonation's network, whose
+    subnet may overlap others').
 
     Raises:
         InvalidName, AlreadyExists, ConfigError (a bad subnet, or one overlapping another
@@ -135,7 +136,7 @@ def create_network(name: str, *, subnet: str, isolate_guests: bool = False, ipam
         raise ConfigError(str(exc)) from None
     data: dict[str, object] = {"id": str(uuid.uuid4()), "name": name, "subnet": str(wanted),
                                "isolate_guests": isolate_guests, "ipam": ipam,
-                               "created_at": now_iso()}
+                               "analysis": analysis, "created_at": now_iso()}
     if limits is not None:
         data["limits"] = limits.model_dump()
     if ring_frames is not None:
@@ -149,10 +150,11 @@ def create_network(name: str, *, subnet: str, isolate_guests: bool = False, ipam
         if directory.exists():
             raise AlreadyExists(f"a network named '{name}' already exists")
         for other in list_networks():
-            if other.config is not None and other.config.network.overlaps(wanted):
+            if (other.config is not None and not (analysis or other.config.analysis)
+                    and other.config.network.overlaps(wanted)):
                 raise ConfigError(f"subnet {wanted} overlaps network '{other.name}' "
                                   f"({other.config.subnet}); choose another --subnet")
-        staging = networks_dir() / f".{name}.{os.getpid()}.new"
+        staging = networks_dir() / f".new-{os.getpid()}-{uuid.uuid4().hex[:12]}"  # not NAME: 255 B
         staging.mkdir(mode=0o700)
         write_json_atomic(staging / CONFIG_FILE, config.model_dump(mode="json"))
         os.rename(staging, directory)
@@ -238,6 +240,9 @@ def build_nics(requests: list[NicRequest], *, vm: str, keep: Sequence[Nic] = ())
         network = load_network(request.network)
         used = {u.config.address.split("/")[0] for u in network_users(request.network, vms=vms)
                 if u.config.address is not None and u.vm != vm}
+        if request.address is not None and not network.ipam:
+            raise ConfigError(f"network '{network.name}' has no IPAM (--no-ipam): its guests "
+                              "set their own addresses, so ip= cannot be given")
         address = _address_for(network, request, used) if network.ipam else None
         nics.append(Nic(mode=NetworkMode.ISOLATED, network=request.network, mac=new_mac(),
                         address=address, router=request.router))
@@ -253,7 +258,10 @@ def renew_nics(nics: list[Nic], *, vm: str) -> list[Nic]:
 def _address_for(network: NetworkConfig, request: NicRequest, used: set[str]) -> str:
     subnet, gateway = network.network, network.gateway
     prefix = subnet.prefixlen
-    if request.address is not None:
+    if request.router and request.address not in (None, str(gateway)):
+        raise ConfigError(f"the router of network '{network.name}' has its address "
+                          f"{gateway}; leave out ip= for ',router'")
+    if request.address is not None and not request.router:
         wanted = ipaddress.IPv4Address(request.address)
         if wanted not in subnet or wanted in (subnet.network_address, subnet.broadcast_address):
             raise ConfigError(f"address {wanted} is not a host address of network "

@@ -69,10 +69,10 @@ def runtime_dir() -> Path:
 
 
 def network_runtime_dir(network_id: str) -> Path:
-    """The runtime directory of an isolated network's switch (0700): its port sockets,
-    port records and control socket, named by the network id's first 12 hex digits."""
-    return ensure_private_dir(ensure_private_dir(runtime_dir() / "net")
-                              / network_id.replace("-", "")[:12])
+    """The runtime directory of an isolated network's switch: its port sockets, port
+    records and control socket, named by the network id's first 12 hex digits. Not
+    created here (the switch's launcher makes it, 0700, when a VM joins)."""
+    return ensure_private_dir(runtime_dir() / "net") / network_id.replace("-", "")[:12]
 
 
 def templates_dir() -> Path:

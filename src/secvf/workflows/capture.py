@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from secvf.net.capture import Dropped, Frame, Interface, Interfaces
 from secvf.net.pcapng import PcapngWriter
 from secvf.store import networks, paths
 from secvf.store.library import get_vm
-from secvf.workflows.networks import runtime_dir
+from secvf.workflows.networks import runtime_dir, switch_stats
 
 #: How often progress is reported, and how long a reconnect to a restarted switch may take.
 PROGRESS_EVERY_S = 0.5
@@ -65,6 +66,7 @@ class CaptureRequest:
     max_frames: int | None = None
     max_size: int | None = None  # rotate at this many bytes per file
     max_files: int = DEFAULT_MAX_FILES
+    max_bytes_total: int | None = None  # stop once the files hold this many bytes
 
 
 def default_capture_path(network: str) -> Path:
@@ -88,8 +90,9 @@ class RotatingPcapng:
         self._open(first)
 
     def _open(self, path: Path) -> None:
-        try:
-            self._fh = path.open("xb") if path != self.first else path.open("wb")
+        try:  # 0600: a capture holds whatever the guests sent
+            self._fh = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                 "wb")
         except OSError as exc:
             raise NetworkError(f"cannot write capture file {path}: {exc.strerror}") from exc
         self._writer = PcapngWriter(self._fh)
@@ -174,12 +177,21 @@ def capture(request: CaptureRequest, progress: Progress | None = None,
     config = networks.load_network(request.network)
     match = _filter(request.filter)
     ports = _ports_of(request.vm, config) if request.vm else None
+    if switch_stats(config) is None:
+        raise NetworkError(f"network '{config.name}' has no running switch (no running VM "
+                           "is on it), so there is nothing to capture")
     state = CaptureProgress(config.name)
     out = RotatingPcapng(request.path or default_capture_path(config.name), request.max_size,
                          request.max_files, state)
     deadline = None if request.duration_s is None else time.monotonic() + request.duration_s
+    def done() -> bool:
+        if request.max_bytes_total is not None and state.bytes >= request.max_bytes_total:
+            state.ended = "size"
+            return True
+        return stop()
+
     with _finishing(out):
-        _run(config, ports, out, state, match, deadline, request.max_frames, progress, stop)
+        _run(config, ports, out, state, match, deadline, request.max_frames, progress, done)
     if progress is not None:
         progress(state)
     return state
@@ -193,19 +205,20 @@ def _run(config: NetworkConfig, ports: list[str] | None, out: RotatingPcapng,
     from secvf.net.control import SwitchUnavailable
 
     names: dict[int, Interface] = {}
+    connected = False
     reported = time.monotonic()
     base_dropped = 0
     while True:
         try:
             stream = open_capture(runtime_dir(config), ports)
-        except SwitchUnavailable as exc:
-            if state.reconnects == 0 and not state.seen and not names:
-                raise NetworkError(f"network '{config.name}' has no running switch (no "
-                                   f"running VM is on it): {exc}") from None
+        except SwitchUnavailable:
             if not _wait_for_switch(config, deadline, stop):
                 state.ended = "switch-stopped"
                 return
             continue
+        if connected:
+            state.reconnects += 1
+        connected = True
         with stream:
             for item in _items(stream, deadline, stop):
                 if isinstance(item, Interfaces):
@@ -232,7 +245,6 @@ def _run(config: NetworkConfig, ports: list[str] | None, out: RotatingPcapng,
                 state.ended = "duration"
                 return
         base_dropped = state.switch_dropped  # a new switch counts from zero
-        state.reconnects += 1
         names.clear()
 
 
@@ -264,8 +276,6 @@ def _items(stream: object, deadline: float | None, stop: Callable[[], bool]
 def _wait_for_switch(config: NetworkConfig, deadline: float | None,
                      stop: Callable[[], bool]) -> bool:
     """Wait (up to :data:`RECONNECT_WITHIN_S`) for a restarted switch to answer."""
-    from secvf.workflows.networks import switch_stats
-
     until = time.monotonic() + RECONNECT_WITHIN_S
     if deadline is not None:
         until = min(until, deadline)

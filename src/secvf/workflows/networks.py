@@ -16,6 +16,7 @@ from typing import Any
 from secvf.errors import NetworkError, StateError
 from secvf.model.config import VMConfig, now_iso, save_config
 from secvf.model.network import NetworkConfig, NetworkLimits, parse_nic_requests, port_name
+from secvf.net.engine import DROP_REASONS
 from secvf.store import library, networks
 from secvf.store import paths as store_paths
 from secvf.store.bundle import bundle_for
@@ -107,7 +108,7 @@ def show_network(name: str) -> dict[str, Any]:
             "switch_started_at": stats.get("started_at") if stats else None,
             "switch_cpu_s": stats.get("cpu_s") if stats else None,
             "nics": nics,
-            "drops": stats["drops"] if stats else {},
+            "drops": stats["drops"] if stats else dict.fromkeys(DROP_REASONS, 0),
             "capture": stats["capture"] if stats else None,
             "ring": stats["ring"] if stats else None}
 

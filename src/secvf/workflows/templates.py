@@ -140,19 +140,38 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
         LockBusy: a build of this family is already running.
         SnapshotError: the guest did not become ready or could not be saved.
     """
-    say = progress or (lambda _line: None)
     probe = build_config(name="template-build", kind=VMKind.AI_SANDBOX, cpus=cpus,
                          memory=memory, disk_size=disk_size, image=image, networks=[network],
                          accel=accel, channels=SandboxChannels())
-    prefix = f"template-build-{_family_digest(probe)[:8]}-"
-    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    info = save_booted_guest(probe, "template-build", progress)
+    for old in store.list_templates()[0]:
+        if old.id != info.id and _same_family(old, probe):
+            store.remove_template(old.id)
+    seclog.write_event("template_built", template=info.id, image=image, build_s=info.build_s)
+    return info
+
+
+def save_booted_guest(probe: VMConfig, prefix: str, progress: Progress | None = None,
+                      keep: Callable[[VMConfig, Path], None] | None = None) -> TemplateInfo:
+    """Boot a throw-away VM like ``probe`` (its name becomes ``<prefix>-<family>-<n>``),
+    save it once its guest is ready, freeze its disk into a layer and record the result
+    as a template (``probe``'s key). ``keep(config, directory)`` may add files to the
+    template's directory before it is committed (the build VM's config, for instance).
+
+    Raises:
+        NotFound, LockBusy (a build of this family runs), SnapshotError.
+    """
+    say = progress or (lambda _line: None)
+    family = f"{prefix}-{_family_digest(probe)[:8]}-"
+    name = f"{family}{uuid.uuid4().hex[:8]}"
     config = probe.model_copy(update={"name": name})
     key, shape, chosen = key_for(config)
+    image = _image_boot(config).image
     began = time.monotonic()
     with _family_lock(config), store.TemplateStaging() as staging:
-        _remove_leftover_build_vms(prefix)
-        say(f"booting a {image} guest ({cpus} vCPU, {format_size(config.memory_mib << 20)}, "
-            f"{chosen}) to save")
+        _remove_leftover_build_vms(family)
+        say(f"booting a {image} guest ({config.cpus} vCPU, "
+            f"{format_size(config.memory_mib << 20)}, {chosen}) to save")
         vms.create_vm(config)
         try:
             control.start_vm(name, accel=chosen, save_template=staging.path)
@@ -161,6 +180,8 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
                 raise SnapshotError(f"the template was saved from machine {saved.shape}, not "
                                     f"the expected {shape}")
             say(f"saved {format_size(saved.ram_allocated_bytes)} of RAM in {saved.pause_s} s")
+            if keep is not None:
+                keep(config, staging.path)
             with using_layers():
                 layer = _freeze(library.get_bundle(name).disk)
                 info = TemplateInfo(
@@ -172,10 +193,6 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
         finally:
             with contextlib.suppress(Exception):
                 library.delete_vm(name)
-    for old in store.list_templates()[0]:
-        if old.id != key and _same_family(old, config):
-            store.remove_template(old.id)
-    seclog.write_event("template_built", template=key, image=image, build_s=info.build_s)
     return info
 
 

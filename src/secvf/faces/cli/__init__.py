@@ -4,6 +4,7 @@ One module per command group; :mod:`.app` holds what they share and
 :mod:`.terminal` the local terminal handling of ``vm exec``.
 """
 
+from secvf.faces.cli.analyze import analyses, analyze
 from secvf.faces.cli.app import main
 from secvf.faces.cli.audit import audit
 from secvf.faces.cli.gc import gc
@@ -31,5 +32,7 @@ main.add_command(audit)
 main.add_command(gc)
 main.add_command(net)
 main.add_command(packets)
+main.add_command(analyze)
+main.add_command(analyses)
 
 __all__ = ["main"]

@@ -100,7 +100,7 @@ def net_show(name: str, as_json: bool) -> None:
     out.print(f"  limits: {_limit(limits['frames_per_s'])} frames/s, "
               f"{_limit(limits['broadcast_per_s'])} broadcast/s per port; "
               f"ring {info['ring_frames']} frames", highlight=False)
-    switch = (f"running, pid {info['switch_pid']}, cpu {info['switch_cpu_s']} s"
+    switch = (f"running, pid {info['switch_pid']}, cpu {info['switch_cpu_s']:.2f} s"
               if info["switch"] == "running" else "stopped (starts with the first VM)")
     out.print(f"  switch: {switch}", highlight=False)
     if info["nics"]:
@@ -163,6 +163,8 @@ def net_capture(name: str, vm: str | None, path: Path | None, expression: str | 
     --duration, --count or Ctrl-C; frames the capture could not keep up with are counted
     and shown, never dropped silently."""
     if ring:
+        if vm or expression or duration or count or max_size:
+            raise click.UsageError("--ring writes the whole ring: it takes only -w")
         result = api.export_ring(name, path)
     else:
         request = api.CaptureRequest(

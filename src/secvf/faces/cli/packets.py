@@ -43,8 +43,11 @@ def packets(source: str | None, expression: str | None, preset: str | None,
         for packet in found:
             print_json(packet.as_json(), one_line=True)
         return
-    click.echo(_line([name for name, _ in _COLUMNS] + ["INFO"]))
-    for packet in found:
+    header = False
+    for packet in found:  # the header only once the source could be read
+        if not header:
+            click.echo(_line([name for name, _ in _COLUMNS] + ["INFO"]))
+            header = True
         click.echo(_line(_row(packet)))
 
 

@@ -1,0 +1,2 @@
+"""Malware detonation without a control channel: clean state, sample medium, observation,
+disk diff, report."""

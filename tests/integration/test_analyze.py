@@ -1,0 +1,168 @@
+"""``secvf analyze`` end to end: real samples (shell and Python scripts written here, no
+real malware) detonated in malware-analysis VMs restored from clean states, with the
+fake-internet gateway; the reports, captures and disk diffs are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from secvf.image import build_image
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.vm
+
+SECVF = os.path.join(os.path.dirname(sys.executable), "secvf")
+
+BEHAVIOUR = """#!/usr/bin/python3
+import os, socket, subprocess, urllib.request
+home = os.path.expanduser("~")
+with open(os.path.join(home, "marker.txt"), "w") as fh:
+    fh.write("first analysis was here\\n")
+with open(os.path.join(home, "dropped.bin"), "wb") as fh:
+    fh.write(b"\\x7fELF-not-really" * 64)
+os.chmod(os.path.join(home, "dropped.bin"), 0o755)
+with open(os.path.join(home, "gone.txt"), "w") as fh:
+    fh.write("short-lived")
+os.unlink(os.path.join(home, "gone.txt"))
+subprocess.run(["/bin/sh", "-c", "echo child; sleep 0.1"], check=False)
+try:
+    open("/media/sample/overwrite", "w")
+except OSError as exc:
+    print("medium write refused:", exc)
+print("channels:", [p for p in ("/dev/vsock", "/dev/virtio-ports", "/dev/vhost-vsock")
+                    if os.path.exists(p)])
+print("resolved", socket.gethostbyname("c2.secvf-test.example"))
+body = urllib.request.urlopen("http://c2.secvf-test.example/beacon?id=42", timeout=10).read()
+print("fetched", len(body))
+"""
+
+CHECK_CLEAN = """#!/bin/sh
+test ! -e "$HOME/marker.txt" && echo clean
+"""
+
+
+@pytest.fixture(scope="module")
+def analysis_images(vm_library: Path) -> None:
+    for name in ("analysis", "fakenet"):
+        build_image(name)
+
+
+def sample(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def analyze(*args: str, timeout: float = 600) -> list[dict]:
+    result = subprocess.run([SECVF, "analyze", "--json", *args], capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def report_of(result: dict) -> dict:
+    return json.loads((Path(result["directory"]) / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def behaviour(analysis_images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("samples")
+    (result,) = analyze(str(sample(tmp, "behave.py", BEHAVIOUR)), "--timeout", "60")
+    assert result["verdict"] == "finished", result
+    yield result
+
+
+def test_the_report_lists_dns_http_files_children_and_the_medium_write(behaviour: dict) -> None:
+    report = report_of(behaviour)
+    names = {q["name"] for q in report["network"]["dns"]}
+    assert "c2.secvf-test.example" in names, report["network"]["dns"]
+    http = [(h["host"], h["path"]) for h in report["network"]["http"]]
+    assert ("c2.secvf-test.example", "/beacon?id=42") in http, http
+    created = {f["path"]: f for f in report["disk_diff"]["created"]}
+    marker = created["/home/analyst/marker.txt"]
+    assert marker["sha256"] and marker["size"] == len("first analysis was here\n")
+    assert "/home/analyst/gone.txt" not in created  # created and deleted within the run
+    assert any(p["argv"] and p["argv"][0].endswith("sh") for p in _walk(report["processes"]))
+    assert report["run"]["medium_write_attempts"], report["run"]
+    serial = (Path(behaviour["directory"]) / "serial.log").read_text(errors="replace")
+    monitor = (Path(behaviour["directory"]) / "monitor.log").read_text(errors="replace")
+    assert "channels: []" in serial + monitor
+
+
+def test_dropped_files_are_in_the_infected_zip_not_executable_on_the_host(
+        behaviour: dict) -> None:
+    directory = Path(behaviour["directory"])
+    with zipfile.ZipFile(directory / "dropped.zip") as archive:
+        names = archive.namelist()
+        member = next(n for n in names if n.endswith("dropped.bin"))
+        assert archive.read(member, pwd=b"infected") == b"\x7fELF-not-really" * 64
+        with pytest.raises(RuntimeError):
+            archive.read(member, pwd=b"wrong")
+        assert (archive.getinfo(member).external_attr >> 16) & 0o111 == 0
+    for path in directory.rglob("*"):
+        assert not (path.is_file() and path.stat().st_mode & 0o111), path
+
+
+def test_the_capture_holds_the_dns_query(behaviour: dict) -> None:
+    capture = Path(behaviour["directory"]) / "capture.pcapng"
+    shown = subprocess.run(["tcpdump", "-nn", "-r", str(capture)], capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and "c2.secvf-test.example" in shown.stdout
+
+
+def test_a_second_analysis_starts_from_a_clean_state(behaviour: dict, tmp_path: Path) -> None:
+    (result,) = analyze(str(sample(tmp_path, "check.sh", CHECK_CLEAN)), "--network", "none",
+                        "--timeout", "30")
+    report = report_of(result)
+    assert report["run"]["exit_code"] == 0, report["run"]  # the marker is gone
+    assert report["network"] is None  # no NIC, no capture
+
+
+def test_a_fork_bomb_hits_the_pid_limit_and_the_run_still_ends(analysis_images: None,
+                                                               tmp_path: Path) -> None:
+    bomb = sample(tmp_path, "bomb.sh", "#!/bin/sh\nb() { b | b & }; b\n")
+    (result,) = analyze(str(bomb), "--network", "none", "--timeout", "15")
+    report = report_of(result)
+    assert report["run"]["pid_limit_hit"] or report["run"]["timed_out"], report["run"]
+    assert result["verdict"] in ("finished", "timeout")
+
+
+def test_a_sample_that_kills_the_monitor_ends_at_the_timeout(analysis_images: None,
+                                                             tmp_path: Path) -> None:
+    killer = sample(tmp_path, "killer.sh", "#!/bin/sh\nkill -9 $PPID; sleep 300\n")
+    (result,) = analyze(str(killer), "--network", "none", "--timeout", "10", "--user", "root")
+    run = report_of(result)["run"]
+    assert run["monitor_died"] or run["timed_out"], run
+
+
+def test_two_jobs_run_at_once_on_separate_networks(analysis_images: None,
+                                                   tmp_path: Path) -> None:
+    quick = [sample(tmp_path, f"q{i}.sh", "#!/bin/sh\nhostname\n") for i in range(2)]
+    results = analyze(*map(str, quick), "--jobs", "2", "--timeout", "20")
+    assert [r["verdict"] for r in results] == ["finished", "finished"], results
+    assert len({r["id"] for r in results}) == 2
+    nets = json.loads(run_cli("net", "list", "--json", check=True).stdout)
+    assert not [n for n in nets if n["name"].startswith("an-")]  # reverted
+
+
+def test_bad_samples_are_refused_before_anything_starts(analysis_images: None,
+                                                        tmp_path: Path) -> None:
+    result = run_cli("analyze", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = run_cli("analyze", str(tmp_path))
+    assert result.returncode == 1 and "not a regular file" in result.stderr
+
+
+def _walk(processes: list[dict]) -> Iterator[dict]:
+    for process in processes:
+        yield process
+        yield from _walk(process.get("children") or [])
