@@ -48,7 +48,7 @@ class _Summary:
         self.last_ts: float | None = None
         self.malformed = 0
         self.dns: list[dict[str, Any]] = []
-        self.pending_dns: dict[tuple[str, str], dict[str, Any]] = {}  # (vm, name) → row
+        self.pending_dns: dict[tuple[str | None, str], dict[str, Any]] = {}  # (client, name)
         self.http: list[dict[str, Any]] = []
         self.tls: list[dict[str, Any]] = []
         self.flows: dict[FlowKey, dict[str, Any]] = {}
@@ -94,7 +94,9 @@ class _Summary:
     def _dns(self, packet: Packet) -> None:
         if packet.dns_response:
             for name in packet.dns_names:
-                row = self.pending_dns.pop((packet.vm, name), None)
+                # the answer comes from the resolver's port (another VM): match the
+                # client's address, not the capture interface
+                row = self.pending_dns.pop((packet.ip_dst, name), None)
                 if row is not None:
                     row["answers"] = list(packet.dns_answers[:MAX_ANSWERS])
                     row["rcode"] = packet.dns_rcode
@@ -103,7 +105,7 @@ class _Summary:
             row = {"ts": packet.ts, "vm": packet.vm, "name": name,
                    "type": DNS_TYPES.get(qtype, str(qtype)), "answers": [], "rcode": None}
             if self._row(self.dns, row) and len(self.pending_dns) < MAX_PENDING_DNS:
-                self.pending_dns[(packet.vm, name)] = row
+                self.pending_dns[(packet.ip_src, name)] = row
 
     def _flow(self, packet: Packet) -> None:
         proto = "tcp" if packet.tcp_flags is not None else "udp"

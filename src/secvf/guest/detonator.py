@@ -819,6 +819,8 @@ def main(argv: list[str]) -> int:
         say(f"cannot open the monitor port {MONITOR_PORT}: {exc.strerror}; using the console")
         fd = os.open(CONSOLE, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
     drive = open_drive()
+    # made before the clean state is saved, so the session's disk diff does not show it
+    os.makedirs(MOUNT_POINT, mode=0o755, exist_ok=True)
     say("waiting for a sample medium in " + MEDIUM_DEVICE)
     _signal_ready(argv)
     # A clean state is saved while this waits; the log starts only once the medium is

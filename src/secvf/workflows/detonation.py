@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 
 from secvf.errors import ConfigError, NotFound, SecVFError, StateError
 from secvf.model.channels import channel_of
-from secvf.model.config import Nic, VMConfig, now_iso
+from secvf.model.config import ImageBoot, Nic, VMConfig, now_iso
 from secvf.model.enums import NetworkMode
 from secvf.runtime import control
 from secvf.store import analyses, library, networks
@@ -65,6 +66,8 @@ POLL_S = 0.1
 USERS = ("analyst", "root")
 NETWORK_CHOICES = "fakenet, none or isolated:NAME"
 MAX_JOBS = 8
+#: How long a cold boot may take to its ready marker (only with ``cold``).
+BOOT_TIMEOUT_S = 180.0
 
 #: Callers hear progress as (analysis id, what is happening now).
 Progress = Callable[[str, str], None]
@@ -82,6 +85,9 @@ class DetonationRequest:
     pid_limit: int = 512
     yara: tuple[Path, ...] = ()
     accel: str = "auto"
+    # boot the VMs from their images instead of restoring the clean states (the
+    # benchmark's baseline; the disk diff then also shows what the boot wrote)
+    cold: bool = False
 
 
 @dataclass
@@ -244,9 +250,13 @@ class _Session:
             "id": str(uuid.uuid4()), "name": name, "nics": nics, "created_at": now_iso(),
             "updated_at": now_iso()})
         VMConfig.model_validate(config.model_dump(mode="json"))
+        accel = state.template.state.shape.accel
+        if self.request.cold:
+            vms.create_vm(config)
+            control.start_vm(name, accel=accel, wait_ready=BOOT_TIMEOUT_S)
+            return
         vms.create_vm(config, backing=Path(state.template.layer))
-        control.start_vm(name, accel=state.template.state.shape.accel,
-                         restore=state.directory)
+        control.start_vm(name, accel=accel, restore=state.directory)
 
     def _check_devices(self) -> None:
         """The analysis refuses to run in a guest with any host-guest channel device."""
@@ -342,7 +352,7 @@ class _Session:
         self.say("disk diff")
         session_disk = library.get_bundle(self.guest).disk
         try:  # one raw copy of each disk serves the diff and the zip
-            with (raw_image(Path(state.template.layer), self.tmp) as clean,
+            with (raw_image(self._clean_disk(state), self.tmp) as clean,
                   raw_image(session_disk, self.tmp) as session):
                 diff = diff_raw(clean, session, workdir=self.tmp)
                 dropped = write_dropped_zip(diff, session, self.dir / "dropped.zip",
@@ -355,6 +365,17 @@ class _Session:
         result["dropped_zip"] = dropped.to_json()
         self._stage("diff", began)
         return result
+
+    def _clean_disk(self, state: CleanState) -> Path:
+        """What the session's disk is diffed against: the clean layer, or for a cold boot
+        the image's root filesystem."""
+        if not self.request.cold:
+            return Path(state.template.layer)
+        from secvf.machine.common import resolve_image
+
+        boot = state.config.boot
+        assert isinstance(boot, ImageBoot)
+        return resolve_image(boot).rootfs
 
     def _report(self, diff: dict[str, Any] | None, verdict: str) -> dict[str, Any]:
         from secvf.analysis.report import ReportInputs, build_report, write_report
@@ -425,7 +446,8 @@ def _has_marker(path: Path) -> bool:
 def _copy_bounded(source: Path, dest: Path, notes: list[str]) -> None:
     """Copy at most :data:`LOG_MAX_BYTES` of a guest log, noting a cut."""
     try:
-        with source.open("rb") as src, dest.open("wb") as out:
+        with source.open("rb") as src, os.fdopen(
+                os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             out.write(src.read(LOG_MAX_BYTES))
             if src.read(1):
                 out.write(f"\nT truncated after {LOG_MAX_BYTES} bytes\n".encode())
