@@ -350,7 +350,8 @@ def changed_ranges(clean: RawImage, session: RawImage) -> tuple[Ranges, str]:
     """
     if (session.format == "qcow2" and session.backing is not None
             and session.backing == clean.source.resolve()):
-        entries = _qemu_img_json(["map", "--output=json", "-f", "qcow2",
+        # -U: the session may be open read-only in a FUSE export (nothing writes to it)
+        entries = _qemu_img_json(["map", "-U", "--output=json", "-f", "qcow2",
                                   str(session.source)], session.source)
         ranges = [(int(e["start"]), int(e["start"]) + int(e["length"]))
                   for e in entries if e.get("depth") == 0 and e.get("present", True)]

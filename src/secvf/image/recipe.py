@@ -51,6 +51,9 @@ RESTORE_WATCH_GUEST_PATH = "/usr/lib/secvf/restore-watch.py"
 #: The detonator (source ``secvf/guest/detonator.py``), in analysis images; init starts it.
 DETONATOR_SOURCE = GUEST_SOURCE_DIR / "detonator.py"
 DETONATOR_GUEST_PATH = "/usr/lib/secvf/detonator.py"
+#: A file in the sample medium's mount point (hidden by the mount): the image has the
+#: directory, so no session's disk diff lists it as created.
+MOUNT_POINT_MARKER = "/media/sample/.mount-point"
 #: The fake internet (source ``secvf/guest/fakenet.py``), in fakenet images; init starts it.
 FAKENET_SOURCE = GUEST_SOURCE_DIR / "fakenet.py"
 FAKENET_GUEST_PATH = "/usr/lib/secvf/fakenet.py"
@@ -189,6 +192,10 @@ def _sha256(read: Callable[[], bytes], source: Path) -> str:
         raise ImageBuildFailed("recipe", f"cannot read {where}: {exc.strerror}") from None
 
 
+def _empty(_source: Path) -> bytes:
+    return b""
+
+
 def _builtin_recipes() -> dict[str, Recipe]:
     suite = host_suite()
     base = Recipe(
@@ -212,7 +219,9 @@ def _builtin_recipes() -> dict[str, Recipe]:
                     "(runs the sample of a read-only cdrom medium under strace); no exec agent",
         packages=ANALYSIS_PACKAGES,
         boot_modules=(*(m for m in BOOT_MODULES if m not in CHANNEL_DRIVERS), *CDROM_MODULES),
-        files=(*base.files, GuestFile(DETONATOR_GUEST_PATH, DETONATOR_SOURCE, mode=0o755)),
+        files=(*base.files, GuestFile(DETONATOR_GUEST_PATH, DETONATOR_SOURCE, mode=0o755),
+               # the medium's mount point is in the image, so no disk diff shows it made
+               GuestFile(MOUNT_POINT_MARKER, DETONATOR_SOURCE, build=_empty)),
         users=(GuestUser("analyst", 1000, "/home/analyst"),),
     )
     fakenet = replace(

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secvf.errors import ConfigError, NotFound, SecVFError, StateError
 from secvf.model.channels import channel_of
@@ -54,6 +54,9 @@ from secvf.workflows.clean_states import (
     ensure_clean_state,
 )
 
+if TYPE_CHECKING:
+    from secvf.analysis.diskdiff import RawImage
+
 #: The largest sample SecVF takes (the medium is built on the host, in the result dir).
 MAX_SAMPLE_BYTES = 256 << 20
 #: Time after the timeout for the detonator to kill the tree, sync and say it is done.
@@ -66,6 +69,8 @@ POLL_S = 0.1
 USERS = ("analyst", "root")
 NETWORK_CHOICES = "fakenet, none or isolated:NAME"
 MAX_JOBS = 8
+#: The clean layer's raw copy, kept in the clean state's directory (the disk diff reads it).
+CLEAN_RAW = "clean.raw"
 #: How long a cold boot may take to its ready marker (only with ``cold``).
 BOOT_TIMEOUT_S = 180.0
 
@@ -235,9 +240,14 @@ class _Session:
         if self.own_network:
             networks.create_network(self.network or "", subnet=ANALYSIS_SUBNET,
                                     analysis=True)
-        if gateway is not None and self.gateway:
-            self._restore(self.gateway, gateway)
-        self._restore(self.guest, guest)
+        if gateway is not None and self.gateway:  # the two restores overlap
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                both = [pool.submit(self._restore, self.gateway, gateway),
+                        pool.submit(self._restore, self.guest, guest)]
+                for started in both:
+                    started.result()
+        else:
+            self._restore(self.guest, guest)
         self._check_devices()
         if self.network is not None:
             self._start_capture()
@@ -325,10 +335,10 @@ class _Session:
     def _stop(self) -> None:
         began = time.monotonic()
         self.say("stopping")
-        for name in (self.guest, self.gateway):
-            if name:
-                with contextlib.suppress(SecVFError):
-                    control.stop_vm(name, force=True)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for name in (self.guest, self.gateway):
+                if name:
+                    pool.submit(_stop_quietly, name)
         self.capture_stop.set()
         if self.capture_thread is not None:
             self.capture_thread.join(10)
@@ -345,19 +355,22 @@ class _Session:
     # ---- 5.-6. disk diff, report -------------------------------------------------------
 
     def _diff(self, state: CleanState) -> dict[str, Any] | None:
-        from secvf.analysis.diskdiff import diff_raw, raw_image
+        from secvf.analysis.diskdiff import RawImage, diff_raw
         from secvf.analysis.dropped import write_dropped_zip
 
         began = time.monotonic()
         self.say("disk diff")
         session_disk = library.get_bundle(self.guest).disk
         try:  # one raw copy of each disk serves the diff and the zip
-            with (raw_image(self._clean_disk(state), self.tmp) as clean,
-                  raw_image(session_disk, self.tmp) as session):
+            with (self._clean_raw(state) as clean,
+                  vms.raw_view(session_disk, self.tmp / "session.raw",
+                               writable=False) as view):
+                # read through the qcow2 chain, not flattened; its backing is the clean disk
+                session = RawImage(session_disk, "qcow2", view, clean.source.resolve())
                 diff = diff_raw(clean, session, workdir=self.tmp)
                 dropped = write_dropped_zip(diff, session, self.dir / "dropped.zip",
                                             workdir=self.tmp)
-        except SecVFError as exc:
+        except SecVFError as exc:  # DiskDiffError, DroppedZipError, DiskError
             self.notes.append(f"disk diff: {exc}")
             self._stage("diff", began)
             return None
@@ -366,16 +379,24 @@ class _Session:
         self._stage("diff", began)
         return result
 
-    def _clean_disk(self, state: CleanState) -> Path:
-        """What the session's disk is diffed against: the clean layer, or for a cold boot
-        the image's root filesystem."""
-        if not self.request.cold:
-            return Path(state.template.layer)
-        from secvf.machine.common import resolve_image
+    def _clean_raw(self, state: CleanState) -> contextlib.AbstractContextManager[RawImage]:
+        """What the session's disk is diffed against, as a raw file: the clean layer (its
+        raw copy made once and kept beside the clean state), or for a cold boot the
+        image's root filesystem."""
+        from secvf.analysis.diskdiff import RawImage, raw_image
 
-        boot = state.config.boot
-        assert isinstance(boot, ImageBoot)
-        return resolve_image(boot).rootfs
+        if self.request.cold:
+            from secvf.machine.common import resolve_image
+
+            boot = state.config.boot
+            assert isinstance(boot, ImageBoot)
+            return raw_image(resolve_image(boot).rootfs, self.tmp)
+        layer = Path(state.template.layer)
+        cached = state.directory / CLEAN_RAW
+        if not cached.exists():
+            with raw_image(layer, self.tmp) as made:
+                os.replace(made.raw, cached)  # the context removes only its directory
+        return contextlib.nullcontext(RawImage(layer, "qcow2", cached))
 
     def _report(self, diff: dict[str, Any] | None, verdict: str) -> dict[str, Any]:
         from secvf.analysis.report import ReportInputs, build_report, write_report
@@ -409,6 +430,11 @@ class _Session:
                 networks.remove_network(self.network)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.stages["total"] = round(time.monotonic() - self.began, 3)
+
+
+def _stop_quietly(name: str) -> None:
+    with contextlib.suppress(SecVFError):
+        control.stop_vm(name, force=True)
 
 
 def sweep_interrupted() -> list[str]:

@@ -104,7 +104,7 @@ def set_root_password(bundle: Bundle, password_hash: str) -> None:
     """
     with (locked(bundle.edit_lock, f"VM '{bundle.name}'"),
           tempfile.TemporaryDirectory(prefix="secvf-disk-") as tmp,
-          _raw_view(bundle.disk, Path(tmp) / "disk.raw") as raw):
+          raw_view(bundle.disk, Path(tmp) / "disk.raw") as raw):
         shadow = _debugfs(raw, f"cat {GUEST_SHADOW}")
         mode, uid, gid = _file_mode_and_owner(raw, GUEST_SHADOW)
         edited = _with_root_password(shadow, password_hash)
@@ -157,9 +157,14 @@ def _debugfs(raw: Path, *commands: str, writable: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def _raw_view(disk: Path, mountpoint: Path) -> Iterator[Path]:
-    """``disk`` (qcow2, with its backing chain) as the raw file ``mountpoint``, writable,
-    for as long as the context lasts."""
+def raw_view(disk: Path, mountpoint: Path, *, writable: bool = True) -> Iterator[Path]:
+    """``disk`` (qcow2, with its backing chain) as the raw file ``mountpoint`` for as long
+    as the context lasts (qemu-storage-daemon's FUSE export: nothing is copied; reads go
+    to the qcow2 chain).
+
+    Raises:
+        DiskError: the export did not start (it needs root or fusermount3).
+    """
     mountpoint.touch(mode=0o600)
 
     def opt(path: Path) -> str:
@@ -169,7 +174,7 @@ def _raw_view(disk: Path, mountpoint: Path) -> Iterator[Path]:
             "--blockdev", f"driver=file,node-name=file0,filename={opt(disk)}",
             "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
             "--export", f"type=fuse,id=view0,node-name=disk0,mountpoint={opt(mountpoint)},"
-                        "writable=on,allow-other=off"]
+                        f"writable={'on' if writable else 'off'},allow-other=off"]
     try:
         daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
