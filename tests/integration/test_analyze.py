@@ -167,3 +167,28 @@ def _walk(processes: list[dict]) -> Iterator[dict]:
     for process in processes:
         yield process
         yield from _walk(process.get("children") or [])
+
+
+def test_a_sample_that_cannot_run_here_is_reported(analysis_images: None,
+                                                   tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\xb7\x00" + bytes(64))
+    blob.chmod(0o755)  # an aarch64 ELF header: not for this guest
+    (result,) = analyze(str(blob), "--network", "none", "--timeout", "15")
+    report = report_of(result)
+    assert report["sample"]["runnable_here"] is False, report["sample"]
+    assert report["run"]["exit_code"] not in (0, None), report["run"]
+    failed = [e for e in report["timeline"] if e["kind"] == "execve" and not e["ok"]]
+    assert failed, report["timeline"][:10]
+
+
+def test_a_serial_flood_is_bounded_on_the_host(analysis_images: None, tmp_path: Path) -> None:
+    flood = sample(tmp_path, "flood.sh",
+                   "#!/bin/sh\nhead -c 30000000 /dev/zero | tr '\\0' A > /dev/ttyS0\n")
+    (result,) = analyze(str(flood), "--network", "none", "--timeout", "20", "--user", "root")
+    log = Path(result["directory"]) / "serial.log"
+    from secvf.workflows.detonation import LOG_MAX_BYTES
+
+    assert log.stat().st_size <= LOG_MAX_BYTES + 100
+    if log.stat().st_size > LOG_MAX_BYTES:  # the guest wrote more than the host keeps
+        assert any("serial.log was cut" in n for n in report_of(result)["notes"])
