@@ -10,7 +10,6 @@ does no work here at all.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from secvf.errors import ImageBuildFailed
 from secvf.image.commands import run
+from secvf.store.digest import sha256_file
 
 STEP = "kernel"
 
@@ -76,10 +76,10 @@ def _download(package: str, cache: Path) -> Path:
             STEP, f"apt cannot download {package}; check the host's apt sources (apt-get update)"
         )
     deb = cache / match["file"]
-    if deb.is_file() and _sha256(deb) == match["sha"]:
+    if deb.is_file() and sha256_file(deb) == match["sha"]:
         return deb
     run(STEP, ["apt-get", "download", package], cwd=cache)
-    if not deb.is_file() or _sha256(deb) != match["sha"]:
+    if not deb.is_file() or sha256_file(deb) != match["sha"]:
         raise ImageBuildFailed(STEP, f"downloaded {deb.name} does not match the archive's SHA-256")
     return deb
 
@@ -100,10 +100,3 @@ def _kernel_version(root: Path) -> str:
         raise ImageBuildFailed(STEP, f"{root} does not hold exactly one kernel and its modules")
     return versions[0]
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -32,6 +32,7 @@ from typing import Any
 
 from secvf.net.config import ConfigError, NetPaths, PortConfig, SwitchConfig
 from secvf.net.control import OP_PING, OP_RELOAD, SwitchUnavailable, query
+from secvf.store.locks import is_locked
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -171,14 +172,7 @@ def raise_dgram_qlen(path: Path = DGRAM_QLEN_PATH) -> int | None:
 
 def watchdog_running(paths: NetPaths) -> bool:
     """True if a watchdog holds ``watchdog.lock``."""
-    fd = os.open(paths.watchdog_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(paths.watchdog_lock)
 
 
 def _reload_or_start(paths: NetPaths) -> None:

@@ -24,7 +24,6 @@ remove (:func:`sweep_interrupted`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -44,6 +43,7 @@ from secvf.model.config import ImageBoot, Nic, VMConfig, now_iso
 from secvf.model.enums import NetworkMode
 from secvf.runtime import control
 from secvf.store import analyses, library, networks
+from secvf.store.digest import sha256_file
 from secvf.store.runstate import is_running
 from secvf.workflows import vms
 from secvf.workflows.capture import CaptureRequest, capture
@@ -195,7 +195,7 @@ class _Session:
         analyses.write_status(
             self.dir, id=self.id, state="starting", started_at=now_iso(),
             sample=str(self.request.sample), sample_name=self.request.sample.name,
-            sample_sha256=_sha256(self.request.sample), network=self.request.network,
+            sample_sha256=sha256_file(self.request.sample), network=self.request.network,
             timeout_s=self.request.timeout_s, user=self.request.user,
             made={"vms": [v for v in (self.guest, self.gateway) if v],
                   "network": self.network if self.own_network else None})
@@ -481,13 +481,6 @@ def _copy_bounded(source: Path, dest: Path, notes: list[str]) -> None:
     except FileNotFoundError:
         notes.append(f"no {dest.name}: the guest wrote nothing there")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def detonate_all(requests: list[DetonationRequest], *, jobs: int = 1,
