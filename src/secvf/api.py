@@ -768,9 +768,12 @@ def analysis_dir(analysis_id: str) -> Path:
 
 
 def remove_analysis(analysis_id: str) -> Path:
-    """Remove an analysis's results. Raises NotFound, StateError (still running)."""
+    """Remove an analysis's results (what a killed run left is removed first). Raises
+    NotFound, StateError (still running)."""
     from secvf.store import analyses
+    from secvf.workflows.detonation import sweep_interrupted
 
+    sweep_interrupted()
     return analyses.remove_analysis(analysis_id)
 
 

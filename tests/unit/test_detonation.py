@@ -140,3 +140,12 @@ def test_the_cli_lists_and_shows_results() -> None:
     assert shown == {"schema_version": 1, "run": {}}
     missing = run_cli("analyses", "show", "ffff")
     assert missing.returncode == 1 and "no analysis" in missing.stderr
+
+
+def test_several_jobs_on_one_isolated_network_are_refused(script: Path) -> None:
+    from secvf.workflows.detonation import detonate_all
+
+    networks.create_network("det", subnet="10.13.37.0/24")
+    request = DetonationRequest(sample=script, network="isolated:det")
+    with pytest.raises(ConfigError, match="one at a time"):
+        detonate_all([request, request], jobs=2)

@@ -361,6 +361,7 @@ class _Session:
         began = time.monotonic()
         self.say("disk diff")
         session_disk = library.get_bundle(self.guest).disk
+        result: dict[str, Any] | None = None
         try:  # one raw copy of each disk serves the diff and the zip
             with (self._clean_raw(state) as clean,
                   vms.raw_view(session_disk, self.tmp / "session.raw",
@@ -368,14 +369,14 @@ class _Session:
                 # read through the qcow2 chain, not flattened; its backing is the clean disk
                 session = RawImage(session_disk, "qcow2", view, clean.source.resolve())
                 diff = diff_raw(clean, session, workdir=self.tmp)
-                dropped = write_dropped_zip(diff, session, self.dir / "dropped.zip",
-                                            workdir=self.tmp)
-        except SecVFError as exc:  # DiskDiffError, DroppedZipError, DiskError
+                result = diff.to_json()
+                try:
+                    result["dropped_zip"] = write_dropped_zip(
+                        diff, session, self.dir / "dropped.zip", workdir=self.tmp).to_json()
+                except SecVFError as exc:  # the diff stands without its zip
+                    self.notes.append(f"dropped files: {exc}")
+        except SecVFError as exc:  # DiskDiffError, DiskError
             self.notes.append(f"disk diff: {exc}")
-            self._stage("diff", began)
-            return None
-        result = diff.to_json()
-        result["dropped_zip"] = dropped.to_json()
         self._stage("diff", began)
         return result
 
@@ -411,7 +412,7 @@ class _Session:
             capture=capture_file if capture_file.exists() else None, disk_diff=diff,
             yara_rules=self.request.yara, timeout_s=self.request.timeout_s,
             notes=self.notes,
-            extra={"verdict": verdict, "network": self.request.network,
+            extra={"verdict": verdict, "network_mode": self.request.network,
                    "stages_s": self.stages}))
         write_report(report, self.dir)
         self._stage("report", began)
@@ -496,6 +497,11 @@ def detonate_all(requests: list[DetonationRequest], *, jobs: int = 1,
         raise ConfigError(f"--jobs {jobs}: 1 to {MAX_JOBS}")
     for request in requests:
         check_request(request)
+    shared = [r for r in requests if r.network.startswith("isolated:")]
+    if jobs > 1 and shared:
+        raise ConfigError(f"--network {shared[0].network} with --jobs {jobs}: every analysis "
+                          "guest has the same address and MAC, so samples on one network "
+                          "must run one at a time (fakenet gives each its own network)")
     sweep_interrupted()
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="detonation") as pool:
         return list(pool.map(lambda r: detonate(r, progress), requests))

@@ -26,7 +26,7 @@ from secvf.faces.cli.app import Seconds, SecVFGroup, err, escape, new_table, not
 @click.option("--jobs", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Samples at once (each in its own VMs and network).")
 @click.option("--yara", "yara", multiple=True, type=click.Path(path_type=Path),
-              metavar="RULES", help="YARA rules to run over the sample and dropped files.")
+              metavar="RULES", help="YARA rules to run over the sample.")
 @click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
