@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,6 +71,14 @@ def security_events(library: Path, event: str) -> list[dict]:
             if record.get("event") == event:
                 found.append(record)
     return found
+
+
+def eventually(condition: Callable[[], object], within_s: float = 5.0) -> None:
+    """Wait until ``condition()`` is true (the switch counts and logs asynchronously)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.1)
 
 
 def ping(vm: str, address: str, count: int = 3) -> bool:
@@ -225,10 +233,7 @@ def test_a_broadcast_flood_is_limited_with_one_event_per_window(nets: Path) -> N
                 if e["vm"] == "nb" and e["reason"] == "broadcast_rate"]
 
     # a window's event is written when the window closes: wait for the last one
-    deadline = time.monotonic() + 5
-    while (sum(e["dropped"] for e in flood_events()) != drops["broadcast_rate"]
-           and time.monotonic() < deadline):
-        time.sleep(0.1)
+    eventually(lambda: sum(e["dropped"] for e in flood_events()) == drops["broadcast_rate"])
     events = flood_events()
     # one per 1 s window (about 3 s of flood), not one per dropped frame
     assert 1 <= len(events) <= 5, events
@@ -295,6 +300,7 @@ def test_a_killed_switch_is_restarted_and_the_vms_talk_again(nets: Path) -> None
     else:
         pytest.fail("the switch was not restarted within 10 s")
     assert not alive(before["switch_pid"])
+    eventually(lambda: security_events(nets, "switch_restarted")[events:])
     restarted = security_events(nets, "switch_restarted")[events:]
     assert len(restarted) == 1 and restarted[0]["network"] == "lab", restarted
     assert ping("na", LAB_B)
@@ -309,9 +315,9 @@ def test_a_foreign_sender_is_dropped_and_logged(nets: Path) -> None:
         intruder.bind(str(netdir / "intruder.sock"))
         intruder.sendto(b"\xff" * 6 + bytes.fromhex(port["mac"].replace(":", "")) +
                         b"\x08\x06" + bytes(46), str(switch_socket))
-    time.sleep(0.5)
-    assert _port("lab", "na")["counters"]["drops"]["foreign_sender"] == before + 1
-    assert any(e["network"] == "lab" for e in security_events(nets, "foreign_sender"))
+    eventually(lambda: _port("lab", "na")["counters"]["drops"]["foreign_sender"] == before + 1)
+    eventually(lambda: any(e["network"] == "lab"
+                           for e in security_events(nets, "foreign_sender")))
 
 
 def test_a_network_in_use_cannot_be_removed(nets: Path) -> None:
