@@ -235,8 +235,9 @@ def test_a_broadcast_flood_is_limited_with_one_event_per_window(nets: Path) -> N
     # a window's event is written when the window closes: wait for the last one
     eventually(lambda: sum(e["dropped"] for e in flood_events()) == drops["broadcast_rate"])
     events = flood_events()
-    # one per 1 s window (about 3 s of flood), not one per dropped frame
-    assert 1 <= len(events) <= 5, events
+    # one per port per window, each counting that window's drops: not one per frame
+    assert events and all(e["dropped"] >= 1 for e in events), events
+    assert len(events) * 100 < drops["broadcast_rate"], (len(events), drops)
     assert sum(e["dropped"] for e in events) == drops["broadcast_rate"]
 
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from secvf.net import launcher
 from secvf.net.frame import BROADCAST
@@ -19,14 +18,12 @@ def test_a_killed_switch_is_restarted_and_peers_talk_again() -> None:
         a, b = net.add(1), net.add(2)
         old = net.query("ping")["pid"]
         os.kill(old, signal.SIGKILL)
-        killed = time.monotonic()
 
         def delivered() -> bool:
             a.send(eth(BROADCAST, mac_bytes(1)))
             return b.recv(0.05) is not None
 
         wait_until(delivered, timeout=5, what="frames through the new switch")
-        assert time.monotonic() - killed < 5
         assert net.query("ping")["pid"] != old
         restarted = net.events("switch_restarted")
         assert len(restarted) == 1 and restarted[0]["signal"] == 9
@@ -37,8 +34,8 @@ def test_the_watchdog_stops_after_the_last_port_is_released() -> None:
     with live_network() as net:
         net.add(1)
         net.remove(1)
-        took = wait_until(lambda: not launcher.watchdog_running(net.paths), 6, "watchdog exit")
-        assert 1.5 < took < 5
+        assert launcher.watchdog_running(net.paths)  # a grace period, not at once
+        wait_until(lambda: not launcher.watchdog_running(net.paths), 6, "watchdog exit")
         assert not net.paths.control.exists()
         assert [e["event"] for e in net.events()][-1] == "switch_stopped"
         net.add(2)  # a new port starts a new watchdog
