@@ -182,13 +182,100 @@ def test_a_sample_that_cannot_run_here_is_reported(analysis_images: None,
     assert failed, report["timeline"][:10]
 
 
-def test_a_serial_flood_is_bounded_on_the_host(analysis_images: None, tmp_path: Path) -> None:
-    flood = sample(tmp_path, "flood.sh",
-                   "#!/bin/sh\nhead -c 30000000 /dev/zero | tr '\\0' A > /dev/ttyS0\n")
-    (result,) = analyze(str(flood), "--network", "none", "--timeout", "20", "--user", "root")
-    log = Path(result["directory"]) / "serial.log"
-    from secvf.workflows.detonation import LOG_MAX_BYTES
+def test_a_serial_flood_is_cut_on_the_host_and_the_run_still_ends(analysis_images: None,
+                                                                 tmp_path: Path) -> None:
+    from secvf.runtime.logcap import CUT_MARK
 
-    assert log.stat().st_size <= LOG_MAX_BYTES + 100
-    if log.stat().st_size > LOG_MAX_BYTES:  # the guest wrote more than the host keeps
-        assert any("serial.log was cut" in n for n in report_of(result)["notes"])
+    flood = sample(tmp_path, "flood.sh",
+                   "#!/bin/sh\nhead -c 20000000 /dev/zero | tr '\\0' A > /dev/ttyS0\n")
+    (result,) = analyze(str(flood), "--network", "none", "--timeout", "15", "--user", "root",
+                        "--log-limit", "256K")
+    assert result["verdict"] == "finished", result  # the done event came on the monitor port
+    data = (Path(result["directory"]) / "serial.log").read_bytes()
+    assert CUT_MARK in data[-4096:]
+    assert len(data) < (256 << 10) + (2 << 20)  # the limit plus what one check let through
+    assert any(n.startswith("serial.log: the guest wrote more than the VM's log limit")
+               for n in report_of(result)["notes"])
+
+
+def test_a_memory_dump_is_an_elf_core_of_guest_ram(analysis_images: None,
+                                                    tmp_path: Path) -> None:
+    import struct
+
+    holder = sample(tmp_path, "hold.sh", "#!/bin/sh\nsleep 1\n")
+    (result,) = analyze(str(holder), "--network", "none", "--timeout", "10", "--memory-dump")
+    report = report_of(result)
+    dump = Path(result["directory"]) / "memory.elf"
+    assert report["memory_dump"]["file"] == "memory.elf", report.get("memory_dump")
+    assert dump.stat().st_mode & 0o777 == 0o600
+    assert report["memory_dump"]["bytes"] == dump.stat().st_size
+    with dump.open("rb") as fh:
+        header = fh.read(64)
+        assert header[:4] == b"\x7fELF" and struct.unpack_from("<H", header, 16)[0] == 4
+        phoff, = struct.unpack_from("<Q", header, 32)
+        phnum, = struct.unpack_from("<H", header, 56)
+        fh.seek(phoff)
+        loads = 0
+        for _ in range(phnum):
+            kind, _flags, _off, _va, _pa, filesz = struct.unpack("<IIQQQQ", fh.read(56)[:40])
+            loads += filesz if kind == 1 else 0
+    assert loads >= 500 << 20  # the analysis guest has 512 MiB of RAM
+    import mmap
+    with dump.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mem:
+        assert mem.find(b"Linux version ") >= 0  # the guest kernel's banner is in its RAM
+    assert "memory_dump" in report["stages_s"]
+
+
+def test_a_kernel_panic_ends_the_analysis_and_the_report_says_so(analysis_images: None,
+                                                                 tmp_path: Path) -> None:
+    panic = sample(tmp_path, "panic.sh", "#!/bin/sh\necho c > /proc/sysrq-trigger\n")
+    (result,) = analyze(str(panic), "--network", "none", "--timeout", "30", "--user", "root",
+                        "--memory-dump")
+    report = report_of(result)
+    assert result["verdict"] == "guest-stopped", result
+    assert report["run"]["kernel_panic"] is True, report["serial"]
+    assert any("the guest stopped before the detonator finished" in n
+               for n in report["notes"]), report["notes"]
+    assert report["memory_dump"] is None
+    assert "no memory dump: the guest had already stopped" in report["notes"]
+
+
+def test_a_sample_that_fills_the_guest_disk_is_diffed_and_the_host_keeps_little(
+        analysis_images: None, tmp_path: Path) -> None:
+    filler = sample(tmp_path, "fill.sh", """#!/bin/sh
+avail=$(df --output=avail -B1 / | tail -n 1)
+fallocate -l "$avail" /var/tmp/fill  # ENOSPC near the end: the file takes what is left
+if dd if=/dev/zero of=/var/tmp/more bs=1M count=64 2>/dev/null; then exit 4; fi
+exit 0
+""")
+    (result,) = analyze(str(filler), "--network", "none", "--timeout", "30")
+    report = report_of(result)
+    assert result["verdict"] == "finished", result
+    assert report["run"]["exit_code"] == 0, report["run"]  # full: dd could not write
+    created = {c["path"]: c for c in report["disk_diff"]["created"]}
+    assert created["/var/tmp/fill"]["size"] > 1 << 30, created.get("/var/tmp/fill")
+    skipped = {s["path"] for s in report["disk_diff"]["dropped_zip"]["skipped"]}
+    assert "/var/tmp/fill" in skipped  # too big for the zip: listed, not extracted
+    kept = sum(f.stat().st_size for f in Path(result["directory"]).rglob("*") if f.is_file())
+    assert kept < 32 << 20, kept  # the result holds a report, not the guest's disk
+
+
+def test_a_network_flood_is_bounded_in_the_capture(analysis_images: None,
+                                                   tmp_path: Path) -> None:
+    flooder = sample(tmp_path, "flood.py", """#!/usr/bin/python3
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end, sent = time.monotonic() + 8, 0
+while time.monotonic() < end:
+    try:
+        s.sendto(b"F" * 1400, ("10.13.37.1", 9)); sent += 1
+    except OSError:
+        pass
+print("sent", sent)
+""")
+    (result,) = analyze(str(flooder), "--timeout", "20", "--capture-limit", "1M")
+    report = report_of(result)
+    assert result["verdict"] == "finished", result
+    capture = Path(result["directory"]) / "capture.pcapng"
+    assert capture.stat().st_size <= (1 << 20) + (64 << 10)
+    assert any(n.startswith("the capture stopped at 1048576 bytes") for n in report["notes"])

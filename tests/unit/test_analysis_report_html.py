@@ -114,3 +114,13 @@ json_values = st.recursive(
                        json_values, max_size=8))
 def test_malformed_reports_render(report):
     _assert_safe(render_html(report))
+
+
+def test_a_memory_dump_is_listed_under_the_run(tmp_path):
+    report = hostile_report(tmp_path)
+    assert "Memory dump" not in render_html(report)
+    report["memory_dump"] = {"file": "memory.elf", "format": "elf", "bytes": 536870912,
+                             "sha256": "<script>ab</script>"}
+    page = render_html(report)
+    assert "Memory dump" in page and "memory.elf" in page and "536870912" in page
+    _assert_safe(page)

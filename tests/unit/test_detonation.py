@@ -34,6 +34,8 @@ def script(tmp_path: Path) -> Path:
     ({"timeout_s": 0}, "1 to 3600 seconds"),
     ({"timeout_s": 7200}, "1 to 3600 seconds"),
     ({"network": "nat"}, "choose fakenet, none or isolated:NAME"),
+    ({"log_max_bytes": 1000}, "64 KiB to 16 GiB"),
+    ({"log_max_bytes": 17 << 30}, "64 KiB to 16 GiB"),
 ])
 def test_bad_options_are_refused(script: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -149,3 +151,23 @@ def test_several_jobs_on_one_isolated_network_are_refused(script: Path) -> None:
     request = DetonationRequest(sample=script, network="isolated:det")
     with pytest.raises(ConfigError, match="one at a time"):
         detonate_all([request, request], jobs=2)
+
+
+def test_a_cut_log_and_a_copy_past_its_limit_are_noted(tmp_path: Path) -> None:
+    from secvf.runtime.logcap import append_cut_note
+    from secvf.workflows.detonation import _copy_bounded
+
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"a" * 1000)
+    append_cut_note(log, 1000)
+    notes: list[str] = []
+    _copy_bounded(log, tmp_path / "kept.log", notes, limit=1 << 20)
+    assert (tmp_path / "kept.log").read_bytes() == log.read_bytes()
+    assert notes == ["kept.log: the guest wrote more than the VM's log limit; the host kept "
+                     "the first part and discarded the rest"]
+    notes.clear()
+    _copy_bounded(log, tmp_path / "short.log", notes, limit=100)
+    assert (tmp_path / "short.log").read_bytes().startswith(b"a" * 100 + b"\nT truncated")
+    assert notes == ["short.log was cut at 100 bytes"]
+    _copy_bounded(tmp_path / "none.log", tmp_path / "x.log", notes, limit=100)
+    assert notes[-1] == "no x.log: the guest wrote nothing there"

@@ -165,9 +165,10 @@ class _Run:
                         medium=str(self.medium), strace=STRACE or "strace",
                         setpriv=shutil.which("setpriv") or "setpriv", cwd=str(self.tmp))
 
-    def go(self, mount_error: str | None = None) -> tuple[d.RunResult | None, list[dict]]:
+    def go(self, mount_error: str | None = None, clock_problem: str | None = None,
+           ) -> tuple[d.RunResult | None, list[dict]]:
         result = d.run_medium(self.log, self.medium, mount=lambda: mount_error,
-                              runner=self.runner)
+                              runner=self.runner, settle_clock=lambda: clock_problem)
         self.log.event("done")
         os.close(self.fd)
         events = [json.loads(line[2:]) for line in self.port.read_text().splitlines()
@@ -184,6 +185,31 @@ def test_a_mount_failure_gives_error_then_done(tmp_path: Path) -> None:
     assert result is None
     assert [e["event"] for e in events] == ["error", "done"]
     assert "no medium" in events[0]["message"]
+
+
+def test_a_clock_that_was_not_stepped_is_noted_in_the_log(tmp_path: Path) -> None:
+    run = _Run(tmp_path)
+    run.go(mount_error="no medium", clock_problem="the clock is -3600 s off the RTC")
+    assert "# the clock is -3600 s off the RTC" in run.text()
+
+
+def test_the_sample_waits_until_the_clock_agrees_with_the_rtc() -> None:
+    readings = iter([-86400.0, -86400.0, 0.4])  # restored, not yet stepped, stepped
+    assert d.wait_for_clock(lambda: next(readings), wait_s=5) is None
+    assert next(readings, "used up") == "used up"
+
+
+def test_a_clock_that_stays_off_or_no_rtc_is_reported() -> None:
+    assert "+7200 s off" in (d.wait_for_clock(lambda: 7200.0, wait_s=0) or "")
+    assert "no readable RTC" in (d.wait_for_clock(lambda: None, wait_s=5) or "")
+
+
+def test_clock_skew_reads_the_rtc_file(tmp_path: Path) -> None:
+    import time
+    rtc = tmp_path / "since_epoch"
+    rtc.write_text(f"{int(time.time()) - 100}\n")
+    assert 99 <= (d.clock_skew(str(rtc)) or 0) <= 200
+    assert d.clock_skew(str(tmp_path / "missing")) is None
 
 
 def test_a_bad_manifest_gives_medium_error_done(tmp_path: Path) -> None:

@@ -170,6 +170,20 @@ def test_a_capture_writes_every_frame_with_the_vm_as_interface(
     wait_until(lambda: lab.capture_clients() == 0, 5, "the capture to disconnect")
 
 
+def test_a_capture_stops_at_its_total_size_and_says_so(lab: LibraryNetwork,
+                                                       tmp_path: Path) -> None:
+    path = tmp_path / "bounded.pcapng"
+    running = Running(CaptureRequest("lab", path=path, duration_s=WAIT_S,
+                                     max_bytes_total=4000))
+    running.connected(lab)
+    for i in range(10):
+        lab.send(0, 1, lab.frame(0, 1, i, size=1514))
+    result = running.finish()
+    assert result.ended == "size"
+    assert 4000 <= result.bytes < 4000 + 1700  # the frame that crossed it, no more
+    assert len(frames_in(path)) == result.frames < 10
+
+
 def test_rotation_keeps_the_newest_files(lab: LibraryNetwork, tmp_path: Path) -> None:
     out = tmp_path / "captures"
     out.mkdir()

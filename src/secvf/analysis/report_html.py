@@ -167,6 +167,10 @@ def _run(r: dict[str, Any]) -> str:
                                             "exit_signal", "timed_out", "monitor_died",
                                             "pid_limit_hit", "kernel_panic",
                                             "detonator_errors")])
+    dump = _get(r, "memory_dump")
+    if isinstance(dump, dict):
+        body += "<h3>Memory dump</h3>" + _kv([(k, _get(dump, k))
+                                              for k in ("file", "format", "bytes", "sha256")])
     body += "<h3>Sample medium write attempts</h3>" + _table(
         ["path", "pid", "source"], _get(run, "medium_write_attempts"),
         lambda a: [a["path"], a["pid"], a["source"]])

@@ -61,6 +61,7 @@ DONE_MARKER = "SECVF-DETONATION-DONE"
 CONSOLE_PREFIX = "secvf-detonator: "
 
 MONITOR_PORT = "/dev/ttyS1"
+RTC_SINCE_EPOCH = "/sys/class/rtc/rtc0/since_epoch"
 CONSOLE = "/dev/ttyS0"
 MEDIUM_DEVICE = "/dev/sr0"
 MOUNT_POINT = "/media/sample"
@@ -80,6 +81,12 @@ READ_CHUNK_BYTES = 65536
 KILL_WAIT_S = 5.0  # after killing the sample: how long strace gets to exit
 REMOUNT_WAIT_S = 5.0  # how long an emergency remount gets to take effect
 MAX_DENIED_EVENTS = 100  # write_medium_denied events per run
+#: After a restore the wall clock is where it was when the clean state was saved, until
+#: the image's restore watch steps it (within about a second): the sample waits for that,
+#: so the monitor log's times are the host's. How far off counts as not yet stepped, and
+#: how long to wait for the step.
+CLOCK_MAX_SKEW_S = 2.0
+CLOCK_WAIT_S = 10.0
 
 MANIFEST_MAX_BYTES = 65536
 MANIFEST_KEYS = frozenset({"format", "sample", "args", "user", "timeout_s", "pid_limit"})
@@ -751,10 +758,42 @@ def detonate(log: MonitorLog) -> None:
         _console_marker()
 
 
+def clock_skew(rtc: str = RTC_SINCE_EPOCH) -> float | None:
+    """Seconds the wall clock is off the emulated RTC (which counts on the host's clock
+    across a restore); None without a readable RTC."""
+    try:
+        with open(rtc, "rb") as fh:
+            return time.time() - int(fh.read().strip() or b"0")
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_clock(skew: Callable[[], float | None] = clock_skew,
+                   wait_s: float = CLOCK_WAIT_S) -> str | None:
+    """Wait until the wall clock agrees with the RTC (the restore watch stepped it);
+    returns what is wrong if it does not within ``wait_s`` (None: it agrees)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        off = skew()
+        if off is None:
+            return "no readable RTC: the clock was not checked"
+        if abs(off) <= CLOCK_MAX_SKEW_S:
+            return None
+        if time.monotonic() >= deadline:
+            return (f"the clock is {off:+.0f} s off the RTC after {wait_s:g} s; "
+                    "times in this log are the guest's")
+        time.sleep(MEDIUM_POLL_S)
+
+
 def run_medium(log: MonitorLog, medium: Path, mount: Callable[[], str | None] = mount_medium,
-               runner: Callable[[MonitorLog], Runner] | None = None) -> RunResult | None:
-    """Mount the medium, check its manifest and sample, run the sample; write ``medium``,
-    then ``error`` or the run's events. Returns the run's result (None: no run)."""
+               runner: Callable[[MonitorLog], Runner] | None = None,
+               settle_clock: Callable[[], str | None] = wait_for_clock) -> RunResult | None:
+    """Wait for a right clock, mount the medium, check its manifest and sample, run the
+    sample; write ``medium``, then ``error`` or the run's events. Returns the run's
+    result (None: no run)."""
+    clock_problem = settle_clock()
+    if clock_problem is not None:
+        log.comment(clock_problem)
     problem = mount()
     if problem is not None:
         log.event("error", message=f"cannot mount the medium: {problem}")

@@ -69,6 +69,12 @@ def base_plan(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
     return plan
 
 
+#: The chardevs of the serial console (ttyS0) and of a malware-analysis VM's monitor
+#: port (ttyS1).
+CONSOLE_CHARDEV = "ser0"
+MONITOR_CHARDEV = "ser1"
+
+
 def add_serial(plan: MachinePlan, config: VMConfig, bundle: Bundle, files: RuntimeFiles) -> None:
     """Serial console: logged always; attachable only if the kind allows console input.
 
@@ -77,18 +83,18 @@ def add_serial(plan: MachinePlan, config: VMConfig, bundle: Bundle, files: Runti
     the monitor log of the image's detonator (``secvf analyze``)."""
     log = f"{bundle.serial_log}"
     if config.kind is VMKind.MALWARE_ANALYSIS:
-        plan.add_backend("-chardev", f"file,id=ser0,path={log},append=on")
-        plan.add_backend("-serial", "chardev:ser0")
-        plan.add_backend("-chardev", f"file,id=ser1,path={bundle.monitor_log},append=on",
-                         "-serial", "chardev:ser1")
+        plan.add_backend("-chardev", f"file,id={CONSOLE_CHARDEV},path={log},append=on")
+        plan.add_backend("-serial", f"chardev:{CONSOLE_CHARDEV}")
+        plan.add_backend("-chardev",
+                         f"file,id={MONITOR_CHARDEV},path={bundle.monitor_log},append=on",
+                         "-serial", f"chardev:{MONITOR_CHARDEV}")
         return
-    else:
-        plan.add_backend(
-            "-chardev",
-            f"socket,id=ser0,path={files.console_socket},server=on,wait=off,"
-            f"logfile={log},logappend=on",
-        )
-    plan.add_backend("-serial", "chardev:ser0")
+    plan.add_backend(
+        "-chardev",
+        f"socket,id={CONSOLE_CHARDEV},path={files.console_socket},server=on,wait=off,"
+        f"logfile={log},logappend=on",
+    )
+    plan.add_backend("-serial", f"chardev:{CONSOLE_CHARDEV}")
 
 
 def add_boot_and_disks(plan: MachinePlan, config: VMConfig, bundle: Bundle) -> None:

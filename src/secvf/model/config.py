@@ -43,6 +43,11 @@ MAX_MEMORY_MIB = 1 << 20
 MAX_CPUS = 64
 MIN_DISK_BYTES = 64 << 20
 MAX_DISK_BYTES = 64 << 40
+#: A malware-analysis VM's serial and monitor logs are cut at this size (the guest
+#: writes them; the host must not fill up): default and bounds.
+GUEST_LOG_MAX_BYTES = 64 << 20
+MIN_GUEST_LOG_BYTES = 64 << 10
+MAX_GUEST_LOG_BYTES = 16 << 30
 DEFAULT_GUEST_CID = 3
 
 #: Field names that describe a host-guest channel. Seen anywhere outside
@@ -197,6 +202,9 @@ class VMConfig(_Strict):
     # graphical console; never on an AI sandbox, view-only (no input devices) for malware analysis
     display: DisplayMode = DisplayMode.NONE
     channels: SandboxChannels | None = None
+    # where a malware-analysis VM's file-backed serial ports (console, monitor) are cut
+    guest_log_max_bytes: int = Field(default=GUEST_LOG_MAX_BYTES, ge=MIN_GUEST_LOG_BYTES,
+                                     le=MAX_GUEST_LOG_BYTES)
     created_at: str
     updated_at: str
 

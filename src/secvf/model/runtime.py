@@ -8,8 +8,8 @@ about it only through the contracts below. All are pydantic models, strict
   supervisor on every change, read by any command (status, list, audit) while the
   supervisor holds ``run.lock``;
 * :class:`LastRun` — ``last_run.json`` in the bundle: how the previous run ended;
-* :class:`ControlRequest` (a :class:`StopRequest`, :class:`MediaRequest` or
-  :class:`SnapshotRequest`) /
+* :class:`ControlRequest` (a :class:`StopRequest`, :class:`MediaRequest`,
+  :class:`SnapshotRequest` or :class:`DumpRequest`) /
   :class:`ControlReply` — one JSON line each way on the supervisor's control socket
   (``secvf vm stop``, ``secvf vm media``);
 * :class:`StartReport` — the one JSON line the supervisor writes on the report pipe
@@ -212,8 +212,17 @@ class SnapshotRequest(_Message):
     state_dir: str | None = None  # absolute path; None: a disk-only snapshot
 
 
-class ControlRequest(RootModel[Annotated[StopRequest | MediaRequest | SnapshotRequest,
-                                         Field(discriminator="op")]]):
+class DumpRequest(_Message):
+    """Control request: write the running guest's memory to new file ``path`` as an ELF
+    core (QMP ``dump-guest-memory``, for Volatility and the like). The guest is paused
+    while QEMU writes it and runs on afterwards."""
+
+    op: Literal["dump"] = "dump"  # which request this is
+    path: str = Field(min_length=2, max_length=4096)  # absolute; must not exist
+
+
+class ControlRequest(RootModel[Annotated[StopRequest | MediaRequest | SnapshotRequest
+                                         | DumpRequest, Field(discriminator="op")]]):
     """Any request on the control socket, told apart by ``op`` (decode, then ``.root``)."""
 
 

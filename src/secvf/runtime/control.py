@@ -45,6 +45,7 @@ from secvf.errors import (
 from secvf.model.config import DisplayMode, ImageBoot, IsoBoot, VMConfig
 from secvf.model.runtime import (
     ControlReply,
+    DumpRequest,
     FailureKind,
     LaunchStage,
     MediaRequest,
@@ -340,15 +341,33 @@ def snapshot_running(name: str, request: SnapshotRequest) -> ControlReply:
         StateError: the VM is not running.
         SnapshotError: the supervisor refused or failed (its reason), or did not answer.
     """
+    return _ask_running(name, request, "snapshot request")
+
+
+def dump_memory(name: str, path: Path) -> int:
+    """Have running VM ``name``'s supervisor write the guest's memory to new file
+    ``path`` (an ELF core, 0600); returns its size once the guest runs again.
+
+    Raises:
+        StateError: the VM is not running.
+        SnapshotError: the supervisor refused or failed (its reason), or did not answer.
+    """
+    _ask_running(name, DumpRequest(path=str(path.absolute())), "memory dump")
+    return path.stat().st_size
+
+
+def _ask_running(name: str, request: SnapshotRequest | DumpRequest, what: str
+                 ) -> ControlReply:
     bundle, config = get_vm(name)
     if not is_running(bundle):
         raise StateError(f"VM '{name}' is not running", "stopped", ["running"])
     reply = _control(RuntimeFiles(config.id), request, SNAPSHOT_REPLY_TIMEOUT_S)
     if reply is None:
-        raise SnapshotError(f"the supervisor of VM '{name}' did not answer the snapshot "
-                            f"request; see {bundle.supervisor_log}")
+        raise SnapshotError(f"the supervisor of VM '{name}' did not answer the {what}; "
+                            f"see {bundle.supervisor_log}")
     if not reply.ok:
         raise SnapshotError(f"VM '{name}': {reply.error}")
+    return reply
     return reply
 
 
@@ -380,7 +399,8 @@ def _wait_unlocked(bundle: Bundle, timeout: float, *, raise_on_timeout: bool = T
     return True
 
 
-def _control(files: RuntimeFiles, request: StopRequest | MediaRequest | SnapshotRequest,
+def _control(files: RuntimeFiles,
+             request: StopRequest | MediaRequest | SnapshotRequest | DumpRequest,
              timeout: float, *,
              on_wait: Callable[[float], None] | None = None) -> ControlReply | None:
     """Send one request to the supervisor's control socket; None if it does not answer

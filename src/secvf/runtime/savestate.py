@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
@@ -28,6 +29,8 @@ from secvf.errors import SnapshotError
 
 #: The name the state file's descriptor gets in QEMU (``getfd``).
 STATE_FD_NAME = "secvf-state"
+#: The name a memory dump file's descriptor gets in QEMU.
+DUMP_FD_NAME = "secvf-dump"
 #: How often a save or load polls ``query-migrate``.
 MIGRATE_POLL_S = 0.005
 #: A save or load that takes longer than this is given up.
@@ -59,26 +62,54 @@ async def save_device_state(qmp: QMPClient, path: Path) -> int:
         SnapshotError: the file cannot be created or the migration failed (``path`` is
             removed then).
     """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise SnapshotError(f"cannot create {path}: {exc.strerror}") from exc
-    try:
+    with _new_file(path, "save the guest state") as fd:
         await _pass_fd(qmp, fd)
         await qmp.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
         await _wait_migration(qmp, "saving the guest state")
         os.fsync(fd)
         return os.fstat(fd).st_size
+
+
+@contextlib.contextmanager
+def _new_file(path: Path, what: str) -> Iterator[int]:
+    """New file ``path`` (0600) for QEMU to write; removed if the body fails.
+
+    Raises:
+        SnapshotError: it cannot be created, or QEMU failed (``could not {what}``).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SnapshotError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        yield fd
     except QMPError as exc:
         with contextlib.suppress(OSError):
             path.unlink()
-        raise SnapshotError(f"QEMU could not save the guest state: {exc}") from exc
+        raise SnapshotError(f"QEMU could not {what}: {exc}") from exc
     except BaseException:
         with contextlib.suppress(OSError):
             path.unlink()
         raise
     finally:
         os.close(fd)
+
+
+async def dump_guest_memory(qmp: QMPClient, path: Path) -> int:
+    """Write the guest's memory to new file ``path`` (0600) as an ELF core, the format
+    Volatility and ``crash`` read; return its size. QEMU pauses the guest while it
+    writes and resumes it afterwards.
+
+    Raises:
+        SnapshotError: the file cannot be created or QEMU failed (``path`` is removed).
+    """
+    with _new_file(path, "dump the guest's memory") as fd:
+        await _pass_fd(qmp, fd, DUMP_FD_NAME)
+        await qmp.execute("dump-guest-memory", {
+            "paging": False, "protocol": f"fd:{DUMP_FD_NAME}", "detach": False,
+            "format": "elf"})
+        os.fsync(fd)
+        return os.fstat(fd).st_size
 
 
 async def load_device_state(qmp: QMPClient, path: Path) -> None:
@@ -129,11 +160,11 @@ async def _disk_snapshot_command(qmp: QMPClient, command: str, tag: str, what: s
         raise SnapshotError(f"QEMU could not {what}: {exc}") from exc
 
 
-async def _pass_fd(qmp: QMPClient, fd: int) -> None:
+async def _pass_fd(qmp: QMPClient, fd: int, name: str = STATE_FD_NAME) -> None:
     with contextlib.suppress(QMPError):  # a leftover of a failed save or load
-        await qmp.execute("closefd", {"fdname": STATE_FD_NAME})
+        await qmp.execute("closefd", {"fdname": name})
     qmp.send_fd_scm(fd)
-    await qmp.execute("getfd", {"fdname": STATE_FD_NAME})
+    await qmp.execute("getfd", {"fdname": name})
 
 
 async def _wait_migration(qmp: QMPClient, what: str) -> None:

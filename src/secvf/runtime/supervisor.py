@@ -75,7 +75,13 @@ from secvf.errors import (
     SupervisorFailed,
 )
 from secvf.machine import MachinePlan, build_machine
-from secvf.machine.common import CDROM_DEVICE_ID, has_cdrom, resolve_image
+from secvf.machine.common import (
+    CDROM_DEVICE_ID,
+    CONSOLE_CHARDEV,
+    MONITOR_CHARDEV,
+    has_cdrom,
+    resolve_image,
+)
 from secvf.machine.plan import HelperSpec, RunMode, SwitchPort, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
 from secvf.model.config import Accel, DisplayMode, ImageBoot, VMKind, now_iso
@@ -83,6 +89,7 @@ from secvf.model.runtime import (
     MAX_FAILURE_OUTPUT_CHARS,
     ControlReply,
     ControlRequest,
+    DumpRequest,
     FailureKind,
     LastRun,
     LaunchStage,
@@ -102,9 +109,11 @@ from secvf.runtime.devwatch import DeviceWatch
 from secvf.runtime.guestlog import SerialEvent, SerialScanner
 from secvf.runtime.hotplug import plug
 from secvf.runtime.lifecycle import Lifecycle
+from secvf.runtime.logcap import GuestLogCap, GuestLogPort
 from secvf.runtime.procutil import die_with_parent
 from secvf.runtime.savestate import (
     delete_disk_snapshot,
+    dump_guest_memory,
     load_device_state,
     prepare_migration,
     save_device_state,
@@ -751,6 +760,8 @@ class Supervisor:
             asyncio.create_task(self._watch_devices()),
             *(asyncio.create_task(self._watch_helper(n, p)) for n, p in self.helpers.items()),
         ]
+        if self.config.kind is VMKind.MALWARE_ANALYSIS:  # its serial ports are plain files
+            tasks.append(asyncio.create_task(self._guest_log_cap().watch(self._qmp)))
         rc = await self._qemu().wait()
         self._exited.set()
         self.log.info("QEMU exited with %s", rc)
@@ -811,6 +822,17 @@ class Supervisor:
             offset += len(chunk)
             for event in scanner.feed(chunk):
                 self._on_serial_event(event)
+
+    def _guest_log_cap(self) -> GuestLogCap:
+        def cut(port: GuestLogPort, size: int) -> None:
+            self.log.warning("%s passed %d bytes: cut", port.path, limit)
+            seclog.write_event("guest_log_cut", severity=Severity.WARNING, vm=self.config.name,
+                               vm_id=self.config.id, chardev=port.chardev, path=str(port.path),
+                               size=size, limit=limit)
+
+        limit = self.config.guest_log_max_bytes
+        return GuestLogCap([GuestLogPort(CONSOLE_CHARDEV, self.serial_log),
+                            GuestLogPort(MONITOR_CHARDEV, self.bundle.monitor_log)], limit, cut)
 
     def _on_serial_event(self, event: SerialEvent) -> None:
         if event.kind == "ready":
@@ -1058,6 +1080,9 @@ class Supervisor:
                 return ControlReply(ok=True)
             if isinstance(request, SnapshotRequest):
                 return await self.snapshot(request)
+            if isinstance(request, DumpRequest):
+                await self.dump_memory(Path(request.path))
+                return ControlReply(ok=True)
             await self.stop(force=request.force, reason="stop requested",
                             timeout=request.timeout)
         except SecVFError as exc:
@@ -1067,6 +1092,24 @@ class Supervisor:
                                                 f"{MEDIA_CHANGE_TIMEOUT_S:.0f} s")
         await self._exited.wait()
         return ControlReply(ok=True, forced=bool(self.forced))
+
+    async def dump_memory(self, path: Path) -> None:
+        """Write the running guest's memory to new file ``path`` (an ELF core).
+
+        Raises:
+            StateError: the VM is not running.
+            SnapshotError: ``path`` is not absolute or cannot be created, or QEMU failed.
+        """
+        if not path.is_absolute():
+            raise SnapshotError(f"memory dump path {path} is not absolute")
+        async with self._media_lock:
+            self.lifecycle.require(VmState.RUNNING)
+            began = time.monotonic()
+            size = await dump_guest_memory(self._qmp(), path)
+        self.log.info("guest memory dumped to %s: %d bytes in %.1f s", path, size,
+                      time.monotonic() - began)
+        seclog.write_event("vm_memory_dumped", vm=self.config.name, vm_id=self.config.id,
+                           path=str(path), size=size)
 
     # ---- the cdrom drive -------------------------------------------------------------
 

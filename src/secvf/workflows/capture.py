@@ -239,7 +239,8 @@ def _run(config: NetworkConfig, ports: list[str] | None, out: RotatingPcapng,
                     progress(state)
                     reported = now
             if stop():
-                state.ended = "interrupted"
+                if state.ended == "running":  # not a limit of done()'s, such as "size"
+                    state.ended = "interrupted"
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 state.ended = "duration"

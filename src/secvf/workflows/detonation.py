@@ -39,9 +39,17 @@ from typing import TYPE_CHECKING, Any
 
 from secvf.errors import ConfigError, NotFound, SecVFError, StateError
 from secvf.model.channels import channel_of
-from secvf.model.config import ImageBoot, Nic, VMConfig, now_iso
+from secvf.model.config import (
+    MAX_GUEST_LOG_BYTES,
+    MIN_GUEST_LOG_BYTES,
+    ImageBoot,
+    Nic,
+    VMConfig,
+    now_iso,
+)
 from secvf.model.enums import NetworkMode
 from secvf.runtime import control
+from secvf.runtime.logcap import CUT_MARK
 from secvf.store import analyses, library, networks
 from secvf.store.digest import sha256_file
 from secvf.store.runstate import is_running
@@ -63,8 +71,14 @@ MAX_SAMPLE_BYTES = 256 << 20
 END_GRACE_S = 20.0
 #: Bounds of what is kept from the guest.
 CAPTURE_MAX_BYTES = 64 << 20
+MIN_CAPTURE_BYTES, MAX_CAPTURE_BYTES = 64 << 10, 64 << 30
 LOG_MAX_BYTES = 8 << 20
+#: A log copied into the result dir may pass its limit by this much (what the guest
+#: wrote between two checks of the supervisor, and the cut note).
+COPY_SLACK_BYTES = 4 << 20
 DONE_MARKER = b"SECVF-DETONATION-DONE"
+#: The detonator's last monitor-log event: the end is seen even when the console was cut.
+DONE_EVENT = b'\nE {"event":"done"'
 POLL_S = 0.1
 USERS = ("analyst", "root")
 NETWORK_CHOICES = "fakenet, none or isolated:NAME"
@@ -93,6 +107,12 @@ class DetonationRequest:
     # boot the VMs from their images instead of restoring the clean states (the
     # benchmark's baseline; the disk diff then also shows what the boot wrote)
     cold: bool = False
+    # write the guest's memory to memory.elf before it is stopped (for Volatility)
+    memory_dump: bool = False
+    # where the guest's console and monitor logs are cut on the host (bytes)
+    log_max_bytes: int = LOG_MAX_BYTES
+    # where the network capture stops (bytes)
+    capture_max_bytes: int = CAPTURE_MAX_BYTES
 
 
 @dataclass
@@ -129,6 +149,12 @@ def check_request(request: DetonationRequest) -> None:
         raise ConfigError(f"--user {request.user!r}: choose analyst or root")
     if not 1 <= request.timeout_s <= 3600:
         raise ConfigError(f"--timeout {request.timeout_s:g}: 1 to 3600 seconds")
+    if not MIN_CAPTURE_BYTES <= request.capture_max_bytes <= MAX_CAPTURE_BYTES:
+        raise ConfigError(f"capture limit {request.capture_max_bytes} bytes: "
+                          f"{MIN_CAPTURE_BYTES >> 10} KiB to {MAX_CAPTURE_BYTES >> 30} GiB")
+    if not MIN_GUEST_LOG_BYTES <= request.log_max_bytes <= MAX_GUEST_LOG_BYTES:
+        raise ConfigError(f"log limit {request.log_max_bytes} bytes: "
+                          f"{MIN_GUEST_LOG_BYTES >> 10} KiB to {MAX_GUEST_LOG_BYTES >> 30} GiB")
     if request.network not in ("fakenet", "none") and not request.network.startswith(
             "isolated:"):
         raise ConfigError(f"--network {request.network!r}: choose {NETWORK_CHOICES}")
@@ -150,12 +176,18 @@ def medium_name(sample: Path) -> str:
     return name if name not in ("manifest.json",) else f"_{name}"
 
 
-def detonate(request: DetonationRequest, progress: Progress | None = None) -> DetonationResult:
+class Interrupted(SecVFError):
+    """The detonation was cancelled (Ctrl-C); what it made was removed."""
+
+
+def detonate(request: DetonationRequest, progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> DetonationResult:
     """Run one sample end to end (module docstring) and return where its results are.
 
     A failure after the result directory exists is recorded there (``status.json``,
     ``verdict: failed``) and returned, not raised, so one bad sample does not stop a
-    batch; whatever the detonation made is removed either way.
+    batch; whatever the detonation made is removed either way. Setting ``cancel`` ends
+    the detonation at its next step (``verdict: interrupted``).
 
     Raises:
         NotFound, ConfigError: the request cannot run (nothing was made).
@@ -163,7 +195,7 @@ def detonate(request: DetonationRequest, progress: Progress | None = None) -> De
     check_request(request)
     analysis_id, directory, lock = analyses.new_analysis()
     say = (lambda text: progress(analysis_id, text)) if progress else (lambda _text: None)
-    session = _Session(analysis_id, directory, request, say)
+    session = _Session(analysis_id, directory, request, say, cancel or threading.Event())
     try:
         return session.run()
     finally:
@@ -175,8 +207,9 @@ class _Session:
     """One detonation's steps and what they made."""
 
     def __init__(self, analysis_id: str, directory: Path, request: DetonationRequest,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], cancel: threading.Event) -> None:
         self.id, self.dir, self.request, self.say = analysis_id, directory, request, say
+        self.cancel = cancel
         self.guest = f"an-{analysis_id}"
         self.gateway = f"an-{analysis_id}-gw" if request.network == "fakenet" else None
         self.network = (f"an-{analysis_id}" if request.network == "fakenet"
@@ -190,6 +223,7 @@ class _Session:
         self.capture_thread: threading.Thread | None = None
         self.capture_error: str | None = None
         self.notes: list[str] = []
+        self.memory_dump: dict[str, Any] | None = None
 
     def run(self) -> DetonationResult:
         analyses.write_status(
@@ -201,17 +235,24 @@ class _Session:
                   "network": self.network if self.own_network else None})
         try:
             guest_state, gateway_state = self._clean_states()
+            self._check_cancel()
             self._start(guest_state, gateway_state)
+            self._check_cancel()
             self._deliver()
             verdict = self._wait()
+            self._check_cancel()
+            if self.request.memory_dump:
+                self._dump_memory()
             self._stop()
+            self._check_cancel()
             diff = self._diff(guest_state)
             report = self._report(diff, verdict)
         except SecVFError as exc:
-            self.say(f"failed: {exc}")
-            analyses.write_status(self.dir, state="failed", verdict="failed", error=str(exc),
+            ended = "interrupted" if isinstance(exc, Interrupted) else "failed"
+            self.say(f"{ended}: {exc}")
+            analyses.write_status(self.dir, state=ended, verdict=ended, error=str(exc),
                                   ended_at=now_iso(), stages_s=self.stages)
-            return DetonationResult(self.id, self.dir, "failed", stages_s=self.stages,
+            return DetonationResult(self.id, self.dir, ended, stages_s=self.stages,
                                     error=str(exc))
         analyses.write_status(self.dir, state="done", verdict=verdict, ended_at=now_iso(),
                               stages_s=self.stages)
@@ -219,6 +260,10 @@ class _Session:
 
     def _stage(self, name: str, since: float) -> None:
         self.stages[name] = round(time.monotonic() - since, 3)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Interrupted("cancelled; the session's VMs and network are removed")
 
     # ---- 1. clean start ------------------------------------------------------------
 
@@ -258,7 +303,7 @@ class _Session:
                     address=n.address, router=n.router) for n in state.config.nics]
         config = state.config.model_copy(update={
             "id": str(uuid.uuid4()), "name": name, "nics": nics, "created_at": now_iso(),
-            "updated_at": now_iso()})
+            "updated_at": now_iso(), "guest_log_max_bytes": self.request.log_max_bytes})
         VMConfig.model_validate(config.model_dump(mode="json"))
         accel = state.template.state.shape.accel
         if self.request.cold:
@@ -281,13 +326,14 @@ class _Session:
 
     def _start_capture(self) -> None:
         request = CaptureRequest(network=self.network or "", path=self.dir / "capture.pcapng",
-                                 max_bytes_total=CAPTURE_MAX_BYTES)
+                                 max_bytes_total=self.request.capture_max_bytes)
 
         def run() -> None:
             try:
                 result = capture(request, stop=self.capture_stop.is_set)
                 if result.ended == "size":
-                    self.notes.append(f"the capture stopped at {CAPTURE_MAX_BYTES >> 20} MiB")
+                    self.notes.append(f"the capture stopped at {request.max_bytes_total} bytes "
+                                      "(the limit); later frames are not in capture.pcapng")
             except SecVFError as exc:
                 self.capture_error = str(exc)
 
@@ -317,7 +363,9 @@ class _Session:
         deadline = began + self.request.timeout_s + END_GRACE_S
         verdict = "timeout"
         while time.monotonic() < deadline:
-            if _has_marker(bundle.serial_log):
+            self._check_cancel()
+            if (_has_marker(bundle.serial_log, DONE_MARKER)
+                    or _has_marker(bundle.monitor_log, DONE_EVENT)):
                 verdict = "finished"
                 break
             if not is_running(bundle):
@@ -332,6 +380,22 @@ class _Session:
         self._stage("run", began)
         return verdict
 
+    def _dump_memory(self) -> None:
+        """The guest's memory as ``memory.elf``, before it is stopped (noted if not)."""
+        began = time.monotonic()
+        if not is_running(library.get_bundle(self.guest)):
+            self.notes.append("no memory dump: the guest had already stopped")
+            return
+        self.say("dumping memory")
+        path = self.dir / "memory.elf"
+        try:
+            size = control.dump_memory(self.guest, path)
+            self.memory_dump = {"file": path.name, "format": "elf", "bytes": size,
+                                "sha256": sha256_file(path)}
+        except SecVFError as exc:
+            self.notes.append(f"memory dump: {exc}")
+        self._stage("memory_dump", began)
+
     def _stop(self) -> None:
         began = time.monotonic()
         self.say("stopping")
@@ -345,11 +409,13 @@ class _Session:
         if self.capture_error:
             self.notes.append(f"capture: {self.capture_error}")
         bundle = library.get_bundle(self.guest)
-        _copy_bounded(bundle.serial_log, self.dir / "serial.log", self.notes)
-        _copy_bounded(bundle.monitor_log, self.dir / "monitor.log", self.notes)
+        # what the supervisor let through: the limit plus one check's worth and its note
+        limit = self.request.log_max_bytes + COPY_SLACK_BYTES
+        _copy_bounded(bundle.serial_log, self.dir / "serial.log", self.notes, limit)
+        _copy_bounded(bundle.monitor_log, self.dir / "monitor.log", self.notes, limit)
         if self.gateway:
             _copy_bounded(library.get_bundle(self.gateway).serial_log, self.dir / "fakenet.log",
-                          self.notes)
+                          self.notes, limit)
         self._stage("stop", began)
 
     # ---- 5.-6. disk diff, report -------------------------------------------------------
@@ -413,7 +479,7 @@ class _Session:
             yara_rules=self.request.yara, timeout_s=self.request.timeout_s,
             notes=self.notes,
             extra={"verdict": verdict, "network_mode": self.request.network,
-                   "stages_s": self.stages}))
+                   "stages_s": self.stages, "memory_dump": self.memory_dump}))
         write_report(report, self.dir)
         self._stage("report", began)
         return report
@@ -458,27 +524,32 @@ def sweep_interrupted() -> list[str]:
     return swept
 
 
-def _has_marker(path: Path) -> bool:
-    """Whether the serial log holds the detonator's done marker (read from its end)."""
+def _has_marker(path: Path, marker: bytes) -> bool:
+    """Whether the guest log at ``path`` holds ``marker`` (read from its end)."""
     try:
         with path.open("rb") as fh:
             fh.seek(0, 2)
             size = fh.tell()
             fh.seek(max(0, size - (64 << 10)))
-            return DONE_MARKER in fh.read()
+            return marker in fh.read()
     except OSError:
         return False
 
 
-def _copy_bounded(source: Path, dest: Path, notes: list[str]) -> None:
-    """Copy at most :data:`LOG_MAX_BYTES` of a guest log, noting a cut."""
+def _copy_bounded(source: Path, dest: Path, notes: list[str], limit: int) -> None:
+    """Copy at most ``limit`` bytes of a guest log, noting a cut (by the copy, or by the
+    supervisor's :mod:`~secvf.runtime.logcap`)."""
     try:
         with source.open("rb") as src, os.fdopen(
                 os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-            out.write(src.read(LOG_MAX_BYTES))
+            kept = src.read(limit)
+            out.write(kept)
             if src.read(1):
-                out.write(f"\nT truncated after {LOG_MAX_BYTES} bytes\n".encode())
-                notes.append(f"{dest.name} was cut at {LOG_MAX_BYTES >> 20} MiB")
+                out.write(f"\nT truncated after {limit} bytes\n".encode())
+                notes.append(f"{dest.name} was cut at {limit} bytes")
+            elif CUT_MARK in kept[-4096:]:
+                notes.append(f"{dest.name}: the guest wrote more than the VM's log limit; "
+                             "the host kept the first part and discarded the rest")
     except FileNotFoundError:
         notes.append(f"no {dest.name}: the guest wrote nothing there")
 
@@ -503,5 +574,12 @@ def detonate_all(requests: list[DetonationRequest], *, jobs: int = 1,
                           "guest has the same address and MAC, so samples on one network "
                           "must run one at a time (fakenet gives each its own network)")
     sweep_interrupted()
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="detonation") as pool:
-        return list(pool.map(lambda r: detonate(r, progress), requests))
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="detonation")
+    try:
+        return list(pool.map(lambda r: detonate(r, progress, cancel), requests))
+    except KeyboardInterrupt:  # every running session reverts at its next step
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

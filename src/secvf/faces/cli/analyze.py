@@ -27,31 +27,47 @@ from secvf.faces.cli.app import Seconds, SecVFGroup, err, escape, new_table, not
               help="Samples at once (each in its own VMs and network).")
 @click.option("--yara", "yara", multiple=True, type=click.Path(path_type=Path),
               metavar="RULES", help="YARA rules to run over the sample.")
+@click.option("--memory-dump", is_flag=True,
+              help="Write the guest's memory to memory.elf at the end (for Volatility).")
+@click.option("--log-limit", default="8M", show_default=True, metavar="SIZE",
+              help="Where the guest's console and monitor logs are cut on the host.")
+@click.option("--capture-limit", default="64M", show_default=True, metavar="SIZE",
+              help="Where the network capture stops.")
 @click.option("--accel", type=click.Choice([a.value for a in api.Accel]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def analyze(samples: tuple[Path, ...], timeout: float, network: str, sample_args: str,
-            user: str, jobs: int, yara: tuple[Path, ...], accel: str, as_json: bool) -> None:
+            user: str, jobs: int, yara: tuple[Path, ...], memory_dump: bool, log_limit: str,
+            capture_limit: str, accel: str, as_json: bool) -> None:
     """Detonate SAMPLE... each in a malware-analysis VM restored from a clean state, with
-    no host-guest channel; results go to $SECVF_HOME/analyses/ID/ (see: secvf analyses)."""
+    no host-guest channel; results go to $SECVF_HOME/analyses/ID/ (see: secvf analyses).
+
+    Ctrl-C stops every running analysis at its next step and removes its VMs."""
     import shlex
 
     requests = [api.DetonationRequest(sample=s, timeout_s=timeout, network=network,
                                       args=tuple(shlex.split(sample_args)), user=user,
-                                      yara=yara, accel=accel) for s in samples]
+                                      yara=yara, accel=accel, memory_dump=memory_dump,
+                                      log_max_bytes=api.parse_size(log_limit),
+                                      capture_max_bytes=api.parse_size(capture_limit))
+                for s in samples]
     lock = threading.Lock()
 
     def progress(analysis_id: str, stage: str) -> None:
         with lock:
             err.print(f"[bold]{analysis_id}[/] {escape(stage)}", highlight=False)
 
-    results = api.analyze(requests, jobs=jobs, progress=None if as_json else progress)
+    try:
+        results = api.analyze(requests, jobs=jobs, progress=None if as_json else progress)
+    except KeyboardInterrupt:
+        err.print("interrupted: the running analyses were stopped and their VMs removed")
+        raise SystemExit(130) from None
     if as_json:
         print_json([_result_json(r) for r in results])
     else:
         for result in results:
             _print_result(result)
-    if any(r.verdict == "failed" for r in results):
+    if any(r.verdict in ("failed", "interrupted") for r in results):
         raise SystemExit(1)
 
 
