@@ -279,3 +279,50 @@ print("sent", sent)
     capture = Path(result["directory"]) / "capture.pcapng"
     assert capture.stat().st_size <= (1 << 20) + (64 << 10)
     assert any(n.startswith("the capture stopped at 1048576 bytes") for n in report["notes"])
+
+
+def _analyze_until_running(sample_path: Path) -> subprocess.Popen[str]:
+    """``secvf analyze`` started in the background, returned once its sample runs."""
+    proc = subprocess.Popen([SECVF, "analyze", str(sample_path), "--network", "fakenet",
+                             "--timeout", "120"], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if " running (timeout" in line:
+            return proc
+    raise AssertionError(f"secvf analyze ended before its sample ran: {proc.wait()}")
+
+
+def _nothing_left(analysis_id: str) -> None:
+    vms = json.loads(run_cli("vm", "list", "--json", check=True).stdout)
+    assert not [v for v in vms if v["name"].startswith(f"an-{analysis_id}")], vms
+    nets = json.loads(run_cli("net", "list", "--json", check=True).stdout)
+    assert not [n for n in nets if n["name"] == f"an-{analysis_id}"], nets
+    (listed,) = [a for a in json.loads(run_cli("analyses", "list", "--json",
+                                               check=True).stdout) if a["id"] == analysis_id]
+    assert listed["verdict"] == "interrupted", listed
+    assert not list((Path(os.environ["SECVF_HOME"]) / "analyses" / analysis_id).glob("work-*"))
+
+
+def _newest_analysis() -> str:
+    listed = json.loads(run_cli("analyses", "list", "--json", check=True).stdout)
+    return max(listed, key=lambda a: a["started_at"] or "")["id"]
+
+
+def test_ctrl_c_reverts_the_running_analysis(analysis_images: None, tmp_path: Path) -> None:
+    import signal
+
+    proc = _analyze_until_running(sample(tmp_path, "slow.sh", "#!/bin/sh\nsleep 100\n"))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: the running analyses were stopped" in err
+    _nothing_left(_newest_analysis())
+
+
+def test_a_killed_analyze_leaves_nothing_after_the_next_command(analysis_images: None,
+                                                                tmp_path: Path) -> None:
+    proc = _analyze_until_running(sample(tmp_path, "slow.sh", "#!/bin/sh\nsleep 100\n"))
+    proc.kill()  # SIGKILL: no clean-up of its own
+    proc.wait(timeout=30)
+    analysis_id = _newest_analysis()  # the next command sweeps what it left
+    _nothing_left(analysis_id)
