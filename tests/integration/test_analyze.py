@@ -76,7 +76,10 @@ def report_of(result: dict) -> dict:
 @pytest.fixture(scope="module")
 def behaviour(analysis_images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("samples")
-    (result,) = analyze(str(sample(tmp, "behave.py", BEHAVIOUR)), "--timeout", "60")
+    rules = tmp / "rules.yar"
+    rules.write_text('rule dropped_marker { strings: $a = "ELF-not-really" condition: $a }\n')
+    (result,) = analyze(str(sample(tmp, "behave.py", BEHAVIOUR)), "--timeout", "60",
+                        "--yara", str(rules))
     assert result["verdict"] == "finished", result
     yield result
 
@@ -111,6 +114,15 @@ def test_dropped_files_are_in_the_infected_zip_not_executable_on_the_host(
         assert (archive.getinfo(member).external_attr >> 16) & 0o111 == 0
     for path in directory.rglob("*"):
         assert not (path.is_file() and path.stat().st_mode & 0o111), path
+    assert not list(directory.glob("work-*"))  # the staged copies went with the work dir
+
+
+def test_yara_scans_the_dropped_files(behaviour: dict) -> None:
+    yara = report_of(behaviour)["yara"]
+    assert yara["enabled"], yara
+    targets = {(m["target"], m["rule"]) for m in yara["matches"]}
+    assert ("/home/analyst/dropped.bin", "dropped_marker") in targets, yara["matches"]
+    assert ("sample", "dropped_marker") in targets  # the sample holds the string too
 
 
 def test_the_capture_holds_the_dns_query(behaviour: dict) -> None:

@@ -112,3 +112,17 @@ def test_an_existing_zip_is_not_overwritten(images: Images, tmp_path: Path) -> N
     with pytest.raises(DroppedZipError, match="exists"):
         write_dropped_zip(images.diff(), images.session, out, workdir=images.work)
     assert out.read_bytes() == b"keep"
+
+
+def test_kept_copies_are_the_members_and_not_executable(images: Images,
+                                                        dropped: dict[str, bytes]) -> None:
+    out = images.tmp / "dropped.zip"
+    keep = images.tmp / "kept"
+    result = write_dropped_zip(images.diff(), images.session, out, workdir=images.work,
+                               keep_files=keep)
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o700
+    for member in result.members:
+        copy = keep / "files" / member.name
+        assert copy.read_bytes() == dropped[member.path]
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o644  # the guest's 04755 is gone
+    assert list(images.work.iterdir()) == []  # the staging directory itself is removed

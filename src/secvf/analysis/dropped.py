@@ -118,13 +118,16 @@ class DroppedZip:
 
 def write_dropped_zip(diff: DiskDiff, session: Path | RawImage, out: Path,
                       password: str = DEFAULT_PASSWORD, *, workdir: Path | None = None,
-                      limits: DropLimits = DropLimits()) -> DroppedZip:
+                      limits: DropLimits = DropLimits(),
+                      keep_files: Path | None = None) -> DroppedZip:
     """Write the created and modified regular files of ``diff`` into the encrypted zip
     ``out`` (mode 0600; it must not exist yet).
 
     ``session`` is the session image the diff was made of (a path: flattened again
     into ``workdir``; a :class:`RawImage`: read as it is). ``workdir`` (default: the
-    directory of ``out``) holds the staging directory.
+    directory of ``out``) holds the staging directory. With ``keep_files`` (a directory
+    that must not exist, 0700) the staged copies stay there, as ``keep_files/files/<member
+    name>`` (mode 0644, never executable), for the caller to scan and then remove.
 
     Raises:
         DroppedZipError: ``out`` exists, ``zip`` is missing or failed, or the session
@@ -137,7 +140,7 @@ def write_dropped_zip(diff: DiskDiff, session: Path | RawImage, out: Path,
         raise DroppedZipError(f"{out} exists already", out)
     try:
         with _session_raw(session, work) as raw:
-            return _write(diff, raw, out, password, work, limits)
+            return _write(diff, raw, out, password, work, limits, keep_files)
     except SecVFError as exc:
         if isinstance(exc, DroppedZipError):
             raise
@@ -161,9 +164,11 @@ def _selected(diff: DiskDiff) -> Iterator[tuple[str, FileChange]]:
 
 
 def _write(diff: DiskDiff, raw: RawImage, out: Path, password: str, work: Path,
-           limits: DropLimits) -> DroppedZip:
+           limits: DropLimits, keep: Path | None) -> DroppedZip:
     result = DroppedZip(out, password)
     stage = Path(tempfile.mkdtemp(prefix="secvf-dropped-", dir=work))  # 0700
+    if keep is not None:
+        keep.mkdir(mode=0o700)
     errors: list[str] = []
     fs = Ext4Reader(raw, stage, errors)
     total = 0
@@ -183,6 +188,8 @@ def _write(diff: DiskDiff, raw: RawImage, out: Path, password: str, work: Path,
             total += member.size
             result.members.append(member)
         _zip(stage, result, out)
+        if keep is not None and (stage / "files").is_dir():
+            os.replace(stage / "files", keep / "files")
     finally:
         fs.close()
         shutil.rmtree(stage, ignore_errors=True)

@@ -224,6 +224,7 @@ class _Session:
         self.capture_error: str | None = None
         self.notes: list[str] = []
         self.memory_dump: dict[str, Any] | None = None
+        self.dropped_files: list[tuple[str, Path]] = []
 
     def run(self) -> DetonationResult:
         analyses.write_status(
@@ -437,8 +438,12 @@ class _Session:
                 diff = diff_raw(clean, session, workdir=self.tmp)
                 result = diff.to_json()
                 try:
-                    result["dropped_zip"] = write_dropped_zip(
-                        diff, session, self.dir / "dropped.zip", workdir=self.tmp).to_json()
+                    dropped = write_dropped_zip(diff, session, self.dir / "dropped.zip",
+                                                workdir=self.tmp, keep_files=self.tmp / "dropped")
+                    result["dropped_zip"] = dropped.to_json()
+                    # the staged copies (0644, in the work dir) for YARA and zip listing
+                    self.dropped_files = [(m.path, self.tmp / "dropped" / "files" / m.name)
+                                          for m in dropped.members]
                 except SecVFError as exc:  # the diff stands without its zip
                     self.notes.append(f"dropped files: {exc}")
         except SecVFError as exc:  # DiskDiffError, DiskError
@@ -476,7 +481,8 @@ class _Session:
             sample_name=self.request.sample.name, monitor_log=self.dir / "monitor.log",
             serial_log=self.dir / "serial.log",
             capture=capture_file if capture_file.exists() else None, disk_diff=diff,
-            yara_rules=self.request.yara, timeout_s=self.request.timeout_s,
+            dropped_files=self.dropped_files, yara_rules=self.request.yara,
+            timeout_s=self.request.timeout_s,
             notes=self.notes,
             extra={"verdict": verdict, "network_mode": self.request.network,
                    "stages_s": self.stages, "memory_dump": self.memory_dump}))
