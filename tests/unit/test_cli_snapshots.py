@@ -206,14 +206,16 @@ def sandbox_key() -> tuple[str, Any]:
     return key, shape
 
 
-def publish_template(template_id: str, shape: Any, *, created_at: str | None = None) -> Path:
+def publish_template(template_id: str, shape: Any, *, created_at: str | None = None,
+                     purpose: str = "sandbox") -> Path:
     """Put a template record (and a real qcow2 layer for sessions to sit on) in the store;
     it has no saved state files, so nothing can restore it."""
     layer = layers_dir() / f"{template_id[:12]}{LAYER_SUFFIX}"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(layer), "8G"], check=True)
     state = SavedState(shape=shape, state_bytes=1, ram_bytes=1 << 30,
                        ram_allocated_bytes=200 << 20, saved_at=now_iso(), pause_s=0.25)
-    info = TemplateInfo(id=template_id, image="sandbox", recipe_hash="a" * 64, network="nat",
+    info = TemplateInfo(id=template_id, purpose=purpose, image="sandbox", recipe_hash="a" * 64,
+                        network="nat",
                         disk_bytes=8 << 30, spare_ports=4, layer=str(layer), state=state,
                         created_at=created_at or now_iso(), build_s=7.4)
     with template_store.TemplateStaging() as staging:
@@ -244,6 +246,18 @@ def test_template_list_rm_and_errors() -> None:
     assert removed.stdout == f"removed template {key[:12]}\n"
     assert json_of("sandbox", "template", "rm", other[:5]) == {"id": other, "removed": True}
     assert json_of("sandbox", "template", "list") == []
+
+
+def test_analysis_clean_states_are_not_sandbox_templates() -> None:
+    publish_fake_image("sandbox")
+    key, shape = sandbox_key()
+    clean = "c" * 64
+    publish_template(clean, shape, purpose="clean-state")
+    assert json_of("sandbox", "template", "list") == []
+    assert_clean_error(run_cli("sandbox", "template", "rm", clean[:12]), "no template")
+    publish_template(key, shape)
+    assert [t["id"] for t in json_of("sandbox", "template", "list")] == [key]
+    assert {t.id for t in template_store.list_templates()[0]} == {key, clean}
 
 
 def test_template_build_fails_cleanly_before_booting_anything() -> None:

@@ -93,6 +93,9 @@ class TemplateInfo(_Record):
 
     format: Literal[1] = SAVED_STATE_FORMAT
     id: str  # the key: sha256 (hex) of everything the template depends on
+    # what it is for: a sandbox template (sessions), or an analysis clean state (the
+    # guest and gateway `secvf analyze` restores); `sandbox template` shows the first only
+    purpose: Literal["sandbox", "clean-state"] = "sandbox"
     image: str  # image name
     recipe_hash: str  # the image build it was booted from
     network: str  # "nat" or "none"

@@ -88,7 +88,8 @@ def ensure_clean_state(role: Role, *, with_nic: bool, accel: str = "auto",
         return _load(role, store.get_template(key))
     except NotFound:
         pass
-    info = templates.save_booted_guest(probe, f"clean-{role}", progress, keep=_keep_config)
+    info = templates.save_booted_guest(probe, f"clean-{role}", progress, keep=_keep_config,
+                                       purpose="clean-state")
     return _load(role, info)
 
 

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from secvf.errors import CorruptRecord, NotFound, SecVFError, SnapshotError
 from secvf.machine import build_machine
@@ -115,7 +116,7 @@ def choose_template(config: VMConfig) -> TemplateChoice:
         pass
     except CorruptRecord as exc:
         return TemplateChoice(None, f"{exc}; booting cold")
-    stale = [t for t in store.list_templates()[0] if _same_family(t, config)]
+    stale = [t for t in _sandbox_templates() if _same_family(t, config)]
     if not stale:
         return TemplateChoice(None)
     note = None
@@ -144,7 +145,7 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
                          memory=memory, disk_size=disk_size, image=image, networks=[network],
                          accel=accel, channels=SandboxChannels())
     info = save_booted_guest(probe, "template-build", progress)
-    for old in store.list_templates()[0]:
+    for old in _sandbox_templates():
         if old.id != info.id and _same_family(old, probe):
             store.remove_template(old.id)
     seclog.write_event("template_built", template=info.id, image=image, build_s=info.build_s)
@@ -152,11 +153,13 @@ def build_template(*, image: str = "sandbox", cpus: int = 1, memory: str = "1G",
 
 
 def save_booted_guest(probe: VMConfig, prefix: str, progress: Progress | None = None,
-                      keep: Callable[[VMConfig, Path], None] | None = None) -> TemplateInfo:
+                      keep: Callable[[VMConfig, Path], None] | None = None, *,
+                      purpose: Literal["sandbox", "clean-state"] = "sandbox") -> TemplateInfo:
     """Boot a throw-away VM like ``probe`` (its name becomes ``<prefix>-<family>-<n>``),
     save it once its guest is ready, freeze its disk into a layer and record the result
-    as a template (``probe``'s key). ``keep(config, directory)`` may add files to the
-    template's directory before it is committed (the build VM's config, for instance).
+    as a template (``probe``'s key) for ``purpose``. ``keep(config, directory)`` may add
+    files to the template's directory before it is committed (the build VM's config, for
+    instance).
 
     Raises:
         NotFound, LockBusy (a build of this family runs), SnapshotError.
@@ -185,7 +188,8 @@ def save_booted_guest(probe: VMConfig, prefix: str, progress: Progress | None = 
             with using_layers():
                 layer = _freeze(library.get_bundle(name).disk)
                 info = TemplateInfo(
-                    id=key, image=image, recipe_hash=_image_boot(config).recipe_hash,
+                    id=key, purpose=purpose, image=image,
+                    recipe_hash=_image_boot(config).recipe_hash,
                     network=config.network_summary, disk_bytes=config.disk_bytes,
                     spare_ports=SPARE_PORTS, layer=str(layer), state=saved,
                     created_at=now_iso(), build_s=round(time.monotonic() - began, 2))
@@ -197,26 +201,39 @@ def save_booted_guest(probe: VMConfig, prefix: str, progress: Progress | None = 
 
 
 def list_templates() -> list[TemplateInfo]:
-    """Every template, newest first (broken ones are left out; see the log)."""
+    """Every sandbox template, newest first (broken ones are left out; see the log;
+    analysis clean states are not sandbox templates)."""
     store.sweep()
     found, problems = store.list_templates()
     for problem in problems:
         log.warning("%s", problem)
-    return found
+    return [t for t in found if t.purpose == "sandbox"]
+
+
+def _sandbox_templates() -> list[TemplateInfo]:
+    return [t for t in store.list_templates()[0] if t.purpose == "sandbox"]
 
 
 def resolve_template_id(prefix: str) -> str:
-    """The full ID of the one template whose ID starts with ``prefix``.
+    """The full ID of the one sandbox template whose ID starts with ``prefix``.
 
     Raises:
         NotFound: none or several do.
     """
-    ids = store.find_template_ids(prefix) if prefix else []
+    ids = [i for i in (store.find_template_ids(prefix) if prefix else [])
+           if _purpose(i) != "clean-state"]  # a broken one can be removed
     if len(ids) != 1:
         what = "no template" if not ids else f"{len(ids)} templates"
         raise NotFound(f"{what} with an ID starting '{prefix}' (see: secvf sandbox template "
                        "list)")
     return ids[0]
+
+
+def _purpose(template_id: str) -> str | None:
+    try:
+        return store.get_template(template_id).purpose
+    except (NotFound, CorruptRecord):
+        return None
 
 
 def remove_template(prefix: str) -> str:
