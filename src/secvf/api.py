@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,8 @@ __all__ = [
     # lifecycle and status
     "start_vm",
     "stop_vm",
+    "pause_vm",
+    "resume_vm",
     "vm_status",
     "wait_for_ready",
     "run_in_foreground",
@@ -243,7 +246,7 @@ def create_vm(
     disk_size: str = "8G",
     image: str | None = None,
     disk_image: Path | None = None,
-    iso: Path | None = None,
+    iso: Path | str | None = None,
     networks: Sequence[str] = (),
     allow_internet: bool = False,
     accel: str = "auto",
@@ -260,6 +263,9 @@ def create_vm(
     ``/etc/shadow``), or with ``autologin`` a root shell without a password.
     ``display="vnc"`` gives it a graphical console (see :func:`display_info`; view-only
     on a malware-analysis VM, refused for an AI sandbox).
+
+    ``iso``: an installer ISO to boot from, read-only: a file, or a ``str`` without ``/``
+    naming a cached ISO (:func:`list_isos`).
 
     ``networks`` are ``--network`` values: ``none``, ``nat``, ``isolated:NAME[,router]
     [,ip=ADDRESS]`` (several for several NICs; default ``nat``, and ``none`` for a
@@ -387,6 +393,34 @@ def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0,
     from secvf.workflows import vms
 
     return vms.stop_vm(name, force=force, timeout=timeout, progress=progress)
+
+
+def pause_vm(name: str) -> dict[str, Any]:
+    """Pause running VM ``name`` (QEMU stops its vCPUs; memory, devices and connections
+    stay); returns its status, state ``paused``. Already paused: nothing happens.
+    While paused, exec, snapshots and medium changes are refused; ``stop_vm`` works.
+
+    Raises:
+        StateError: it is not running (stopped, starting or stopping).
+        SecVFError: its supervisor or QEMU refused, or did not answer.
+    """
+    from secvf.runtime import control
+
+    return control.pause_vm(name)
+
+
+def resume_vm(name: str) -> dict[str, Any]:
+    """Resume paused VM ``name``; returns its status, state ``running``. Already running:
+    nothing happens. The guest's clock is behind by the pause until the restore watch
+    of a SecVF image steps it (about a second).
+
+    Raises:
+        StateError: it is neither running nor paused.
+        SecVFError: its supervisor or QEMU refused, or did not answer.
+    """
+    from secvf.runtime import control
+
+    return control.resume_vm(name)
 
 
 def vm_status(name: str) -> dict[str, Any]:
@@ -783,3 +817,182 @@ def export_analysis(analysis_id: str, out: Path) -> Path:
     from secvf.store import analyses
 
     return analyses.export_analysis(analysis_id, out)
+
+
+# --- MCP ---------------------------------------------------------------------------------
+# What the MCP server (secvf.faces.mcp) needs beyond the functions above.
+
+__all__ += ["write_log_event", "mcp_config_dir"]
+
+
+def write_log_event(stream: str, event: str, *, severity: str = "INFO", vm: str | None = None,
+                    **fields: Any) -> dict[str, Any]:
+    """Append one event to ``stream``'s JSON Lines log under ``$SECVF_HOME/logs``
+    (``<stream>-YYYY-MM-DD.jsonl``, mode 0600) and return the record. ``severity`` is
+    ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``. Never raises for an unwritable log
+    (the failure is reported on stderr)."""
+    from secvf.store.events import Severity, write_event
+
+    return write_event(event, severity=Severity(severity), stream=stream, vm=vm, **fields)
+
+
+def mcp_config_dir() -> Path:
+    """Where the MCP server keeps its state (the HTTP bearer token): ``$SECVF_HOME/config/mcp``,
+    created 0700."""
+    from secvf.store import paths
+
+    return paths.ensure_private_dir(paths.config_dir() / "mcp")
+
+
+# --- logs --------------------------------------------------------------------------------
+# The event log (docs/logs.md, docs/events.md): what `secvf logs`, the MCP server's log
+# tools and the TUI's log view read.
+
+__all__ += ["LOG_STREAMS", "LOG_SEVERITIES", "query_logs", "follow_logs", "verify_logs",
+            "parse_log_time", "parse_log_severity"]
+
+#: The log streams (``secvf.store.logquery.STREAMS``; a test keeps the two the same).
+LOG_STREAMS = ("security", "exec", "mcp")
+
+#: Severities, least urgent first (``secvf.store.logquery.SEVERITIES``; tested the same).
+LOG_SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def query_logs(stream: str, *, since: datetime | None = None, until: datetime | None = None,
+               severity: str | None = None, vm: str | None = None, event: str | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
+    """The records of log ``stream`` (``security``, ``exec`` or ``mcp``) that match,
+    oldest first, each the JSON object of its line (with its ``seq``/``prev``/``hash``).
+
+    ``since``/``until``: a time range, inclusive (naive times are local);
+    ``severity``: a minimum (``"WARNING"``: WARNING, ERROR and CRITICAL); ``vm``: a VM's
+    name or id; ``event``: an event name (docs/events.md); ``limit``: only the newest
+    ``limit`` matches.
+
+    Raises:
+        LogQueryError: an unknown stream or severity, ``since`` after ``until``, a
+            ``limit`` below 1.
+        ConfigError: ``$SECVF_HOME`` cannot be used.
+    """
+    from secvf.store.events import default_log
+    from secvf.store.logquery import LogFilter, query
+
+    filt = LogFilter.make(since=since, until=until, severity=severity, vm=vm, event=event)
+    return query(default_log(), stream, filt, limit=limit)
+
+
+def follow_logs(stream: str, *, since: datetime | None = None, severity: str | None = None,
+                vm: str | None = None, event: str | None = None, backlog: int | None = 0,
+                poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
+    """Yield log ``stream``'s matching records as they are written, for ever (stop by
+    closing the iterator). First the newest ``backlog`` already written (None: every
+    match since ``since``; 0: none). Filters as in :func:`query_logs`.
+
+    Raises:
+        LogQueryError, ConfigError: as :func:`query_logs` (when iteration starts).
+    """
+    from secvf.store.events import default_log
+    from secvf.store.logquery import LogFilter, follow
+
+    filt = LogFilter.make(since=since, severity=severity, vm=vm, event=event)
+    return follow(default_log(), stream, filt, backlog=backlog, poll_s=poll_s)
+
+
+def verify_logs(stream: str | None = None) -> dict[str, Any]:
+    """Check the hash chain of ``stream`` (every stream: None): ``{"ok", "directory",
+    "streams": [...], "findings": [{stream, kind, file, line, message}]}``, where kind is
+    removed, edited, reordered, duplicate, spliced, corrupt, torn or unchained.
+
+    Raises:
+        LogQueryError: an unknown stream.
+        ConfigError: ``$SECVF_HOME`` cannot be used.
+    """
+    from secvf.store.events import default_log
+    from secvf.store.logquery import verify
+
+    return verify(default_log(), None if stream is None else [stream])
+
+
+def parse_log_time(text: str) -> datetime:
+    """The UTC time ``text`` means: ``30m``, ``2h``, ``7d`` before now, or ISO 8601
+    (local time unless it names a zone). Raises LogQueryError."""
+    from secvf.store.logquery import parse_time
+
+    return parse_time(text)
+
+
+def parse_log_severity(text: str) -> str:
+    """The severity ``text`` names (``warning``, ``warning+``, any case): ``"WARNING"``.
+    Raises LogQueryError."""
+    from secvf.store.logquery import parse_severity
+
+    return str(parse_severity(text))
+
+
+# --- ISO cache ---------------------------------------------------------------------------
+# Verified installer media in $SECVF_HOME/isos (docs/iso.md): `secvf iso`, and what
+# `vm create --iso NAME` boots. Each entry is a dict: name, path, size_bytes, sha256,
+# source, checksums, added_at, verified_at, error (an unusable record: the others None).
+
+__all__ += ["fetch_iso", "add_iso", "list_isos", "verify_isos", "remove_iso"]
+
+
+def fetch_iso(url: str, *, sha256: str | None = None, checksums: str | None = None,
+              name: str | None = None, ca_file: Path | None = None,
+              progress: Callable[[str, int, int | None], None] | None = None
+              ) -> dict[str, Any]:
+    """Download ``url`` (HTTPS, a host on ``$SECVF_HOME/config/iso-hosts``, redirects
+    too) into the ISO cache as ``name`` (default: the URL's file name), published only
+    once its SHA-256 is ``sha256`` or the one checksum file URL ``checksums`` lists for
+    it (exactly one of the two). A cut-off download resumes when called again.
+    ``ca_file``: trust only these CAs (default ``$SECVF_ISO_CA_FILE``, else the
+    system's). ``progress(what, done_bytes, total_bytes)`` hears the transfer.
+
+    Raises:
+        UntrustedSource (not HTTPS, host not allowed), DownloadFailed (``resumable``),
+        ChecksumMismatch (nothing kept), MediaError, ConfigError, InvalidName,
+        AlreadyExists, LockBusy.
+    """
+    from secvf.workflows.iso_fetch import fetch_iso as fetch
+
+    return fetch(url, sha256=sha256, checksums=checksums, name=name, ca_file=ca_file,
+                 progress=progress).to_json()
+
+
+def add_iso(path: Path, *, sha256: str, name: str | None = None,
+            progress: Callable[[str, int, int | None], None] | None = None
+            ) -> dict[str, Any]:
+    """Copy ISO file ``path`` into the cache as ``name`` (default: its file name) if its
+    SHA-256 is ``sha256``. Raises ChecksumMismatch, MediaError, ConfigError, DiskError,
+    InvalidName, AlreadyExists."""
+    from secvf.workflows.iso_fetch import add_iso as add
+
+    return add(path, sha256=sha256, name=name, progress=progress).to_json()
+
+
+def list_isos() -> list[dict[str, Any]]:
+    """Every cached ISO, by name (one with an unusable record carries its ``error``)."""
+    from secvf.store import isos
+
+    return [entry.to_json() for entry in isos.list_isos()]
+
+
+def verify_isos(name: str | None = None,
+                progress: Callable[[str, int, int | None], None] | None = None
+                ) -> list[dict[str, Any]]:
+    """Hash cached ISO ``name`` (every one: None) again: ``[{name, ok, expected, actual,
+    error}]``; a match renews its ``verified_at``. Raises NotFound, ConfigError (``name``
+    given and unusable)."""
+    import dataclasses
+
+    from secvf.workflows.iso_fetch import verify_isos as verify
+
+    return [dataclasses.asdict(check) for check in verify(name, progress)]
+
+
+def remove_iso(name: str) -> Path:
+    """Remove cached ISO ``name``; returns where it was. Raises NotFound, StateError (a
+    VM's cdrom drive names it: the VMs are named)."""
+    from secvf.store import isos
+
+    return isos.remove_iso(name)

@@ -20,6 +20,10 @@ its ``exit_code`` (an :class:`ExitCode`) by the CLI::
      ├── SnapshotError                saving or restoring guest state failed
      ├── NetworkError                 an isolated network, its switch or a capture failed
      ├── InvalidFilter                a packet filter that does not parse (.position)
+     ├── MediaError                   installer media (the ISO cache) cannot be fetched or used
+     │    ├── UntrustedSource         a download URL or redirect the policy refuses
+     │    ├── DownloadFailed          the download failed (.resumable: run again to go on)
+     │    └── ChecksumMismatch        content is not what its SHA-256 says (.expected, .actual)
      ├── NoExecChannel                exec on a VM without a channel (by design)   125
      ├── ExecError                    the exec channel failed                      125
      │    ├── AgentUnavailable        no working agent behind the socket
@@ -291,3 +295,33 @@ class IllegalTransition(StateError):
 class CorruptRecord(ConfigError):
     """A runtime record or message between SecVF processes is unreadable or of an
     unknown shape (state file, ``last_run.json``, start report, control message)."""
+
+
+class MediaError(SecVFError):
+    """Installer media (the ISO cache) cannot be fetched, added, verified or removed."""
+
+
+class UntrustedSource(MediaError):
+    """A download URL or redirect is refused: not HTTPS, or a host not on the allowlist."""
+
+
+class DownloadFailed(MediaError):
+    """A download failed (connection, certificate, HTTP status, a cut-off transfer).
+
+    ``resumable``: what arrived is kept, and the same command goes on from there.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        self.resumable = resumable
+        super().__init__(message)
+
+
+class ChecksumMismatch(MediaError):
+    """A file's SHA-256 is not the one it must have (nothing was published)."""
+
+    def __init__(self, subject: str, expected: str, actual: str, detail: str = "") -> None:
+        self.subject = subject  # what was hashed (a URL, a path, a cache entry)
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"SHA-256 mismatch for {subject}: expected {expected}, got {actual}"
+                         + (f"; {detail}" if detail else ""))

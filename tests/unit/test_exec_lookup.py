@@ -74,6 +74,14 @@ def test_a_sandbox_starting_or_stopping_with_its_socket_is_found(
     assert running_exec_socket(sandbox.bundle) == exec_socket_for("sbx")
 
 
+def test_a_paused_sandbox_has_no_answer_until_it_is_resumed(sandbox: HandMadeVM) -> None:
+    sandbox.runs(VmState.PAUSED)
+    assert running_exec_socket(sandbox.bundle) is None
+    with pytest.raises(NoExecChannel) as caught:
+        exec_socket_for("sbx")
+    assert str(caught.value) == "VM 'sbx' is paused; resume it: secvf vm resume sbx"
+
+
 def test_a_missing_vm_is_not_found() -> None:
     with pytest.raises(NotFound, match="no VM named 'ghost'"):
         exec_socket_for("ghost")

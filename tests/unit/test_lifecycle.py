@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from secvf.errors import CorruptRecord, IllegalTransition, StateError
+from secvf.faces.cli.app import LIVE_STATES as CLI_LIVE_STATES
 from secvf.model.config import VMKind
+from secvf.model.enums import LIVE_STATES
 from secvf.model.runtime import RuntimeRecord, VmState
-from secvf.runtime.lifecycle import FINAL_STATES, TRANSITIONS, Lifecycle
+from secvf.runtime.lifecycle import FINAL_STATES, TRANSITIONS, Lifecycle, paused_error
 from secvf.store import events as seclog
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.library import get_vm
@@ -177,6 +179,7 @@ PATH_TO = {
     VmState.STOPPED: [],
     VmState.STARTING: [VmState.STARTING],
     VmState.RUNNING: [VmState.STARTING, VmState.RUNNING],
+    VmState.PAUSED: [VmState.STARTING, VmState.RUNNING, VmState.PAUSED],
     VmState.STOPPING: [VmState.STARTING, VmState.RUNNING, VmState.STOPPING],
     VmState.CRASHED: [VmState.STARTING, VmState.CRASHED],
 }
@@ -185,7 +188,9 @@ EXPECTED_EDGES = {
     (VmState.STARTING, VmState.RUNNING), (VmState.STARTING, VmState.STOPPING),
     (VmState.STARTING, VmState.STOPPED), (VmState.STARTING, VmState.CRASHED),
     (VmState.RUNNING, VmState.STOPPING), (VmState.RUNNING, VmState.STOPPED),
-    (VmState.RUNNING, VmState.CRASHED),
+    (VmState.RUNNING, VmState.CRASHED), (VmState.RUNNING, VmState.PAUSED),
+    (VmState.PAUSED, VmState.RUNNING), (VmState.PAUSED, VmState.STOPPING),
+    (VmState.PAUSED, VmState.CRASHED),
     (VmState.STOPPING, VmState.STOPPED), (VmState.STOPPING, VmState.CRASHED),
 }
 
@@ -254,6 +259,29 @@ def test_updates_never_change_the_state_and_need_a_live_run() -> None:
     with pytest.raises(IllegalTransition, match="ended"):
         walk(life, [VmState.STARTING])  # one run per lifecycle
     assert VmState.STOPPED in FINAL_STATES
+
+
+def test_a_pause_is_a_state_of_the_run_and_leaves_through_stopping_or_crashed() -> None:
+    published: list[RuntimeRecord] = []
+    life = new_lifecycle(published)
+    walk(life, [VmState.STARTING, VmState.RUNNING, VmState.PAUSED])
+    life.update(guest_ready=True)  # a paused run is live: its record still changes
+    assert published[-1].state is VmState.PAUSED and published[-1].guest_ready
+    with pytest.raises(IllegalTransition) as caught:
+        life.transition(VmState.STOPPED)  # a paused guest cannot power itself off
+    assert caught.value.state == "paused" and life.state is VmState.PAUSED
+    walk(life, [VmState.RUNNING, VmState.PAUSED, VmState.STOPPING, VmState.STOPPED])
+    assert [t.state for t in life.transitions] == [
+        VmState.STARTING, VmState.RUNNING, VmState.PAUSED, VmState.RUNNING, VmState.PAUSED,
+        VmState.STOPPING, VmState.STOPPED]
+    assert VmState.PAUSED in LIVE_STATES and VmState.PAUSED not in FINAL_STATES
+    assert set(CLI_LIVE_STATES) == {s.value for s in LIVE_STATES}
+
+
+def test_paused_error_says_how_to_resume() -> None:
+    exc = paused_error("web", "take a snapshot")
+    assert isinstance(exc, StateError) and (exc.state, exc.required) == ("paused", ("running",))
+    assert str(exc) == "VM 'web' is paused; resume it to take a snapshot: secvf vm resume web"
 
 
 def test_require_names_the_state_it_needed() -> None:

@@ -38,6 +38,8 @@ from secvf.model.config import (
 from secvf.model.runtime import (
     FailureKind,
     LaunchStage,
+    MediaRequest,
+    SnapshotRequest,
     Started,
     StartFailed,
     StartReport,
@@ -51,6 +53,7 @@ from secvf.store import events as seclog
 from secvf.store import paths
 from secvf.store.bundle import RuntimeFiles
 from secvf.testing.qmp import FakeQMPServer, QMPScript, generic_tree, write_fake_qemu
+from tests.helpers import run_cli
 from tests.unit import fake_vm
 
 REPORT_WAIT_S = 30.0
@@ -301,6 +304,135 @@ def test_a_guest_panic_event_ends_the_run_as_crashed(fake_qemu, leftovers) -> No
     assert status["state"] == "crashed" and status["last_run"]["reason"] == "guest panic"
     # the last command but the device watch's qom-list polls (every 0.5 s while running)
     assert [c for c in commands.read_text().split() if c != "qom-list"][-1] == "quit"
+
+
+# ---- pause and resume ----------------------------------------------------------------------
+
+def vm_events(name: str) -> list[dict]:
+    return [e for e in seclog.read_events() if e.get("vm") == name]
+
+
+def after_last(commands: Path, command: str) -> list[str]:
+    """The commands QEMU got after its last ``command`` (the device watch's polls left out)."""
+    sent = [c for c in commands.read_text().split() if c != "qom-list"]
+    return sent[len(sent) - sent[::-1].index(command):]
+
+
+def test_pause_resume_and_a_graceful_stop_of_a_paused_vm(fake_qemu, leftovers) -> None:
+    commands = fake_qemu()
+    config = make_vm("napper")
+    leftovers.append(config.id)
+    control.start_vm("napper")
+    status = control.pause_vm("napper")
+    assert list(status) == STATUS_KEYS and status["state"] == "paused"
+    assert status["pid"] and status["uptime_s"] is not None  # still a live run
+    assert after_last(commands, "stop") == ["query-status"]
+    assert control.pause_vm("napper")["state"] == "paused"  # again: nothing is sent
+    assert [c for c in commands.read_text().split() if c == "stop"] == ["stop"]
+    status = control.resume_vm("napper")
+    assert status["state"] == "running" and after_last(commands, "cont") == ["query-status"]
+    control.pause_vm("napper")
+    events: list[control.StopWaiting | control.StopDone] = []
+    status = control.stop_vm("napper", timeout=10, progress=events.append)
+    # the fake guest, like a real one, sees the power button only once it runs again
+    assert events[-1] == control.StopDone(forced=False, why="the guest powered off")
+    assert after_last(commands, "stop") == ["query-status", "cont", "system_powerdown"]
+    assert status["state"] == "stopped" and status["last_run"]["reason"] == "stop requested"
+    assert [s for s, _ in status["last_run"]["transitions"]] == [
+        "starting", "running", "paused", "running", "paused", "stopping", "stopped"]
+    assert [(e["event"], e.get("reason")) for e in vm_events("napper")] == [
+        ("vm_started", None), ("vm_paused", None), ("vm_resumed", None), ("vm_paused", None),
+        ("vm_resumed", "to power off"), ("vm_stopped", "stop requested")]
+
+
+def test_a_forced_stop_of_a_paused_vm_quits_without_resuming(fake_qemu, leftovers) -> None:
+    commands = fake_qemu()
+    config = make_vm("frozen")
+    leftovers.append(config.id)
+    control.start_vm("frozen")
+    control.pause_vm("frozen")
+    status = control.stop_vm("frozen", force=True)
+    assert after_last(commands, "stop") == ["query-status", "quit"]
+    assert [s for s, _ in status["last_run"]["transitions"]] == [
+        "starting", "running", "paused", "stopping", "stopped"]
+    assert status["state"] == "stopped" and runtime_files_of(config.id) == []
+
+
+def test_a_paused_vm_refuses_snapshots_and_media_changes_and_says_how_to_resume(
+        fake_qemu, leftovers, monkeypatch) -> None:
+    fake_qemu()
+    config = make_vm("still")
+    leftovers.append(config.id)
+    control.start_vm("still")
+    control.pause_vm("still")
+    hint = "VM 'still' is paused; resume it to {}: secvf vm resume still"
+    with pytest.raises(StateError) as caught:  # refused before anything is sent
+        control.snapshot_running("still", SnapshotRequest(disk_tag="t"))
+    assert str(caught.value) == hint.format("take or delete a snapshot")
+    with pytest.raises(StateError, match="is paused; resume it to change its medium"):
+        control.change_medium("still", None)
+    files = RuntimeFiles(config.id)  # and the supervisor refuses them itself
+    for request, what in ((SnapshotRequest(disk_tag="t"), "take or delete a snapshot"),
+                          (MediaRequest(iso=None), "change the medium")):
+        reply = control._control(files, request, 10)
+        assert reply is not None and not reply.ok and reply.error == hint.format(what)
+    monkeypatch.setattr(control, "check_ready_marker", lambda config: None)  # an ISO VM
+    with pytest.raises(StateError, match="is paused, so its guest cannot become ready"):
+        control.wait_for_ready("still", 5)
+    with pytest.raises(StateError, match="already running, paused; resume it"):
+        control.start_vm("still")
+    assert control.vm_status("still")["state"] == "paused"
+    control.stop_vm("still", force=True)
+
+
+def test_pause_of_a_vm_that_is_not_running_is_a_state_error(fake_qemu) -> None:
+    make_vm("idle")
+    for call, verb in ((control.pause_vm, "pause"), (control.resume_vm, "resume")):
+        with pytest.raises(StateError) as caught:
+            call("idle")
+        assert str(caught.value) == (f"VM 'idle' is stopped, so it cannot {verb} (start it: "
+                                     "secvf vm start idle)")
+        assert caught.value.state == "stopped"
+
+
+@pytest.mark.parametrize(("fail", "message"), [
+    ({"stop": "the fake refuses"}, "QEMU could not pause VM 'balky': the fake refuses"),
+    ({"query-status": "no status"}, "QEMU did not report the run state of VM 'balky'"),
+])
+def test_a_pause_qemu_does_not_confirm_leaves_the_vm_running(
+        fake_qemu, leftovers, fail: dict[str, str], message: str) -> None:
+    commands = fake_qemu(fail=fail)
+    config = make_vm("balky")
+    leftovers.append(config.id)
+    control.start_vm("balky")
+    with pytest.raises(SecVFError, match=message):
+        control.pause_vm("balky")
+    assert control.vm_status("balky")["state"] == "running"
+    sent = [c for c in commands.read_text().split() if c != "qom-list"]
+    assert sent[-1] == ("cont" if "query-status" in fail else "stop")  # undone, or never done
+    assert "vm_paused" not in [e["event"] for e in vm_events("balky")]
+    control.stop_vm("balky", force=True)
+
+
+def test_the_cli_pauses_and_resumes_and_shows_paused(fake_qemu, leftovers) -> None:
+    fake_qemu()
+    config = make_vm("clinap")
+    leftovers.append(config.id)
+    control.start_vm("clinap")
+    paused = run_cli("vm", "pause", "clinap", check=True)
+    assert paused.stdout == "paused clinap\n"
+    again = run_cli("vm", "pause", "clinap", "--json", check=True)
+    assert "already paused" in again.stderr and json.loads(again.stdout)["state"] == "paused"
+    assert "state:   paused" in run_cli("vm", "status", "clinap", check=True).stdout
+    rows = json.loads(run_cli("vm", "list", "--json", check=True).stdout)
+    assert [r["state"] for r in rows if r["name"] == "clinap"] == ["paused"]
+    resumed = run_cli("vm", "resume", "clinap", "--json", check=True)
+    assert json.loads(resumed.stdout)["state"] == "running"
+    assert "already running" in run_cli("vm", "resume", "clinap", check=True).stderr
+    run_cli("vm", "stop", "--force", "clinap", check=True)
+    stopped = run_cli("vm", "pause", "clinap")
+    assert stopped.returncode == 1 and "is stopped, so it cannot pause" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
 
 
 # ---- the start report is data: round trip to the right exception ---------------------------

@@ -50,9 +50,10 @@ class VmState(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"  # QEMU holds the vCPUs (QMP ``stop``): ``vm pause`` / ``vm resume``
     STOPPING = "stopping"
     CRASHED = "crashed"
 
 
 #: States in which a supervisor is alive and its runtime record is the truth.
-LIVE_STATES = frozenset({VmState.STARTING, VmState.RUNNING, VmState.STOPPING})
+LIVE_STATES = frozenset({VmState.STARTING, VmState.RUNNING, VmState.PAUSED, VmState.STOPPING})

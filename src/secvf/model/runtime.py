@@ -9,9 +9,9 @@ about it only through the contracts below. All are pydantic models, strict
   supervisor holds ``run.lock``;
 * :class:`LastRun` — ``last_run.json`` in the bundle: how the previous run ended;
 * :class:`ControlRequest` (a :class:`StopRequest`, :class:`MediaRequest`,
-  :class:`SnapshotRequest` or :class:`DumpRequest`) /
+  :class:`SnapshotRequest`, :class:`DumpRequest` or :class:`PauseRequest`) /
   :class:`ControlReply` — one JSON line each way on the supervisor's control socket
-  (``secvf vm stop``, ``secvf vm media``);
+  (``secvf vm stop``, ``secvf vm media``, ``secvf vm pause``/``resume``);
 * :class:`StartReport` — the one JSON line the supervisor writes on the report pipe
   of ``secvf vm start``;
 * :class:`VmStatus` — what ``runtime.control.get_status`` returns (``vm_status``: as
@@ -221,8 +221,21 @@ class DumpRequest(_Message):
     path: str = Field(min_length=2, max_length=4096)  # absolute; must not exist
 
 
+class PauseRequest(_Message):
+    """Control request: pause the running guest (``paused`` true: QMP ``stop``) or resume
+    the paused one (false: QMP ``cont``).
+
+    The supervisor replies once ``query-status`` confirms QEMU's run state; asking for
+    the state the VM is already in is not an error (the reply says ``changed`` false).
+    """
+
+    op: Literal["pause"] = "pause"  # which request this is
+    paused: bool  # true: pause; false: resume
+
+
 class ControlRequest(RootModel[Annotated[StopRequest | MediaRequest | SnapshotRequest
-                                         | DumpRequest, Field(discriminator="op")]]):
+                                         | DumpRequest | PauseRequest,
+                                         Field(discriminator="op")]]):
     """Any request on the control socket, told apart by ``op`` (decode, then ``.root``)."""
 
 
@@ -234,6 +247,7 @@ class ControlReply(_Message):
     forced: bool | None = None  # stop: QEMU was quit or killed; the guest did not power off
     saved: SavedState | None = None  # snapshot with state_dir: what was saved
     pause_s: float | None = None  # snapshot: how long the guest was paused
+    changed: bool | None = None  # pause: the run state changed (False: it already was so)
 
 
 class VmStatus(_Message):

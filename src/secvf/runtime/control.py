@@ -9,7 +9,8 @@ that :func:`error_from_failure` turns back into the matching
 falls back to signals if the supervisor does not answer; it tells a listener how long
 the guest has left to power off, and whether the stop had to be forced.
 ``change_medium`` sends a :class:`~secvf.model.runtime.MediaRequest` (``vm media`` on a
-running VM). ``vm_status`` combines
+running VM); ``pause_vm`` / ``resume_vm`` a :class:`~secvf.model.runtime.PauseRequest`.
+``vm_status`` combines
 ``vm.json`` with the supervisor's published record (or the last run's). Start and
 status remove the runtime files of a supervisor that died
 (:func:`~secvf.store.runstate.reap_stale_runtime`).
@@ -49,6 +50,7 @@ from secvf.model.runtime import (
     FailureKind,
     LaunchStage,
     MediaRequest,
+    PauseRequest,
     SnapshotRequest,
     Started,
     StartFailed,
@@ -59,6 +61,7 @@ from secvf.model.runtime import (
     decode,
     encode,
 )
+from secvf.runtime.lifecycle import paused_error
 from secvf.store import events as seclog
 from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.events import Severity
@@ -77,6 +80,8 @@ STOP_PROGRESS_EVERY_S = 1.0
 MEDIA_REPLY_TIMEOUT_S = 45.0
 #: How long a snapshot of a running VM may take (the supervisor gives a save 120 s).
 SNAPSHOT_REPLY_TIMEOUT_S = 180.0
+#: How long a pause or resume may take (the supervisor gives QEMU 30 s of it).
+PAUSE_REPLY_TIMEOUT_S = 45.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,9 @@ def start_vm(
         check_ready_marker(config)
     with locked(bundle.edit_lock, f"VM '{name}'"):
         if is_running(bundle):
+            if current_state(bundle, config.id).state is VmState.PAUSED:
+                raise StateError(f"VM '{name}' is already running, paused; resume it: secvf "
+                                 f"vm resume {name}", "paused", ["stopped"])
             raise StateError(f"VM '{name}' is already running", "running", ["stopped"])
         reap_stale_runtime(bundle, config.id)
         if before_start is not None:
@@ -248,6 +256,10 @@ def wait_for_ready(name: str, timeout: float) -> dict[str, Any]:
         status = get_status(name)
         if status.guest_ready:
             return status.to_json()
+        if status.state is VmState.PAUSED:
+            raise StateError(f"VM '{name}' is paused, so its guest cannot become ready; "
+                             f"resume it: secvf vm resume {name}", str(status.state),
+                             [str(VmState.RUNNING)])
         if status.state not in (VmState.STARTING, VmState.RUNNING):
             raise StateError(f"VM '{name}' is {status.state} (it did not become ready)",
                              str(status.state))
@@ -316,13 +328,14 @@ def change_medium(name: str, iso: Path | None) -> None:
     The caller checks ``iso`` first (the supervisor checks it again).
 
     Raises:
-        StateError: the VM is not running.
+        StateError: the VM is not running, or is paused.
         SecVFError: the supervisor refused (its reason: no cdrom drive, QEMU's error) or
             did not answer.
     """
     bundle, config = get_vm(name)
     if not is_running(bundle):
         raise StateError(f"VM '{name}' is not running", "stopped", ["running"])
+    _refuse_paused(bundle, config, "change its medium")
     reply = _control(RuntimeFiles(config.id), MediaRequest(iso=None if iso is None else str(iso)),
                      MEDIA_REPLY_TIMEOUT_S)
     if reply is None:
@@ -338,9 +351,11 @@ def snapshot_running(name: str, request: SnapshotRequest) -> ControlReply:
     again.
 
     Raises:
-        StateError: the VM is not running.
+        StateError: the VM is not running, or is paused.
         SnapshotError: the supervisor refused or failed (its reason), or did not answer.
     """
+    bundle, config = get_vm(name)
+    _refuse_paused(bundle, config, "take or delete a snapshot")
     return _ask_running(name, request, "snapshot request")
 
 
@@ -356,18 +371,71 @@ def dump_memory(name: str, path: Path) -> int:
     return path.stat().st_size
 
 
-def _ask_running(name: str, request: SnapshotRequest | DumpRequest, what: str
-                 ) -> ControlReply:
+def pause_vm(name: str) -> dict[str, Any]:
+    """Pause running VM ``name``: its supervisor has QEMU stop the vCPUs (QMP ``stop``,
+    checked with ``query-status``); returns its status, ``paused``. The guest's memory,
+    devices and connections stay as they are; its clock stands still until
+    :func:`resume_vm`. Already paused: nothing happens.
+
+    Raises:
+        StateError: the VM is not running (stopped, starting or stopping).
+        SecVFError: the supervisor or QEMU refused (its reason), or did not answer.
+    """
+    return _set_paused(name, True)
+
+
+def resume_vm(name: str) -> dict[str, Any]:
+    """Resume paused VM ``name`` (QMP ``cont``, checked with ``query-status``); returns
+    its status, ``running``. Already running: nothing happens.
+
+    Raises:
+        StateError: the VM is not running or paused (stopped, starting or stopping).
+        SecVFError: the supervisor or QEMU refused (its reason), or did not answer.
+    """
+    return _set_paused(name, False)
+
+
+def _refuse_paused(bundle: Bundle, config: VMConfig, to: str) -> None:
+    """Raise :func:`~secvf.runtime.lifecycle.paused_error` if the VM is paused (its
+    supervisor refuses such a request too; this says so before anything is sent)."""
+    if current_state(bundle, config.id).state is VmState.PAUSED:
+        raise paused_error(config.name, to)
+
+
+def _set_paused(name: str, paused: bool) -> dict[str, Any]:
+    verb = "pause" if paused else "resume"
+    bundle, config = get_vm(name)
+    state = current_state(bundle, config.id).state
+    if state not in (VmState.RUNNING, VmState.PAUSED):
+        hint = f"start it: secvf vm start {name}" if state in (VmState.STOPPED, VmState.CRASHED) \
+            else "wait until it runs"
+        raise StateError(f"VM '{name}' is {state}, so it cannot {verb} ({hint})", str(state),
+                         [str(VmState.RUNNING), str(VmState.PAUSED)])
+    _ask_running(name, PauseRequest(paused=paused), f"{verb} request", error=SecVFError,
+                 timeout=PAUSE_REPLY_TIMEOUT_S)
+    return vm_status(name)
+
+
+def _ask_running(name: str, request: SnapshotRequest | DumpRequest | PauseRequest, what: str,
+                 *, error: type[SecVFError] = SnapshotError,
+                 timeout: float = SNAPSHOT_REPLY_TIMEOUT_S) -> ControlReply:
+    """Send ``request`` (named ``what`` in errors) to running VM ``name``'s supervisor and
+    return its reply once it was carried out.
+
+    Raises:
+        StateError: the VM is not running.
+        error: the supervisor refused or failed (its reason), or did not answer within
+            ``timeout``.
+    """
     bundle, config = get_vm(name)
     if not is_running(bundle):
         raise StateError(f"VM '{name}' is not running", "stopped", ["running"])
-    reply = _control(RuntimeFiles(config.id), request, SNAPSHOT_REPLY_TIMEOUT_S)
+    reply = _control(RuntimeFiles(config.id), request, timeout)
     if reply is None:
-        raise SnapshotError(f"the supervisor of VM '{name}' did not answer the {what}; "
-                            f"see {bundle.supervisor_log}")
+        raise error(f"the supervisor of VM '{name}' did not answer the {what}; "
+                    f"see {bundle.supervisor_log}")
     if not reply.ok:
-        raise SnapshotError(f"VM '{name}': {reply.error}")
-    return reply
+        raise error(f"VM '{name}': {reply.error}")
     return reply
 
 
@@ -400,7 +468,7 @@ def _wait_unlocked(bundle: Bundle, timeout: float, *, raise_on_timeout: bool = T
 
 
 def _control(files: RuntimeFiles,
-             request: StopRequest | MediaRequest | SnapshotRequest | DumpRequest,
+             request: StopRequest | MediaRequest | SnapshotRequest | DumpRequest | PauseRequest,
              timeout: float, *,
              on_wait: Callable[[float], None] | None = None) -> ControlReply | None:
     """Send one request to the supervisor's control socket; None if it does not answer

@@ -19,6 +19,10 @@ The transitions, and what makes the supervisor take them::
     running  → stopping   a stop request, a signal, or a device helper died
     running  → stopped    the guest powered off
     running  → crashed    QEMU died, guest panic, or the supervisor failed
+    running  → paused     a pause request: QEMU stopped the vCPUs (QMP ``stop``)
+    paused   → running    a resume request: the vCPUs run again (QMP ``cont``)
+    paused   → stopping   a stop request, a signal, or a device helper died
+    paused   → crashed    QEMU died or the supervisor failed while the guest was paused
     stopping → stopped    QEMU is gone after a stop
     stopping → crashed    a crash (helper death, panic) while stopping
 
@@ -47,7 +51,10 @@ TRANSITIONS: Mapping[VmState, frozenset[VmState]] = {
     VmState.STOPPED: frozenset({VmState.STARTING}),
     VmState.STARTING: frozenset({VmState.RUNNING, VmState.STOPPING, VmState.STOPPED,
                                  VmState.CRASHED}),
-    VmState.RUNNING: frozenset({VmState.STOPPING, VmState.STOPPED, VmState.CRASHED}),
+    VmState.RUNNING: frozenset({VmState.PAUSED, VmState.STOPPING, VmState.STOPPED,
+                                VmState.CRASHED}),
+    # a paused guest cannot power itself off: it leaves through stopping or crashed
+    VmState.PAUSED: frozenset({VmState.RUNNING, VmState.STOPPING, VmState.CRASHED}),
     VmState.STOPPING: frozenset({VmState.STOPPED, VmState.CRASHED}),
     VmState.CRASHED: frozenset(),
 }
@@ -57,6 +64,13 @@ FINAL_STATES = frozenset({VmState.STOPPED, VmState.CRASHED})
 
 #: Record fields only :meth:`Lifecycle.transition` may set.
 _STATE_FIELDS = frozenset({"state", "transitions"})
+
+
+def paused_error(name: str, to: str) -> StateError:
+    """The error for an operation, ``to`` do something, that VM ``name`` being paused
+    refuses (the supervisor's and the client's check say the same)."""
+    return StateError(f"VM '{name}' is paused; resume it to {to}: secvf vm resume {name}",
+                      VmState.PAUSED.value, [VmState.RUNNING.value])
 
 
 class Lifecycle:
@@ -142,7 +156,7 @@ class Lifecycle:
         """
         self._check_fields(fields)
         if self._record is None or self._ended:
-            self.require(VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+            self.require(VmState.STARTING, VmState.RUNNING, VmState.PAUSED, VmState.STOPPING)
         assert self._record is not None
         record = RuntimeRecord.model_validate({**self._record.model_dump(), **fields})
         self._commit(record)

@@ -36,6 +36,12 @@ run ends:
 * after ``running``: ``crashed`` for a guest panic, a dead helper or QEMU dying on
   its own, ``stopped`` for a stop request or a guest that powered off.
 
+Pausing (a :class:`~secvf.model.runtime.PauseRequest`): QMP ``stop`` or ``cont`` under
+the media lock, checked with ``query-status``, and ``running`` ⇄ ``paused``. A paused
+guest cannot answer the ACPI power button, so a graceful stop of a paused VM resumes it
+first (a forced stop quits QEMU at once); snapshots and medium changes are refused while
+it is paused, a memory dump is not (QEMU leaves a paused guest paused).
+
 Stopping: ``system_powerdown`` and wait; on timeout (or ``force``) QMP ``quit``, then
 SIGKILL. The state machine is :mod:`secvf.runtime.lifecycle`; the messages on the
 report pipe and the control socket are in :mod:`secvf.model.runtime`.
@@ -94,6 +100,7 @@ from secvf.model.runtime import (
     LastRun,
     LaunchStage,
     MediaRequest,
+    PauseRequest,
     PlannedDeviceInfo,
     SnapshotRequest,
     Started,
@@ -108,7 +115,7 @@ from secvf.runtime.devtree import LiveDevice, channels_in, walk_devices
 from secvf.runtime.devwatch import DeviceWatch
 from secvf.runtime.guestlog import SerialEvent, SerialScanner
 from secvf.runtime.hotplug import plug
-from secvf.runtime.lifecycle import Lifecycle
+from secvf.runtime.lifecycle import Lifecycle, paused_error
 from secvf.runtime.logcap import GuestLogCap, GuestLogPort
 from secvf.runtime.procutil import die_with_parent
 from secvf.runtime.savestate import (
@@ -485,13 +492,14 @@ class Supervisor:
         what it wrote, the disk snapshot too). Or delete a disk snapshot.
 
         Raises:
-            StateError: the VM is not running.
+            StateError: the VM is not running (or is paused: the snapshot pauses it
+                itself, and resumes it).
             ForbiddenDevice: a memory snapshot of an AI sandbox (QEMU 7.2 cannot save the
                 state of its vhost-user devices).
             SnapshotError: QEMU failed, or the state could not be written.
         """
         async with self._media_lock:
-            self.lifecycle.require(VmState.RUNNING)
+            self._require_running("take or delete a snapshot")
             if request.action == "delete":
                 await delete_disk_snapshot(self._qmp(), request.disk_tag)
                 return ControlReply(ok=True)
@@ -588,7 +596,7 @@ class Supervisor:
             self.crash_reason = f"a forbidden device appeared: {exc.output}"
             await self.stop(force=True, reason=self.crash_reason)
             return
-        if self.lifecycle.state is not VmState.RUNNING:
+        if self.lifecycle.state not in (VmState.RUNNING, VmState.PAUSED):
             return
         hot = [*(record.hotplugged if record else []), *(d.info() for d in added)]
         self.lifecycle.update(
@@ -866,6 +874,12 @@ class Supervisor:
         dev_id = str(device.device["id"])
         try:
             async with self._media_lock:
+                if self.lifecycle.state is VmState.PAUSED:  # the guest cannot let go of
+                    # the device now; a line read late from the log is not worth a crash
+                    self.log.warning("not recovering the %s device while the guest is "
+                                     "paused", helper)
+                    self._last_recovery = -VSOCK_RECOVERY_INTERVAL_S
+                    return
                 self.lifecycle.require(VmState.RUNNING)
                 deleted = self._deleted[dev_id] = asyncio.Event()
                 await self._qmp().execute("device_del", {"id": dev_id})
@@ -913,28 +927,42 @@ class Supervisor:
     async def stop(self, *, force: bool, reason: str, timeout: float = POWERDOWN_TIMEOUT_S) -> None:
         """Stop the VM: ACPI powerdown within ``timeout``, then QMP quit, then SIGKILL.
 
-        A running guest gets the powerdown unless ``force``; while the VM is still
-        starting QEMU is quit at once and the launch ends at its next step. Returns
-        at once if QEMU is already gone; returns before QEMU is reaped after a kill.
-        Sets :attr:`forced`: False if the guest powered off, True if QEMU was quit.
+        A running guest gets the powerdown unless ``force``; a paused one is resumed
+        first (a paused guest cannot see the power button), unless ``force``: then QEMU
+        is quit with the guest still paused. While the VM is still starting QEMU is quit
+        at once and the launch ends at its next step. Returns at once if QEMU is already
+        gone; returns before QEMU is reaped after a kill. Sets :attr:`forced`: False if
+        the guest powered off, True if QEMU was quit.
         """
         async with self._stop_lock:
             if self._exited.is_set():
                 return
             self.stop_reason = self.stop_reason or reason
-            was_running = self.lifecycle.state is VmState.RUNNING
-            if self.lifecycle.state in (VmState.STARTING, VmState.RUNNING):
+            before = self.lifecycle.state
+            if before in (VmState.STARTING, VmState.RUNNING, VmState.PAUSED):
                 self.lifecycle.transition(VmState.STOPPING)
             self.forced = True  # unless the guest powers off below
-            if not was_running:
+            if before not in (VmState.RUNNING, VmState.PAUSED):
                 await self._kill_qemu()
                 return
-            if not force and await self._powerdown(timeout):
+            gentle = not force and (before is VmState.RUNNING or await self._resume_to_stop())
+            if gentle and await self._powerdown(timeout):
                 self.forced = False
                 return
             seclog.write_event("vm_forced_stop", severity=Severity.WARNING, vm=self.config.name,
                                vm_id=self.config.id, reason=reason, requested_force=force)
             await self._kill_qemu()
+
+    async def _resume_to_stop(self) -> bool:
+        """Resume the paused guest so it can power off; False if QEMU refused."""
+        try:
+            await self._qmp().execute("cont")
+        except QMPError as exc:
+            self.log.warning("could not resume the paused guest to stop it: %s", exc)
+            return False
+        seclog.write_event("vm_resumed", vm=self.config.name, vm_id=self.config.id,
+                           reason="to power off")
+        return True
 
     async def _powerdown(self, timeout: float) -> bool:
         if self.qmp is None:
@@ -1007,6 +1035,9 @@ class Supervisor:
         rc = self.qemu.returncode if self.qemu else None
         if self.crash_reason:
             return VmState.CRASHED, self.crash_reason
+        if self.lifecycle.state is VmState.PAUSED:  # gone without a stop (which would
+            # have entered stopping): not the guest's doing, it was not running
+            return VmState.CRASHED, f"QEMU exited with {rc} while the guest was paused"
         if self.stop_reason or self.guest_shutdown or rc == 0:
             return VmState.STOPPED, self.stop_reason or "guest powered off"
         return VmState.CRASHED, f"QEMU exited with {rc}: {_tail(self.qemu_log)}"
@@ -1075,6 +1106,10 @@ class Supervisor:
             self.log.warning("%s", exc)
             return ControlReply(ok=False, error=str(exc))
         try:
+            if isinstance(request, PauseRequest):
+                changed = await asyncio.wait_for(self.set_paused(request.paused),
+                                                 MEDIA_CHANGE_TIMEOUT_S)
+                return ControlReply(ok=True, changed=changed)
             if isinstance(request, MediaRequest):
                 await asyncio.wait_for(self.change_medium(request.iso), MEDIA_CHANGE_TIMEOUT_S)
                 return ControlReply(ok=True)
@@ -1096,20 +1131,109 @@ class Supervisor:
     async def dump_memory(self, path: Path) -> None:
         """Write the running guest's memory to new file ``path`` (an ELF core).
 
+        A paused guest stays paused (QEMU resumes only a guest it paused for the dump;
+        that is checked).
+
         Raises:
-            StateError: the VM is not running.
+            StateError: the VM is neither running nor paused.
             SnapshotError: ``path`` is not absolute or cannot be created, or QEMU failed.
         """
         if not path.is_absolute():
             raise SnapshotError(f"memory dump path {path} is not absolute")
         async with self._media_lock:
-            self.lifecycle.require(VmState.RUNNING)
+            self.lifecycle.require(VmState.RUNNING, VmState.PAUSED)
             began = time.monotonic()
             size = await dump_guest_memory(self._qmp(), path)
+            if self.lifecycle.state is VmState.PAUSED and (await self._run_state())[0]:
+                self.log.warning("QEMU resumed the paused guest after the dump: pausing it")
+                try:
+                    await self._qmp().execute("stop")
+                except QMPError as exc:
+                    raise SecVFError(f"QEMU could not pause VM '{self.config.name}' again "
+                                     f"after the dump: {exc}") from exc
         self.log.info("guest memory dumped to %s: %d bytes in %.1f s", path, size,
                       time.monotonic() - began)
         seclog.write_event("vm_memory_dumped", vm=self.config.name, vm_id=self.config.id,
                            path=str(path), size=size)
+
+    # ---- pause and resume ------------------------------------------------------------
+
+    async def set_paused(self, paused: bool) -> bool:
+        """Pause the guest (``paused``: QMP ``stop``) or resume it (QMP ``cont``), check
+        with ``query-status`` that QEMU's run state is the one asked for, enter ``paused``
+        or ``running`` and write the ``vm_paused`` / ``vm_resumed`` event. Returns whether
+        anything changed (False: the VM already was so).
+
+        A stop that begins meanwhile wins: a pause is undone (the stop's powerdown needs
+        a running guest) and this raises. So is a change QEMU does not confirm.
+
+        Raises:
+            StateError: the VM is neither running nor paused (starting, stopping), or is
+                being saved as a template, or a stop began meanwhile.
+            SecVFError: QEMU refused, or reports another run state afterwards.
+        """
+        want, have = ((VmState.PAUSED, VmState.RUNNING) if paused
+                      else (VmState.RUNNING, VmState.PAUSED))
+        verb = "pause" if paused else "resume"
+        async with self._media_lock:
+            if self.lifecycle.state is want:
+                return False
+            self.lifecycle.require(have)
+            if self.mode is RunMode.TEMPLATE:
+                raise StateError(f"VM '{self.config.name}' is being saved as a sandbox "
+                                 f"template; it cannot {verb}", str(self.lifecycle.state),
+                                 [str(VmState.RUNNING)])
+            began = time.monotonic()
+            try:
+                await self._qmp().execute("stop" if paused else "cont")
+            except QMPError as exc:
+                raise SecVFError(f"QEMU could not {verb} VM '{self.config.name}': "
+                                 f"{exc}") from exc
+            try:
+                running, reported = await self._run_state()
+                if running is paused:
+                    raise SecVFError(f"QEMU reports VM '{self.config.name}' {reported} after "
+                                     f"the {verb}, not {want}")
+            except SecVFError:  # put QEMU back as the record says, if it can be
+                with contextlib.suppress(QMPError):
+                    await self._qmp().execute("cont" if paused else "stop")
+                raise
+            if self.lifecycle.state is not have:  # a stop request came in meanwhile
+                if paused:
+                    with contextlib.suppress(QMPError):
+                        await self._qmp().execute("cont")
+                self.lifecycle.require(have)
+            self.lifecycle.transition(want)
+        self.log.info("guest %s (%.3f s)", "paused" if paused else "resumed",
+                      time.monotonic() - began)
+        seclog.write_event("vm_paused" if paused else "vm_resumed", vm=self.config.name,
+                           vm_id=self.config.id)
+        return True
+
+    async def _run_state(self) -> tuple[bool, str]:
+        """Whether QEMU's vCPUs run, and the name of its run state (``query-status``).
+
+        Raises:
+            SecVFError: QEMU did not answer, or not with a status.
+        """
+        try:
+            status = await self._qmp().execute("query-status")
+        except QMPError as exc:
+            raise SecVFError(f"QEMU did not report the run state of VM "
+                             f"'{self.config.name}': {exc}") from exc
+        if not isinstance(status, dict):
+            raise SecVFError(f"QEMU answered query-status with {status!r}")
+        return bool(status.get("running")), str(status.get("status", "?"))
+
+    def _require_running(self, to: str) -> None:
+        """Declare that the caller needs a running guest, to do ``to``.
+
+        Raises:
+            StateError: it is not running; if paused, the message says how to resume it.
+        """
+        if self.lifecycle.state is VmState.PAUSED:
+            raise paused_error(self.config.name, to)
+        self.lifecycle.require(VmState.RUNNING)
 
     # ---- the cdrom drive -------------------------------------------------------------
 
@@ -1121,14 +1245,14 @@ class Supervisor:
         one that hands it to QEMU). A guest that locked the drive's tray is overruled.
 
         Raises:
-            StateError: the VM is not running.
+            StateError: the VM is not running (or is paused).
             ConfigError: the VM has no cdrom drive (it was not created with an ISO).
             DiskError: the ISO is missing, unreadable, not a regular file, or in a
                 system tree (``UnsafeDisk``).
             SecVFError: QEMU refused the change or the drive does not hold the medium.
         """
         async with self._media_lock:
-            self.lifecycle.require(VmState.RUNNING)
+            self._require_running("change the medium")
             if not has_cdrom(self.config):
                 raise ConfigError(f"VM '{self.config.name}' has no cdrom drive: only VMs "
                                   "created with --iso and malware-analysis VMs have one")

@@ -1,10 +1,14 @@
 """Security, lifecycle and exec-audit events as JSON Lines.
 
 Events go to ``$SECVF_HOME/logs/<stream>-YYYY-MM-DD.jsonl``, 0600 in a 0700
-directory; the file format and the append rules are :mod:`secvf.store.eventlog`'s.
+directory; the file format, the hash chain, the append rules and retention
+(``$SECVF_HOME/config/logs.json``) are :mod:`secvf.store.eventlog`'s; queries and
+verification are :mod:`secvf.store.logquery`'s. Every event name is in
+``docs/events.md`` (a test keeps it complete).
 
 Streams: ``security`` (lifecycle, device-tree checks, refusals, hostile-guest
-events) and ``exec`` (who ran what in which VM, with exit status and duration).
+events, log rotation), ``exec`` (who ran what in which VM, with exit status and
+duration) and ``mcp`` (the MCP server's audit of every call).
 """
 
 from __future__ import annotations

@@ -56,6 +56,12 @@ def config_dir() -> Path:
     return ensure_private_dir(secvf_home() / "config")
 
 
+def isos_dir() -> Path:
+    """Return the ISO cache: ``$SECVF_HOME/isos`` (0700), one ``<name>/`` per ISO
+    (see :mod:`secvf.store.isos`)."""
+    return ensure_private_dir(secvf_home() / "isos")
+
+
 def runtime_dir() -> Path:
     """Return the private per-user runtime directory for sockets and pid files."""
     env = os.environ.get("SECVF_RUNTIME_DIR")

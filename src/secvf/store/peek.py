@@ -4,7 +4,7 @@
 the runtime record with pydantic costs it more than starting ``/bin/true`` in the
 guest. :func:`running_exec_socket` answers its one question (where is the exec socket
 of this running AI sandbox?) from the raw JSON, and it answers only a plain yes: for
-anything else (another kind, not running, still starting, a record that is missing,
+anything else (another kind, not running, paused, still starting, a record that is missing,
 unreadable or of another shape) it returns None, and the caller asks the validated
 readers (:func:`secvf.store.library.get_vm`, :func:`secvf.store.runstate.current_state`),
 which say what is wrong.
@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from secvf.model.enums import LIVE_STATES, VMKind
+from secvf.model.enums import LIVE_STATES, VMKind, VmState
 from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.locks import is_locked
 
@@ -41,8 +41,8 @@ def running_exec_socket(bundle: Bundle) -> Path | None:
     files = RuntimeFiles(str(vm_id))
     record = _json_object(files.state_file)
     state = None if record is None else record.get("state")
-    if not isinstance(state, str) or state not in LIVE_STATES:
-        return None
+    if not isinstance(state, str) or state not in LIVE_STATES or state == VmState.PAUSED:
+        return None  # a paused guest cannot answer: the validated path says so
     return files.exec_socket if files.exec_socket.exists() else None
 
 

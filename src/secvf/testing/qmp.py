@@ -6,9 +6,11 @@ from its :class:`QMPScript`:
 
 * ``qom-list`` / ``qom-get`` (property ``type``) from the script's QOM tree — what
   :func:`secvf.runtime.devtree.walk_devices` reads;
-* ``cont``, ``stop`` and ``query-status`` — paused until ``cont``, as under ``-S``;
+* ``cont``, ``stop`` and ``query-status`` — paused until ``cont``, as under ``-S``
+  (status ``prelaunch``; ``paused`` after a ``stop`` of a guest that ran);
 * ``system_powerdown`` — emits ``POWERDOWN`` and, unless the script's guest ignores
-  ACPI, ``SHUTDOWN`` (``guest: true``) and quits;
+  ACPI, ``SHUTDOWN`` (``guest: true``) and quits; a paused guest does so only once it
+  is resumed (``cont``), as a real one sees the power button only when it runs;
 * ``quit`` — replies, emits ``SHUTDOWN`` (``guest: false``) and quits;
 * ``migrate-set-capabilities`` / ``migrate-set-parameters`` — accepted (every start sets
   them);
@@ -96,6 +98,8 @@ class FakeQMPServer:
     Attributes:
         commands: every command received, in order (``qmp_capabilities`` included).
         running: whether the "guest" runs (False until ``cont``).
+        ran: whether it ever ran (``query-status`` says ``paused`` then, not ``prelaunch``).
+        powerdown_pending: a ``system_powerdown`` came while it was paused.
         quit_requested: set once the peer quit (``quit``, or a powerdown obeyed).
     """
 
@@ -104,6 +108,8 @@ class FakeQMPServer:
         self.script = script or QMPScript()
         self.commands: list[str] = []
         self.running = False
+        self.ran = False  # cont was seen: a stopped guest is "paused", not "prelaunch"
+        self.powerdown_pending = False  # system_powerdown while paused: acted on at cont
         self.quit_requested = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -206,10 +212,12 @@ class FakeQMPServer:
             return {"return": {}}
         if command in ("cont", "stop"):
             self.running = command == "cont"
+            self.ran = self.ran or self.running
             return {"return": {}}
         if command == "query-status":
+            status = "running" if self.running else "paused" if self.ran else "prelaunch"
             return {"return": {"running": self.running, "singlestep": False,
-                               "status": "running" if self.running else "prelaunch"}}
+                               "status": status}}
         if command == "qom-list":
             return self._qom_list(str(args.get("path", "")))
         if command == "qom-get":
@@ -242,6 +250,9 @@ class FakeQMPServer:
         """What QEMU does once it answered ``command``."""
         if command == "cont":
             await self.emit("RESUME")
+            if self.powerdown_pending:
+                self.powerdown_pending = False
+                await self._guest_powers_off()
         elif command == "stop":
             await self.emit("STOP")
         elif command == "quit":
@@ -249,9 +260,16 @@ class FakeQMPServer:
             self.quit_requested.set()
         elif command == "system_powerdown":
             await self.emit("POWERDOWN")
-            if not self.script.ignore_powerdown:
-                await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
-                self.quit_requested.set()
+            if self.script.ignore_powerdown:
+                return
+            if self.running:
+                await self._guest_powers_off()
+            else:
+                self.powerdown_pending = True
+
+    async def _guest_powers_off(self) -> None:
+        await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        self.quit_requested.set()
 
     async def _send(self, message: JSONObject) -> None:
         if self._writer is None:

@@ -48,6 +48,7 @@ from secvf.model.network import NicRequest, parse_nic_requests
 from secvf.model.sizes import format_size, parse_size, round_up_size
 from secvf.runtime.accel import kvm_problem
 from secvf.store.disks import check_host_file, disk_image_format, image_info
+from secvf.store.isos import cached_iso_path
 from secvf.store.networks import build_nics
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def build_config(
     disk_size: str = "8G",
     image: str | None = None,
     disk_image: Path | None = None,
-    iso: Path | None = None,
+    iso: Path | str | None = None,
     networks: Sequence[str] = (),
     allow_internet: bool = False,
     accel: str = "auto",
@@ -82,6 +83,9 @@ def build_config(
     none given: ``nat``, or no NIC for a malware-analysis VM, which gets ``nat`` only with
     ``allow_internet``). An isolated NIC gets its fixed address here, so the caller holds
     :func:`secvf.store.networks.networks_lock` until the VM's config is written.
+
+    ``iso`` is a file, or (a ``str`` without ``/``) the name of a cached ISO
+    (:mod:`secvf.store.isos`), which wins over a file of that name in the current directory.
 
     ``display`` is ``none`` or ``vnc`` (a graphical console; not for an ai-sandbox, and
     view-only on a malware-analysis VM).
@@ -245,7 +249,8 @@ def check_internet(name: str, kind: VMKind, requests: list[NicRequest],
                     "it can reach the outside world", name)
 
 
-def boot_source(kind: VMKind, image: str | None, disk_image: Path | None, iso: Path | None,
+def boot_source(kind: VMKind, image: str | None, disk_image: Path | None,
+                iso: Path | str | None,
                 disk_bytes: int) -> ImageBoot | DiskImageBoot | IsoBoot:
     """The boot source of a new VM of ``kind``, checked like ``vm create`` checks it: one
     source only; an ISO or disk image is a readable regular file outside system trees
@@ -265,7 +270,8 @@ def boot_source(kind: VMKind, image: str | None, disk_image: Path | None, iso: P
         _check_disk_fits(disk_bytes, size if isinstance(size, int) else 0, f"disk image {path}")
         return DiskImageBoot(path=str(path), format=fmt)
     if iso is not None:
-        return IsoBoot(path=str(check_host_file(iso, "ISO")))
+        cached = cached_iso_path(iso) if isinstance(iso, str) else None
+        return IsoBoot(path=str(check_host_file(cached or iso, "ISO")))
     from secvf.image import RECIPES, get_image
 
     name = image or ("sandbox" if kind is VMKind.AI_SANDBOX else "base")

@@ -56,7 +56,8 @@ def exec_socket_for(name: str) -> Path:
 
     Raises:
         NotFound: there is no such VM.
-        NoExecChannel: the VM has no channel by design, is not running, or is stopping.
+        NoExecChannel: the VM has no channel by design, is not running, is paused, or is
+            stopping.
         AgentUnavailable: the VM is still starting (its bridge is not up yet).
         CorruptRecord: the VM's runtime record is unreadable.
         ConfigError: its ``vm.json`` is not usable.
@@ -77,6 +78,8 @@ def _checked_exec_socket(bundle: Bundle) -> Path:
     view = current_state(bundle, config.id)
     if not view.live:
         raise NoExecChannel(f"VM '{name}' is not running (start it: secvf vm start {name})")
+    if view.state is VmState.PAUSED:
+        raise NoExecChannel(f"VM '{name}' is paused; resume it: secvf vm resume {name}")
     path = RuntimeFiles(config.id).exec_socket
     if path.exists():
         return path

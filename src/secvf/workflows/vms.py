@@ -210,7 +210,8 @@ def stop_vm(name: str, *, force: bool = False, timeout: float = 30.0,
 
     A running AI sandbox first gets ``sync`` as root through its agent, so writes still
     in the guest's page cache reach the disk even if the stop ends up forced. A guest
-    that does not answer within a few seconds is stopped all the same.
+    that does not answer within a few seconds is stopped all the same; a paused one gets
+    no ``sync`` (it cannot answer), and the supervisor resumes it for the powerdown.
 
     Raises:
         StateError: the VM is not running, or still runs after all that.

@@ -9,6 +9,9 @@ from secvf.faces.cli.app import main
 from secvf.faces.cli.audit import audit
 from secvf.faces.cli.gc import gc
 from secvf.faces.cli.image import image
+from secvf.faces.cli.iso import iso
+from secvf.faces.cli.logs import logs
+from secvf.faces.cli.mcp import mcp
 from secvf.faces.cli.net import net, vm_set_network
 from secvf.faces.cli.packets import packets
 from secvf.faces.cli.sandbox import sandbox
@@ -27,6 +30,7 @@ vm.add_command(vm_set_network)
 sandbox.add_command(sandbox_template)
 main.add_command(vm)
 main.add_command(image)
+main.add_command(iso)
 main.add_command(sandbox)
 main.add_command(audit)
 main.add_command(gc)
@@ -34,5 +38,7 @@ main.add_command(net)
 main.add_command(packets)
 main.add_command(analyze)
 main.add_command(analyses)
+main.add_command(mcp)
+main.add_command(logs)
 
 __all__ = ["main"]

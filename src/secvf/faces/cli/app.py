@@ -43,7 +43,7 @@ UNLIMITED_WIDTH = 1 << 20
 MAX_SECONDS = 365 * 24 * 3600.0
 
 #: ``vm status`` states in which a supervisor runs the VM (any other: it is not running).
-LIVE_STATES = ("starting", "running", "stopping")
+LIVE_STATES = ("starting", "running", "paused", "stopping")
 
 #: :func:`working` says what is under way only once it has taken this long (seconds), so
 #: a command that fails at once still prints just its one-line error.

@@ -45,7 +45,9 @@ def vm() -> None:
 @click.option("--disk", "disk_size", default="8G", show_default=True, help="Disk size.")
 @click.option("--image", help="SecVF image to boot (default: base; sandbox for ai-sandbox).")
 @click.option("--disk-image", type=click.Path(path_type=Path), help="Boot this disk image.")
-@click.option("--iso", type=click.Path(path_type=Path), help="Boot this installer ISO.")
+@click.option("--iso", metavar="PATH|NAME",
+              help="Boot this installer ISO (read-only): a file, or a cached ISO's name "
+                   "(see: secvf iso list).")
 @click.option("--network", "networks", multiple=True, metavar="SPEC",
               help=f"{NETWORK_HELP} Default: nat; none for malware-analysis.")
 @click.option("--allow-internet", is_flag=True,
@@ -68,7 +70,7 @@ def vm() -> None:
                    "view-only on malware-analysis VMs, none on ai-sandbox.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new VM's config as JSON.")
 def vm_create(name: str, kind: str, cpus: int, memory: str, disk_size: str, image: str | None,
-              disk_image: Path | None, iso: Path | None, networks: tuple[str, ...],
+              disk_image: Path | None, iso: str | None, networks: tuple[str, ...],
               allow_internet: bool, accel: str,
               shares: tuple[str, ...], workspace: Path | None,
               root_password_file: TextIO | None, ask_root_password: bool, autologin: bool,
@@ -266,6 +268,39 @@ class _StopProgress:
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+@vm.command("pause")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def vm_pause(name: str, as_json: bool) -> None:
+    """Pause running VM NAME: QEMU stops its vCPUs; memory, devices and connections stay
+    (already paused: a note, exit 0). Exec, snapshots and media changes wait for
+    vm resume; vm stop works (a graceful stop resumes the guest to power it off)."""
+    _pause_or_resume(name, paused=True, as_json=as_json)
+
+
+@vm.command("resume")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def vm_resume(name: str, as_json: bool) -> None:
+    """Resume paused VM NAME (already running: a note, exit 0). The guest of a SecVF image
+    steps its clock past the pause within about a second."""
+    _pause_or_resume(name, paused=False, as_json=as_json)
+
+
+def _pause_or_resume(name: str, *, paused: bool, as_json: bool) -> None:
+    """``vm pause`` / ``vm resume``: a note if the VM already is so, else ask the API."""
+    want = "paused" if paused else "running"
+    status = api.vm_status(name)
+    if status["state"] == want:
+        note(f"VM '{name}' is already {want}")
+    else:
+        status = api.pause_vm(name) if paused else api.resume_vm(name)
+        if not as_json:
+            out.print(f"{'paused' if paused else 'resumed'} [bold]{escape(name)}[/]")
+    if as_json:
+        print_json(status)
 
 
 @vm.command("delete")
