@@ -74,6 +74,19 @@ class PlannedDeviceInfo(_Message):
     purpose: str  # what it is for
 
 
+class ResourceAlert(_Message):
+    """A resource past a threshold while the VM runs (:mod:`secvf.runtime.resources`)."""
+
+    resource: str  # "disk_overlay" or "host_free_space"
+    level: str  # "warning" or "critical"
+    value: int  # bytes when it crossed: the overlay's allocation, or the free space
+    threshold: int  # the mark it crossed, in bytes
+    total: int  # the virtual disk size, or the filesystem's size, in bytes
+    path: str  # what was measured: the overlay file, or $SECVF_HOME
+    since: str  # when it crossed (RFC 3339)
+    message: str  # the same in one line, for people
+
+
 class RuntimeRecord(_Message):
     """The supervisor's published state, rewritten atomically on every change.
 
@@ -102,6 +115,7 @@ class RuntimeRecord(_Message):
     device_errors: list[str] = []  # guest kernel lines reporting a dead virtio device
     restored_from: str | None = None  # the saved state this run began from (a directory)
     hotplugged: list[DeviceInfo] = []  # devices added after the start, by SecVF or not
+    resource_warnings: list[ResourceAlert] = []  # resources past a threshold now
 
 
 class LastRun(_Message):
@@ -276,6 +290,7 @@ class VmStatus(_Message):
     snapshots: list[str] = []  # names of the VM's snapshots, oldest first
     restored_from: str | None = None  # while running: the saved state the run began from
     hotplugged: list[DeviceInfo] = []  # while running: devices added after the start
+    resource_warnings: list[ResourceAlert] = []  # while running: resources past a threshold
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-able dict the CLI prints."""

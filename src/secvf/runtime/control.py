@@ -540,6 +540,7 @@ def get_status(name: str) -> VmStatus:
         snapshots=[snap.name for snap in list_snapshots(bundle)[0]],
         restored_from=record.restored_from if record and view.live else None,
         hotplugged=record.hotplugged if record and view.live else [],
+        resource_warnings=record.resource_warnings if record and view.live else [],
     )
 
 

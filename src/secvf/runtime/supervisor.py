@@ -19,7 +19,8 @@ Launch sequence (``Supervisor.run``); a failure names the
 8. resume the guest and enter ``running`` (``resume``), start the exec bridge (AI
    sandboxes only, ``bridge``), report success to whoever started us;
 9. watch: QEMU's exit, QMP events (shutdown, guest panic), helpers dying, the guest's
-   ready marker on the serial log, and stop requests on the control socket or SIGTERM
+   ready marker on the serial log, the disk overlay and host free space
+   (:mod:`secvf.runtime.resources`), and stop requests on the control socket or SIGTERM
    (both also work while starting: the launch then ends at its next step).
 
 Whatever happens, teardown runs in ``finally``: the bridge, QMP, QEMU and the helpers
@@ -118,6 +119,7 @@ from secvf.runtime.hotplug import plug
 from secvf.runtime.lifecycle import Lifecycle, paused_error
 from secvf.runtime.logcap import GuestLogCap, GuestLogPort
 from secvf.runtime.procutil import die_with_parent
+from secvf.runtime.resources import ResourceWatch
 from secvf.runtime.savestate import (
     delete_disk_snapshot,
     dump_guest_memory,
@@ -766,6 +768,7 @@ class Supervisor:
             asyncio.create_task(self._watch_events()),
             asyncio.create_task(self._watch_serial()),
             asyncio.create_task(self._watch_devices()),
+            asyncio.create_task(self._resource_watch().run()),
             *(asyncio.create_task(self._watch_helper(n, p)) for n, p in self.helpers.items()),
         ]
         if self.config.kind is VMKind.MALWARE_ANALYSIS:  # its serial ports are plain files
@@ -776,6 +779,14 @@ class Supervisor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _resource_watch(self) -> ResourceWatch:
+        """The disk overlay and host free space checks (:mod:`secvf.runtime.resources`);
+        the warnings in force go into the runtime record."""
+        return ResourceWatch.for_vm(
+            disk=self.bundle.disk, virtual_size=self.config.disk_bytes, vm=self.config.name,
+            vm_id=self.config.id,
+            publish=lambda warnings: self.lifecycle.update(resource_warnings=warnings))
 
     async def _watch_devices(self) -> None:
         """Poll for added devices while the VM runs (:mod:`secvf.runtime.devwatch`)."""

@@ -164,6 +164,9 @@ def vm_status(name: str, as_json: bool) -> None:
                   highlight=False)
     if status.get("snapshots"):
         out.print(f"  snapshots: {escape(', '.join(status['snapshots']))}", highlight=False)
+    for warning in status.get("resource_warnings", []):
+        out.print(f"  [yellow]resource {escape(warning['level'])}:[/] "
+                  f"{escape(warning['message'])} since {warning['since']}", highlight=False)
     for line in status.get("device_errors", []):
         out.print(f"  [red]guest reports a dead virtio device:[/] {escape(line)}",
                   highlight=False)
