@@ -90,6 +90,13 @@ def vm_library(built_images: dict[str, ImageInfo]) -> Iterator[Path]:
     shutil.rmtree(runtime, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def analysis_images(vm_library: Path) -> None:
+    """The two images `secvf analyze` needs (not built by default), built or cached."""
+    for name in ("analysis", "fakenet"):
+        build_image(name)
+
+
 @pytest.fixture
 def secvf_env(vm_library: Path) -> Path:
     """VM tests use the shared session library instead of a per-test one."""

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from secvf.image import build_image
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vm
@@ -47,12 +46,6 @@ print("fetched", len(body))
 CHECK_CLEAN = """#!/bin/sh
 test ! -e "$HOME/marker.txt" && echo clean
 """
-
-
-@pytest.fixture(scope="module")
-def analysis_images(vm_library: Path) -> None:
-    for name in ("analysis", "fakenet"):
-        build_image(name)
 
 
 def sample(tmp_path: Path, name: str, text: str) -> Path:

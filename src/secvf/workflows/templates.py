@@ -173,7 +173,7 @@ def save_booted_guest(probe: VMConfig, prefix: str, progress: Progress | None = 
     began = time.monotonic()
     with _family_lock(config), store.TemplateStaging() as staging:
         _remove_leftover_build_vms(family)
-        say(f"booting a {image} guest ({config.cpus} vCPU, "
+        say(f"booting {'an' if image[:1] in 'aeiou' else 'a'} {image} guest ({config.cpus} vCPU, "
             f"{format_size(config.memory_mib << 20)}, {chosen}) to save")
         vms.create_vm(config)
         try:
