@@ -28,6 +28,7 @@ class Capture:
     id: str
     network: str
     path: Path | None = None
+    files: list[Path] = field(default_factory=list)  # every file it wrote, oldest first
     progress: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -78,8 +79,9 @@ class Jobs:
 
         def progress(p: Any) -> None:
             capture.progress = jsonable(p)
-            if getattr(p, "path", None):
-                capture.path = Path(p.path)
+            files = [Path(f) for f in getattr(p, "files", None) or []]
+            if files:  # the file being written (a rotating capture writes several)
+                capture.path, capture.files = files[-1], files
 
         def run() -> None:
             try:
@@ -105,7 +107,8 @@ class Jobs:
     def capture_paths(self) -> list[Path]:
         """The files this server's captures wrote."""
         with self._lock:
-            return [c.path for c in self.captures.values() if c.path is not None]
+            return [f for c in self.captures.values()
+                    for f in (c.files or ([c.path] if c.path is not None else []))]
 
     # -- analyses
     def start_analysis(self, request: Any, *, wait_for_id_s: float) -> AnalysisRun:
