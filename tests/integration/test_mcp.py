@@ -18,6 +18,20 @@ from secvf.faces.mcp.tiers import Tier
 pytestmark = pytest.mark.vm
 
 
+def _fetch(port: int) -> bytes:
+    """GET / on 127.0.0.1:``port``, retried while the guest's server starts."""
+    import time
+    import urllib.request
+
+    for _ in range(50):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                return bytes(r.read())
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing answered on 127.0.0.1:{port}")
+
+
 def test_agent_flow_in_a_real_sandbox(vm_library: Path, tmp_path: Path) -> None:
     asked: list[str] = []
 
@@ -57,6 +71,21 @@ def test_agent_flow_in_a_real_sandbox(vm_library: Path, tmp_path: Path) -> None:
                        host_path=str(tmp_path / "out.txt"))
             inline = await call("file_get", name=name, guest_path="out.txt")
             assert inline["content"] == "HELLO FROM THE HOST\n"
+
+            server_cmd = "python3 -m http.server 8000 --bind 127.0.0.1"
+            bg = await call("detached_start", name=name, command=server_cmd)
+            assert bg["id"] in {p["id"] for p in (await call("detached_list",
+                                                               name=name))["processes"]}
+            fwd = await call("forward_start", name=name, host_port=0, guest_port=8000)
+            body = await anyio.to_thread.run_sync(lambda: _fetch(fwd["host_port"]))
+            assert b"Directory listing" in body, body[:200]
+            logged = await call("detached_output", name=name, id=bg["id"], wait_s=1)
+            assert '"GET / HTTP/1.1" 200' in logged["output"], logged
+            assert logged["untrusted"]["fields"] == ["output"]
+            assert fwd["forward_id"] in {f["forward_id"]
+                                         for f in (await call("forward_list"))["forwards"]}
+            await call("forward_stop", forward_id=fwd["forward_id"])
+            await call("detached_kill", name=name, id=bg["id"])
 
             await call("sandbox_remove", name=name, purge=True, force=True)
             assert name not in {s["name"] for s in (await call("sandbox_list"))["sandboxes"]}
