@@ -5,7 +5,7 @@ set -eu
 
 PACKAGES="qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio \
 kmod zstd ca-certificates python3 python3-venv python3-pip iproute2 util-linux \
-openssh-client procps uidmap openssl tcpdump strace zip"
+openssh-client procps uidmap openssl tcpdump strace zip tmux"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

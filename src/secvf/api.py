@@ -996,3 +996,104 @@ def remove_iso(name: str) -> Path:
     from secvf.store import isos
 
     return isos.remove_iso(name)
+
+
+# --- TUI ---------------------------------------------------------------------------------
+# What the terminal UI (secvf.faces.tui) needs beyond the functions above: ways to wait
+# for what changes (the security log, a serial log) that a worker thread can stop.
+
+__all__ += ["VM_CHANGE_EVENTS", "watch_logs", "watch_vm_changes", "watch_serial_log"]
+
+#: Security events after which a VM's row (state, devices, snapshots, name) may differ.
+VM_CHANGE_EVENTS = frozenset({
+    "vm_created", "vm_deleted", "vm_cloned", "vm_renamed", "vm_imported", "vm_started",
+    "vm_stopped", "vm_crashed", "vm_forced_stop", "vm_paused", "vm_resumed",
+    "vm_devices_added", "forbidden_device", "guest_panic", "device_helper_died",
+    "vm_snapshot_created", "vm_snapshot_reverted", "vm_snapshot_deleted",
+    "exec_bridge_started", "exec_bridge_stopped", "vm_media_changed",
+})
+
+
+class _Stopped(Exception):
+    """Raised by the sleep of a watch whose ``stop()`` became true."""
+
+
+def _stoppable_sleep(stop: Callable[[], bool]) -> Callable[[float], None]:
+    import time
+
+    def nap(seconds: float) -> None:
+        if stop():
+            raise _Stopped
+        time.sleep(seconds)
+        if stop():
+            raise _Stopped
+    return nap
+
+
+def watch_logs(stream: str, *, stop: Callable[[], bool], severity: str | None = None,
+               vm: str | None = None, event: str | None = None, backlog: int | None = 0,
+               poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
+    """:func:`follow_logs` that ends once ``stop()`` is true (checked between looks at
+    the log, every ``poll_s``): what a thread that another thread must be able to end
+    iterates. Filters and ``backlog`` as in :func:`follow_logs`.
+
+    Raises:
+        LogQueryError, ConfigError: as :func:`query_logs`.
+    """
+    from secvf.store.events import default_log
+    from secvf.store.logquery import LogFilter, follow
+
+    filt = LogFilter.make(severity=severity, vm=vm, event=event)
+    try:
+        yield from follow(default_log(), stream, filt, backlog=backlog, poll_s=poll_s,
+                          sleep=_stoppable_sleep(stop))
+    except _Stopped:
+        return
+
+
+def watch_vm_changes(*, stop: Callable[[], bool],
+                     poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
+    """Yield each security event written from now on that changes what a VM shows
+    (:data:`VM_CHANGE_EVENTS`; its ``vm`` names the VM) until ``stop()`` is true: a
+    VM list refreshed from state changes instead of asking every VM's status in a loop.
+    A supervisor killed with SIGKILL writes no event; its VM shows as stopped at the
+    next :func:`vm_status`."""
+    for record in watch_logs("security", stop=stop, poll_s=poll_s):
+        if record.get("event") in VM_CHANGE_EVENTS:
+            yield record
+
+
+def watch_serial_log(name: str, *, stop: Callable[[], bool], tail_bytes: int = 64 * 1024,
+                     follow: bool = True, poll_s: float = 0.25) -> Iterator[bytes]:
+    """The serial console log of VM ``name``'s current (or last) run as raw chunks:
+    first its last ``tail_bytes``, then (``follow``) what the guest writes while that
+    run lasts, until ``stop()`` is true. The bytes are the guest's: untrusted.
+
+    Raises:
+        NotFound, ConfigError: no such VM, or its vm.json is invalid.
+    """
+    import os
+
+    from secvf.store import library
+    from secvf.store.runstate import is_running
+
+    bundle, _ = library.get_vm(name)
+    run = bundle.current_run()
+    nap = _stoppable_sleep(stop)
+    try:
+        fh = bundle.serial_log.open("rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - tail_bytes))
+        try:
+            while True:
+                live = follow and is_running(bundle) and bundle.current_run() == run
+                while chunk := fh.read(65536):
+                    yield chunk
+                if not live:
+                    return
+                nap(poll_s)
+        except _Stopped:
+            return

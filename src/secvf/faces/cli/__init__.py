@@ -16,6 +16,7 @@ from secvf.faces.cli.net import net, vm_set_network
 from secvf.faces.cli.packets import packets
 from secvf.faces.cli.sandbox import sandbox
 from secvf.faces.cli.sandbox_template import sandbox_template
+from secvf.faces.cli.tui import tui
 from secvf.faces.cli.vm import vm
 from secvf.faces.cli.vm_background import vm_attach, vm_kill, vm_ps
 from secvf.faces.cli.vm_exec import vm_exec
@@ -40,5 +41,6 @@ main.add_command(analyze)
 main.add_command(analyses)
 main.add_command(mcp)
 main.add_command(logs)
+main.add_command(tui)
 
 __all__ = ["main"]
