@@ -31,8 +31,9 @@ def test_atomic_write_makes_a_private_file_and_leaves_no_temporary(tmp_path: Pat
 
 def test_prepare_makes_private_directories(tmp_path: Path) -> None:
     paths = launcher.prepare(tmp_path / "n")
-    assert all(os.stat(d).st_mode & 0o777 == 0o700 for d in (paths.root, paths.ports,
-                                                               paths.sockets))
+    assert all(os.stat(d).st_mode & 0o7777 == 0o700 for d in (paths.root, paths.ports))
+    # jailed QEMUs (each its own uid) bind there; sticky, not listable
+    assert os.stat(paths.sockets).st_mode & 0o7777 == 0o1733
 
 
 def test_bad_configs_are_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -146,8 +146,10 @@ class MachinePlan:
 
 
 def build_machine(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
-                  mode: RunMode = RunMode.COLD) -> MachinePlan:
-    """Build the plan for ``config`` with the builder its kind calls for.
+                  mode: RunMode = RunMode.COLD, *, id_base: int | None = None) -> MachinePlan:
+    """Build the plan for ``config`` with the builder its kind calls for. ``id_base``:
+    the first host id of the VM's jail identity block, which its share servers map
+    guest ids into (None: the invoking user's ``/etc/subuid`` range).
 
     Raises:
         ConfigError: ``mode`` is ``template`` for a VM that is not an AI sandbox.
@@ -155,7 +157,7 @@ def build_machine(config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: 
     if config.kind is VMKind.AI_SANDBOX:
         from secvf.machine.sandbox import build_sandbox_machine
 
-        return build_sandbox_machine(config, bundle, files, accel, mode)
+        return build_sandbox_machine(config, bundle, files, accel, mode, id_base=id_base)
     from secvf.machine.generic import build_generic_machine
 
     return build_generic_machine(config, bundle, files, accel, mode)

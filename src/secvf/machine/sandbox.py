@@ -34,7 +34,6 @@ from secvf.machine.shares import (
     virtiofsd_argv,
 )
 from secvf.model.config import SandboxChannels, Share, VMConfig, VMKind
-from secvf.store import paths
 from secvf.store.bundle import Bundle, RuntimeFiles
 
 VSOCK_DEVICE = "vhost-user-vsock-pci"
@@ -69,9 +68,11 @@ def sandbox_channels(
 
 def build_sandbox_machine(
     config: VMConfig, bundle: Bundle, files: RuntimeFiles, accel: str,
-    mode: RunMode = RunMode.COLD,
+    mode: RunMode = RunMode.COLD, *, id_base: int | None = None,
 ) -> MachinePlan:
-    """Return the plan for an AI-sandbox VM: the generic machine plus vsock and shares.
+    """Return the plan for an AI-sandbox VM: the generic machine plus vsock and shares
+    (their servers map guest ids into the block at ``id_base``, see
+    :func:`~secvf.machine.plan.build_machine`).
 
     A cold boot has the channel devices from the start. A template run has
     :data:`SPARE_PORTS` empty PCIe root ports and no channel at all (QEMU 7.2 cannot save
@@ -91,7 +92,7 @@ def build_sandbox_machine(
     if mode is RunMode.COLD:
         add_vsock(plan, channels, files, config)
         for share in channels.shares:
-            add_virtiofs_share(plan, share, files)
+            add_virtiofs_share(plan, share, files, id_base=id_base)
         if channels.shares:
             plan.kernel_params.append(guest_share_param(channels.shares))
     else:
@@ -100,7 +101,7 @@ def build_sandbox_machine(
             check_fits_ports(config)
             add_vsock(plan, channels, files, config, bus=ports[0])
             for share, port in zip(channels.shares, ports[1:], strict=False):
-                add_virtiofs_share(plan, share, files, bus=port)
+                add_virtiofs_share(plan, share, files, bus=port, id_base=id_base)
     add_boot_and_disks(plan, config, bundle)
     add_nics(plan, config)
     add_platform_devices(plan)
@@ -143,7 +144,7 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
               "--uds-path", str(files.vsock_socket),
               "--guest-cid", str(channels.guest_cid),
               "--vm-name", config.name, "--vm-id", config.id,
-              "--log-dir", str(paths.logs_dir())),
+              "--log-dir", str(files.helper_events)),
         ready_fd_arg="--ready-fd",
         for_hotplug=bus is not None,
     ))
@@ -162,13 +163,13 @@ def add_vsock(plan: MachinePlan, channels: SandboxChannels, files: RuntimeFiles,
 
 
 def add_virtiofs_share(plan: MachinePlan, share: Share, files: RuntimeFiles, *,
-                       bus: str | None = None) -> None:
+                       bus: str | None = None, id_base: int | None = None) -> None:
     """One virtio-fs device and the virtiofsd that serves it (``share`` is validated);
     hot-plugged onto ``bus`` if given."""
     sock = files.virtiofs_socket(share.tag)
-    plan.helpers.append(HelperSpec(name=f"virtiofsd-{share.tag}", argv=virtiofsd_argv(share),
-                                   listen_socket=sock, fd_arg="--fd={fd}",
-                                   for_hotplug=bus is not None))
+    plan.helpers.append(HelperSpec(name=f"virtiofsd-{share.tag}",
+                                   argv=virtiofsd_argv(share, id_base), listen_socket=sock,
+                                   fd_arg="--fd={fd}", for_hotplug=bus is not None))
     mode = "ro" if share.read_only else "rw"
     purpose = f"virtio-fs share {share.host_path} -> {share.guest_path} ({mode})"
     dev_id = f"fs-{share.tag}"

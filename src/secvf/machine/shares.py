@@ -107,12 +107,16 @@ class UidMap:
         return args
 
 
-def uid_map() -> UidMap:
-    """The id map for the current user, from its ``/etc/subuid`` and ``/etc/subgid`` ranges.
+def uid_map(id_base: int | None = None) -> UidMap:
+    """The id map for the current user, from its ``/etc/subuid`` and ``/etc/subgid`` ranges
+    — or, as root with a VM's jail identity block starting at ``id_base``, into that
+    block (root writes the maps itself; no ``/etc/subuid`` range is needed).
 
     Raises:
         ShareError: the user has no usable range, or ``newuidmap`` is missing.
     """
+    if id_base is not None and os.getuid() == 0:
+        return UidMap(os.getuid(), os.getgid(), id_base, id_base)
     user = pwd.getpwuid(os.getuid()).pw_name
     uid_base = _subordinate_base(Path("/etc/subuid"))
     gid_base = _subordinate_base(Path("/etc/subgid"))
@@ -399,7 +403,7 @@ _STAGE_IN_PLACE = (
 )
 
 
-def virtiofsd_argv(share: Share) -> tuple[str, ...]:
+def virtiofsd_argv(share: Share, id_base: int | None = None) -> tuple[str, ...]:
     """The command that serves ``share``: virtiofsd on a ``nosuid,nodev`` (and, for a
     read-only share, ``ro``) bind of the source in a private mount namespace, run by the
     share launcher in the id-mapped user namespace under the seccomp filter.
@@ -408,7 +412,7 @@ def virtiofsd_argv(share: Share) -> tuple[str, ...]:
     directories above the source allow) and the bind covers the source in place;
     otherwise the user namespace does (mounting needs it) and the bind is staged in a
     private /tmp. The listening socket is handed over with ``--fd=N`` (appended by the
-    supervisor).
+    supervisor). ``id_base``: see :func:`uid_map`.
     """
     flags = "nosuid,nodev" + (",ro" if share.read_only else "")
     as_root = os.getuid() == 0
@@ -416,7 +420,7 @@ def virtiofsd_argv(share: Share) -> tuple[str, ...]:
     stage = ("unshare", "--mount", "--propagation", "private", "--",
              "sh", "-c", script.format(flags=flags), share.host_path)
     launcher = (sys.executable, "-m", "secvf.machine.share_launcher",
-                *uid_map().launcher_args(), "--")
+                *uid_map(id_base).launcher_args(), "--")
     binary = virtiofsd_path()
     server = (binary, *virtiofsd_options(binary, share.host_path if as_root else STAGED_SOURCE))
     if as_root:

@@ -87,6 +87,40 @@ class ResourceAlert(_Message):
     message: str  # the same in one line, for people
 
 
+class JailLimits(_Message):
+    """A VM's cgroup limits."""
+
+    memory_bytes: int
+    pids_max: int
+    cpu_quota_us: int  # per cpu_period_us; <= 0: no CPU limit
+    cpu_period_us: int
+
+
+class JailUsage(_Message):
+    """What a VM's cgroup holds now."""
+
+    memory_bytes: int
+    memory_peak_bytes: int | None = None
+    pids: int
+    cpu_usage_us: int
+    oom_kills: int
+
+
+class JailInfo(_Message):
+    """How a run's host processes are confined (:mod:`secvf.jail`); absent: not jailed."""
+
+    uid: int  # host uid (and gid) of QEMU and its helpers
+    gid: int
+    slot: int | None = None  # the VM's slot of SecVF's id range (None: not root)
+    user_namespace: bool = False  # not root: the caller's ids in a user namespace
+    namespaces: list[str] = []  # namespaces of QEMU and the vsock backend
+    cgroup: list[str] = []  # the VM's cgroup directories (none: no cgroup)
+    cgroup_version: int | None = None
+    cgroup_problem: str | None = None  # why there is no cgroup
+    limits: JailLimits | None = None
+    usage: JailUsage | None = None  # filled in by ``vm status`` (live)
+
+
 class RuntimeRecord(_Message):
     """The supervisor's published state, rewritten atomically on every change.
 
@@ -116,6 +150,7 @@ class RuntimeRecord(_Message):
     restored_from: str | None = None  # the saved state this run began from (a directory)
     hotplugged: list[DeviceInfo] = []  # devices added after the start, by SecVF or not
     resource_warnings: list[ResourceAlert] = []  # resources past a threshold now
+    jail: JailInfo | None = None  # the run's jail (None: jails are off)
 
 
 class LastRun(_Message):
@@ -291,6 +326,7 @@ class VmStatus(_Message):
     restored_from: str | None = None  # while running: the saved state the run began from
     hotplugged: list[DeviceInfo] = []  # while running: devices added after the start
     resource_warnings: list[ResourceAlert] = []  # while running: resources past a threshold
+    jail: JailInfo | None = None  # while running: its jail, with the cgroup's current use
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-able dict the CLI prints."""

@@ -35,6 +35,7 @@ from secvf.net.control import OP_PING, OP_RELOAD, SwitchUnavailable, query
 from secvf.store.locks import is_locked
 
 DIR_MODE = 0o700
+SOCKETS_DIR_MODE = 0o1733
 FILE_MODE = 0o600
 DGRAM_QLEN_PATH = Path("/proc/sys/net/unix/max_dgram_qlen")
 MIN_DGRAM_QLEN = 512  # below this the switch drops under load (prototype-switch.md §3b)
@@ -102,11 +103,14 @@ def release_port(netdir: Path, port_name: str) -> None:
 
 
 def prepare(netdir: Path) -> NetPaths:
-    """Create ``netdir`` and its ``ports/`` and ``p/`` directories, mode 0700."""
+    """Create ``netdir`` and its ``ports/`` directory (mode 0700) and ``p/`` (mode 1733:
+    each VM's jailed QEMU, its own uid, binds its socket there and can remove only its
+    own; nobody lists it. Only jails show ``p/``: ``netdir`` itself is 0700)."""
     paths = NetPaths(netdir.absolute())
-    for directory in (paths.root, paths.ports, paths.sockets):
+    for directory, mode in ((paths.root, DIR_MODE), (paths.ports, DIR_MODE),
+                            (paths.sockets, SOCKETS_DIR_MODE)):
         directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        os.chmod(directory, DIR_MODE)
+        os.chmod(directory, mode)
     return paths
 
 

@@ -61,7 +61,10 @@ SOCKET_BUFFER_BYTES = 4 << 20
 TICK_S = 0.5
 MAX_CONTROL_CONNECTIONS = 64
 PEERCRED = struct.Struct("3i")  # pid, uid, gid
-SOCKET_MODE = 0o600
+#: A port's socket: any jailed QEMU may send to it (its QEMU runs as the VM's own uid);
+#: the switch takes frames on it only from the port's own QEMU socket (foreign_sender)
+PORT_SOCKET_MODE = 0o622
+SOCKET_MODE = 0o600  # the control socket
 
 
 def log(message: str) -> None:
@@ -250,7 +253,7 @@ class Switch:
         try:
             self._unlink_stale(path)
             sock.bind(str(path))
-            os.chmod(path, SOCKET_MODE)
+            os.chmod(path, PORT_SOCKET_MODE)
         except OSError as exc:
             sock.close()
             log(f"port {name}: cannot bind {path}: {exc}; skipped")

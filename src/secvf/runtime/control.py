@@ -48,6 +48,7 @@ from secvf.model.runtime import (
     ControlReply,
     DumpRequest,
     FailureKind,
+    JailInfo,
     LaunchStage,
     MediaRequest,
     PauseRequest,
@@ -541,7 +542,22 @@ def get_status(name: str) -> VmStatus:
         restored_from=record.restored_from if record and view.live else None,
         hotplugged=record.hotplugged if record and view.live else [],
         resource_warnings=record.resource_warnings if record and view.live else [],
+        jail=_live_jail(record.jail, config.id) if record and view.live else None,
     )
+
+
+def _live_jail(jail: JailInfo | None, vm_id: str) -> JailInfo | None:
+    """The run's jail record with its cgroup's current use."""
+    if jail is None or not jail.cgroup:
+        return jail
+    from secvf.jail.cgroup import find_vm_cgroup
+    from secvf.jail.vmjail import live_usage
+
+    try:
+        cgroup = find_vm_cgroup(vm_id)
+    except OSError:
+        return jail
+    return jail.model_copy(update={"usage": live_usage(cgroup)})
 
 
 def vm_status(name: str) -> dict[str, Any]:

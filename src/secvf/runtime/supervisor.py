@@ -81,6 +81,9 @@ from secvf.errors import (
     StateError,
     SupervisorFailed,
 )
+from secvf.jail.inspect import jailed_pid
+from secvf.jail.view import QemuFiles
+from secvf.jail.vmjail import VmJail, make_vm_dir
 from secvf.machine import MachinePlan, build_machine
 from secvf.machine.common import (
     CDROM_DEVICE_ID,
@@ -91,7 +94,7 @@ from secvf.machine.common import (
 )
 from secvf.machine.plan import HelperSpec, RunMode, SwitchPort, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
-from secvf.model.config import Accel, DisplayMode, ImageBoot, VMKind, now_iso
+from secvf.model.config import Accel, DisplayMode, ImageBoot, IsoBoot, VMKind, now_iso
 from secvf.model.runtime import (
     MAX_FAILURE_OUTPUT_CHARS,
     ControlReply,
@@ -114,10 +117,12 @@ from secvf.model.savedstate import SavedState
 from secvf.runtime.accel import choose_accel
 from secvf.runtime.devtree import LiveDevice, channels_in, walk_devices
 from secvf.runtime.devwatch import DeviceWatch
+from secvf.runtime.eventrelay import RELAY_INTERVAL_S, EventRelay
 from secvf.runtime.guestlog import SerialEvent, SerialScanner
 from secvf.runtime.hotplug import plug
 from secvf.runtime.lifecycle import Lifecycle, paused_error
 from secvf.runtime.logcap import GuestLogCap, GuestLogPort
+from secvf.runtime.media import add_medium_fd, remove_medium_fd
 from secvf.runtime.procutil import die_with_parent
 from secvf.runtime.resources import ResourceWatch
 from secvf.runtime.savestate import (
@@ -224,6 +229,9 @@ class Supervisor:
         self.helpers: dict[str, asyncio.subprocess.Process] = {}
         self.bridge: ExecBridge | None = None
         self.plan: MachinePlan | None = None  # set at the plan step
+        self.jail: VmJail | None = None  # set at the plan step (None: jails are off)
+        self.relay = EventRelay(self.files.helper_events, self.config.name, self.config.id)
+        self.qemu_files: QemuFiles | None = None  # set at the plan step
         self.joined: list[SwitchPort] = []  # switch ports registered for this run
         self.restored_ready = False  # the restored state was saved from a ready guest
         self._replacing: set[str] = set()  # helpers being restarted on purpose
@@ -303,15 +311,33 @@ class Supervisor:
 
     # ---- launch --------------------------------------------------------------------------
 
-    def _check_files(self) -> None:
+    def _check_files(self, boot_files: list[Path]) -> None:
         """Refuse a disk chain or boot file outside SecVF's places (a hand-edited bundle):
-        QEMU runs with this process's rights and would open whatever vm.json names."""
+        QEMU would open whatever vm.json names. Records what QEMU will open
+        (:attr:`qemu_files`) for its jail."""
         try:
-            check_vm_files(self.bundle, self.config)
+            layers = check_vm_files(self.bundle, self.config)
         except UnsafeDisk as exc:
             seclog.write_event("vm_unsafe_files", severity=Severity.CRITICAL,
                                vm=self.config.name, vm_id=self.config.id, detail=str(exc))
             raise
+        boot = self.config.boot
+        if isinstance(boot, IsoBoot) and not boot.ejected:
+            boot_files.append(check_host_file(boot.path, "ISO"))
+        top = [layer.path for layer in layers[:1]]
+        monitor = [self.bundle.monitor_log] if self.config.kind is VMKind.MALWARE_ANALYSIS else []
+        for log_file in monitor:  # QEMU appends to it; the jail shows only what exists
+            log_file.touch(mode=0o600)
+        self.qemu_files = QemuFiles(
+            writable=(*top, *monitor, self.files.ram_file),
+            readable=(*(layer.path for layer in layers[1:]), *boot_files))
+
+    def _open_jail(self) -> None:
+        """The run's jail (identity, cgroup) and the VM's runtime directory."""
+        self.jail = VmJail.open(self.config, self.bundle, self.files)
+        make_vm_dir(self.files, self.jail.identity if self.jail else None)
+        if self.jail is not None:
+            self.lifecycle.update(jail=self.jail.info())
 
     async def _launch(self) -> None:
         self._step(LaunchStage.IMAGE)
@@ -324,12 +350,15 @@ class Supervisor:
         choice = await asyncio.to_thread(choose_accel, requested, kernel, initrd)
         self.lifecycle.update(accel=choice.accel, accel_reason=choice.reason)
         self._step(LaunchStage.PLAN)
-        await asyncio.to_thread(self._check_files)
+        boot_files = [p for p in (kernel, initrd) if p is not None]
+        await asyncio.to_thread(self._check_files, boot_files)
+        await asyncio.to_thread(self._open_jail)
         run = self.bundle.begin_serial_run()
         self.serial_log = self.bundle.run_serial_log(run)
         self.log.info("run %d (%s): serial log %s", run, self.mode, self.serial_log)
+        identity = self.jail.identity if self.jail else None
         plan = self.plan = build_machine(self.config, self.bundle, self.files, choice.accel,
-                                         self.mode)
+                                         self.mode, id_base=identity.uid if identity else None)
         await asyncio.to_thread(self._prepare_ram, plan)
         ram_copy = (asyncio.ensure_future(asyncio.to_thread(self._copy_ram))
                     if self.restore is not None else None)
@@ -364,7 +393,7 @@ class Supervisor:
         plugged = [d for d in devices if d.device_id in plugged_ids]
         self.lifecycle.transition(
             VmState.RUNNING,
-            qemu_pid=self._qemu().pid,
+            qemu_pid=jailed_pid(self._qemu().pid),
             devices=[d.info() for d in devices if d.user_visible],
             device_types=sorted({d.type for d in devices}),
             channels=[d.info() for d in channels_in(devices)],
@@ -628,13 +657,16 @@ class Supervisor:
         try:
             if spec.listen_socket is not None and spec.fd_arg:
                 listener = _listen_for(spec.listen_socket, f"helper '{spec.name}'")
+                if self.jail is not None:  # QEMU connects to it as the VM's identity
+                    self.jail.give([spec.listen_socket], [])
                 pass_fds.append(listener.fileno())
                 argv.append(spec.fd_arg.format(fd=listener.fileno()))
             if spec.ready_fd_arg:
                 read_fd, write_fd = os.pipe()
                 pass_fds.append(write_fd)
                 argv += [spec.ready_fd_arg, str(write_fd)]
-            proc = await self._spawn(f"device helper '{spec.name}'", argv, pass_fds,
+            run = self.jail.helper_argv(spec.name, argv) if self.jail else argv
+            proc = await self._spawn(f"device helper '{spec.name}'", run, pass_fds,
                                      self.bundle.supervisor_log, append=True)
         except BaseException:
             if read_fd >= 0:
@@ -674,7 +706,12 @@ class Supervisor:
     async def _start_qemu(self, plan: MachinePlan) -> None:
         self.qemu_argv = [str(qemu_binary()), *plan.argv_tail]
         self.lifecycle.update(qemu_argv=self.qemu_argv)
-        self.qemu = await self._spawn("QEMU", self.qemu_argv, [], self.qemu_log, append=False)
+        run = self.qemu_argv
+        if self.jail is not None and self.qemu_files is not None:
+            run = await asyncio.to_thread(
+                self.jail.qemu_argv, self.qemu_argv, plan, self.qemu_files,
+                [(self.bundle.serial_log, self.serial_log)])
+        self.qemu = await self._spawn("QEMU", run, [], self.qemu_log, append=False)
         self.log.info("QEMU started (pid %d): %s", self.qemu.pid, " ".join(self.qemu_argv))
 
     async def _connect_qmp(self) -> None:
@@ -771,14 +808,23 @@ class Supervisor:
             asyncio.create_task(self._resource_watch().run()),
             *(asyncio.create_task(self._watch_helper(n, p)) for n, p in self.helpers.items()),
         ]
+        if self.config.kind is VMKind.AI_SANDBOX:
+            tasks.append(asyncio.create_task(self._relay_events()))
         if self.config.kind is VMKind.MALWARE_ANALYSIS:  # its serial ports are plain files
             tasks.append(asyncio.create_task(self._guest_log_cap().watch(self._qmp)))
         rc = await self._qemu().wait()
         self._exited.set()
         self.log.info("QEMU exited with %s", rc)
+        self._check_memory_limit()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _relay_events(self) -> None:
+        """Carry the vsock backend's security events into the security log."""
+        while True:
+            await asyncio.sleep(RELAY_INTERVAL_S)
+            await asyncio.to_thread(self.relay.pump)
 
     def _resource_watch(self) -> ResourceWatch:
         """The disk overlay and host free space checks (:mod:`secvf.runtime.resources`);
@@ -927,11 +973,29 @@ class Supervisor:
             return
         if name in self._replacing or self.helpers.get(name) is not proc:
             return
+        if self._check_memory_limit():
+            await self.stop(force=True, reason=str(self.crash_reason))
+            return
         self.crash_reason = f"device helper '{name}' died (exit {rc})"
         seclog.write_event("device_helper_died", severity=Severity.ERROR, vm=self.config.name,
                            vm_id=self.config.id, helper=name, exit_code=rc,
                            action="VM stopped: QEMU cannot reconnect a vhost-user backend")
         await self.stop(force=True, reason=self.crash_reason)
+
+    def _check_memory_limit(self) -> bool:
+        """Whether the cgroup's memory limit killed a process of this VM; if so, the run
+        is a crash with that reason and a ``vm_memory_limit`` event (once)."""
+        if self.jail is None or self.crash_reason or not self.jail.oom_kills():
+            return False
+        limit = self.jail.settings.limits(self.config).memory_bytes >> 20
+        self.crash_reason = (f"memory limit exceeded: the VM's host processes needed more than "
+                             f"{limit} MiB (guest RAM {self.config.memory_mib} MiB + "
+                             f"{self.jail.settings.memory_overhead_mib} MiB overhead); its "
+                             "cgroup killed it")
+        seclog.write_event("vm_memory_limit", severity=Severity.ERROR, vm=self.config.name,
+                           vm_id=self.config.id, limit_mib=limit,
+                           oom_kills=self.jail.oom_kills(), action="VM stopped")
+        return True
 
     # ---- stopping ----------------------------------------------------------------------
 
@@ -1013,6 +1077,9 @@ class Supervisor:
         for proc in self.helpers.values():
             await _end_process(proc, grace=HELPER_TERM_GRACE_S)
         await asyncio.to_thread(self._leave_networks)
+        await asyncio.to_thread(self.relay.pump)  # what the helpers wrote last
+        if self.jail is not None:
+            await asyncio.to_thread(self.jail.close)
         self._exited.set()
 
     async def _quietly(self, what: str, call: Awaitable[None]) -> None:
@@ -1268,23 +1335,32 @@ class Supervisor:
                 raise ConfigError(f"VM '{self.config.name}' has no cdrom drive: only VMs "
                                   "created with --iso and malware-analysis VMs have one")
             path = None if iso is None else str(check_host_file(iso, "ISO"))
+            before = await self._medium_or_none()
             try:
+                name = None
                 if path is None:
                     await self._qmp().execute("eject", {"id": CDROM_DEVICE_ID, "force": True})
                 else:
+                    name = await add_medium_fd(self._qmp(), Path(path))
                     await self._qmp().execute("blockdev-change-medium", {
-                        "id": CDROM_DEVICE_ID, "filename": path, "format": "raw",
+                        "id": CDROM_DEVICE_ID, "filename": name, "format": "raw",
                         "read-only-mode": "read-only"})
                 held = await self._medium()
             except QMPError as exc:
                 what = "eject the cdrom" if path is None else f"insert {path}"
                 raise SecVFError(f"QEMU could not {what}: {exc}") from exc
-            if held != path:
+            if held != name:
                 raise SecVFError(f"the cdrom drive holds {held or 'nothing'} after the change, "
                                  f"not {path or 'nothing'}")
+            await remove_medium_fd(self._qmp(), before)
         self.log.info("cdrom: %s", f"inserted {path}" if path else "ejected")
         seclog.write_event("vm_media_changed", vm=self.config.name, vm_id=self.config.id,
                            medium=path)
+
+    async def _medium_or_none(self) -> str | None:
+        with contextlib.suppress(QMPError, SecVFError):
+            return await self._medium()
+        return None
 
     async def _medium(self) -> str | None:
         """The file in the cdrom drive, as QEMU reports it (None: the drive is empty).

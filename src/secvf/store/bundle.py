@@ -46,23 +46,32 @@ class RuntimeFiles:
         """The private runtime directory shared by all VMs of this user."""
         return paths.runtime_dir()
 
+    @property
+    def vm_dir(self) -> Path:
+        """This VM's own directory in the runtime directory, for the sockets QEMU and the
+        device helpers create: a jailed VM sees this directory and none of the others."""
+        return self.dir / f"vm-{self.vm_id}"
+
     def _path(self, prefix: str, suffix: str) -> Path:
         return self.dir / f"{prefix}-{self.vm_id}{suffix}"
+
+    def _own(self, prefix: str, suffix: str) -> Path:
+        return self.vm_dir / f"{prefix}{suffix}"  # short: a socket path has 108 bytes
 
     @property
     def qmp_socket(self) -> Path:
         """QEMU's QMP socket (only the supervisor connects)."""
-        return self._path("qmp", ".sock")
+        return self._own("qmp", ".sock")
 
     @property
     def console_socket(self) -> Path:
         """Serial console socket (absent for malware-analysis VMs: output-only)."""
-        return self._path("console", ".sock")
+        return self._own("console", ".sock")
 
     @property
     def vnc_socket(self) -> Path:
         """The VNC server of the VM's graphical console (``--display vnc`` only), 0600."""
-        return self._path("vnc", ".sock")
+        return self._own("vnc", ".sock")
 
     @property
     def control_socket(self) -> Path:
@@ -77,12 +86,12 @@ class RuntimeFiles:
     @property
     def vsock_socket(self) -> Path:
         """Hybrid vsock socket of the userspace vsock backend (AI sandbox only)."""
-        return self._path("vsock", ".sock")
+        return self._own("vsock", ".sock")
 
     @property
     def vhost_vsock_socket(self) -> Path:
         """vhost-user socket between QEMU and the vsock backend (AI sandbox only)."""
-        return self._path("vsock-backend", ".sock")
+        return self._own("vsock-backend", ".sock")
 
     @property
     def exec_socket(self) -> Path:
@@ -94,9 +103,15 @@ class RuntimeFiles:
         """The guest's RAM, a file on a memory filesystem (:func:`secvf.store.paths.ram_dir`)."""
         return paths.ram_dir() / f"ram-{self.vm_id}"
 
+    @property
+    def helper_events(self) -> Path:
+        """Where a jailed device helper writes its security events (an event log
+        directory the supervisor relays into the security log)."""
+        return self.vm_dir / "events"
+
     def virtiofs_socket(self, tag: str) -> Path:
         """vhost-user socket of the virtiofsd serving share ``tag``."""
-        return self._path(f"virtiofs-{tag}", ".sock")
+        return self._own(f"virtiofs-{tag}", ".sock")
 
     def all_files(self) -> list[Path]:
         """Every runtime path this VM may create (globbing vsock side sockets too)."""
@@ -105,8 +120,9 @@ class RuntimeFiles:
             self.state_file,
             self.vsock_socket, self.vhost_vsock_socket, self.exec_socket, self.ram_file,
         ]
-        extra = sorted(self.dir.glob(f"virtiofs-*-{self.vm_id}.sock"))
-        extra += sorted(self.dir.glob(f"vsock-{self.vm_id}.sock_*"))
+        extra = sorted(self.vm_dir.glob("virtiofs-*.sock"))
+        extra += sorted(self.vm_dir.glob("vsock.sock_*"))
+        extra += sorted(self.helper_events.glob("*"))
         return fixed + extra
 
 

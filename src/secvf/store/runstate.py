@@ -19,6 +19,7 @@ supervisor can take the lock in between and have its fresh files removed; reader
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from dataclasses import dataclass
@@ -144,4 +145,7 @@ def remove_runtime_files(files: RuntimeFiles) -> list[str]:
         except OSError:
             continue
         removed.append(path.name)
+    for directory in (files.helper_events, files.vm_dir):
+        with contextlib.suppress(OSError):  # left alone if something unexpected is in it
+            directory.rmdir()
     return removed

@@ -11,7 +11,10 @@ For every VM in the library (running or not) the audit lists its surfaces:
 * the exec bridge socket (exists? mode? owner?);
 * virtio-fs shares (host path, ro/rw) and the NIC mode;
 * the disk chain: every file QEMU opens for the VM's disk (path, format, and where it
-  is: the bundle, SecVF's image cache or layers, or the disk image ``vm.json`` names).
+  is: the bundle, SecVF's image cache or layers, or the disk image ``vm.json`` names);
+* for a running VM, its jail (:mod:`secvf.jail`): the recorded uid, namespaces, cgroup
+  and limits, and what its QEMU process really is (uid, capabilities, ``no_new_privs``,
+  seccomp, namespaces), read from ``/proc``.
 
 Anything that contradicts the VM's kind is a **finding**: a channel on a generic
 or malware-analysis VM, an exec socket for a VM that is not a running AI sandbox,
@@ -20,7 +23,9 @@ read-write (one inside the other counts), and stray ``secvf-exec-*.sock`` files 
 belong to no VM; and any host file QEMU would open for the VM that ``vm start`` refuses
 (:func:`secvf.store.disks.inspect_vm_files`): a disk chain that reaches outside those
 places (a hand-edited overlay, say), an external data file, a ``json:`` or protocol
-file name, another format than qcow2/raw, an ISO in a system tree. Findings are written
+file name, another format than qcow2/raw, an ISO in a system tree; a running VM
+without a jail or a cgroup, a QEMU that runs as root or as another VM's uid, holds
+capabilities, lacks ``no_new_privs`` or its filter, or sees the host's mounts. Findings are written
 to the security log as CRITICAL events.
 """
 
@@ -35,6 +40,7 @@ from typing import Any
 
 from secvf.errors import CorruptRecord, SecVFError
 from secvf.exec.bridge import read_allowlist
+from secvf.jail.inspect import read_process
 from secvf.machine import build_machine
 from secvf.machine.sandbox import VSOCK_DEVICE
 from secvf.machine.shares import ShareError, validate_shares
@@ -69,6 +75,8 @@ class VMAudit:
     disk_chain: list[dict[str, str]] = field(default_factory=list)  # path, format, where
     # running: each device added since the start (path, type, channel, planned)
     hotplugged: list[dict[str, Any]] = field(default_factory=list)
+    # running: the jail as recorded (uid, namespaces, cgroup, limits) and QEMU's real one
+    jail: dict[str, Any] | None = None
 
 
 def audit_all() -> tuple[list[VMAudit], list[str]]:
@@ -87,6 +95,7 @@ def audit_all() -> tuple[list[VMAudit], list[str]]:
             results.append(VMAudit(item.config.name, item.config.id, str(item.config.kind),
                                    "invalid", "none", findings=[f"unreadable run record: {exc}"]))
     flag_shared_writable(results)
+    flag_shared_identity(results)
     stray = stray_sockets(known_ids)
     for res in results:
         for finding in res.findings:
@@ -119,9 +128,53 @@ def audit_vm(config: VMConfig, bundle: Bundle) -> VMAudit:
                        "mode": "ro" if s.read_only else "rw"} for s in config.channels.shares]
     res.exec_socket = exec_socket
     res.findings = _judge(config, res, running)
+    if running and view.record is not None:
+        res.findings += _jail(view.record, res)
     res.findings += _disk_chain(config, bundle, res)
     reap_stale_runtime(bundle, config.id)
     return res
+
+
+def _jail(record: RuntimeRecord, res: VMAudit) -> list[str]:
+    """Findings about a running VM's jail: none recorded, or a QEMU that is not what
+    the record says (root, capabilities, no filter, the host's mount namespace)."""
+    if record.jail is None:
+        return ["VM runs without a jail: its QEMU and helpers have SecVF's own rights "
+                "(jails are off in config/jail.json)"]
+    res.jail = record.jail.model_dump(mode="json")
+    findings = []
+    if not record.jail.cgroup:
+        findings.append(f"VM runs without a cgroup: {record.jail.cgroup_problem}")
+    if record.qemu_pid is None:
+        return findings
+    try:
+        qemu = read_process(record.qemu_pid)
+    except OSError:
+        return findings  # it ended while we looked
+    res.jail["qemu"] = qemu.to_json()
+    if qemu.uid != record.jail.uid or (qemu.uid == 0 and os.getuid() == 0):
+        findings.append(f"QEMU runs as uid {qemu.uid}, not the jail's {record.jail.uid}")
+    if qemu.cap_eff:
+        findings.append(f"QEMU holds capabilities {qemu.cap_eff:#x}")
+    if not qemu.no_new_privs or qemu.seccomp != 2:
+        findings.append("QEMU runs without no_new_privs or its seccomp filter")
+    if "mnt" not in qemu.own_namespaces:
+        findings.append("QEMU sees the host's mount namespace")
+    return findings
+
+
+def flag_shared_identity(results: list[VMAudit]) -> None:
+    """Two running VMs whose QEMU runs as the same uid (SecVF as root only: without
+    root every VM is the user's)."""
+    by_uid: dict[int, list[VMAudit]] = {}
+    for res in results:
+        if res.jail and "qemu" in res.jail and not res.jail.get("user_namespace"):
+            by_uid.setdefault(int(res.jail["qemu"]["uid"]), []).append(res)
+    for uid, same in by_uid.items():
+        if len(same) > 1:
+            for res in same:
+                others = ", ".join(r.name for r in same if r is not res)
+                res.findings.append(f"QEMU runs as uid {uid}, as the QEMU of {others} does")
 
 
 def _hotplugged(record: RuntimeRecord | None) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from typing import Any
 from secvf.errors import AlreadyExists, ConfigError, LockBusy, SecVFError
 from secvf.exec import ExecClient
 from secvf.image import get_image
+from secvf.jail.identity import release_identity
 from secvf.machine.shares import WORKSPACE_TAG, default_workspace, validate_shares
 from secvf.model.config import (
     DiskImageBoot,
@@ -253,6 +254,8 @@ def delete_vm(name: str, *, force: bool = False) -> VMConfig | None:
     if force and is_running(bundle):
         control.stop_vm(name, force=True)
     config = library.delete_vm(name)
+    if config is not None:  # (an unreadable vm.json's slot is freed when claimed again)
+        release_identity(config.id)
     with contextlib.suppress(LockBusy):
         gc.collect()
     return config

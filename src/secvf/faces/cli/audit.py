@@ -21,7 +21,7 @@ def audit(as_json: bool) -> None:
         print_json(data)
     else:
         table = new_table("VM", "KIND", "STATE", "CHANNELS", "HOT-PLUGGED", "EXEC SOCKET",
-                          "SHARES", "NIC", "DISK CHAIN", "FINDINGS")
+                          "SHARES", "NIC", "DISK CHAIN", "JAIL", "FINDINGS")
         for res in data["vms"]:
             chans = ", ".join(sorted({str(d.get("channel")) for d in res["channel_devices"]}))
             sock = f"{res['exec_socket']['mode']}" if res["exec_socket"] else "-"
@@ -33,6 +33,7 @@ def audit(as_json: bool) -> None:
                           escape(f"{chans or '-'} [{res['source']}]"),
                           _hotplugged(res.get("hotplugged", [])), escape(sock),
                           escape(shares), escape(res["network"]), chain,
+                          _jail(res.get("jail")),
                           escape("\n".join(res["findings"])) or "[green]none[/]")
         out.print(table)
         for finding in data["stray"]:
@@ -49,3 +50,14 @@ def _hotplugged(devices: list[dict[str, Any]]) -> str:
         text = escape(f"{dev['path'].rsplit('/', 1)[-1]} {dev['type']}{channel}")
         lines.append(text if dev.get("planned") else f"[yellow]not planned:[/] {text}")
     return "\n".join(lines) or "-"
+
+
+def _jail(jail: dict[str, Any] | None) -> str:
+    """The JAIL cell: uid and limits of a running VM's jail (``-``: none)."""
+    if jail is None:
+        return "-"
+    who = "user ns" if jail.get("user_namespace") else f"uid {jail['uid']}"
+    limits = jail.get("limits")
+    if limits is None:
+        return escape(f"{who}, no cgroup")
+    return escape(f"{who}\nmem {limits['memory_bytes'] >> 20} MiB, pids {limits['pids_max']}")

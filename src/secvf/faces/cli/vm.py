@@ -164,6 +164,7 @@ def vm_status(name: str, as_json: bool) -> None:
                   highlight=False)
     if status.get("snapshots"):
         out.print(f"  snapshots: {escape(', '.join(status['snapshots']))}", highlight=False)
+    _print_jail(status.get("jail"))
     for warning in status.get("resource_warnings", []):
         out.print(f"  [yellow]resource {escape(warning['level'])}:[/] "
                   f"{escape(warning['message'])} since {warning['since']}", highlight=False)
@@ -423,3 +424,24 @@ def _media_done(change: api.MediaChange, as_json: bool) -> None:
     medium = escape(change.medium) if change.medium else "empty"
     when = "now and from the next start" if change.live else "from the next start"
     out.print(f"cdrom of [bold]{escape(change.name)}[/]: {medium} ({when})", highlight=False)
+
+
+def _print_jail(jail: dict[str, Any] | None) -> None:
+    """The ``jail:`` lines of ``vm status`` (a running VM)."""
+    if jail is None:
+        return
+    who = "your ids in a user namespace" if jail["user_namespace"] else f"uid {jail['uid']}"
+    out.print(f"  jail:    {who}, namespaces {', '.join(jail['namespaces'])}", highlight=False)
+    limits, usage = jail.get("limits"), jail.get("usage") or {}
+    if limits is None:
+        out.print(f"  [yellow]no cgroup:[/] {escape(jail.get('cgroup_problem') or '')}",
+                  highlight=False)
+        return
+    cpus = limits["cpu_quota_us"] / limits["cpu_period_us"]
+    out.print(f"  limits:  memory {_mib(usage.get('memory_bytes'))}/"
+              f"{_mib(limits['memory_bytes'])} MiB, pids {usage.get('pids', '?')}/"
+              f"{limits['pids_max']}, cpu {cpus:g}", highlight=False)
+
+
+def _mib(value: int | None) -> str:
+    return "?" if value is None else str(value >> 20)
