@@ -61,7 +61,7 @@ REPORT_WAIT_S = 30.0
 STATUS_KEYS = ["name", "id", "kind", "state", "pid", "qemu_pid", "accel", "accel_reason",
                "uptime_s", "guest_ready", "devices", "channels", "network", "nics", "cpus",
                "memory_mib", "exec_socket", "last_run", "vsock_backend", "device_errors",
-               "snapshots", "restored_from", "hotplugged", "resource_warnings"]
+               "snapshots", "restored_from", "hotplugged", "resource_warnings", "jail"]
 
 
 # ---- fixtures ------------------------------------------------------------------------------

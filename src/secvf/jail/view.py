@@ -23,7 +23,7 @@ import secvf
 from secvf.jail.identity import JailIdentity
 from secvf.jail.spec import Bind, JailSpec
 from secvf.machine.plan import MachinePlan
-from secvf.model.config import NetworkMode
+from secvf.model.config import NetworkMode, VMConfig
 from secvf.store.bundle import RuntimeFiles
 
 #: Device nodes every jailed process gets (QEMU adds /dev/kvm when it uses KVM).
@@ -65,11 +65,15 @@ def qemu_spec(ctx: JailContext, plan: MachinePlan, files: RuntimeFiles,
     binds += [Bind(str(port.netdir / "p"), str(port.netdir / "p"), writable=True)
               for port in plan.switch_ports]
     devices = [*DEVICES, *(["/dev/kvm"] if plan.accel == "kvm" else [])]
-    # a NAT NIC is QEMU's own user-mode network stack: it needs the host's network
-    nat = any(nic.mode is NetworkMode.NAT for nic in plan.vm.nics)
-    namespaces = [n for n in JAIL_NAMESPACES if not (n == "net" and nat)]
-    return ctx._spec("qemu", namespaces=namespaces, root=str(ctx.root), binds=binds,
-                     devices=devices)
+    return ctx._spec("qemu", namespaces=qemu_namespaces(plan.vm), root=str(ctx.root),
+                     binds=binds, devices=devices)
+
+
+def qemu_namespaces(config: VMConfig) -> list[str]:
+    """The namespaces of ``config``'s QEMU: all of :data:`JAIL_NAMESPACES`, but the
+    host's network for a NAT NIC (QEMU's own user-mode network stack needs it)."""
+    nat = any(nic.mode is NetworkMode.NAT for nic in config.nics)
+    return [n for n in JAIL_NAMESPACES if not (n == "net" and nat)]
 
 
 def python_binds() -> list[Bind]:
@@ -106,4 +110,4 @@ def jailed_argv(spec: JailSpec, argv: Sequence[str]) -> list[str]:
 
 
 __all__ = ["DEVICES", "JailContext", "QemuFiles", "jailed_argv", "python_binds",
-           "qemu_spec", "share_server_spec", "vsock_spec"]
+           "qemu_namespaces", "qemu_spec", "share_server_spec", "vsock_spec"]

@@ -21,10 +21,10 @@ from secvf.jail.cgroup import CgroupUnavailable, VmCgroup, create_vm_cgroup
 from secvf.jail.identity import JailIdentity, claim_identity
 from secvf.jail.settings import JailSettings, load_settings
 from secvf.jail.view import (
-    JAIL_NAMESPACES,
     JailContext,
     QemuFiles,
     jailed_argv,
+    qemu_namespaces,
     qemu_spec,
     share_server_spec,
     vsock_spec,
@@ -134,7 +134,7 @@ class VmJail:
         return JailInfo(
             uid=ids.uid if ids else os.getuid(), gid=ids.gid if ids else os.getgid(),
             slot=ids.slot if ids else None, user_namespace=ids is None,
-            namespaces=list(JAIL_NAMESPACES),
+            namespaces=qemu_namespaces(self.config),
             cgroup=[str(d) for d in self.cgroup.dirs] if self.cgroup else [],
             cgroup_version=self.cgroup.version if self.cgroup else None,
             cgroup_problem=self.cgroup_problem,

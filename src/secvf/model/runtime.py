@@ -113,7 +113,7 @@ class JailInfo(_Message):
     gid: int
     slot: int | None = None  # the VM's slot of SecVF's id range (None: not root)
     user_namespace: bool = False  # not root: the caller's ids in a user namespace
-    namespaces: list[str] = []  # namespaces of QEMU and the vsock backend
+    namespaces: list[str] = []  # QEMU's namespaces (the vsock backend has all four)
     cgroup: list[str] = []  # the VM's cgroup directories (none: no cgroup)
     cgroup_version: int | None = None
     cgroup_problem: str | None = None  # why there is no cgroup

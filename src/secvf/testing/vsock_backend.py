@@ -85,6 +85,7 @@ class FakeVsockBackend:
 
     def start(self) -> None:
         """Bind ``path`` (replacing a stale file), listen, and accept in a thread."""
+        Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # vm_dir
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self._listener.bind(os.fspath(self.path))
