@@ -11,17 +11,6 @@ from secvf.testing.agent import AgentProcess
 from tests.unit.running_sandbox import CURRENT_USER
 
 
-@pytest.fixture(autouse=True)
-def jails_off(secvf_env: Path) -> None:
-    """Unit tests run the supervisor against a fake QEMU (a Python script in the test's
-    directory) that a jail would not show, so their library has jails off. Jails are
-    tested on real VMs (tests/integration/test_jail.py) and the launcher on real
-    processes (test_jail_launcher.py)."""
-    config = secvf_env / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    (config / "jail.json").write_text('{"enabled": false}')
-
-
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     """The real guest agent on the host (``--unix``), as the current user, keepalives

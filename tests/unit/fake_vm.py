@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from secvf.jail.settings import settings_path
 from secvf.model.config import (
     DiskImageBoot,
     IsoBoot,
@@ -50,10 +51,21 @@ def make_vm(name: str, files: Path, kind: str = "generic") -> VMConfig:
     return config
 
 
+def jails_off() -> None:
+    """Turn jails off in the test's library: a stand-in QEMU (a script in the test's
+    directory) is not in the file view a jail gives QEMU. Jails are tested with the real
+    QEMU (tests/integration/test_jail.py, and the unit tests that boot a blank ISO) and
+    the launcher on real processes (test_jail_launcher.py)."""
+    path = settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"enabled": false}')
+
+
 def use_fake_qemu(directory: Path, setenv: Callable[[str, str], None],
                   **script: object) -> Path:
-    """Point ``$SECVF_QEMU`` (through ``setenv``) at a fake QEMU serving ``script``;
-    return the file its QMP commands are logged to."""
+    """Point ``$SECVF_QEMU`` (through ``setenv``) at a fake QEMU serving ``script`` (jails
+    off: :func:`jails_off`); return the file its QMP commands are logged to."""
+    jails_off()
     log = directory / "qmp-commands.log"
     exe = write_fake_qemu(directory, QMPScript(command_log=str(log), **script))
     setenv("SECVF_QEMU", str(exe))

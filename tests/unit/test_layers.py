@@ -32,13 +32,14 @@ RANKS = {
     "guest": 4,
     "machine": 4,
     "analysis": 4,
-    "runtime": 5,
-    "workflows": 6,
-    "sdk": 7,
-    "api": 8,
-    "faces": 9,
-    "__main__": 10,
-    "testing": 11,
+    "jail": 5,
+    "runtime": 6,
+    "workflows": 7,
+    "sdk": 8,
+    "api": 9,
+    "faces": 10,
+    "__main__": 11,
+    "testing": 12,
 }
 
 #: What a face (CLI, MCP server, TUI) may import from ``secvf``.
@@ -54,7 +55,12 @@ STDLIB_ONLY = ("secvf.errors", "secvf.exec.protocol", "secvf.exec.forwarding",
                *(f"secvf.net.{m}" for m in ("frame", "ratelimit", "events", "config",
                                             "engine", "taps", "switch", "watchdog",
                                             "launcher", "control", "capture", "pcapng",
-                                            "capture_file")))
+                                            "capture_file")),
+               # the jail launcher runs before anything but the standard library is
+               # visible to the jailed process, and what it loads comes along
+               *(f"secvf.jail.{m}" for m in ("launcher", "spec", "seccomp", "cgroup",
+                                             "inspect")),
+               "secvf.machine.seccomp")
 
 
 def module_name(path: Path) -> str:

@@ -25,6 +25,7 @@ from secvf.store.locks import FileLock
 from secvf.store.runstate import current_state, reap_stale_runtime
 from secvf.workflows.audit import audit_vm
 from tests.helpers import run_cli
+from tests.unit.fake_vm import jails_off
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_kill_9_of_the_supervisor_takes_qemu_down(iso: Path) -> None:
     run_cli("vm", "start", "k9", check=True)
     st = status("k9")
     runtime = Path(os.environ["SECVF_RUNTIME_DIR"])
-    assert (runtime / f"qmp-{st['id']}.sock").exists()
+    assert RuntimeFiles(st["id"]).qmp_socket.exists()
     os.kill(st["pid"], signal.SIGKILL)
     assert wait_until(lambda: not qemu_alive(st["qemu_pid"])), "QEMU outlived its supervisor"
     assert status("k9")["state"] == "stopped"
@@ -133,6 +134,7 @@ def test_qemu_failure_shows_stderr_and_command_line(iso: Path, tmp_path: Path,
     qemu.write_text('#!/bin/sh\nexec qemu-system-x86_64 "$@" -device no-such-device\n')
     qemu.chmod(0o755)
     monkeypatch.setenv("SECVF_QEMU", str(qemu))
+    jails_off()  # the wrapper script is not in a jail's view
     proc = run_cli("vm", "start", "bad")
     assert proc.returncode != 0
     assert "QEMU failed to start" in proc.stderr
@@ -148,6 +150,7 @@ def test_runtime_check_stops_a_vm_with_a_smuggled_channel(iso: Path, tmp_path: P
                        "-device virtio-serial-pci,id=smuggled\n")
     wrapper.chmod(0o755)
     monkeypatch.setenv("SECVF_QEMU", str(wrapper))
+    jails_off()  # the wrapper script is not in a jail's view
     run_cli("vm", "create", "evil", "--iso", str(iso), "--memory", "256M", "--accel", "tcg",
             check=True)
     proc = run_cli("vm", "start", "evil")

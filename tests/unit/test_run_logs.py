@@ -92,6 +92,7 @@ def test_a_helper_that_fails_shows_only_this_runs_output(
     bundle, _ = get_vm("helper")
     bundle.supervisor_log.write_text(f"{EARLIER}\n")
     blocker = RuntimeFiles(config.id).vsock_socket
+    blocker.parent.mkdir(mode=0o700)
     blocker.mkdir()  # the vsock backend cannot listen there
     try:
         with pytest.raises(LaunchFailed) as caught:

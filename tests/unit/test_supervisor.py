@@ -55,6 +55,7 @@ from secvf.store.bundle import RuntimeFiles
 from secvf.testing.qmp import FakeQMPServer, QMPScript, generic_tree, write_fake_qemu
 from tests.helpers import run_cli
 from tests.unit import fake_vm
+from tests.unit.fake_vm import jails_off
 
 REPORT_WAIT_S = 30.0
 #: What ``vm status --json`` prints, in order (scripts depend on it).
@@ -69,6 +70,12 @@ STATUS_KEYS = ["name", "id", "kind", "state", "pid", "qemu_pid", "accel", "accel
 def make_vm(name: str, kind: str = "generic") -> VMConfig:
     """A VM bundle with real (never booted) boot files under ``$SECVF_HOME``."""
     return fake_vm.make_vm(name, paths.ensure_private_dir(paths.secvf_home() / "files"), kind)
+
+
+@pytest.fixture(autouse=True)
+def no_jails(secvf_env: Path) -> None:
+    """Every QEMU here is a stand-in (see :func:`tests.unit.fake_vm.jails_off`)."""
+    jails_off()
 
 
 @pytest.fixture

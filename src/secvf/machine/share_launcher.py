@@ -1,9 +1,10 @@
 """The share launcher: run one share's virtiofsd in its id-mapped user namespace.
 
 ``python -m secvf.machine.share_launcher --uid-map IN:OUT:N ... --gid-map IN:OUT:N ...
--- COMMAND...`` creates a user namespace, has ``newuidmap``/``newgidmap`` (run from
-the parent namespace, so the map may name several ranges: the invoking user plus its
-subordinate ids) write the maps, becomes root of the namespace, re-arms the
+-- COMMAND...`` creates a user namespace, has the maps written from the parent namespace
+(so a map may name several ranges: the invoking user plus its subordinate ids, or, as
+root, the VM's jail block — root writes ``/proc/PID/uid_map`` itself, others run
+``newuidmap``/``newgidmap``), becomes root of the namespace, re-arms the
 parent-death signal that the identity change cleared, installs the seccomp filter of
 :mod:`secvf.machine.seccomp`, and execs ``COMMAND``.
 

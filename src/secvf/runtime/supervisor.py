@@ -739,7 +739,8 @@ class Supervisor:
                 await asyncio.wait_for(self._qemu().wait(), 0.05)
 
     def _secure_display(self) -> None:
-        """Make the VNC socket owner-only (0600) once QEMU listens on it (``--display vnc``).
+        """Make the VNC socket yours and owner-only (0600) once QEMU listens on it
+        (``--display vnc``).
 
         Raises:
             LaunchFailed: QEMU is up but the socket is not there.
@@ -748,6 +749,8 @@ class Supervisor:
             return
         try:
             os.chmod(self.files.vnc_socket, 0o600)
+            # yours, not the jailed QEMU's uid (QEMU keeps serving on its bound socket)
+            os.chown(self.files.vnc_socket, os.getuid(), os.getgid())
         except OSError as exc:
             raise LaunchFailed("QEMU", self.qemu_argv, f"no VNC socket at {self.files.vnc_socket}"
                                f": {exc.strerror}", None) from exc
