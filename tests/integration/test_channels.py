@@ -45,7 +45,7 @@ def test_generic_and_malware_vms_have_no_channel(fleet: dict, name: str) -> None
     assert status["channels"] == []
     vm_id = status["id"]
     assert not (runtime_dir() / f"secvf-exec-{vm_id}.sock").exists()
-    assert not list(runtime_dir().glob(f"vsock-{vm_id}*"))
+    assert not list(RuntimeFiles(vm_id).vm_dir.glob("vsock*"))
     live = json.loads(run_cli("vm", "status", name, "--json", check=True).stdout)
     types = " ".join(d["type"] for d in live["devices"]).lower()
     assert not [w for w in CHANNEL_WORDS if w in types], types
@@ -60,8 +60,8 @@ def test_generic_vm_got_an_address_and_malware_vm_has_no_nic(fleet: dict,
     assert "network: eth0 10.0.2.15" in gen_log
     assert "virtio-net-pci" not in {d["type"] for d in fleet["mal"]["devices"]}
     assert fleet["mal"]["network"] == "none"
-    assert not (runtime_dir() / f"console-{fleet['mal']['id']}.sock").exists()
-    assert (runtime_dir() / f"console-{fleet['gen']['id']}.sock").exists()
+    assert not RuntimeFiles(fleet["mal"]["id"]).console_socket.exists()
+    assert RuntimeFiles(fleet["gen"]["id"]).console_socket.exists()
 
 
 def test_stop_bridge_is_a_safe_noop_where_no_bridge_exists(fleet: dict) -> None:

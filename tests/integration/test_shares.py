@@ -122,10 +122,12 @@ def test_agent_writes_and_the_files_are_yours_on_the_host(sandbox: Sandbox) -> N
     assert sh("cat /workspace/src/pkg/new.txt").stdout == "edited on the host\n"
 
 
-def test_guest_root_creates_files_as_the_subordinate_range(sandbox: Sandbox) -> None:
+def test_guest_root_creates_files_as_the_vms_own_ids(sandbox: Sandbox) -> None:
     assert sh("echo r > /workspace/by-root", root=True).returncode == 0
     st = (sandbox.workspace / "by-root").stat()
-    ids = uid_map()
+    jail = json.loads(run_cli("vm", "status", NAME, "--json", check=True).stdout)["jail"]
+    # as root: the first id of the VM's jail block; otherwise your /etc/subuid range
+    ids = uid_map(jail["uid"] if jail and jail["slot"] is not None else None)
     assert (st.st_uid, st.st_gid) == (ids.host_uid(0), ids.host_gid(0))
     assert st.st_uid not in (0, os.getuid())
 

@@ -28,6 +28,7 @@ from secvf.errors import (
     SnapshotError,
     StateError,
 )
+from secvf.jail.settings import settings_path
 from secvf.runtime.control import wait_for_ready
 from secvf.store import snapshots as store
 from secvf.store.events import read_events
@@ -233,6 +234,9 @@ def test_a_channel_device_planted_in_a_running_vm_stops_it(vm_library: Path,
                        "-device pcie-root-port,id=plantrp,chassis=9,slot=9\n")
     wrapper.chmod(0o755)
     monkeypatch.setenv("SECVF_QEMU", str(wrapper))
+    settings = settings_path()  # the wrapper script is not in a jail's view
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text('{"enabled": false}')
     name = "snap-plant"
     api.create_vm(name, kind=api.VMKind.MALWARE_ANALYSIS, image="base", memory="256M")
     try:
@@ -250,6 +254,7 @@ def test_a_channel_device_planted_in_a_running_vm_stops_it(vm_library: Path,
         assert events and events[-1]["severity"] == "CRITICAL"
     finally:
         api.delete_vm(name, force=True)
+        settings.unlink()
 
 
 def qmp_add(path: Path, device: dict[str, str]) -> None:

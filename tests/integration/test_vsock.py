@@ -214,7 +214,8 @@ def scratch_sandbox(name: str) -> Iterator[dict]:
 
 
 def processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # -ww: full command lines whatever $COLUMNS says
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
@@ -271,7 +272,9 @@ def test_hybrid_socket_is_private(fleet: dict) -> None:
     assert path.is_socket()
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
-    assert path.stat().st_uid == os.getuid()
+    # the jailed backend's (the VM's uid), in the VM's own runtime directory
+    owner = fleet["sbx"]["jail"]["uid"] if fleet["sbx"].get("jail") else os.getuid()
+    assert path.stat().st_uid == path.parent.stat().st_uid == owner
 
 
 def test_20mb_echo_through_a_guest_listener(fleet: dict) -> None:
@@ -324,6 +327,8 @@ def test_guest_connects_to_a_host_listener(fleet: dict) -> None:
     listener_path = Path(f"{hybrid_socket('sbx')}_{port}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(listener_path))
+    if fleet["sbx"].get("jail"):  # the jailed backend connects as the VM's uid
+        os.chown(listener_path, fleet["sbx"]["jail"]["uid"], fleet["sbx"]["jail"]["gid"])
     listener.listen(1)
     listener.settimeout(IO_TIMEOUT_S)
     received: list[bytes] = []

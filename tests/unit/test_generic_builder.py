@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -82,3 +83,14 @@ def test_generic_builder_refuses_a_sandbox_config(boot_files, tmp_path) -> None:
     }, source="test")
     with pytest.raises(ForbiddenDevice):
         build_generic_machine(config, Bundle(tmp_path), RuntimeFiles(config.id), "tcg")
+
+
+def test_the_kernel_time_is_stamped_again_when_qemu_starts() -> None:
+    from secvf.machine.common import PRE_KERNEL_NS, restamp_kernel_time
+
+    argv = ["-name", "x", "-append", "console=ttyS0 secvf_time=1 secvf_hostname=x"]
+    before = time.time_ns()
+    out = restamp_kernel_time(argv, "tcg")
+    stamp = int(out[3].split("secvf_time=")[1].split()[0])
+    assert out[:3] == argv[:3] and out[3].endswith(" secvf_hostname=x")
+    assert stamp >= before + PRE_KERNEL_NS["tcg"]

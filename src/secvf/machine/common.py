@@ -154,6 +154,16 @@ def kernel_params(config: VMConfig, accel: str) -> list[str]:
             f"secvf_console={config.console}", f"secvf_time={guest_time}"]
 
 
+_TIME_PARAM = re.compile(r"\bsecvf_time=\d+")
+
+
+def restamp_kernel_time(argv: list[str], accel: str) -> list[str]:
+    """``argv`` with its ``secvf_time=`` set again for now: the plan is built before the
+    device helpers and the jails start, which takes a while; QEMU starts right after."""
+    stamp = f"secvf_time={time.time_ns() + PRE_KERNEL_NS.get(accel, 0)}"
+    return [_TIME_PARAM.sub(stamp, arg) for arg in argv]
+
+
 def guest_hostname(name: str) -> str:
     """The guest hostname of VM ``name``: its name, made a valid host name."""
     return re.sub(r"[^A-Za-z0-9-]", "-", name)[:63].strip("-") or "secvf"

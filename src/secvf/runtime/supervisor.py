@@ -91,6 +91,7 @@ from secvf.machine.common import (
     MONITOR_CHARDEV,
     has_cdrom,
     resolve_image,
+    restamp_kernel_time,
 )
 from secvf.machine.plan import HelperSpec, RunMode, SwitchPort, qemu_binary
 from secvf.model.channels import SANDBOX_CHANNELS
@@ -704,7 +705,7 @@ class Supervisor:
                 raise LaunchFailed(what, argv, str(exc), None) from exc
 
     async def _start_qemu(self, plan: MachinePlan) -> None:
-        self.qemu_argv = [str(qemu_binary()), *plan.argv_tail]
+        self.qemu_argv = [str(qemu_binary()), *restamp_kernel_time(plan.argv_tail, plan.accel)]
         self.lifecycle.update(qemu_argv=self.qemu_argv)
         run = self.qemu_argv
         if self.jail is not None and self.qemu_files is not None:
