@@ -63,37 +63,31 @@ def _status(name: str) -> dict:
     return json.loads(run_cli("vm", "status", name, "--json", check=True).stdout)
 
 
-def _processes(name: str) -> dict[str, ProcessJail]:
-    """The VM's QEMU, vsock backend and virtiofsd worker, by role."""
-    status = _status(name)
-    vm_id, found = status["id"], {"qemu": read_process(status["qemu_pid"])}
+def _command_lines() -> Iterator[tuple[int, bytes]]:
+    """Every process on the host and its command line (arguments joined by spaces)."""
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            yield pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        text = b" ".join(cmdline)
-        if vm_id.encode() not in text or b"secvf.jail.launcher" in text:
-            continue
-        if b"secvf.vsock" in text:
+
+
+def _processes(name: str) -> dict[str, ProcessJail]:
+    """The VM's QEMU and vsock backend, by role."""
+    status = _status(name)
+    found = {"qemu": read_process(status["qemu_pid"])}
+    for pid, text in _command_lines():
+        if (status["id"].encode() in text and b"secvf.jail.launcher" not in text
+                and b"secvf.vsock" in text):
             found["vsock"] = read_process(pid)
-        elif cmdline[0].endswith(b"virtiofsd") and b"sandbox=namespace" in text:
-            found.setdefault("virtiofsd", read_process(pid))
     return found
 
 
 def _virtiofsd(name: str) -> list[ProcessJail]:
     """Every virtiofsd process serving VM ``name``'s workspace (both of its processes)."""
-    bundle_ws = f"/sandboxes/{name}/workspace".encode()
-    found = []
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"/usr/lib/qemu/virtiofsd") and bundle_ws in cmdline:
-            found.append(read_process(pid))
-    return found
+    workspace = f"/sandboxes/{name}/workspace".encode()
+    return [read_process(pid) for pid, text in _command_lines()
+            if text.startswith(b"/usr/lib/qemu/virtiofsd") and workspace in text]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from secvf.errors import ConfigError
 from secvf.jail.cgroup import CgroupLimits
 from secvf.model.config import VMConfig
+from secvf.model.runtime import read_settings
 from secvf.store import paths
 
 CONFIG_FILE = "jail.json"
@@ -55,17 +54,7 @@ def load_settings() -> JailSettings:
     Raises:
         ConfigError: the file is unreadable or not valid settings.
     """
-    path = settings_path()
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return JailSettings()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        return JailSettings.model_validate(json.loads(text))
-    except (ValueError, ValidationError) as exc:
-        raise ConfigError(f"{path} is not valid jail settings: {exc}") from exc
+    return read_settings(JailSettings, settings_path())
 
 
 __all__ = ["CONFIG_FILE", "JailSettings", "load_settings", "settings_path"]

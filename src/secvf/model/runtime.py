@@ -33,11 +33,12 @@ an older supervisor wrote; removing or renaming a field, or a value of
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
-from secvf.errors import CorruptRecord
+from secvf.errors import ConfigError, CorruptRecord
 from secvf.model.config import Nic
 from secvf.model.enums import VMKind
 from secvf.model.enums import VmState as VmState  # re-exported: defined without pydantic
@@ -365,3 +366,23 @@ def describe_invalid(exc: ValidationError, source: str) -> str:
         return f"{source} is not valid JSON: {err['msg']}"
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     return f"{source}: field '{loc}': {err['msg']}"
+
+
+def read_settings(schema: type[M], path: Path) -> M:
+    """The settings file ``path`` (JSON) as ``schema``; ``schema``'s defaults if the file
+    does not exist.
+
+    Raises:
+        ConfigError: it cannot be read, is not JSON, or a setting is invalid (the message
+            names the file and the setting).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return schema()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc, str(path))) from None

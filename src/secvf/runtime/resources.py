@@ -53,13 +53,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 
 from secvf.errors import ConfigError, SecVFError
 from secvf.model.config import now_iso
-from secvf.model.runtime import ResourceAlert, describe_invalid
+from secvf.model.runtime import ResourceAlert, read_settings
 from secvf.model.sizes import InvalidSize, format_size, parse_size
 from secvf.store import events as seclog
 from secvf.store import paths
@@ -300,16 +299,7 @@ class ResourceConfig(BaseModel):
             ConfigError: the file cannot be read, is not JSON, or a setting is invalid
                 (the message names the file and the setting).
         """
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cls()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(describe_invalid(exc, str(path))) from None
+        return read_settings(cls, path)
 
 
 def config_path() -> Path:
