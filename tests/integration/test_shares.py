@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from secvf.machine.share_settings import load_settings as load_share_settings
 from secvf.machine.shares import uid_map
 from tests.helpers import run_cli
 
@@ -197,3 +198,77 @@ def test_start_refuses_a_hand_edited_share(sandbox: Sandbox, vm_library: Path) -
         assert proc.stderr.count("\n") == 1, proc.stderr
     finally:
         run_cli("sandbox", "rm", "edited", "--purge", "--force", check=True)
+
+
+# ---- coherence: what one side writes, the other sees (docs/sandbox.md, "Speed") ----------
+
+
+def _seen_within(script: str, seconds: float) -> subprocess.CompletedProcess[str]:
+    """Poll ``script`` in the guest every 0.1 s until it succeeds, for at most ``seconds``
+    of guest sleep (so a slow guest only makes the check more lenient)."""
+    tries = int(seconds / 0.1) + 1
+    return sh(f"i=0; until {script}; do i=$((i+1)); [ $i -ge {tries} ] && exit 1; "
+              "sleep 0.1; done; echo $i")
+
+
+def test_host_writes_reach_the_guest_within_the_documented_bound(sandbox: Sandbox) -> None:
+    bound = load_share_settings().effective_timeout_s
+    assert bound is not None and 0 < bound <= 10, "docs/sandbox.md documents this bound"
+    ws = sandbox.workspace
+    # a name the guest looked up and did not find: not cached as missing
+    assert sh("test ! -e /workspace/late.txt").returncode == 0
+    write_private(ws / "late.txt", "made on the host\n")
+    assert sh("cat /workspace/late.txt").stdout == "made on the host\n"
+    # a file the guest has read, rewritten longer: the next open reads all of it
+    write_private(ws / "grown.txt", "v1\n")
+    assert sh("cat /workspace/grown.txt").stdout == "v1\n"
+    write_private(ws / "grown.txt", "version two, longer\n")
+    assert sh("cat /workspace/grown.txt").stdout == "version two, longer\n"
+    # what only stat shows (size, existence) may be cached for the bound, not longer
+    assert sh("stat -c %s /workspace/grown.txt").stdout.strip() == "20"
+    with open(ws / "grown.txt", "a") as fh:
+        fh.write("appended on the host\n")
+    assert _seen_within("[ $(stat -c %s /workspace/grown.txt) = 41 ]", bound + 3).returncode == 0
+    (ws / "late.txt").unlink()
+    assert _seen_within("! stat /workspace/late.txt 2>/dev/null", bound + 3).returncode == 0
+
+
+def test_guest_writes_are_on_the_host_when_the_write_returns(sandbox: Sandbox) -> None:
+    proc = sh("echo from the guest > /workspace/out.txt && mv /workspace/out.txt "
+              "/workspace/moved.txt")
+    assert proc.returncode == 0, proc.stderr
+    assert (sandbox.workspace / "moved.txt").read_text() == "from the guest\n"
+    assert not (sandbox.workspace / "out.txt").exists()
+
+
+def test_no_share_setting_weakens_the_share_rules(vm_library: Path) -> None:
+    """The loosest-sounding config/shares.json: the read-only share still resists guest
+    root, and no setuid or capability file reaches the host."""
+    ws, ref = private_dir(), private_dir()
+    write_private(ref / "data.txt", SECRET)
+    config = vm_library / "config" / "shares.json"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(json.dumps({"cache": "always", "timeout_s": 3600, "xattr": True,
+                                  "writeback": True, "thread_pool_size": 4,
+                                  "readdirplus": False}))
+    name = "loose"
+    try:
+        run_cli("sandbox", "create", name, "--memory", "512M", "--workspace", str(ws),
+                "--share", f"{ref}:/data/ref:ro", check=True)
+        run_cli("sandbox", "start", name, check=True)
+        config.unlink()  # read when the share servers start; other tests get the defaults
+        before = tree_facts(ref)
+        for attack in ("echo pwned > /data/ref/data.txt", "chmod u+s /data/ref/data.txt",
+                       "mount -o remount,rw /data/ref && touch /data/ref/new",
+                       *(ATTACKS[a].format(p="/workspace/x-") for a in
+                         ("chmod u+s", "mknod char", "file capability"))):
+            proc = run_cli("vm", "exec", name, "--root", "-c", attack)
+            assert proc.returncode != 0, attack
+        assert tree_facts(ref) == before
+        assert privileged_files(ws) == []
+        assert run_cli("vm", "exec", name, "-c", "cat /data/ref/data.txt").stdout == SECRET
+    finally:
+        config.unlink(missing_ok=True)
+        run_cli("sandbox", "rm", name, "--purge", "--force")
+        shutil.rmtree(ws, ignore_errors=True)
+        shutil.rmtree(ref, ignore_errors=True)

@@ -94,6 +94,9 @@ CDROM_MODULES = ("ata_piix", "virtio_scsi", "sr_mod", "isofs")
 CHANNEL_DRIVERS = ("vsock", "vmw_vsock_virtio_transport", "fuse", "virtiofs")
 #: strace runs the sample; setpriv and runuser (util-linux) are Essential, so no more.
 ANALYSIS_PACKAGES = (*BASE_PACKAGES, "strace")
+#: What agents run in a workspace: git, and venv with pip (python3-venv carries pip and
+#: setuptools as wheels, so ``python3 -m venv`` works with no index).
+SANDBOX_PACKAGES = (*BASE_PACKAGES, "git", "python3-venv")
 #: dnsmasq-base is the daemon without its service scripts (fakenet.py runs it).
 FAKENET_PACKAGES = (*BASE_PACKAGES, "dnsmasq-base", "inetsim")
 
@@ -208,7 +211,9 @@ def _builtin_recipes() -> dict[str, Recipe]:
     sandbox = replace(
         base,
         name="sandbox",
-        description="base + unprivileged user 'agent' (uid 1000) + the SecVF exec agent",
+        description="base + git + python3-venv + unprivileged user 'agent' (uid 1000) + the "
+                    "SecVF exec agent",
+        packages=SANDBOX_PACKAGES,
         files=(*base.files, GuestFile(AGENT_GUEST_PATH, PACKAGE_DIR, build=agent_zipapp)),
         users=(GuestUser("agent", 1000, "/home/agent"),),
     )

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from secvf.errors import ConfigError
 from secvf.machine.seccomp import native_arch
+from secvf.machine.share_settings import ShareSettings, load_settings, settings_path
 from secvf.model.config import Share, VMConfig
 from secvf.model.names import validate_name
 from secvf.store import paths
@@ -428,15 +429,28 @@ def virtiofsd_argv(share: Share, id_base: int | None = None) -> tuple[str, ...]:
     return (*launcher, *stage, *server)
 
 
-def virtiofsd_options(binary: str, source: str = STAGED_SOURCE) -> tuple[str, ...]:
-    """Options for the installed virtiofsd serving ``source``: QEMU's C one (Debian 12)
-    takes ``-o`` options, the Rust one (its own package on Debian 13) takes long options.
-    Neither serves extended attributes unless asked (the seccomp filter refuses setting
-    them anyway)."""
+def virtiofsd_options(binary: str, source: str = STAGED_SOURCE,
+                      settings: ShareSettings | None = None) -> tuple[str, ...]:
+    """Options for the installed virtiofsd serving ``source`` with ``settings`` (default:
+    ``config/shares.json``): QEMU's C one (Debian 12) takes ``-o`` options, the Rust one
+    (its own package on Debian 13) takes long options.
+
+    Raises:
+        ShareError: the settings file is invalid, or asks what this virtiofsd cannot do.
+    """
+    if settings is None:
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            raise ShareError(str(exc)) from None
     if _is_rust_virtiofsd(binary):
-        return ("--shared-dir", source, "--sandbox", "namespace", "--cache", "auto",
+        try:
+            tuning = settings.rust_options()
+        except ValueError as exc:
+            raise ShareError(f"{settings_path()}: {exc} ({binary}); remove it") from None
+        return ("--shared-dir", source, "--sandbox", "namespace", *tuning,
                 "--log-level", "warn")
-    return ("-o", f"source={source}", "-o", "sandbox=namespace", "-o", "cache=auto",
+    return ("-o", f"source={source}", "-o", "sandbox=namespace", *settings.c_options(),
             "-o", "log_level=warn")
 
 
