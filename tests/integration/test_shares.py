@@ -200,6 +200,16 @@ def test_start_refuses_a_hand_edited_share(sandbox: Sandbox, vm_library: Path) -
         run_cli("sandbox", "rm", "edited", "--purge", "--force", check=True)
 
 
+def test_the_workspace_has_the_tools_agents_run(sandbox: Sandbox) -> None:
+    """git and venv with a bundled pip, used on the share (bench/shares.py times them)."""
+    proc = sh("cd /workspace && git init -q -b main repo && cd repo && echo hi > f && "
+              "git add f && git -c user.name=a -c user.email=a@example.invalid commit -q -m x "
+              "&& git status --porcelain && python3 -c 'import ensurepip; "
+              "print(ensurepip.version())'")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().split(".")[0].isdigit(), proc.stdout  # pip's version, no diff
+    assert (sandbox.workspace / "repo" / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+
 # ---- coherence: what one side writes, the other sees (docs/sandbox.md, "Speed") ----------
 
 

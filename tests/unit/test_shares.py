@@ -462,3 +462,58 @@ def test_a_trailing_newline_in_a_guest_path_is_refused(dirs: dict[str, Path],
                                                        spec_tail: str) -> None:
     with pytest.raises(ShareError):
         sandbox_channels("nl", workspace=dirs["ws"], shares=[f"{dirs['ref']}:{spec_tail}"])
+
+
+# ---- the share server's open-files limit --------------------------------------------------
+
+
+class _Limits:
+    """A stand-in for ``resource``'s RLIMIT_NOFILE calls, optionally without
+    CAP_SYS_RESOURCE (raising the hard limit fails)."""
+
+    def __init__(self, soft: int, hard: int, *, privileged: bool) -> None:
+        self.value, self.privileged = (soft, hard), privileged
+
+    def getrlimit(self, _which: int) -> tuple[int, int]:
+        return self.value
+
+    def setrlimit(self, _which: int, value: tuple[int, int]) -> None:
+        if value[1] > self.value[1] and not self.privileged:
+            raise PermissionError("Operation not permitted")
+        self.value = value
+
+
+@pytest.mark.parametrize(("privileged", "expected"), [(True, (1 << 20, 1 << 20)),
+                                                      (False, (20000, 20000))])
+def test_share_server_open_files_limit_is_raised(monkeypatch, privileged, expected) -> None:
+    from secvf.machine import share_launcher
+
+    limits = _Limits(1024, 20000, privileged=privileged)
+    monkeypatch.setattr(share_launcher.resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(share_launcher.resource, "setrlimit", limits.setrlimit)
+    assert share_launcher.raise_open_file_limit(1 << 20) == expected[0]
+    assert limits.value == expected
+
+
+def test_share_server_open_files_limit_for_real() -> None:
+    """The launcher's own process: after the raise the soft limit is the hard limit it
+    started with, or, with CAP_SYS_RESOURCE, the wanted one capped by fs.nr_open."""
+    code = ("import resource; from secvf.machine import share_launcher as s; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (512, 4096)); "
+            "print(s.raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    soft, now_soft, now_hard = map(int, out)
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    assert soft == now_soft
+    if _has_capability(24):  # CAP_SYS_RESOURCE (root in a container may lack it)
+        assert (now_soft, now_hard) == (min(1 << 20, nr_open),) * 2
+    else:
+        assert (now_soft, now_hard) == (4096, 4096)
+
+
+def _has_capability(bit: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False

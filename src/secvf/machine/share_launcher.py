@@ -1,10 +1,11 @@
 """The share launcher: run one share's virtiofsd in its id-mapped user namespace.
 
 ``python -m secvf.machine.share_launcher --uid-map IN:OUT:N ... --gid-map IN:OUT:N ...
--- COMMAND...`` creates a user namespace, has the maps written from the parent namespace
-(so a map may name several ranges: the invoking user plus its subordinate ids, or, as
-root, the VM's jail block — root writes ``/proc/PID/uid_map`` itself, others run
-``newuidmap``/``newgidmap``), becomes root of the namespace, re-arms the
+-- COMMAND...`` raises its open-files limit (virtiofsd holds a descriptor for every
+file the guest has looked up), creates a user namespace, has the maps written from the
+parent namespace (so a map may name several ranges: the invoking user plus its
+subordinate ids, or, as root, the VM's jail block — root writes ``/proc/PID/uid_map``
+itself, others run ``newuidmap``/``newgidmap``), becomes root of the namespace, re-arms the
 parent-death signal that the identity change cleared, installs the seccomp filter of
 :mod:`secvf.machine.seccomp`, and execs ``COMMAND``.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -27,6 +29,11 @@ from secvf.machine.seccomp import install_share_filter
 
 CLONE_NEWUSER = 0x10000000
 _PR_SET_PDEATHSIG = 1
+#: Open files a share server may hold: one per file the guest knows, so a workspace with
+#: a node_modules or a git object store needs hundreds of thousands. The C virtiofsd
+#: raises its own limit, but inside the user namespace it may not (EPERM), and past the
+#: limit the guest's opens and lookups fail with EMFILE.
+OPEN_FILES_WANTED = 1 << 20
 
 
 def parse_range(text: str) -> tuple[int, int, int]:
@@ -35,6 +42,29 @@ def parse_range(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[2]) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not INSIDE:OUTSIDE:COUNT")
     return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise ``RLIMIT_NOFILE`` towards ``wanted`` (capped by ``fs.nr_open``): both limits
+    with ``CAP_SYS_RESOURCE`` (SecVF as root, before the user namespace), else the soft
+    limit up to the hard one. Return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as fh:
+            wanted = min(wanted, int(fh.read()))
+    except (OSError, ValueError):
+        pass
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (OSError, ValueError):
+            pass  # no CAP_SYS_RESOURCE: the hard limit stands
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
 
 
 def enter_user_namespace(uid_map: Sequence[tuple[int, int, int]],
@@ -109,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parent = os.getppid()
     try:
+        raise_open_file_limit()
         enter_user_namespace(args.uid_map, args.gid_map)
         die_with(parent)
         install_share_filter()
