@@ -48,7 +48,7 @@ FACE_IMPORTS = {"api", "errors", "faces"}
 #: Modules that run where only the standard library exists (the guest) or that must
 #: stay free of third-party code (the vsock backend process).
 STDLIB_ONLY = ("secvf.errors", "secvf.exec.protocol", "secvf.exec.forwarding",
-               "secvf.store.eventlog", "secvf.store.locks",
+               "secvf.store.eventlog", "secvf.store.locks", "secvf.model.settingsfile",
                "secvf.vsock", "secvf.guest",
                # the switch side of isolated networks (it parses frames guests send);
                # the decoder and the filter language beside it use dpkt

@@ -45,7 +45,7 @@ class JailSettings(BaseModel):
 
 def settings_path() -> Path:
     """``$SECVF_HOME/config/jail.json``."""
-    return paths.secvf_home() / "config" / CONFIG_FILE
+    return paths.settings_file(CONFIG_FILE)
 
 
 def load_settings() -> JailSettings:

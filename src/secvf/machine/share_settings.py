@@ -90,7 +90,7 @@ class ShareSettings(BaseModel):
 
 def settings_path() -> Path:
     """``$SECVF_HOME/config/shares.json``."""
-    return paths.secvf_home() / "config" / CONFIG_FILE
+    return paths.settings_file(CONFIG_FILE)
 
 
 def load_settings() -> ShareSettings:

@@ -43,6 +43,7 @@ from secvf.model.config import Nic
 from secvf.model.enums import VMKind
 from secvf.model.enums import VmState as VmState  # re-exported: defined without pydantic
 from secvf.model.savedstate import SavedState
+from secvf.model.settingsfile import read_settings_text
 
 #: Longest QEMU/helper output a start failure carries (its tail).
 MAX_FAILURE_OUTPUT_CHARS = 4000
@@ -376,12 +377,9 @@ def read_settings(schema: type[M], path: Path) -> M:
         ConfigError: it cannot be read, is not JSON, or a setting is invalid (the message
             names the file and the setting).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    text = read_settings_text(path)
+    if text is None:
         return schema()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
     try:
         return schema.model_validate_json(text)
     except ValidationError as exc:

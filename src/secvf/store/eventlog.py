@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from secvf.errors import ConfigError
+from secvf.model.settingsfile import read_settings_text
 
 LOG_FILE_MODE = 0o600
 
@@ -261,12 +262,9 @@ class RetentionPolicy:
         Raises:
             ConfigError: the file cannot be read, is not JSON or is invalid.
         """
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        text = read_settings_text(path)
+        if text is None:
             return cls()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
         try:
             data = json.loads(text)
         except ValueError as exc:

@@ -56,6 +56,12 @@ def config_dir() -> Path:
     return ensure_private_dir(secvf_home() / "config")
 
 
+def settings_file(name: str) -> Path:
+    """``$SECVF_HOME/config/<name>``, a settings file (nothing is created: a missing file
+    means the defaults)."""
+    return secvf_home() / "config" / name
+
+
 def isos_dir() -> Path:
     """Return the ISO cache: ``$SECVF_HOME/isos`` (0700), one ``<name>/`` per ISO
     (see :mod:`secvf.store.isos`)."""
