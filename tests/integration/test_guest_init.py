@@ -252,11 +252,16 @@ def test_the_clock_follows_the_host(guests: Path) -> None:
         guest = float(console.shell("date +%s.%N"))
         after = time.time()
         console.logout()
-    offset = guest - (before + after) / 2
-    print(f"guest clock - host clock: {offset:+.3f} s (+-{(after - before) / 2:.3f} s); "
-          f"guest boot time - secvf_time: {clock - uptime - sent:+.3f} s")
-    # set from secvf_time plus the uptime (less what running date took)
-    assert abs(clock - uptime - sent) < 1.0
+    offset, error = guest - (before + after) / 2, (after - before) / 2
+    from_rtc = "secvf_time is behind the RTC: clock set from the RTC" in serial_log(guests, PW)
+    print(f"guest clock - host clock: {offset:+.3f} s (+-{error:.3f} s); "
+          f"guest boot time - secvf_time: {clock - uptime - sent:+.3f} s; "
+          f"set from {'the RTC' if from_rtc else 'secvf_time'}")
+    if not from_rtc:  # set from secvf_time plus the uptime (less what running date took)
+        assert abs(clock - uptime - sent) < 1.0
+    # from the RTC (the host's boot estimate fell short on a loaded host): the middle
+    # of the RTC's 2 s window; either way within a second of the host
+    assert abs(offset) < 1.0 + error
 
 
 # ---- shutdown ------------------------------------------------------------------------------

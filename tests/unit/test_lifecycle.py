@@ -16,13 +16,18 @@ from secvf.errors import CorruptRecord, IllegalTransition, StateError
 from secvf.faces.cli.app import LIVE_STATES as CLI_LIVE_STATES
 from secvf.model.config import VMKind
 from secvf.model.enums import LIVE_STATES
-from secvf.model.runtime import RuntimeRecord, VmState
+from secvf.model.runtime import LastRun, RuntimeRecord, VmState
 from secvf.runtime.lifecycle import FINAL_STATES, TRANSITIONS, Lifecycle, paused_error
 from secvf.store import events as seclog
 from secvf.store.bundle import RuntimeFiles
 from secvf.store.library import get_vm
 from secvf.store.locks import FileLock
-from secvf.store.runstate import current_state, reap_stale_runtime
+from secvf.store.runstate import (
+    current_state,
+    reap_stale_runtime,
+    write_last_run,
+    write_runtime_state,
+)
 from secvf.workflows.audit import audit_vm
 from tests.helpers import run_cli
 from tests.unit.fake_vm import jails_off
@@ -340,3 +345,26 @@ def test_corrupt_run_records_are_one_line_errors_naming_the_file(iso: Path) -> N
     RuntimeFiles(config.id).state_file.write_text("not json")
     with FileLock(bundle.run_lock, "test"), pytest.raises(CorruptRecord, match="not valid JSON"):
         current_state(bundle, config.id)
+
+
+def test_a_run_seen_ending_shows_why_it_ended(iso: Path) -> None:
+    """Between publishing its final state and releasing the run lock, a supervisor is
+    still running: the view of that moment carries the last run it wrote just before."""
+    run_cli("vm", "create", "ending", "--iso", str(iso), check=True)
+    bundle, config = get_vm("ending")
+    published: list[RuntimeRecord] = []
+    life = Lifecycle(name="ending", vm_id=config.id, kind=VMKind.GENERIC, publish=published.append)
+    walk(life, [VmState.STARTING, VmState.RUNNING])
+    write_last_run(bundle, LastRun(state=VmState.STOPPED, reason="an earlier run", ended_at="t",
+                                   transitions=life.transitions))
+    with FileLock(bundle.run_lock, "test"):
+        write_runtime_state(RuntimeFiles(config.id), published[-1])
+        view = current_state(bundle, config.id)
+        assert view.state is VmState.RUNNING and view.live and view.last_run is None
+        write_last_run(bundle, LastRun(state=VmState.CRASHED, reason="forbidden device",
+                                       ended_at="t", transitions=life.transitions))
+        life.transition(VmState.CRASHED)
+        write_runtime_state(RuntimeFiles(config.id), published[-1])
+        view = current_state(bundle, config.id)
+    assert view.state is VmState.CRASHED and not view.live
+    assert view.last_run is not None and view.last_run.reason == "forbidden device"

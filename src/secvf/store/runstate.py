@@ -44,7 +44,7 @@ class RunView:
 
     state: VmState  # the VM's state
     record: RuntimeRecord | None  # the live supervisor's record, if it published one
-    last_run: LastRun | None  # how the previous run ended (None while running or never run)
+    last_run: LastRun | None  # how the run ended (None while it runs or if it never ran)
 
     @property
     def live(self) -> bool:
@@ -105,7 +105,10 @@ def current_state(bundle: Bundle, vm_id: str) -> RunView:
     if is_running(bundle):
         record = read_runtime_state(RuntimeFiles(vm_id))
         # the supervisor holds the lock a moment before it first publishes
-        return RunView(record.state if record else VmState.STARTING, record, None)
+        if record is None or record.state in LIVE_STATES:
+            return RunView(record.state if record else VmState.STARTING, record, None)
+        # a run that ended, its supervisor still tidying up: it wrote why first
+        return RunView(record.state, record, read_last_run(bundle))
     last = read_last_run(bundle)
     crashed = last is not None and last.state is VmState.CRASHED
     return RunView(VmState.CRASHED if crashed else VmState.STOPPED, None, last)
