@@ -195,3 +195,30 @@ def test_the_checker_sees_lazy_relative_and_package_imports() -> None:
                      "    from secvf import errors\n    from ..faces import cli\n")
     assert [t for _, t in imports_in(tree, "secvf.store")] == [
         "secvf.runtime.control", "secvf.errors", "secvf.faces.cli"]
+
+
+def _run_time_body(tree: ast.Module) -> ast.Module:
+    """``tree``'s top-level statements, less its ``if TYPE_CHECKING:`` blocks."""
+    body = [node for node in tree.body if not (
+        isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING")]
+    return ast.Module(body=body, type_ignores=[])
+
+
+def test_no_package_imports_modules_that_import_through_it() -> None:
+    """A package whose ``__init__`` imports one of its own modules that imports through
+    the package (``from secvf.exec import protocol``) deadlocks when two threads make the
+    first imports at once, one of the package and one of that module (the TUI's workers
+    did): such a package re-exports lazily (``secvf.lazy_exports``)."""
+    offenders = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        package = module_name(init)
+        tree = _run_time_body(ast.parse(init.read_text()))
+        own = {name for _, name in imports_in(tree, package)
+               if name.startswith(f"{package}.") and name.count(".") == package.count(".") + 1}
+        for module in sorted(own):
+            path = init.parent / f"{module.rsplit('.', 1)[1]}.py"
+            if path.exists() and any(isinstance(node, ast.ImportFrom) and node.module == package
+                                     for node in ast.parse(path.read_text()).body):
+                offenders.append(f"{package} imports {module}, which imports through it")
+    assert offenders == []

@@ -5,6 +5,7 @@ frozen (``tests/unit/tui_snapshots/*.txt``; ``SECVF_UPDATE_SNAPSHOTS=1`` rewrite
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,19 @@ async def test_audit_shows_findings(fake: FakeAPI) -> None:
         await pilot.press("6")
         await until(pilot, lambda: "1 finding(s)" in screen_text(app), "the findings")
         await check_snapshot(pilot, "audit")
+
+
+async def test_the_areas_first_reads_run_on_the_tuis_own_threads(
+        fake: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The areas start reading when they mount, before the app does: those reads must
+    already run on the app's worker pool, not the loop's small default one."""
+    threads: list[str] = []
+    monkeypatch.setattr(api, "audit", lambda: threads.append(
+        threading.current_thread().name) or fake.audit_result)
+    app = SecVFApp(watch=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: bool(threads), "the first audit")
+    assert threads[0].startswith("secvf-tui"), threads
 
 
 async def test_snapshot_vms(fake: FakeAPI) -> None:

@@ -37,12 +37,18 @@ class Tmux:
         return self.run("capture-pane", "-p", "-t", "tui").stdout
 
     def wait_for(self, condition: Callable[[str], bool], what: str) -> str:
+        """The screen once ``condition`` holds; else fail, naming any error notification
+        seen meanwhile (they vanish after a few seconds)."""
+        notes: dict[str, None] = {}
         for _ in range(LOOKS):
             text = self.screen()
             if condition(text):
                 return text
+            notes.update(dict.fromkeys(line.strip() for line in text.splitlines()
+                                       if "error" in line.lower()))
             time.sleep(0.1)
-        raise AssertionError(f"never on screen: {what}\n{self.screen()}")
+        raise AssertionError(f"never on screen: {what}\nerror lines seen: {list(notes)}\n"
+                             f"{self.screen()}")
 
     def alive(self) -> bool:
         return self.run("has-session", "-t", "tui").returncode == 0

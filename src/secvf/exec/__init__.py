@@ -13,7 +13,9 @@ socket). The errors are in :mod:`secvf.errors`.
 """
 
 import logging
+from typing import TYPE_CHECKING
 
+from secvf import lazy_exports
 from secvf.errors import (
     AgentUnavailable,
     CommandStartFailed,
@@ -24,27 +26,29 @@ from secvf.errors import (
     ProtocolError,
     RestoreFailed,
 )
-from secvf.exec.client import Command, ExecClient
-from secvf.exec.outcome import (
-    AgentInfo,
-    AttachResult,
-    DetachedProcessInfo,
-    DetachedStart,
-    ExecEvent,
-    ExecResult,
-    Exited,
-    FileTransfer,
-    OutputDropped,
-    RestoreIssue,
-    RestoreResult,
-    RestoreShare,
-    Started,
-    Stderr,
-    StdinError,
-    Stdout,
-    exit_code_for,
-)
-from secvf.exec.stream import AttachSession, ExecSession
+
+if TYPE_CHECKING:
+    from secvf.exec.client import Command, ExecClient
+    from secvf.exec.outcome import (
+        AgentInfo,
+        AttachResult,
+        DetachedProcessInfo,
+        DetachedStart,
+        ExecEvent,
+        ExecResult,
+        Exited,
+        FileTransfer,
+        OutputDropped,
+        RestoreIssue,
+        RestoreResult,
+        RestoreShare,
+        Started,
+        Stderr,
+        StdinError,
+        Stdout,
+        exit_code_for,
+    )
+    from secvf.exec.stream import AttachSession, ExecSession
 
 __all__ = [
     "ExecClient",
@@ -77,5 +81,21 @@ __all__ = [
     "OutputDropped",
     "DetachedProcessError",
 ]
+
+#: Each class and function above and the module it is imported from on first use. The
+#: package imports none of its modules itself: they import ``secvf.exec.protocol`` through
+#: it, and a package that imported them while two threads made their first imports (one
+#: of the package, one of a module) would deadlock on Python's import locks.
+_LAZY = {
+    **dict.fromkeys(("Command", "ExecClient"), "secvf.exec.client"),
+    **dict.fromkeys(("AgentInfo", "AttachResult", "DetachedProcessInfo", "DetachedStart",
+                     "ExecEvent", "ExecResult", "Exited", "FileTransfer", "OutputDropped",
+                     "RestoreIssue", "RestoreResult", "RestoreShare", "Started", "Stderr",
+                     "StdinError", "Stdout", "exit_code_for"), "secvf.exec.outcome"),
+    **dict.fromkeys(("AttachSession", "ExecSession"), "secvf.exec.stream"),
+}
+
+if not TYPE_CHECKING:  # mypy sees the imports above, so a misspelt name stays an error
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 logging.getLogger("secvf.exec").addHandler(logging.NullHandler())

@@ -104,15 +104,19 @@ class SecVFApp(App[None]):
         yield self.action_bar
         yield Footer()
 
-    def on_mount(self) -> None:
-        """Focus the VM table; start watching for VM changes.
+    def on_load(self) -> None:
+        """Before any widget mounts, give worker threads a pool of their own.
 
         Worker threads come from the loop's default executor, which on a 2-core host has
         6 threads; the watches (changes, logs, a serial log, an exec, a capture) hold one
         each for as long as they run, so the pool is made big enough that they never
-        starve the short calls."""
+        starve the short calls. It is set here, not when the app mounts: the areas mount
+        first and start their first reads then."""
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="secvf-tui"))
+
+    def on_mount(self) -> None:
+        """Focus the VM table; start watching for VM changes."""
         self.focus_area("vms")
         if self.watch_changes:
             self.run_worker(self._watch_changes, thread=True, group="watch",
