@@ -30,20 +30,23 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, Self, TypeVar
 
-from secvf.exec import protocol
-from secvf.exec.channel import CONNECT_TIMEOUT_S
-from secvf.exec.client import Command, ExecClient
-from secvf.exec.outcome import (
+from secvf.exec import (
     AgentInfo,
     AttachResult,
+    AttachSession,
+    Command,
     DetachedProcessInfo,
     DetachedStart,
+    ExecClient,
     ExecEvent,
     ExecResult,
+    ExecSession,
     Exited,
     FileTransfer,
+    protocol,
 )
-from secvf.exec.stream import AttachSession, ExecSession, OutputCallback, OutputStream
+from secvf.exec.channel import CONNECT_TIMEOUT_S
+from secvf.exec.stream import OutputCallback, OutputStream
 
 T = TypeVar("T")
 S = TypeVar("S", bound=OutputStream)
