@@ -24,8 +24,8 @@ Launch sequence (``Supervisor.run``); a failure names the
    (both also work while starting: the launch then ends at its next step).
 
 Whatever happens, teardown runs in ``finally``: the bridge, QMP, QEMU and the helpers
-are stopped, the final state is published, ``last_run.json`` is written and the
-runtime files are removed; only then, with ``run.lock`` released, does a failed
+are stopped, ``last_run.json`` is written, the final state is published (in that
+order: whoever sees the final state finds why) and the runtime files are removed; only then, with ``run.lock`` released, does a failed
 start send its report, so the starter sees a VM that is already cleaned up. How a
 run ends:
 
