@@ -25,9 +25,9 @@ Launch sequence (``Supervisor.run``); a failure names the
 
 Whatever happens, teardown runs in ``finally``: the bridge, QMP, QEMU and the helpers
 are stopped, ``last_run.json`` is written, the final state is published (in that
-order: whoever sees the final state finds why) and the runtime files are removed; only then, with ``run.lock`` released, does a failed
-start send its report, so the starter sees a VM that is already cleaned up. How a
-run ends:
+order: whoever sees the final state finds why) and the runtime files are removed;
+only then, with ``run.lock`` released, does a failed start send its report, so the
+starter sees a VM that is already cleaned up. How a run ends:
 
 * a deliberate launch failure (a :class:`~secvf.errors.SecVFError`: QEMU or a helper
   did not start, a forbidden device, a missing image) → ``stopped``,
