@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from secvf.errors import ExitCode
 from secvf.machine.share_settings import load_settings as load_share_settings
 from secvf.machine.shares import uid_map
 from tests.helpers import run_cli
@@ -35,7 +36,15 @@ class Sandbox:
 
 
 def sh(script: str, *, root: bool = False) -> subprocess.CompletedProcess[str]:
-    return run_cli("vm", "exec", NAME, *(["--root"] if root else []), "-c", script)
+    """``script`` in the sandbox; when the channel itself fails (exit 125), its stderr
+    gains the tails of the VM's supervisor and serial logs, so a failure says why."""
+    proc = run_cli("vm", "exec", NAME, *(["--root"] if root else []), "-c", script)
+    if proc.returncode == ExitCode.SECVF_ERROR:
+        bundle = Path(os.environ["SECVF_HOME"]) / "vms" / NAME
+        for log in ("supervisor.log", "serial.log"):
+            lines = (bundle / log).read_text(errors="replace").splitlines()[-30:]
+            proc.stderr += f"--- last lines of {log} ---\n" + "\n".join(lines) + "\n"
+    return proc
 
 
 def private_dir() -> Path:
