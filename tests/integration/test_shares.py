@@ -21,6 +21,7 @@ import pytest
 from secvf.errors import ExitCode
 from secvf.machine.share_settings import load_settings as load_share_settings
 from secvf.machine.shares import uid_map
+from secvf.store.bundle import get_bundle
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vm
@@ -40,10 +41,10 @@ def sh(script: str, *, root: bool = False) -> subprocess.CompletedProcess[str]:
     gains the tails of the VM's supervisor and serial logs, so a failure says why."""
     proc = run_cli("vm", "exec", NAME, *(["--root"] if root else []), "-c", script)
     if proc.returncode == ExitCode.SECVF_ERROR:
-        bundle = Path(os.environ["SECVF_HOME"]) / "vms" / NAME
-        for log in ("supervisor.log", "serial.log"):
-            lines = (bundle / log).read_text(errors="replace").splitlines()[-30:]
-            proc.stderr += f"--- last lines of {log} ---\n" + "\n".join(lines) + "\n"
+        bundle = get_bundle(NAME)
+        for log in (bundle.supervisor_log, bundle.serial_log):
+            lines = log.read_text(errors="replace").splitlines()[-30:]
+            proc.stderr += f"--- last lines of {log.name} ---\n" + "\n".join(lines) + "\n"
     return proc
 
 

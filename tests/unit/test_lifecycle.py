@@ -286,6 +286,17 @@ def test_a_pause_is_a_state_of_the_run_and_leaves_through_stopping_or_crashed() 
     assert set(CLI_LIVE_STATES) == {s.value for s in LIVE_STATES}
 
 
+def test_before_publish_sees_the_new_record_before_anyone_else() -> None:
+    published: list[RuntimeRecord] = []
+    life = new_lifecycle(published)
+    walk(life, [VmState.STARTING, VmState.RUNNING])
+    seen: list[tuple[VmState, int]] = []
+    record = life.transition(VmState.CRASHED, before_publish=lambda rec: seen.append(
+        (rec.transitions[-1].state, len(published))))
+    assert seen == [(VmState.CRASHED, 2)]  # the final transition, before its publication
+    assert published[-1] is record and len(published) == 3
+
+
 def test_paused_error_says_how_to_resume() -> None:
     exc = paused_error("web", "take a snapshot")
     assert isinstance(exc, StateError) and (exc.state, exc.required) == ("paused", ("running",))

@@ -121,8 +121,12 @@ class Lifecycle:
             raise StateError(f"VM '{self._identity['name']}' is {self._state.value}, "
                              f"not {needed}", self._state.value, [s.value for s in states])
 
-    def transition(self, new: VmState, **fields: Any) -> RuntimeRecord:
+    def transition(self, new: VmState, *,
+                   before_publish: Callable[[RuntimeRecord], None] | None = None,
+                   **fields: Any) -> RuntimeRecord:
         """Enter state ``new`` (setting ``fields`` too) and publish; return the record.
+        ``before_publish`` gets the new record first (the end of a run writes why it
+        ended before anyone can see that it did).
 
         Raises:
             IllegalTransition: :data:`TRANSITIONS` has no edge from the current state
@@ -143,6 +147,8 @@ class Lifecycle:
             {**base, **fields, "state": new, "transitions": history})
         self._state = new
         self._ended = new in FINAL_STATES
+        if before_publish is not None:
+            before_publish(record)
         self._commit(record)
         return record
 

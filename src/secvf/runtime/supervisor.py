@@ -1129,19 +1129,23 @@ class Supervisor:
         """Publish the final state, write ``last_run.json`` and the security event."""
         state, reason = self._verdict()
         ran = any(t.state is VmState.RUNNING for t in self.lifecycle.transitions)
-        live = self.lifecycle.state in LIVE_STATES
-        ended_at = now_iso()
-        history = self.lifecycle.transitions + ([Transition(state, ended_at)] if live else [])
-        try:  # before the final state: whoever sees that state finds why, too
-            write_last_run(self.bundle, LastRun(state=state, reason=reason, ended_at=ended_at,
-                                                accel=self._accel(), transitions=history))
-        except OSError as exc:
-            self.log.error("could not write %s: %s", self.bundle.last_run_file, exc)
-        if live:
+
+        def write_why(transitions: list[Transition]) -> None:
             try:
-                self.lifecycle.transition(state)
+                write_last_run(self.bundle, LastRun(state=state, reason=reason,
+                                                    ended_at=now_iso(), accel=self._accel(),
+                                                    transitions=transitions))
+            except OSError as exc:
+                self.log.error("could not write %s: %s", self.bundle.last_run_file, exc)
+
+        if self.lifecycle.state in LIVE_STATES:
+            try:  # why first: whoever sees the final state finds why, too
+                self.lifecycle.transition(
+                    state, before_publish=lambda record: write_why(record.transitions))
             except OSError as exc:
                 self.log.error("could not publish the final state: %s", exc)
+        else:
+            write_why(self.lifecycle.transitions)
         if ran or state is VmState.CRASHED:
             event = "vm_stopped" if state is VmState.STOPPED else "vm_crashed"
             seclog.write_event(event, severity=Severity.INFO if state is VmState.STOPPED
