@@ -92,7 +92,7 @@ def test_vm_exec_json_in_a_running_sandbox_stays_lean(tmp_path: Path) -> None:
     assert loaded(modules, (*HEAVY, "rich")) == []
 
 
-@pytest.mark.parametrize("module", ["secvf.api", "secvf.image"])
+@pytest.mark.parametrize("module", ["secvf.api", "secvf.image", "secvf.machine"])
 def test_lazy_re_exports_match_the_imports_mypy_sees(module: str) -> None:
     """``_LAZY`` (what ``__getattr__`` imports) names exactly the ``if TYPE_CHECKING:``
     imports of the module, each from the same module, and every one resolves."""
@@ -110,7 +110,7 @@ def test_lazy_re_exports_match_the_imports_mypy_sees(module: str) -> None:
     assert missing == []
 
 
-@pytest.mark.parametrize("module", ["secvf.api", "secvf.image"])
+@pytest.mark.parametrize("module", ["secvf.api", "secvf.image", "secvf.machine"])
 def test_star_import_of_the_lazy_modules_works_in_a_fresh_interpreter(module: str) -> None:
     probe = (f"import {module} as m\nfrom {module} import *\n"
              "missing = [n for n in m.__all__ if n not in globals()]\n"

@@ -1,6 +1,7 @@
 """Starting, stopping and inspecting VMs from any ``secvf`` process.
 
-``start_vm`` spawns a detached supervisor (``python -m secvf.runtime.supervisor``) and
+``start_vm`` starts a detached supervisor (forked from this process where that is safe,
+else ``python -m secvf.runtime.supervisor``: :mod:`secvf.runtime.supervisor_start`) and
 waits for its one-line :class:`~secvf.model.runtime.StartReport` on a pipe: success
 once QEMU is up and its device tree passed the channel check, or a typed failure
 that :func:`error_from_failure` turns back into the matching
@@ -23,8 +24,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from secvf.model.runtime import (
     encode,
 )
 from secvf.runtime.lifecycle import paused_error
+from secvf.runtime.supervisor_start import start_supervisor
 from secvf.store import events as seclog
 from secvf.store.bundle import Bundle, RuntimeFiles
 from secvf.store.events import Severity
@@ -141,12 +141,7 @@ def start_vm(
         reap_stale_runtime(bundle, config.id)
         if before_start is not None:
             before_start(bundle)
-        extra = []
-        if restore is not None:
-            extra += ["--restore", str(restore)]
-        if save_template is not None:
-            extra += ["--save-template", str(save_template)]
-        report = _spawn_supervisor(bundle, name, accel, extra)
+        report = _spawn_supervisor(bundle, name, accel, restore, save_template)
     if isinstance(report, StartFailed):
         raise error_from_failure(report)
     if wait_ready:
@@ -155,16 +150,14 @@ def start_vm(
 
 
 def _spawn_supervisor(bundle: Bundle, name: str, accel: str | None,
-                      extra: list[str]) -> Started | StartFailed:
+                      restore: Path | None, save_template: Path | None) -> Started | StartFailed:
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "secvf.runtime.supervisor", "--vm", name,
-            "--report-fd", str(write_fd), *extra]
-    if accel:
-        argv += ["--accel", accel]
-    with bundle.supervisor_log.open("ab") as out:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                         pass_fds=(write_fd,), start_new_session=True, close_fds=True)
-    os.close(write_fd)
+    try:
+        with bundle.supervisor_log.open("ab") as out:
+            start_supervisor(name, report_fd=write_fd, log=out, accel=accel, restore=restore,
+                             save_template=save_template)
+    finally:
+        os.close(write_fd)
     try:
         data, timed_out = _read_report(read_fd, START_REPORT_TIMEOUT_S)
     finally:

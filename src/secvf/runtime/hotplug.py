@@ -10,11 +10,15 @@ hot-plug event and probes the device.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 
 from qemu.qmp import QMPClient, QMPError
 
 from secvf.errors import LaunchFailed
 from secvf.machine.plan import HotplugDevice
+
+log = logging.getLogger("secvf.runtime.hotplug")
 
 
 async def plug(qmp: QMPClient, devices: list[HotplugDevice]) -> None:
@@ -25,6 +29,7 @@ async def plug(qmp: QMPClient, devices: list[HotplugDevice]) -> None:
     """
     for dev in devices:
         dev_id = str(dev.device["id"])
+        began = time.monotonic()
         try:
             await qmp.execute("chardev-add", dev.chardev)
         except QMPError as exc:
@@ -35,3 +40,5 @@ async def plug(qmp: QMPClient, devices: list[HotplugDevice]) -> None:
             with contextlib.suppress(QMPError):
                 await qmp.execute("chardev-remove", {"id": dev.chardev["id"]})
             raise LaunchFailed(f"hot-plug of {dev_id}", [], f"device_add: {exc}", None) from exc
+        log.info("hot-plugged %s (%s) in %.3f s", dev_id, dev.device["driver"],
+                 time.monotonic() - began)

@@ -126,6 +126,7 @@ from secvf.runtime.lifecycle import Lifecycle, paused_error
 from secvf.runtime.logcap import GuestLogCap, GuestLogPort
 from secvf.runtime.media import add_medium_fd, remove_medium_fd
 from secvf.runtime.procutil import die_with_parent
+from secvf.runtime.qmpclient import QuietQMPClient
 from secvf.runtime.resources import ResourceWatch
 from secvf.runtime.savestate import (
     delete_disk_snapshot,
@@ -727,7 +728,7 @@ class Supervisor:
             if self._qemu().returncode is not None:
                 raise self._qemu_failed()
             if self.files.qmp_socket.exists():
-                qmp = QMPClient(self.config.name)
+                qmp = QuietQMPClient(self.config.name)
                 try:
                     await asyncio.wait_for(qmp.connect(str(self.files.qmp_socket)),
                                            max(deadline - time.monotonic(), 0.1))
