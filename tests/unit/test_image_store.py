@@ -37,11 +37,15 @@ def _manifest(name: str, digest_char: str = "a", age_s: int = 0) -> ImageManifes
     )
 
 
-def _publish(name: str, digest_char: str = "a", age_s: int = 0) -> store.ImageInfo:
-    with store.build_lock(), store.staging_dir(name, digest_char * 64) as work:
+def _publish(name: str, digest_char: str = "a", age_s: int = 0, *,
+             recipe_hash: str | None = None) -> store.ImageInfo:
+    manifest = _manifest(name, digest_char, age_s)
+    if recipe_hash is not None:
+        manifest = manifest.model_copy(update={"recipe_hash": recipe_hash})
+    with store.build_lock(), store.staging_dir(name, manifest.recipe_hash) as work:
         for part in ("vmlinuz", "initrd.img", "rootfs.img"):
             (work / part).write_bytes(part.encode())
-        return store.publish(work, _manifest(name, digest_char, age_s))
+        return store.publish(work, manifest)
 
 
 def test_published_image_is_listed_and_found() -> None:
@@ -84,6 +88,17 @@ def test_get_image_returns_the_newest_build() -> None:
         ("base", "a"),
         ("sandbox", "c"),
     ]
+
+
+def test_the_current_recipes_build_wins_over_a_newer_build_of_an_older_recipe() -> None:
+    current = store.current_recipe_hash("base")
+    assert current is not None and len(current) == 64
+    own = _publish("base", age_s=3600, recipe_hash=current)
+    _publish("base", "f")  # newer: built from another checkout into the same cache
+    assert get_image("base") == own
+    store.remove_image("base")
+    older_only = _publish("base", "e")
+    assert get_image("base") == older_only  # no build of the current recipe: the newest
 
 
 def test_missing_image_says_how_to_build_it() -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from secvf.errors import ConfigError, NotFound, StateError
+from secvf.errors import ConfigError, ImageBuildFailed, NotFound, StateError
 from secvf.image.recipe import SHORT_HASH_LEN
 from secvf.store import paths
 
@@ -167,7 +167,11 @@ def list_images() -> list[ImageInfo]:
 
 
 def get_image(name: str) -> ImageInfo:
-    """Return the newest build of image ``name``, even if its recipe has changed since.
+    """Return the build of image ``name`` made from its recipe as it is now; if there is
+    none, its newest build (made from an earlier recipe).
+
+    A newer build of an older recipe (built from an older checkout into the same cache)
+    does not win over the current recipe's: new VMs get the guest this SecVF ships.
 
     Raises:
         NotFound: no build of ``name`` exists.
@@ -176,7 +180,22 @@ def get_image(name: str) -> ImageInfo:
     builds = [load_image(d) for d in _published_dirs(name)]
     if not builds:
         raise NotFound(f"image '{name}' is not built; run: secvf image build {name}")
-    return max(builds, key=lambda i: i.built_at)
+    current = current_recipe_hash(name)
+    return max(builds, key=lambda i: (i.recipe_hash == current, i.built_at))
+
+
+def current_recipe_hash(name: str) -> str | None:
+    """The hash of the built-in recipe ``name`` as it is now (None: no such recipe, or
+    one of its files is missing)."""
+    from secvf.image.recipe import RECIPES, recipe_hash  # the recipes: only to compare
+
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        return None
+    try:
+        return recipe_hash(recipe)
+    except ImageBuildFailed:
+        return None
 
 
 def remove_image(name: str) -> None:
