@@ -358,9 +358,11 @@ def secvf(*args: str, timeout: float = 300, input_bytes: bytes | None = None) ->
 
 
 def secvf_full(
-    *args: str, timeout: float = 300, input_bytes: bytes | None = None
+    *args: str, timeout: float = 300, input_bytes: bytes | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, str, str]:
-    """Like :func:`secvf`, also returning stderr (where the CLI's notes go)."""
+    """Like :func:`secvf`, also returning stderr (where the CLI's notes go); ``env`` is
+    added to this process's environment."""
     begin = time.monotonic()
     proc = subprocess.run(
         [*SECVF, *args],
@@ -368,6 +370,7 @@ def secvf_full(
         timeout=timeout,
         input=input_bytes,
         preexec_fn=die_with_parent,
+        env={**os.environ, **env} if env else None,
     )
     elapsed = time.monotonic() - begin
     if proc.returncode != 0:

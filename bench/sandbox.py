@@ -6,7 +6,9 @@
 1. ``secvf sandbox run --rm --accel tcg -- true`` end to end (create, restore or boot,
    exec, stop, delete), ``--runs`` times, restored from the 1024 MiB template. Same-run
    baselines: the same command with ``--cold`` (a cold boot; at most 5 runs, interleaved
-   with the restored ones), and ``qemu-img create`` + plain QEMU of the Debian systemd
+   with the restored ones), the same restored with ``SECVF_SUPERVISOR_START=exec`` (the
+   supervisor a fresh interpreter instead of forked from the CLI; as many runs as
+   ``--cold``, interleaved), and ``qemu-img create`` + plain QEMU of the Debian systemd
    guest (same kernel/initrd) until ``ssh root@ true`` works, then kill and delete (at
    most 3 runs: each takes ~20-30 s on TCG).
 2. Restore → first successful exec, in this process: ``api.create_sandbox`` (not timed),
@@ -59,6 +61,8 @@ SESSION_MIB = 512
 BASELINE_E2E_MAX_RUNS = 3
 COLD_MAX_RUNS = 5
 RESTORED, BOOTED = "restored", "booted"
+#: The CLI's environment for the baseline of a forked supervisor: a fresh interpreter.
+EXEC_START = {"SECVF_SUPERVISOR_START": "exec"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,11 +121,14 @@ def template_ids() -> set[str]:
 # ---- 1. sandbox run --rm ------------------------------------------------------------------
 
 
-def run_rm_once(name: str, *, cold: bool) -> tuple[float, str, str]:
-    """``secvf sandbox run --rm [--cold] -- true``: (wall s, start mode, CLI notes)."""
+def run_rm_once(name: str, *, cold: bool, env: dict[str, str] | None = None
+                ) -> tuple[float, str, str]:
+    """``secvf sandbox run --rm [--cold] -- true`` (``env`` added to the CLI's
+    environment): (wall s, start mode, CLI notes)."""
     elapsed, _, err = bl.secvf_full("sandbox", "run", "--rm", "--name", name,
                                     "--accel", bl.ACCEL, "--memory", f"{bl.GUEST_MEMORY_MIB}M",
-                                    *(["--cold"] if cold else []), "--", "true")  # fmt: skip
+                                    *(["--cold"] if cold else []), "--", "true",
+                                    env=env)  # fmt: skip
     events = bl.start_events(name)
     if not events:
         return elapsed, "unknown (no vm_started event)", err
@@ -309,7 +316,8 @@ def main() -> None:
                     f"bench/sandbox.py --runs {args.runs} --sessions {args.sessions}")  # fmt: skip
     sandbox_image = build_image("sandbox")
     modes = Modes()
-    r: dict = {"e2e": [], "e2e_cold": [], "first": [], "first_boot": [], "first_cold": []}
+    r: dict = {"e2e": [], "e2e_cold": [], "e2e_exec": [], "first": [], "first_boot": [],
+               "first_cold": []}
     with bl.private_secvf() as root:
         baseline = Baseline(Path(tempfile.mkdtemp(dir=root)))
         templates = {}
@@ -328,6 +336,10 @@ def main() -> None:
                 elapsed, mode, err = run_rm_once(f"e2e-c{i}", cold=True)
                 modes.check("run --rm --cold", f"e2e-c{i}", BOOTED, mode, err)
                 r["e2e_cold"].append(elapsed)
+                elapsed, mode, err = run_rm_once(f"e2e-x{i}", cold=False, env=EXEC_START)
+                if modes.check("run --rm, restored, exec'd supervisor", f"e2e-x{i}",
+                               RESTORED, mode, err):
+                    r["e2e_exec"].append(elapsed)
         base_runs = min(args.runs, BASELINE_E2E_MAX_RUNS)
         bl.log(f"baseline boot + ssh true × {base_runs}")
         base_e2e = [baseline.run_rm_once() for _ in range(base_runs)]
@@ -430,6 +442,10 @@ def add_rows(rep: bl.Report, runs: int, templates: dict, r: dict, base_e2e: list
     rep.add(bl.Row(f"`sandbox run --rm -- true` restored, median / p90 (of {runs})",
                    _p50_p90(e2e), cold_name, _p50_p90(cold), _ratio(e2e, cold),
                    _excluded(runs, e2e)))  # fmt: skip
+    rep.add(bl.Row("", "", "the same, restored, the supervisor a fresh interpreter "
+                   "(`SECVF_SUPERVISOR_START=exec`, as before it was forked)",
+                   _p50_p90(r["e2e_exec"]), _ratio(e2e, r["e2e_exec"]),
+                   _excluded(min(runs, COLD_MAX_RUNS), r["e2e_exec"])))  # fmt: skip
     rep.add(bl.Row("", "", "plain QEMU systemd guest: overlay, boot, first `ssh true`, kill",
                    bl.spread(base_e2e), _ratio(e2e, base_e2e),
                    f"baseline only n={len(base_e2e)}: ~20-30 s per run on TCG"))  # fmt: skip
