@@ -5,9 +5,11 @@ holds nothing of its caller's. The VMs run the real supervisor over a fake QEMU.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,25 +19,20 @@ from secvf.runtime import control, supervisor_start
 from secvf.runtime.supervisor_start import PROCESS_NAME, START_ENV, StartMode, choose_mode
 from secvf.store import paths
 from secvf.store.library import get_bundle
-from secvf.store.locks import FileLock
 from tests.unit import fake_vm
 
 
 @pytest.fixture
-def one_thread() -> None:
-    """The test runs with no thread but the main one (a fork is only safe then)."""
-    assert threading.active_count() == 1, threading.enumerate()
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller looks single-threaded (the test runner itself may keep threads that
+    earlier tests left)."""
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
 
 
 @pytest.fixture
-def extra_thread() -> Iterator[None]:
-    """A second thread lives for the test."""
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join()
+def extra_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller runs a second thread."""
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
 
 
 def test_a_single_threaded_caller_forks(one_thread, monkeypatch) -> None:
@@ -87,10 +84,34 @@ def _fd_targets(pid: int) -> dict[int, str]:
     return targets
 
 
+def _parent_of(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text.rsplit(")", 1)[1].split()[1])
+
+
+#: A caller in a fresh interpreter (one thread, as the CLI): it holds a pipe and starts
+#: the VM, then reports what it sees of the supervisor from its side.
+CALLER = """
+import json, os, sys
+from secvf.runtime import control
+from secvf.store.library import get_bundle
+from secvf.store.locks import FileLock
+read_end, write_end = os.pipe()
+status = control.start_vm("detached")
+os.close(write_end)
+os.set_blocking(read_end, False)
+with FileLock(get_bundle("detached").edit_lock, "the VM"):  # LockBusy if the child kept it
+    pass
+print("caller says hello")
+json.dump({"pid": status["pid"], "caller": os.getpid(), "session": os.getsid(0),
+           "eof": os.read(read_end, 1) == b"",
+           "pipe": f"pipe:[{os.fstat(read_end).st_ino}]"}, sys.stdout)
+"""
+
+
 @pytest.mark.parametrize("mode", ["fork", "exec"])
 def test_the_supervisor_holds_nothing_of_its_caller(mode: str, secvf_env: Path,
-                                                     tmp_path: Path, monkeypatch,
-                                                     capfd) -> None:
+                                                     tmp_path: Path, monkeypatch) -> None:
     """Whichever way it starts: its own session, stdin /dev/null, stdout and stderr its
     log, none of the caller's descriptors (a pipe's other end sees EOF, the VM's edit
     lock is free), and its output only in its log; forked, it is not the caller's child
@@ -98,40 +119,27 @@ def test_the_supervisor_holds_nothing_of_its_caller(mode: str, secvf_env: Path,
     fake_vm.use_fake_qemu(tmp_path, monkeypatch.setenv)
     monkeypatch.setenv(START_ENV, mode)
     fake_vm.make_vm("detached", paths.ensure_private_dir(secvf_env / "files"))
-    read_end, write_end = os.pipe()  # a descriptor of the caller's that must not leak
     try:
-        status = control.start_vm("detached")
-        os.close(write_end)
-        write_end = -1
-        pid = status["pid"]
-        assert os.getsid(pid) != os.getsid(0)  # a session of its own
+        proc = subprocess.run([sys.executable, "-c", CALLER], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        printed, _, facts_text = proc.stdout.partition("caller says hello\n")
+        assert printed == "" and proc.stderr == ""  # nothing of the supervisor's
+        facts = json.loads(facts_text)
+        pid = facts["pid"]
+        assert facts["eof"]  # nobody else holds the pipe's write end
+        assert os.getsid(pid) not in (os.getsid(0), facts["session"])
         targets = _fd_targets(pid)
         bundle = get_bundle("detached")
         assert targets[0] == os.devnull
         assert targets[1] == targets[2] == str(bundle.supervisor_log)
-        pipes = [t for t in targets.values() if t.startswith("pipe:")]
-        own_pipe = f"pipe:[{os.fstat(read_end).st_ino}]"
-        assert own_pipe not in pipes
-        os.set_blocking(read_end, False)
-        assert os.read(read_end, 1) == b""  # EOF: nobody else holds the write end
-        with FileLock(bundle.edit_lock, "the VM"):  # LockBusy if the child kept it
-            pass
+        assert facts["pipe"] not in targets.values()
         if mode == "fork":
             assert Path(f"/proc/{pid}/comm").read_text().strip() == PROCESS_NAME[:15]
-            assert _parent_of(pid) != os.getpid()
+            assert _parent_of(pid) != facts["caller"]
         assert "QEMU started" in bundle.supervisor_log.read_text()
     finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
         control.stop_vm("detached", force=True)
-    out, err = capfd.readouterr()
-    assert "secvf.runtime.supervisor" not in out + err
-
-
-def _parent_of(pid: int) -> int:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return int(text.rsplit(")", 1)[1].split()[1])
 
 
 def test_a_forced_fork_from_a_threaded_caller_fails_before_anything_starts(
