@@ -147,6 +147,8 @@ def test_a_forced_fork_from_a_threaded_caller_fails_before_anything_starts(
     fake_vm.use_fake_qemu(tmp_path, monkeypatch.setenv)
     monkeypatch.setenv(START_ENV, "fork")
     fake_vm.make_vm("threaded", paths.ensure_private_dir(secvf_env / "files"))
+    open_before = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(ConfigError, match=START_ENV):
         control.start_vm("threaded")
     assert control.vm_status("threaded")["state"] == "stopped"
+    assert sorted(os.listdir("/proc/self/fd")) == open_before  # the report pipe is closed

@@ -153,12 +153,12 @@ def _spawn_supervisor(bundle: Bundle, name: str, accel: str | None,
                       restore: Path | None, save_template: Path | None) -> Started | StartFailed:
     read_fd, write_fd = os.pipe()
     try:
-        with bundle.supervisor_log.open("ab") as out:
-            start_supervisor(name, report_fd=write_fd, log=out, accel=accel, restore=restore,
-                             save_template=save_template)
-    finally:
-        os.close(write_fd)
-    try:
+        try:
+            with bundle.supervisor_log.open("ab") as out:
+                start_supervisor(name, report_fd=write_fd, log=out, accel=accel,
+                                 restore=restore, save_template=save_template)
+        finally:
+            os.close(write_fd)  # the supervisor has its own copy
         data, timed_out = _read_report(read_fd, START_REPORT_TIMEOUT_S)
     finally:
         os.close(read_fd)
