@@ -32,7 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from secvf.errors import ConfigError, ImageBuildFailed, NotFound, StateError
-from secvf.image.recipe import SHORT_HASH_LEN
+from secvf.image.recipe import RECIPES, SHORT_HASH_LEN, recipe_hash
 from secvf.store import paths
 
 MANIFEST = "image.json"
@@ -187,8 +187,6 @@ def get_image(name: str) -> ImageInfo:
 def current_recipe_hash(name: str) -> str | None:
     """The hash of the built-in recipe ``name`` as it is now (None: no such recipe, or
     one of its files is missing)."""
-    from secvf.image.recipe import RECIPES, recipe_hash  # the recipes: only to compare
-
     recipe = RECIPES.get(name)
     if recipe is None:
         return None

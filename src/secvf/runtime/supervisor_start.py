@@ -126,10 +126,10 @@ def choose_mode() -> StartMode:
 
 def start_supervisor(name: str, *, report_fd: int, log: BinaryIO, accel: str | None = None,
                      restore: Path | None = None,
-                     save_template: Path | None = None) -> StartMode:
-    """Start the supervisor of VM ``name`` detached, its output appended to ``log``; it
-    writes its start report to ``report_fd`` (the caller closes its own copy after
-    this returns). Returns how it was started.
+                     save_template: Path | None = None) -> None:
+    """Start the supervisor of VM ``name`` detached (forked or a fresh interpreter, as
+    :func:`choose_mode` says), its output appended to ``log``; it writes its start
+    report to ``report_fd`` (the caller closes its own copy after this returns).
 
     Raises:
         ConfigError: ``$SECVF_SUPERVISOR_START`` is invalid or cannot be honoured.
@@ -147,16 +147,19 @@ def start_supervisor(name: str, *, report_fd: int, log: BinaryIO, accel: str | N
             argv += ["--accel", accel]
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          pass_fds=(report_fd,), start_new_session=True, close_fds=True)
-        return mode
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or odd stream is not ours to fix
-            stream.flush()
+        return
+    _flush_stdio()  # what is buffered now is the caller's to write, once
     middle = os.fork()
     if middle == 0:
         _middle_process(name, report_fd=report_fd, log_fd=log.fileno(), accel=accel,
                         restore=restore, save_template=save_template)
     os.waitpid(middle, 0)
-    return mode
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or odd stream is not ours to fix
+            stream.flush()
 
 
 def _middle_process(name: str, *, report_fd: int, log_fd: int, accel: str | None,
@@ -196,9 +199,7 @@ def _supervisor_process(name: str, *, report_fd: int, log_fd: int, accel: str | 
         with contextlib.suppress(Exception):
             traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_stdio()
         os._exit(code)
 
 
