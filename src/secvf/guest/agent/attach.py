@@ -53,9 +53,7 @@ class AttachTask:
             DetachedRefused: ``not_found`` or ``limit_reached`` (sent as detached_error).
         """
         self.process = self.session.agent.detached.attach(self.request["id"])
-        threading.Thread(
-            target=self._bh_follow, name=f"attach-{self.stream_id}", daemon=True
-        ).start()
+        self.session.agent.workers.run(self._bh_follow)
 
     def _bh_follow(self) -> None:
         process = self.process

@@ -21,7 +21,7 @@ from secvf.exec import protocol
 from secvf.guest.agent.connection import ConnectionGone
 from secvf.guest.agent.errors import RequestFailed
 from secvf.guest.agent.identity import Identity, call_as, default_cwd, resolve_identity
-from secvf.guest.agent.process_groups import terminate_group
+from secvf.guest.agent.process_groups import ForkMark, terminate_group
 from secvf.guest.agent.spawner import ChildProcess, SpawnerFailed
 
 log = logging.getLogger("secvf.agent")
@@ -161,6 +161,9 @@ class ExecTask:
         self._pump_done = threading.Event()
         self._pump_buffer = memoryview(bytearray(protocol.DATA_CHUNK_BYTES))  # see _pump_one
         self._drain_until: float | None = None
+        #: Taken just before the command starts (what the group sweep reads: see
+        #: :mod:`secvf.guest.agent.process_groups`).
+        self._fork_mark: ForkMark | None = None
         self.started_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -200,13 +203,12 @@ class ExecTask:
             raise RequestFailed(
                 "bad_cwd", f"working directory {cwd} does not exist", errno.ENOENT, "chdir"
             )
+        self._fork_mark = ForkMark.now()
         if identity.is_self or req["tty"] or not self._spawn_as(argv, identity, env, cwd):
             _check_cwd_access(identity, cwd)
             self._spawn(argv, identity, env, cwd)
-        threading.Thread(target=self._bh_pump, name=f"pump-{self.stream_id}", daemon=True).start()
-        threading.Thread(
-            target=self._bh_supervise, name=f"supervise-{self.stream_id}", daemon=True
-        ).start()
+        self.agent.workers.run(self._bh_pump)
+        self.agent.workers.run(self._bh_supervise)
 
     def _spawn_as(self, argv: list[str], identity: Identity, env: dict[str, str],
                   cwd: str) -> bool:
@@ -436,7 +438,7 @@ class ExecTask:
         finally:
             os.close(pidfd)
         self.state = TaskState.ENDING
-        terminate_group(proc.pid)
+        terminate_group(proc.pid, self._fork_mark)
         self._finish(proc.wait(), timed_out, cancelled)
 
     def _finish(self, returncode: int, timed_out: bool, cancelled: bool) -> None:

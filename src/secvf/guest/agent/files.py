@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import threading
@@ -153,9 +154,7 @@ class DownloadTask:
         self.session.conn.message(
             "download_start", self.stream_id, path=path, size=info.st_size, mode=mode
         )
-        threading.Thread(
-            target=self._bh_send, args=(fd,), name=f"download-{self.stream_id}", daemon=True
-        ).start()
+        self.session.agent.workers.run(functools.partial(self._bh_send, fd))
 
     def _bh_send(self, fd: int) -> None:
         sent = 0

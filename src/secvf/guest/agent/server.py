@@ -1,7 +1,8 @@
-"""The listening agent: accepts connections and serves each in its own session thread."""
+"""The listening agent: accepts connections and serves each on a worker thread of its own."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -17,6 +18,7 @@ from secvf.guest.agent.identity import login_users
 from secvf.guest.agent.restore import Restorer
 from secvf.guest.agent.session import Session
 from secvf.guest.agent.spawner import Spawners
+from secvf.guest.agent.workers import Workers
 
 DEFAULT_USER = "agent"
 MAX_SESSIONS = 64
@@ -27,7 +29,7 @@ log = logging.getLogger("secvf.agent")
 
 
 class Agent:
-    """The listening agent: accepts connections and runs one Session thread each."""
+    """The listening agent: accepts connections and runs one Session on a worker each."""
 
     def __init__(
         self,
@@ -46,6 +48,8 @@ class Agent:
         self.spawners = Spawners()
         #: Background processes (exec ``detach``): they outlive the sessions.
         self.detached = DetachedRegistry()
+        #: The threads sessions, commands and transfers run on (reused).
+        self.workers = Workers()
         self.keepalive_interval_s = keepalive_interval_s
         self.started_at = time.monotonic()
         self._slots = threading.BoundedSemaphore(max_sessions)
@@ -64,9 +68,7 @@ class Agent:
             if not self._slots.acquire(blocking=False):
                 self._refuse(sock)
                 continue
-            threading.Thread(
-                target=self._run_session, args=(sock, self._count), name=f"session-{self._count}"
-            ).start()
+            self.workers.run(functools.partial(self._run_session, sock, self._count))
 
     def _refuse(self, sock: socket.socket) -> None:
         try:

@@ -169,7 +169,7 @@ class Session:
         )
         self.conn.sock.settimeout(None)
         self.state = SessionState.READY
-        threading.Thread(target=self._bh_keepalive, name=f"keepalive-s{self.number}").start()
+        self.agent.workers.run(self._bh_keepalive)
 
     def _handle_message(self, msg: protocol.Message) -> None:
         if msg.name in _OPENERS or msg.name in _DETACH_OPENERS:
