@@ -209,11 +209,15 @@ class Spawner:
             raise SpawnerFailed(f"the spawner's pid {pid!r} is not a process id")
         try:
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            with open(f"/proc/{pid}/status") as fh:
-                uid_line = next(line for line in fh if line.startswith("Uid:"))
-        except (ChildProcessError, OSError, StopIteration, TypeError) as exc:
+            fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                status = os.read(fd, 1 << 16)
+            finally:
+                os.close(fd)
+            real_uid = int(status.split(b"\nUid:", 1)[1].split(None, 1)[0])
+        except (ChildProcessError, OSError, IndexError, ValueError) as exc:
             raise SpawnerFailed(f"pid {pid!r} from the spawner is not the agent's child") from exc
-        if int(uid_line.split()[1]) != self.account.uid:
+        if real_uid != self.account.uid:
             raise SpawnerFailed(f"pid {pid} from the spawner does not run as uid "
                                 f"{self.account.uid}")
 
