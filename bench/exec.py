@@ -9,6 +9,13 @@ SecVF side (one sandbox, ``secvf sandbox create/start``):
   CLI ``secvf vm exec NAME -- true`` (includes Python start-up), fewer runs;
 * 64 MiB of stdout (``head -c 64M /dev/zero``), counted on the host.
 
+Against the guest's own floor (issue 11), same run, same sandbox: the fastest the guest
+starts and reaps ``/bin/true`` by itself (``subprocess.run``, which vforks, from a Python
+process already running as that user: ``guest_servers.py spawn-floor``), as the default
+user and as root, in batches interleaved with the SDK round trips on one open connection
+as each user; and the CLI's host overhead, ``secvf vm exec NAME -- true`` minus the SDK
+call it makes (a new connection per call), the two alternated.
+
 Throughput against the raw channel (issue 11), same run, same sandbox: the raw vsock bulk
 rate both ways, measured as ``bench/vsock.py`` does (``guest_servers.py`` sink and source
 behind the hybrid socket's ``CONNECT <port>``), beside exec stdout (``head -c 64M``) and
@@ -53,6 +60,12 @@ BULK_REPEATS = 3
 CLI_RUNS = 20
 FRESH_SSH_RUNS = 5
 THROUGHPUT_REPEATS = 3
+#: The spawn floor and the round trips run in this many interleaved batches.
+FLOOR_BATCHES = 10
+#: issue 11's targets: the SDK round trip against the guest's own spawn floor (p50, p99)
+RTT_P50_TARGET, RTT_P99_TARGET = 1.25, 2.0
+#: issue 11's target: `vm exec` wall time minus the SDK call it makes, in seconds
+CLI_OVERHEAD_TARGET_S = 0.060
 #: issue 11's targets: exec stdout and stdin against the raw vsock rate of the same run
 STDOUT_TARGET, STDIN_TARGET = 0.7, 0.5
 
@@ -99,21 +112,41 @@ def _secvf_stdin(client: ExecClient) -> None:
 
 
 def _round_trips(name: str, runs: int) -> dict[str, list[float]]:
-    """``true`` round trips (SDK: fresh and reused connection; CLI)."""
-    out: dict[str, list[float]] = {}
+    """``true`` round trips (SDK: fresh and reused connection, as the default user and as
+    root; CLI) and the guest's own spawn floor for both users, in interleaved batches."""
     path = exec_socket_for(name)
+    vsock_bench.upload_guest_servers(name)
+    out: dict[str, list[float]] = {key: [] for key in (
+        "fresh", "reused", "reused_root", "floor", "floor_root", "cli", "cli_sdk")}
 
     def fresh() -> None:
         with ExecClient.connect(path) as client:
             client.run(["true"])
 
-    out["fresh"], out["reused"] = [], []
+    batch = max(1, runs // FLOOR_BATCHES)
     with ExecClient.connect(path) as client:
-        for _ in range(runs):  # interleaved, so load drifts hit both alike
-            out["fresh"].append(bl.timed(fresh))
-            out["reused"].append(bl.timed(lambda: client.run(["true"])))
-    out["cli"] = [bl.secvf("vm", "exec", name, "--", "true")[0] for _ in range(CLI_RUNS)]
+        for _ in range(FLOOR_BATCHES):  # interleaved, so load drifts hit all alike
+            out["floor"] += _spawn_floor(client, batch, None)
+            out["floor_root"] += _spawn_floor(client, batch, "root")
+            for _ in range(batch):
+                out["fresh"].append(bl.timed(fresh))
+                out["reused"].append(bl.timed(lambda: client.run(["true"])))
+                out["reused_root"].append(bl.timed(lambda: client.run(["true"], user="root")))
+    for _ in range(CLI_RUNS):  # the CLI beside the call it makes, for its host overhead
+        out["cli"].append(bl.secvf("vm", "exec", name, "--", "true")[0])
+        out["cli_sdk"].append(bl.timed(fresh))
     return out
+
+
+def _spawn_floor(client: ExecClient, runs: int, user: str | None) -> list[float]:
+    """Seconds per ``/bin/true`` started and reaped by Python inside the guest as ``user``
+    (None: the agent's default user), ``runs`` of them."""
+    result = client.run(["python3", "/tmp/guest_servers.py", "spawn-floor", str(runs)],
+                        user=user)  # fmt: skip
+    words = result.stdout.split()
+    if result.exit_code != 0 or words[:1] != [b"spawn-floor"]:
+        raise RuntimeError(f"spawn floor: {result.stderr.decode(errors='replace')}")
+    return [float(ms) / 1000 for ms in words[1:]]
 
 
 def _secvf_bulk(client: ExecClient) -> None:
@@ -238,6 +271,31 @@ def add_throughput_rows(rep: bl.Report, sec: dict[str, list[float]]) -> None:
                    "no vsock, no agent: exec stdout cannot beat this"))  # fmt: skip
 
 
+def add_floor_rows(rep: bl.Report, sec: dict[str, list[float]]) -> None:
+    """Round trips against the guest's own spawn floor, and the CLI's host overhead
+    (issue 11's targets)."""
+    for user, floor_key, rtt_key in (("agent", "floor", "reused"),
+                                     ("root", "floor_root", "reused_root")):  # fmt: skip
+        floor = bl.median(sec[floor_key])
+        rep.add(bl.Row(f"guest spawn floor as {user}: `/bin/true` by `subprocess.run` in the "
+                       f"guest, p50 / p99 (n={len(sec[floor_key])})",
+                       f"{floor * 1000:.1f} / {ms_pct(sec[floor_key], 99):.1f} ms", "", "", "",
+                       "no agent, no vsock: a round trip cannot beat this"))  # fmt: skip
+        for label, pct, target in (("p50", 50, RTT_P50_TARGET), ("p99", 99, RTT_P99_TARGET)):
+            rtt = ms_pct(sec[rtt_key], pct)
+            rep.add(bl.Row(f"`true` round trip {label} as {user}, SDK, one open connection "
+                           f"(n={len(sec[rtt_key])})", f"{rtt:.1f} ms",
+                           f"guest spawn floor p50 as {user}", f"{floor * 1000:.1f} ms",
+                           f"{rtt / (floor * 1000):.2f}× floor",
+                           f"target ≤ {target}× floor"))  # fmt: skip
+    cli, sdk = bl.median(sec["cli"]), bl.median(sec["cli_sdk"])
+    rep.add(bl.Row(f"`secvf vm exec NAME -- true` host overhead: CLI median minus the SDK "
+                   f"call it makes (new connection), alternated (n={len(sec['cli'])})",
+                   f"{(cli - sdk) * 1000:.0f} ms", "SDK `true`, new connection",
+                   f"{sdk * 1000:.1f} ms", f"CLI {cli * 1000:.0f} ms",
+                   f"target ≤ {CLI_OVERHEAD_TARGET_S * 1000:.0f} ms"))  # fmt: skip
+
+
 def add_rows(rep: bl.Report, sec: dict[str, list[float]], base: dict[str, list[float]]) -> None:
     """The result rows."""
     ssh_name, qga_name = "SSH (ControlMaster)", "qemu-guest-agent guest-exec"
@@ -310,6 +368,7 @@ def main() -> None:
     })  # fmt: skip
     add_throughput_rows(rep, sec)
     if not only:
+        add_floor_rows(rep, sec)
         add_rows(rep, sec, base)
     rep.notes += ["Ratios: '× faster'/'× higher' = SecVF better; '× slower'/'× lower' = worse."]
     rep.print()

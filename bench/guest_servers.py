@@ -11,6 +11,11 @@ reaches this process through a pipe grown to 1 MiB and read 1 MiB at a time (wha
 exec agent does with a command's stdout), as ``pipe-floor <MB/s>``: the guest's own
 limit for a command's output before any byte leaves the guest.
 
+``python3 guest_servers.py spawn-floor N`` runs ``/bin/true`` N times the fastest way the
+standard library has (``subprocess.run``, which vforks), as whoever runs it, and prints
+each run's milliseconds on one line after ``spawn-floor``: the guest's own cost of
+starting and reaping a command, the floor under an exec round trip.
+
 In ``vsock`` mode it listens on AF_VSOCK (any CID); in ``tcp`` mode on 0.0.0.0. The TCP
 baseline disk runs this file in place of the exec agent, so the guest's init starts it.
 """
@@ -107,10 +112,23 @@ def pipe_floor(nbytes):
     print(f"pipe-floor {nbytes / elapsed / 1e6:.1f}")
 
 
+def spawn_floor(runs):
+    subprocess.run(["/bin/true"], check=True)  # page cache and allocator warm
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True)
+        times.append((time.perf_counter() - begin) * 1000)
+    print("spawn-floor", " ".join(f"{t:.3f}" for t in times))
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "tcp"
     if mode == "pipe-floor":
         pipe_floor(int(sys.argv[2]))
+        return
+    if mode == "spawn-floor":
+        spawn_floor(int(sys.argv[2]))
         return
     handlers = {ECHO_PORT: echo, SINK_PORT: sink, SOURCE_PORT: source}
     threads = [

@@ -201,12 +201,9 @@ def measure(dial: Dialer, echo_runs: int, cpu_pids: dict[str, int]) -> Results:
     return Results(connect_ok, first_byte, rtts, to_guest, from_guest, par_to, par_from, wall, cpu)
 
 
-def start_guest_servers(name: str) -> tuple[Dialer, Path]:
-    """Upload ``guest_servers.py`` into running sandbox ``name``, start it on AF_VSOCK
-    (echo/sink/source) and wait until it answers; return its dialer and the hybrid socket.
-
-    The file stays at ``/tmp/guest_servers.py`` in the guest (its other modes can be run
-    with ``secvf vm exec``)."""
+def upload_guest_servers(name: str) -> None:
+    """Put ``guest_servers.py`` at ``/tmp/guest_servers.py`` in running sandbox ``name``
+    (readable by every guest account: its modes can be run with ``secvf vm exec``)."""
     bl.secvf(
         "vm",
         "exec",
@@ -218,6 +215,15 @@ def start_guest_servers(name: str) -> tuple[Dialer, Path]:
         "cat > /tmp/guest_servers.py",
         input_bytes=SERVERS.read_bytes(),
     )
+
+
+def start_guest_servers(name: str) -> tuple[Dialer, Path]:
+    """Upload ``guest_servers.py`` into running sandbox ``name``, start it on AF_VSOCK
+    (echo/sink/source) and wait until it answers; return its dialer and the hybrid socket.
+
+    The file stays at ``/tmp/guest_servers.py`` in the guest (see
+    :func:`upload_guest_servers`)."""
+    upload_guest_servers(name)
     # The agent kills what is left in the command's session when it exits, so wait until
     # the servers (in a session of their own) are listening before letting `sh` exit.
     bl.secvf(
