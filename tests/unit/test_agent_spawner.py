@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from secvf.exec import CommandStartFailed, ExecClient
 from secvf.guest.agent.spawner import Account, Spawner, SpawnerFailed, process_source
+from secvf.guest.agent.spawner_process import program_candidates
 from secvf.testing.agent import AgentProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -128,3 +131,63 @@ def test_the_spawner_source_is_self_contained() -> None:
     namespace: dict[str, object] = {}
     exec(compile(source, "secvf-spawner", "exec"), namespace)
     assert callable(namespace["serve"])
+
+
+def test_a_command_starts_with_default_signals_and_an_empty_mask(client):
+    status = client.run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], user="nobody",
+                        cwd="/").stdout.decode()
+    assert status.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]  # SIGPIPE not ignored
+
+
+def test_the_spawner_puts_its_own_stdio_back_after_each_command(client):
+    client.run(["true"], user="nobody", cwd="/")
+    (spawner,) = spawners_of(agent_pid_of(client))
+    assert client.run(["sh", "-c", "echo hi"], user="nobody", cwd="/").stdout == b"hi\n"
+    before = [os.readlink(f"/proc/{spawner}/fd/{fd}") for fd in (0, 1, 2)]
+    assert before[:2] == [os.devnull, os.devnull]
+    assert client.run(["cat"], user="nobody", cwd="/", stdin=b"z").stdout == b"z"
+    assert [os.readlink(f"/proc/{spawner}/fd/{fd}") for fd in (0, 1, 2)] == before
+
+
+def test_program_lookup_skips_what_the_account_cannot_run(tmp_path):
+    first, second, empty = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for directory in (first, second, empty):
+        directory.mkdir()
+    (first / "tool").write_text("#!/bin/sh\n")  # not executable
+    (first / "dir").mkdir()  # a directory is never a program
+    for name in ("tool", "dir"):
+        (second / name).write_text("#!/bin/sh\n")
+        (second / name).chmod(0o755)
+    env = {"PATH": f"{empty}:{first}:{second}"}
+    assert program_candidates("tool", env) == [str(second / "tool")]
+    assert program_candidates("dir", env) == [str(second / "dir")]
+    assert program_candidates("nothing", env) == [str(d / "nothing") for d in (empty, first,
+                                                                              second)]
+    assert program_candidates("./x/tool", env) == ["./x/tool"]
+    assert program_candidates("tool", {"PATH": f":{second}"}) == [str(second / "tool")]
+
+
+def test_a_later_path_entry_runs_when_an_earlier_one_is_not_executable(client):
+    # pytest's tmp_path lies under a root-only directory: the account needs a path it can walk
+    shared = Path(tempfile.mkdtemp(prefix="secvf-spawner-test-"))
+    shared.chmod(0o755)
+    try:
+        _later_path_entry_runs(client, shared)
+    finally:
+        shutil.rmtree(shared)
+
+
+def _later_path_entry_runs(client: ExecClient, shared: Path) -> None:
+    first, second = shared / "a", shared / "b"
+    for directory in (first, second):
+        directory.mkdir(mode=0o755)
+    (first / "tool").write_text("#!/bin/sh\necho first\n")
+    (second / "tool").write_text("#!/bin/sh\necho second\n")
+    (second / "tool").chmod(0o755)
+    result = client.run(["tool"], user="nobody", cwd="/",
+                        env={"PATH": f"{first}:{second}:/usr/bin:/bin"})
+    assert result.stdout == b"second\n"
+    (second / "tool").chmod(0o644)
+    with pytest.raises(CommandStartFailed) as info:
+        client.run(["tool"], user="nobody", cwd="/", env={"PATH": f"{first}:{second}"})
+    assert info.value.errno_name == "EACCES"  # as execvpe reports it
