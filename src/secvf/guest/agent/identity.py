@@ -41,24 +41,23 @@ class Identity:
 def resolve_identity(name: str) -> Identity:
     """Look up ``name`` and check the agent may act as it.
 
+    A look-up is kept while :data:`ACCOUNT_FILES` are unchanged (same inode, size,
+    modification and change times), so an account added, changed or removed in the
+    guest is seen by the next request; SecVF's images take accounts from those files
+    only (NSS ``files``).
+
     Raises:
         RequestFailed: unknown account (``unknown_user``), or the agent is not root and
             ``name`` is another account (``permission_denied``, stage ``switch_user``).
     """
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise RequestFailed(
-            "unknown_user", f"no such user: {name!r}", stage="switch_user"
-        ) from None
-    identity = Identity(
-        name=entry.pw_name,
-        uid=entry.pw_uid,
-        gid=entry.pw_gid,
-        groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)),
-        home=entry.pw_dir,
-        shell=entry.pw_shell or "/bin/sh",
-    )
+    files = _account_files_state()
+    cached = _looked_up.get(name)
+    if files is not None and cached is not None and cached[0] == files:
+        identity = cached[1]
+    else:
+        identity = _look_up(name)
+        if files is not None:
+            _looked_up[name] = (files, identity)
     if not identity.is_self and os.geteuid() != 0:
         raise RequestFailed(
             "permission_denied",
@@ -67,6 +66,36 @@ def resolve_identity(name: str) -> Identity:
             "switch_user",
         )
     return identity
+
+
+#: What an account look-up reads (see :func:`resolve_identity`).
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+_looked_up: dict[str, tuple[tuple[tuple[int, ...], ...], Identity]] = {}
+
+
+def _account_files_state() -> tuple[tuple[int, ...], ...] | None:
+    try:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                     for st in map(os.stat, ACCOUNT_FILES))
+    except OSError:
+        return None  # nothing to compare with: look up every time
+
+
+def _look_up(name: str) -> Identity:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise RequestFailed(
+            "unknown_user", f"no such user: {name!r}", stage="switch_user"
+        ) from None
+    return Identity(
+        name=entry.pw_name,
+        uid=entry.pw_uid,
+        gid=entry.pw_gid,
+        groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)),
+        home=entry.pw_dir,
+        shell=entry.pw_shell or "/bin/sh",
+    )
 
 
 def default_cwd(identity: Identity) -> str:
