@@ -1,5 +1,5 @@
-"""Commands as another account start through that account's spawner (real agent, real
-spawner process, on the host as root)."""
+"""Commands as another account start from that account's spawner thread (real agent, on
+the host as root)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from secvf.exec import CommandStartFailed, ExecClient
-from secvf.guest.agent.spawner import Account, Spawner, SpawnerFailed, process_source
-from secvf.guest.agent.spawner_process import program_candidates
+from secvf.guest.agent import spawner as spawner_module
+from secvf.guest.agent.spawner import Account, Spawner, SpawnerFailed
 from secvf.testing.agent import AgentProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -35,21 +36,12 @@ def client(agent):
         yield connected
 
 
-def spawners_of(agent_pid: int) -> list[int]:
-    """Pids of the agent's children that run the spawner (by their command line)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-        except OSError:
-            continue
-        if ppid == agent_pid and b"secvf-spawner" in cmdline:
-            found.append(int(entry))
+def thread_uids(pid: int) -> dict[int, int]:
+    """Real uid of each thread of ``pid`` (by thread id)."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as fh:
+            found[int(tid)] = int(next(line for line in fh if line.startswith("Uid:")).split()[1])
     return found
 
 
@@ -58,19 +50,29 @@ def agent_pid_of(client: ExecClient) -> int:
     return int(client.run("echo $PPID", user="root").stdout)
 
 
-def test_a_command_as_another_account_comes_from_its_spawner_and_is_the_agents_child(client):
+def test_a_command_as_another_account_comes_from_its_spawner_thread_as_the_agents_child(
+        client):
     agent_pid = agent_pid_of(client)
-    result = client.run("id -u; echo $PPID; cat /proc/$PPID/status | grep ^Uid", user="nobody",
-                        cwd="/")
-    uid, parent, uid_line = result.stdout.decode().split("\n", 2)
+    result = client.run("id -u; echo $PPID; grep -E '^(Uid|Gid|CapEff)' /proc/self/status",
+                        user="nobody", cwd="/")
+    uid, parent, status = result.stdout.decode().split("\n", 2)
     assert (int(uid), int(parent)) == (NOBODY.pw_uid, agent_pid)  # its parent is the agent
-    assert uid_line.split()[1] == "0"
-    spawners = spawners_of(agent_pid)
-    assert len(spawners) == 1
-    with open(f"/proc/{spawners[0]}/status") as fh:
-        assert f"Uid:\t{NOBODY.pw_uid}" in fh.read()
+    assert status.split() == ["Uid:", *[str(NOBODY.pw_uid)] * 4,
+                              "Gid:", *[str(NOBODY.pw_gid)] * 4, "CapEff:", "0" * 16]
+    threads = thread_uids(agent_pid)
+    assert threads[agent_pid] == 0  # the agent itself stays root
+    (spawner,) = [tid for tid, tuid in threads.items() if tuid == NOBODY.pw_uid]
     client.run(["true"], user="nobody", cwd="/")
-    assert spawners_of(agent_pid) == spawners  # started once, then reused
+    assert [t for t, u in thread_uids(agent_pid).items() if u == NOBODY.pw_uid] == [spawner]
+
+
+def test_the_account_cannot_read_the_agents_memory_or_environment(client):
+    agent_pid = agent_pid_of(client)
+    client.run(["true"], user="nobody", cwd="/")  # the spawner thread exists now
+    for name in ("environ", "mem", "maps"):
+        probe = client.run(["sh", "-c", f"cat /proc/{agent_pid}/{name} >/dev/null"],
+                           user="nobody", cwd="/")
+        assert probe.exit_code != 0 and b"ermission denied" in probe.stderr, name
 
 
 def test_exit_codes_signals_stdin_and_path_lookup_through_the_spawner(client):
@@ -96,75 +98,52 @@ def test_a_directory_the_account_cannot_enter_fails_as_the_account(client, tmp_p
     assert client.run(["true"], user="nobody", cwd="/").exit_code == 0
 
 
-def test_a_killed_spawner_loses_no_exit_status_and_is_started_again(client, agent):
-    agent_pid = agent_pid_of(client)
-    client.run(["true"], user="nobody", cwd="/")
-    (first,) = spawners_of(agent_pid)
-    results = {}
+def test_a_spawner_in_this_process_leaves_the_calling_thread_root() -> None:
+    spawner = Spawner(Account(NOBODY.pw_uid, NOBODY.pw_gid, (NOBODY.pw_gid,)))
+    read_end, write_end = os.pipe()
+    try:
+        proc = spawner.spawn(["id", "-u"], {"PATH": "/usr/bin:/bin"}, "/",
+                             (subprocess.DEVNULL, write_end, write_end))
+        os.close(write_end)
+        assert proc.wait() == 0 and int(os.read(read_end, 100)) == NOBODY.pw_uid
+        assert proc.pid not in thread_uids(os.getpid())  # a process of its own
+        assert thread_uids(os.getpid())[threading.get_native_id()] == 0
+        assert os.getuid() == 0 and os.geteuid() == 0
+        with pytest.raises(OSError) as info:
+            spawner.spawn(["true"], {}, "/no/such/dir", (0, 1, 2))
+        assert info.value.filename == "/no/such/dir"
+    finally:
+        os.close(read_end)
+        spawner.close()
+    assert _eventually(lambda: NOBODY.pw_uid not in thread_uids(os.getpid()).values())
 
-    def slow() -> None:
-        with ExecClient.connect(agent.socket_path, timeout=5) as other:
-            results["slow"] = other.run(["sh", "-c", "sleep 1; exit 5"], user="nobody", cwd="/")
 
-    runner = threading.Thread(target=slow)
-    runner.start()
-    time.sleep(0.3)
-    # the account kills its own spawner while one of its commands runs
-    client.run(["kill", "-KILL", str(first)], user="nobody", cwd="/")
-    runner.join(10)
-    assert results["slow"].exit_code == 5  # the command was the agent's child all along
-    assert client.run(["true"], user="nobody", cwd="/").exit_code == 0
-    assert spawners_of(agent_pid) not in ([], [first])
-
-
-def test_a_reply_naming_a_process_that_is_not_the_agents_child_is_refused() -> None:
+def test_a_thread_that_cannot_become_the_account_refuses_every_job(monkeypatch) -> None:
+    monkeypatch.setattr(spawner_module, "CREDENTIAL_CALLS", {})
     spawner = Spawner(Account(NOBODY.pw_uid, NOBODY.pw_gid, ()))
-    for pid in (1, os.getppid(), -5, "12", True):
-        with pytest.raises(SpawnerFailed):
-            spawner._check_child(pid)  # type: ignore[arg-type]
+    for attempt in (spawner.start, lambda: spawner.spawn(["true"], {}, "/", (0, 1, 2))):
+        with pytest.raises(SpawnerFailed, match="cannot run as uid"):
+            attempt()
 
 
-def test_the_spawner_source_is_self_contained() -> None:
-    """The spawner runs the module's source alone: nothing from secvf may be imported."""
-    source = process_source()
-    assert "import secvf" not in source and "from secvf" not in source
-    namespace: dict[str, object] = {}
-    exec(compile(source, "secvf-spawner", "exec"), namespace)
-    assert callable(namespace["serve"])
+def test_credentials_that_are_not_the_accounts_are_refused() -> None:
+    with pytest.raises(OSError, match="not the account's"):
+        spawner_module._check_credentials(Account(NOBODY.pw_uid, NOBODY.pw_gid, ()))
+
+
+def _eventually(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_a_command_starts_with_default_signals_and_an_empty_mask(client):
     status = client.run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], user="nobody",
                         cwd="/").stdout.decode()
     assert status.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]  # SIGPIPE not ignored
-
-
-def test_the_spawner_puts_its_own_stdio_back_after_each_command(client):
-    client.run(["true"], user="nobody", cwd="/")
-    (spawner,) = spawners_of(agent_pid_of(client))
-    assert client.run(["sh", "-c", "echo hi"], user="nobody", cwd="/").stdout == b"hi\n"
-    before = [os.readlink(f"/proc/{spawner}/fd/{fd}") for fd in (0, 1, 2)]
-    assert before[:2] == [os.devnull, os.devnull]
-    assert client.run(["cat"], user="nobody", cwd="/", stdin=b"z").stdout == b"z"
-    assert [os.readlink(f"/proc/{spawner}/fd/{fd}") for fd in (0, 1, 2)] == before
-
-
-def test_program_lookup_skips_what_the_account_cannot_run(tmp_path):
-    first, second, empty = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for directory in (first, second, empty):
-        directory.mkdir()
-    (first / "tool").write_text("#!/bin/sh\n")  # not executable
-    (first / "dir").mkdir()  # a directory is never a program
-    for name in ("tool", "dir"):
-        (second / name).write_text("#!/bin/sh\n")
-        (second / name).chmod(0o755)
-    env = {"PATH": f"{empty}:{first}:{second}"}
-    assert program_candidates("tool", env) == [str(second / "tool")]
-    assert program_candidates("dir", env) == [str(second / "dir")]
-    assert program_candidates("nothing", env) == [str(d / "nothing") for d in (empty, first,
-                                                                              second)]
-    assert program_candidates("./x/tool", env) == ["./x/tool"]
-    assert program_candidates("tool", {"PATH": f":{second}"}) == [str(second / "tool")]
 
 
 def test_a_later_path_entry_runs_when_an_earlier_one_is_not_executable(client):

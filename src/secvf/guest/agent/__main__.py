@@ -27,6 +27,7 @@ from secvf.guest.agent.server import (
     listen_vsock,
     listen_vsock_retrying,
 )
+from secvf.guest.agent.spawner import SpawnerFailed
 
 #: What the agent writes to init's ready FIFO once it listens.
 AGENT_READY_LINE = "agent"
@@ -126,7 +127,7 @@ def start_default_spawner(agent: Agent) -> None:
         identity = resolve_identity(agent.default_user)
         if not identity.is_self:
             agent.spawners.for_account(identity.account).start()
-    except (RequestFailed, OSError) as exc:
+    except (RequestFailed, SpawnerFailed) as exc:
         log.warning("no spawner for %s: %s", agent.default_user, exc)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import functools
 import logging
 import os
 import pty
@@ -15,6 +16,7 @@ import subprocess
 import termios
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from secvf.exec import protocol
@@ -22,7 +24,7 @@ from secvf.guest.agent.connection import ConnectionGone
 from secvf.guest.agent.errors import RequestFailed
 from secvf.guest.agent.identity import Identity, call_as, default_cwd, resolve_identity
 from secvf.guest.agent.process_groups import ForkMark, terminate_group
-from secvf.guest.agent.spawner import ChildProcess, SpawnerFailed
+from secvf.guest.agent.spawner import SpawnerFailed
 
 log = logging.getLogger("secvf.agent")
 
@@ -147,7 +149,7 @@ class ExecTask:
         self.stream_id = stream_id
         self.request = request
         self.state = TaskState.RUNNING
-        self.proc: subprocess.Popen[bytes] | ChildProcess | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.tty_fd: int | None = None  # PTY master (tty mode)
         self.stdin_fd: int | None = None  # our end of the child's stdin
         self.output_fds: dict[int, protocol.FrameType] = {}
@@ -212,49 +214,56 @@ class ExecTask:
 
     def _spawn_as(self, argv: list[str], identity: Identity, env: dict[str, str],
                   cwd: str) -> bool:
-        """Start the command through ``identity``'s spawner (a pipe command as another
+        """Start the command from ``identity``'s spawner (a pipe command as another
         account: see :mod:`secvf.guest.agent.spawner`); False if the spawner is unusable
         (the caller starts it itself then).
 
         Raises:
             RequestFailed: the command could not start.
         """
-        kwargs: dict[str, Any] = {}
-        child_fds = self._prepare_pipes(kwargs)
-        devnull = -1
+        spawner = self.agent.spawners.for_account(identity.account)
+
+        def launch(kwargs: dict[str, Any]) -> subprocess.Popen[bytes]:
+            stdio = (kwargs["stdin"], kwargs["stdout"], kwargs["stderr"])
+            return spawner.spawn(argv, env, cwd, stdio)
+
         try:
-            stdin = kwargs["stdin"]
-            if stdin == subprocess.DEVNULL:
-                stdin = devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            spawner = self.agent.spawners.for_account(identity.account)
-            self.proc = spawner.spawn(argv, env, cwd, (stdin, kwargs["stdout"], kwargs["stderr"]))
+            self._start_child({}, self._prepare_pipes, launch, argv[0], cwd)
         except SpawnerFailed as exc:
             log.warning("exec: %s; starting the command from the agent", exc)
             self._drop_pipes()
             return False
-        except OSError as exc:
-            self._close_own_fds()
-            raise _start_failure(exc, argv[0], cwd) from exc
-        finally:
-            for fd in [*child_fds, devnull]:
-                if fd >= 0:
-                    os.close(fd)
         return True
 
     def _spawn(self, argv: list[str], identity: Identity, env: dict[str, str], cwd: str) -> None:
         kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "start_new_session": True}
         if not identity.is_self:
             kwargs.update(user=identity.uid, group=identity.gid, extra_groups=identity.groups)
+        if self.request["tty"]:
+            prepare: Callable[[dict[str, Any]], list[int]] = functools.partial(
+                self._prepare_tty, identity)
+        else:
+            prepare = self._prepare_pipes
+        self._start_child(kwargs, prepare, lambda kw: subprocess.Popen(argv, **kw), argv[0], cwd)
+
+    def _start_child(self, kwargs: dict[str, Any],
+                     prepare: Callable[[dict[str, Any]], list[int]],
+                     launch: Callable[[dict[str, Any]], subprocess.Popen[bytes]],
+                     program: str, cwd: str) -> None:
+        """Make the command's descriptors (``prepare`` fills ``kwargs`` and returns the
+        child's ends), start it (``self.proc = launch(kwargs)``), close the child's ends.
+
+        Raises:
+            RequestFailed: it could not start (every descriptor of the task is closed).
+            SpawnerFailed: from a spawner (the task's own descriptors stay open).
+        """
         child_fds: list[int] = []
         try:
-            if self.request["tty"]:
-                child_fds = self._prepare_tty(identity, kwargs)
-            else:
-                child_fds = self._prepare_pipes(kwargs)
-            self.proc = subprocess.Popen(argv, **kwargs)
+            child_fds = prepare(kwargs)
+            self.proc = launch(kwargs)
         except OSError as exc:
             self._close_own_fds()
-            raise _start_failure(exc, argv[0], cwd) from exc
+            raise _start_failure(exc, program, cwd) from exc
         except (ValueError, TypeError) as exc:
             self._close_own_fds()
             raise RequestFailed("invalid_request", str(exc)) from exc

@@ -1,64 +1,54 @@
-"""Starting another account's commands without forking the agent: one spawner per account.
+"""Starting another account's commands without forking the agent: one thread per account.
 
-The agent runs as root and most commands run as the sandbox user. Forking the agent to
-switch user is slow under TCG (its page tables are copied, and CPython cannot vfork when
-it must change credentials), so each account gets a **spawner**: a small Python process
-started once, already running as that account, that starts the account's commands.
+The agent runs as root and most commands run as the sandbox user. CPython cannot vfork
+when the child must change credentials, so a command started with ``Popen(user=...)``
+forks the agent, whose page tables are copied: slow under TCG. On Linux, credentials
+belong to a thread, not to the process, and the raw ``setresuid`` family of system
+calls changes only the calling thread's (glibc's wrappers change every thread's). So
+each account in use gets a **spawner**: a thread of the agent that has made itself that
+account for good, and that starts the account's commands with a plain
+:class:`subprocess.Popen`, which vforks from a thread already running as the account.
 
-* **The command is the agent's child.** The spawner starts it with
-  ``clone(CLONE_PARENT)``: its parent is the agent, which waits for it, signals its
-  process group and reads its exit status exactly as for a command it started itself.
-  Nothing is lost when a spawner dies (the account may kill its own spawner): the next
-  request starts a new one.
-* **Access is the account's own.** The spawner changes into the working directory
-  itself, so a directory the account may not enter fails with the account's
-  ``EACCES`` (no check by the root agent in its place), and the program is looked up
-  along the request's ``PATH`` with the account's rights.
-* **The agent trusts nothing the spawner says.** The account can ptrace or replace
-  its spawner, so a reply is only a claim: the agent accepts a pid only if it is its
-  own child (``waitid(WNOWAIT)``) running as the account.
-
-Wire format (one ``socketpair``): a request is ``len(4 bytes) + JSON`` ``{"argv",
-"env", "cwd"}`` with the command's stdin, stdout and stderr attached (SCM_RIGHTS); the
-reply is ``len + JSON``: ``{"pid": N}`` or ``{"errno": E, "stage": "chdir"|"exec",
-"pid": N|None}`` (a command that could not exec still exited: the agent reaps it).
+* **The command is the agent's child**, started the way a root command is: the agent
+  waits for it, signals its process group and reads its exit status as for any other.
+* **Access is the account's own.** The child changes into the working directory and
+  looks the program up along the request's ``PATH`` with the account's rights, so a
+  directory the account may not enter fails with the account's ``EACCES``.
+* **What the thread is.** Its real, effective and saved ids and its supplementary groups
+  are the account's and it has no capabilities (checked in ``/proc/thread-self/status``
+  before it starts anything; a thread whose switch failed ends). It runs nothing but
+  ``Popen`` for its account. Changing ids makes the kernel mark the agent non-dumpable,
+  so the account cannot ptrace the agent or read its memory or environment.
+* **What the account can do to it**: signal that thread or lower the agent's resource
+  limits (both name a thread), so the account can stop or end the agent, as it could
+  already by exhausting the guest's memory or pids; init starts an agent that exited
+  again. It cannot gain root through it: nothing of the thread is root any more.
 
 Standard library only (the agent runs in minimal guests).
 """
 
 from __future__ import annotations
 
-import inspect
-import json
+import ctypes
 import logging
 import os
-import socket
-import struct
+import queue
 import subprocess
-import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from secvf.guest.agent import spawner_process
-from secvf.guest.agent.spawner_process import ProtocolBroken, read_message
 
 log = logging.getLogger("secvf.agent")
 
 #: Most spawners kept at once (one per account in use); the oldest is stopped first.
 MAX_SPAWNERS = 8
-#: How long a spawner may take to answer one request (it never waits for a command).
-REPLY_TIMEOUT_S = 30.0
-#: How long a spawner gets to exit once its socket is closed, before it is killed.
-STOP_GRACE_S = 1.0
-#: The spawner's command line: read the process module's source from stdin, serve the
-#: socket whose fd is the first argument.
-SPAWNER_BOOT = ("import sys; exec(compile(sys.stdin.read(), 'secvf-spawner', 'exec')); "
-                "serve(int(sys.argv[1]))")
+#: The per-thread credential system calls: (setgroups, setresgid, setresuid).
+CREDENTIAL_CALLS = {"x86_64": (116, 119, 117), "aarch64": (159, 149, 147)}
 
 
 class SpawnerFailed(Exception):
-    """The spawner could not be reached or broke the protocol (the caller falls back)."""
+    """The spawner thread could not become its account (the caller falls back)."""
 
 
 @dataclass(frozen=True)
@@ -70,156 +60,129 @@ class Account:
     groups: tuple[int, ...]
 
 
-class ChildProcess:
-    """A command the spawner started as the agent's child: the part of
-    :class:`subprocess.Popen` the agent uses (``pid``, ``poll``, ``wait``,
-    ``returncode``)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        """The exit code (negative: the signal) if the command has ended, else None."""
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        """Wait for the command to end; its exit code."""
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+_Job = Callable[[], Any]
 
 
 class Spawner:
-    """The agent's end of one account's spawner (started on first use, restarted if it
-    died). Thread-safe: one request at a time."""
+    """One account's spawner thread (started on first use). Thread-safe."""
 
     def __init__(self, account: Account) -> None:
         self.account = account
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._jobs: queue.SimpleQueue[tuple[_Job, Any] | None] | None = None
+        self._failure: str | None = None
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str,
-              fds: tuple[int, int, int]) -> ChildProcess:
-        """Start ``argv`` as the account in ``cwd`` with ``fds`` as stdin/stdout/stderr.
+              fds: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` as the account in ``cwd`` with ``fds`` as stdin/stdout/stderr,
+        in a new session (as :class:`subprocess.Popen` would).
 
         Raises:
             OSError: the command could not start (``filename`` is ``cwd`` when the
                 directory could not be entered, else the program).
-            SpawnerFailed: the spawner is unusable (started afresh next time).
+            SpawnerFailed: the thread could not become the account.
         """
-        request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
-        with self._lock:
-            try:
-                reply = self._exchange(request, fds)
-            except (OSError, ValueError, ProtocolBroken, SpawnerFailed) as exc:
-                self._stop()
-                raise SpawnerFailed(f"spawner for uid {self.account.uid}: {exc}") from exc
-        pid = reply.get("pid")
-        if pid is not None:
-            self._check_child(pid)  # raises unless it is the agent's child
-        code = reply.get("errno")
-        if code is None:
-            if pid is None:
-                raise SpawnerFailed("the spawner's reply has neither pid nor errno")
-            return ChildProcess(pid)
-        if pid is not None:
-            ChildProcess(pid).wait()  # it exited 127 after its exec failed
-        where = cwd if reply.get("stage") == "chdir" else argv[0]
-        raise OSError(code, os.strerror(code), where)
+        stdin, stdout, stderr = fds
+        return self._call(lambda: subprocess.Popen(
+            argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
+            start_new_session=True))
 
     def start(self) -> None:
-        """Start the spawner now if it is not running (so the first command need not).
+        """Start the thread now if it is not running (so the first command need not).
 
         Raises:
-            OSError: it could not be started.
+            SpawnerFailed: it could not become the account.
         """
-        with self._lock:
-            if self._sock is None:
-                self._start()
+        self._call(lambda: None)
 
     def close(self) -> None:
-        """Stop the spawner (its commands go on: they are the agent's)."""
+        """End the thread (its commands go on: they are the agent's)."""
         with self._lock:
-            self._stop()
+            if self._jobs is not None:
+                self._jobs.put(None)
+                self._jobs = None
 
-    def _exchange(self, request: bytes, fds: tuple[int, int, int]) -> dict[str, Any]:
-        """Send one request and read its reply; a spawner found dead when sending (it
-        cannot have seen the request) is replaced once."""
-        for attempt in (1, 2):
-            if self._sock is None:
-                self._start()
-            assert self._sock is not None
-            try:
-                socket.send_fds(self._sock, [struct.pack(">I", len(request))], list(fds))
-                break
-            except (BrokenPipeError, ConnectionResetError):
-                if attempt == 2:
-                    raise
-                log.warning("spawner for uid %d is gone; starting another", self.account.uid)
-                self._stop()
-        assert self._sock is not None
-        self._sock.sendall(request)
-        reply = json.loads(read_message(self._sock))
-        if not isinstance(reply, dict):
-            raise SpawnerFailed("the spawner's reply is not an object")
-        return reply
+    def _call(self, job: _Job) -> Any:
+        """Run ``job`` on the thread; its result, or what it raised."""
+        reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        with self._lock:
+            if self._failure is not None:
+                raise SpawnerFailed(self._failure)
+            if self._jobs is None:
+                self._jobs = self._start_thread()
+            self._jobs.put((job, reply))
+        ok, value = reply.get()
+        if ok:
+            return value
+        raise value
 
-    def _start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.settimeout(REPLY_TIMEOUT_S)
+    def _start_thread(self) -> queue.SimpleQueue[tuple[_Job, Any] | None]:
+        jobs: queue.SimpleQueue[tuple[_Job, Any] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, args=(jobs,), daemon=True,
+                         name=f"spawner-{self.account.uid}").start()
+        return jobs
+
+    def _run(self, jobs: queue.SimpleQueue[tuple[_Job, Any] | None]) -> None:
+        """The thread: become the account, then run jobs until told to end. A thread
+        that could not become the account answers every job with SpawnerFailed."""
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-S", "-I", "-c", SPAWNER_BOOT, str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], user=self.account.uid, group=self.account.gid,
-                extra_groups=list(self.account.groups), cwd="/", env={},
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
-            assert self._proc.stdin is not None
-            with self._proc.stdin:
-                self._proc.stdin.write(process_source().encode())
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self._sock = ours
-        log.info("spawner for uid %d started (pid %d)", self.account.uid, self._proc.pid)
-
-    def _stop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()  # the spawner sees EOF and exits
-            self._sock = None
-        if self._proc is not None:
+            become(self.account)
+        except OSError as exc:
+            failure = f"cannot run as uid {self.account.uid}: {exc}"
+            log.warning("spawner: %s", failure)
+            with self._lock:  # no job reaches this queue after this
+                self._failure, self._jobs = failure, None
+            while True:
+                try:
+                    item = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None:
+                    item[1].put((False, SpawnerFailed(failure)))
+        log.info("spawner for uid %d started", self.account.uid)
+        while (item := jobs.get()) is not None:
+            job, reply = item
             try:
-                self._proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+                reply.put((True, job()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                reply.put((False, exc))
 
-    def _check_child(self, pid: int) -> None:
-        """Accept ``pid`` only if it is the agent's own child running as the account."""
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            raise SpawnerFailed(f"the spawner's pid {pid!r} is not a process id")
-        try:
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                status = os.read(fd, 1 << 16)
-            finally:
-                os.close(fd)
-            real_uid = int(status.split(b"\nUid:", 1)[1].split(None, 1)[0])
-        except (ChildProcessError, OSError, IndexError, ValueError) as exc:
-            raise SpawnerFailed(f"pid {pid!r} from the spawner is not the agent's child") from exc
-        if real_uid != self.account.uid:
-            raise SpawnerFailed(f"pid {pid} from the spawner does not run as uid "
-                                f"{self.account.uid}")
+
+def become(account: Account) -> None:
+    """Make the calling thread ``account`` for good: its groups, gid and uid (real,
+    effective, saved), with the raw system calls so no other thread changes; then
+    check the kernel agrees.
+
+    Raises:
+        OSError: a call failed or the thread's credentials are not the account's (the
+            thread must then run nothing).
+    """
+    numbers = CREDENTIAL_CALLS.get(os.uname().machine)
+    if numbers is None:
+        raise OSError(f"no credential system calls known for {os.uname().machine}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    setgroups, setresgid, setresuid = numbers
+    groups = (ctypes.c_uint * len(account.groups))(*account.groups)
+    gid, uid = ctypes.c_uint(account.gid), ctypes.c_uint(account.uid)
+    for number, args in ((setgroups, (ctypes.c_size_t(len(account.groups)), groups)),
+                         (setresgid, (gid, gid, gid)), (setresuid, (uid, uid, uid))):
+        if libc.syscall(ctypes.c_long(number), *args) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    _check_credentials(account)
+
+
+def _check_credentials(account: Account) -> None:
+    """Raises OSError unless this thread's ids, groups and capabilities are exactly the
+    account's and none."""
+    with open("/proc/thread-self/status") as fh:
+        fields = dict(line.split(":", 1) for line in fh if ":" in line)
+    uids, gids = fields["Uid"].split(), fields["Gid"].split()
+    groups = sorted(int(g) for g in fields["Groups"].split())
+    if (uids != [str(account.uid)] * 4 or gids != [str(account.gid)] * 4
+            or groups != sorted(account.groups) or int(fields["CapEff"], 16)
+            or int(fields["CapPrm"], 16)):  # fmt: skip
+        raise OSError(f"thread credentials are {uids}/{gids}/{groups}, not the account's")
 
 
 class Spawners:
@@ -240,10 +203,3 @@ class Spawners:
                     self._by_account.pop(oldest).close()
             self._by_account[account] = spawner  # most recently used last
             return spawner
-
-
-
-
-def process_source() -> str:
-    """The source of :mod:`secvf.guest.agent.spawner_process` (from the zipapp too)."""
-    return inspect.getsource(spawner_process)
