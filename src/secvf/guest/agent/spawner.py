@@ -37,7 +37,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("secvf.agent")
 
@@ -61,6 +61,7 @@ class Account:
 
 
 _Job = Callable[[], Any]
+_T = TypeVar("_T")
 
 
 class Spawner:
@@ -102,7 +103,7 @@ class Spawner:
                 self._jobs.put(None)
                 self._jobs = None
 
-    def _call(self, job: _Job) -> Any:
+    def _call(self, job: Callable[[], _T]) -> _T:
         """Run ``job`` on the thread; its result, or what it raised."""
         reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         with self._lock:
@@ -113,7 +114,7 @@ class Spawner:
             self._jobs.put((job, reply))
         ok, value = reply.get()
         if ok:
-            return value
+            return value  # type: ignore[no-any-return]  # what ``job`` returned
         raise value
 
     def _start_thread(self) -> queue.SimpleQueue[tuple[_Job, Any] | None]:
