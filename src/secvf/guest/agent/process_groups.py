@@ -7,12 +7,14 @@ them all took ~20 ms per exec, as long as running ``/bin/true`` itself.
 
 Every process left in the leader's group or session is a descendant of the leader, so
 its pid was given out after the leader's. Linux gives out pids in cyclic order, so those
-pids lie between the leader's and the last pid given out (``ns_last_pid``), as long as
-the allocator has not gone all the way round since the leader started.
+pids lie between the leader's and the last pid given out (the last field of
+``/proc/loadavg``), as long as the allocator has not gone all the way round since the
+leader started.
 :class:`ForkMark`, taken just before the command starts, knows how many tasks existed
 then and how many were created since (``/proc/stat``'s ``processes``); while they are
 too few to go round ``pid_max``, only the pids in that window are read (for a short
-command: none). Otherwise, or when those files cannot be read, every process is.
+command: none; a few are tried one by one, more are found by listing ``/proc``).
+Otherwise, or when those files cannot be read, every process is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from secvf.exec import protocol
 GROUP_POLL_S = 0.02
 #: Pids Linux never gives out again after a wrap (``RESERVED_PIDS``).
 RESERVED_PIDS = 300
+#: Up to this many pids in the window are tried one by one; more, and ``/proc`` is listed.
+PROBE_MAX = 8
 
 
 def _read(path: str) -> bytes | None:
@@ -50,18 +54,33 @@ def _int_file(path: str) -> int | None:
         return None
 
 
-def _forks_and_tasks() -> tuple[int, int] | None:
-    """Tasks created since boot (``/proc/stat``) and tasks existing now (``/proc/loadavg``)."""
-    stat, loadavg = _read("/proc/stat"), _read("/proc/loadavg")
+def _proc_counts() -> tuple[int, int, int] | None:
+    """Tasks created since boot (``/proc/stat``), tasks existing now and the last pid
+    given out (``/proc/loadavg``, read first: forks counted after it are only more)."""
+    loadavg, stat = _read("/proc/loadavg"), _read("/proc/stat")
     if stat is None or loadavg is None:
         return None
     try:
         start = stat.index(b"\nprocesses ") + len(b"\nprocesses ")
         forks = int(stat[start : stat.index(b"\n", start)])
-        tasks = int(loadavg.split()[3].split(b"/")[1])
+        _, _, _, running, last = loadavg.split()
+        tasks = int(running.split(b"/")[1])
+        return forks, tasks, int(last)
     except (ValueError, IndexError):
         return None
-    return forks, tasks
+
+
+_pid_max: int | None = None
+
+
+def _known_pid_max() -> int | None:
+    """``kernel.pid_max``, read once (a sysctl read costs ~0.2 ms under TCG). Only root
+    in the guest can change it, and the sweep is cleanup, not a boundary: a command that
+    wants to outlive its exec can ``setsid`` anyway."""
+    global _pid_max
+    if _pid_max is None:
+        _pid_max = _int_file("/proc/sys/kernel/pid_max")
+    return _pid_max
 
 
 @dataclass(frozen=True)
@@ -74,17 +93,17 @@ class ForkMark:
     @classmethod
     def now(cls) -> ForkMark | None:
         """Take a mark (None where ``/proc`` does not say: every process is read then)."""
-        counts = _forks_and_tasks()
-        return None if counts is None else cls(*counts)
+        counts = _proc_counts()
+        return None if counts is None else cls(counts[0], counts[1])
 
     def pid_window(self, leader: int) -> tuple[int, int] | None:
         """The pids given out after ``leader`` as ``(leader, last)``, cyclic; None if the
         allocator may have gone round since this mark (then any pid may be a descendant)."""
-        counts, pid_max = _forks_and_tasks(), _int_file("/proc/sys/kernel/pid_max")
-        last = _int_file("/proc/sys/kernel/ns_last_pid")
-        if counts is None or pid_max is None or last is None:
+        counts, pid_max = _proc_counts(), _known_pid_max()
+        if counts is None or pid_max is None:
             return None
-        created = counts[0] - self.forks
+        forks, _, last = counts
+        created = forks - self.forks
         # Each pid handed out moves the cursor past it and past every pid in use that it
         # skips: at most the tasks that existed at the mark and those created since.
         if created < 0 or 2 * created + self.tasks >= pid_max - RESERVED_PIDS:
@@ -101,6 +120,15 @@ def _in_window(pid: int, window: tuple[int, int] | None) -> bool:
     return pid > leader or pid <= last  # the allocator wrapped after the leader
 
 
+def _candidates(leader: int, window: tuple[int, int] | None) -> list[int]:
+    """The pids to read: the leader and, with a window, those in it (tried one by one
+    when there are few: cheaper than listing ``/proc``), else every process."""
+    if window is not None and window[0] <= window[1] <= window[0] + PROBE_MAX:
+        return list(range(leader, window[1] + 1))
+    found = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    return [pid for pid in found if pid == leader or _in_window(pid, window)]
+
+
 def group_members(leader: int, mark: ForkMark | None = None) -> list[int]:
     """Return live pids whose process group or session is ``leader`` (zombies excluded).
 
@@ -109,13 +137,8 @@ def group_members(leader: int, mark: ForkMark | None = None) -> list[int]:
     """
     window = mark.pid_window(leader) if mark is not None else None
     members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        if pid != leader and not _in_window(pid, window):
-            continue
-        data = _read(f"/proc/{entry}/stat")
+    for pid in _candidates(leader, window):
+        data = _read(f"/proc/{pid}/stat")
         if data is None:
             continue
         fields = data.rsplit(b")", 1)[1].split()

@@ -63,7 +63,7 @@ class Workers:
     def _park(self, worker: _Worker) -> bool:
         """Put ``worker`` among the idle ones; False if enough are idle (it ends)."""
         with self._lock:
-            if False:
+            if len(self._idle) >= self.max_idle:
                 return False
             self._idle.append(worker)
             return True
@@ -92,6 +92,7 @@ class _Worker:
                 job()
             except Exception:  # a bug must end one job, never the worker's pool
                 log.exception("agent job %r failed", job)
+            del job  # an idle worker must not keep its last job (a task, a socket) alive
             job = self._next_job()
 
     def _next_job(self) -> Job | None:
