@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from secvf.guest.agent import process_groups
 from secvf.guest.agent.process_groups import (
@@ -147,6 +149,7 @@ def proc(monkeypatch) -> FakeProc:
     monkeypatch.setattr(process_groups, "os", _FakeOs(fake))
     monkeypatch.setattr(process_groups, "GROUP_POLL_S", 0.001)
     monkeypatch.setattr(process_groups, "_pid_max", None)  # read from this fake
+    monkeypatch.setattr(process_groups, "_latest", None)  # no sweep has read yet
     return fake
 
 
@@ -489,3 +492,39 @@ def test_the_window_spares_the_full_scan_on_this_host(session, monkeypatch):
     assert window is not None
     assert all(_in_window(int(STAT_PATH.fullmatch(path)[1]), window)
                for path in windowed if path != f"/proc/{leader.pid}/stat")
+
+
+# -- the mark a command starts with ------------------------------------------------------
+
+
+def test_before_the_first_sweep_a_mark_is_read(proc):
+    proc.set_counts(forks=2000, tasks=90)
+    assert ForkMark.before_start() == ForkMark(forks=2000, tasks=90)
+    assert "/proc/stat" in proc.reads
+
+
+def test_after_a_sweep_the_next_command_starts_with_its_reading(proc):
+    ForkMark(forks=990, tasks=120).pid_window(4000)  # what a sweep reads: 1000 / 120
+    proc.set_counts(forks=1500, tasks=200)
+    proc.reads.clear()
+    assert ForkMark.before_start() == ForkMark(forks=1000, tasks=120)
+    assert proc.reads == []
+
+
+@given(old_forks=st.integers(0, 10**6), between=st.integers(0, 20000),
+       tasks_old=st.integers(1, 30000), tasks_gone=st.integers(0, 30000),
+       since=st.integers(0, 20000), pid_max=st.sampled_from([32768, 4194304, 1000]))
+def test_an_older_mark_is_never_less_cautious(old_forks, between, tasks_old, tasks_gone,
+                                              since, pid_max):
+    """Whenever the mark read before a command's start allows no window, an older one
+    allows none either."""
+    tasks_at_start = max(1, tasks_old + between - tasks_gone)  # at most t0 + forks between
+    fresh = ForkMark(forks=old_forks + between, tasks=tasks_at_start)
+    older = ForkMark(forks=old_forks, tasks=tasks_old)
+    fake = FakeProc(forks=old_forks + between + since, tasks=100, pid_max=pid_max)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(process_groups, "_read", fake._read)
+        patch.setattr(process_groups, "_pid_max", None)
+        patch.setattr(process_groups, "_latest", None)
+        if fresh.pid_window(4000) is None:
+            assert older.pid_window(4000) is None

@@ -205,7 +205,7 @@ class ExecTask:
             raise RequestFailed(
                 "bad_cwd", f"working directory {cwd} does not exist", errno.ENOENT, "chdir"
             )
-        self._fork_mark = ForkMark.now()
+        self._fork_mark = ForkMark.before_start()
         if identity.is_self or req["tty"] or not self._spawn_as(argv, identity, env, cwd):
             _check_cwd_access(identity, cwd)
             self._spawn(argv, identity, env, cwd)

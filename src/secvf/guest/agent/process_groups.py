@@ -71,6 +71,8 @@ def _proc_counts() -> tuple[int, int, int] | None:
 
 
 _pid_max: int | None = None
+#: The latest reading of the fork and task counts (see :meth:`ForkMark.before_start`).
+_latest: ForkMark | None = None
 
 
 def _known_pid_max() -> int | None:
@@ -96,13 +98,26 @@ class ForkMark:
         counts = _proc_counts()
         return None if counts is None else cls(counts[0], counts[1])
 
+    @classmethod
+    def before_start(cls) -> ForkMark | None:
+        """A mark for a command about to start: the latest any sweep read (no ``/proc``
+        read here), else a new one.
+
+        An older mark only makes the window's test more cautious: with ``f0``/``t0`` at
+        the older mark, the tasks existing at the start are at most ``t0`` plus the forks
+        between, so ``2 * created + tasks`` counted from the older mark is never less.
+        """
+        return _latest if _latest is not None else cls.now()
+
     def pid_window(self, leader: int) -> tuple[int, int] | None:
         """The pids given out after ``leader`` as ``(leader, last)``, cyclic; None if the
         allocator may have gone round since this mark (then any pid may be a descendant)."""
         counts, pid_max = _proc_counts(), _known_pid_max()
         if counts is None or pid_max is None:
             return None
-        forks, _, last = counts
+        forks, tasks, last = counts
+        global _latest
+        _latest = ForkMark(forks, tasks)  # for the next command (before_start)
         created = forks - self.forks
         # Each pid handed out moves the cursor past it and past every pid in use that it
         # skips: at most the tasks that existed at the mark and those created since.
