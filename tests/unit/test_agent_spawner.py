@@ -40,8 +40,12 @@ def thread_uids(pid: int) -> dict[int, int]:
     """Real uid of each thread of ``pid`` (by thread id)."""
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as fh:
-            found[int(tid)] = int(next(line for line in fh if line.startswith("Uid:")).split()[1])
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                uid_line = next(line for line in fh if line.startswith("Uid:"))
+        except OSError:
+            continue  # the thread ended after the listing
+        found[int(tid)] = int(uid_line.split()[1])
     return found
 
 
