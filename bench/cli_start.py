@@ -8,9 +8,9 @@ command needs. Timed here, wall clock around the installed ``secvf`` script (``p
 * ``secvf --help``: the command tree and its help;
 * ``secvf vm list`` in an empty library: the library code (pydantic) is loaded;
 * ``secvf vm exec NOSUCH -- true``: the exec path up to the VM lookup, which fails with
-  "no VM named 'NOSUCH'" (exit 125); printing that error loads rich, which an exec
-  that only streams its command's output does not. The exec round trip itself (and so
-  the overhead target) needs a running sandbox: ``bench/exec.py``.
+  "no VM named 'NOSUCH'" (exit 125): the lean start without click, the exec client
+  loaded, the error line written without rich. The exec round trip itself (and so the
+  overhead target) needs a running sandbox: ``bench/exec.py``.
 
 Baseline, same run: ``python -c pass`` with the same interpreter, the start-up every
 CLI number includes. The commands run round-robin (baseline first), after two untimed
@@ -88,7 +88,7 @@ def add_rows(rep: bl.Report, times: dict[str, list[float]]) -> None:
     notes = {
         "help": f"issue 11 target ≤ {HELP_TARGET_MS} ms",
         "list": "empty library; loads the library code and pydantic",
-        "exec": "fails at the VM lookup (exit 125); the error line loads rich. Target: "
+        "exec": "fails at the VM lookup (exit 125), without click or rich. Target: "
                 f"≤ {EXEC_OVERHEAD_TARGET_MS} ms over the SDK round trip (bench/exec.py)",
     }
     for label, note in notes.items():

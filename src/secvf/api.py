@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,8 @@ from secvf import lazy_exports
 from secvf.model.enums import Accel, DisplayMode, NetworkMode, VMKind  # standard library only
 
 if TYPE_CHECKING:  # what _LAZY resolves at run time (a test keeps the two the same)
+    from datetime import datetime  # for annotations only: the standard library is not in _LAZY
+
     from secvf.errors import AgentUnavailable, CommandStartFailed, DetachedProcessError
     from secvf.exec import (
         AttachSession,

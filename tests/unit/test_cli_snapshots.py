@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from secvf import api
-from secvf.faces.cli import app as cli_app
-from secvf.faces.cli import main
+from secvf.faces.cli import common as cli_common
+from secvf.faces.cli.commands import cli
 from secvf.model.config import SandboxChannels, VMKind, now_iso
 from secvf.model.runtime import DeviceInfo, PlannedDeviceInfo, RuntimeRecord, VmState
 from secvf.model.savedstate import SavedState, TemplateInfo
@@ -296,8 +296,8 @@ def test_cold_is_offered(command: str) -> None:
 
 def invoke(args: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the CLI in this process (so the API can be stood in for); its stdout."""
-    monkeypatch.setattr(cli_app.out, "width", cli_app.UNLIMITED_WIDTH)  # also under -s
-    return CliRunner().invoke(main, args, catch_exceptions=False).stdout
+    monkeypatch.setattr(cli_common.out, "width", cli_common.UNLIMITED_WIDTH)  # also under -s
+    return CliRunner().invoke(cli, args, catch_exceptions=False).stdout
 
 
 def test_status_shows_what_a_run_was_restored_from_and_hot_plugged(
@@ -392,8 +392,8 @@ def test_what_a_running_vm_is_asked_for(web: str, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(api, "vm_status", lambda name: status)
     monkeypatch.setattr(api, "create_snapshot", create_snapshot)
-    monkeypatch.setattr(cli_app.out, "width", cli_app.UNLIMITED_WIDTH)
-    result = CliRunner().invoke(main, ["vm", "snapshot", "create", web, "s", *flags],
+    monkeypatch.setattr(cli_common.out, "width", cli_common.UNLIMITED_WIDTH)
+    result = CliRunner().invoke(cli, ["vm", "snapshot", "create", web, "s", *flags],
                                 catch_exceptions=False)
     assert result.exit_code == 0 and calls == [disk_only]
     assert ("is an AI sandbox: its snapshot holds the disk only" in result.stderr) == noted

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from secvf.model.config import VMConfig, VMKind, now_iso, save_config
 from secvf.model.runtime import RuntimeRecord, Transition, VmState
 from secvf.store.bundle import Bundle, RuntimeFiles, bundle_for
 from secvf.store.locks import FileLock
-from secvf.store.peek import running_exec_socket
+from secvf.store.peek import _is_canonical_uuid, running_exec_socket
 from secvf.store.runstate import write_runtime_state
 from secvf.workflows.vm_exec import exec_socket_for
 from tests.unit.running_sandbox import sandbox_config
@@ -158,6 +159,22 @@ def test_an_id_not_in_canonical_form_is_left_to_the_validated_path(tmp_path: Pat
         assert exec_socket_for("upper") == vm.files.exec_socket
     finally:
         vm.stop()
+
+
+@pytest.mark.parametrize("value", [
+    "0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5d", "00000000-0000-0000-0000-000000000000",
+    "0B7E2E0C-6A2F-4BD4-9D1E-2C4F6A1B3E5D", "{0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5d}",
+    "urn:uuid:0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5d", "0b7e2e0c6a2f4bd49d1e2c4f6a1b3e5d",
+    "0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5d\n", " 0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5d",
+    "0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5", "0b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5g",
+    "0b7e2e0c-6a2f-4bd4-9d1e_2c4f6a1b3e5d", "٠b7e2e0c-6a2f-4bd4-9d1e-2c4f6a1b3e5d", "", 7, None,
+])
+def test_a_canonical_uuid_is_what_the_uuid_module_writes_back_unchanged(value: object) -> None:
+    try:
+        canonical = isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        canonical = False
+    assert _is_canonical_uuid(value) is canonical
 
 
 def test_the_quick_look_never_raises_for_what_it_reads(sandbox: HandMadeVM) -> None:

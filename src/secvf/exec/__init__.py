@@ -6,7 +6,8 @@ layers over :class:`ExecClient`: they connect to a VM's exec socket, call ``run`
 
 Modules, one concept each: ``protocol`` (the wire format, standard-library only, shared
 with the guest agent), ``channel`` (the framed connection: dialling, frames, deadlines,
-limits), ``outcome`` (events, results, exit codes), ``stream`` (a running command:
+limits), ``outcome`` (events, results, exit codes), ``replies`` (what the other requests
+return: background processes, files, info, restore), ``stream`` (a running command:
 events, stdin, signals, resize; an attach), ``client`` (:class:`ExecClient`: run, start,
 files, info, restore, background processes) and ``bridge`` (the supervisor's per-VM exec
 socket). The errors are in :mod:`secvf.errors`.
@@ -30,23 +31,25 @@ from secvf.errors import (
 if TYPE_CHECKING:
     from secvf.exec.client import Command, ExecClient
     from secvf.exec.outcome import (
-        AgentInfo,
-        AttachResult,
-        DetachedProcessInfo,
-        DetachedStart,
         ExecEvent,
         ExecResult,
         Exited,
-        FileTransfer,
         OutputDropped,
-        RestoreIssue,
-        RestoreResult,
-        RestoreShare,
         Started,
         Stderr,
         StdinError,
         Stdout,
         exit_code_for,
+    )
+    from secvf.exec.replies import (
+        AgentInfo,
+        AttachResult,
+        DetachedProcessInfo,
+        DetachedStart,
+        FileTransfer,
+        RestoreIssue,
+        RestoreResult,
+        RestoreShare,
     )
     from secvf.exec.stream import AttachSession, ExecSession
 
@@ -88,10 +91,11 @@ __all__ = [
 #: of the package, one of a module) would deadlock on Python's import locks.
 _LAZY = {
     **dict.fromkeys(("Command", "ExecClient"), "secvf.exec.client"),
+    **dict.fromkeys(("ExecEvent", "ExecResult", "Exited", "OutputDropped", "Started",
+                     "Stderr", "StdinError", "Stdout", "exit_code_for"), "secvf.exec.outcome"),
     **dict.fromkeys(("AgentInfo", "AttachResult", "DetachedProcessInfo", "DetachedStart",
-                     "ExecEvent", "ExecResult", "Exited", "FileTransfer", "OutputDropped",
-                     "RestoreIssue", "RestoreResult", "RestoreShare", "Started", "Stderr",
-                     "StdinError", "Stdout", "exit_code_for"), "secvf.exec.outcome"),
+                     "FileTransfer", "RestoreIssue", "RestoreResult", "RestoreShare"),
+                    "secvf.exec.replies"),
     **dict.fromkeys(("AttachSession", "ExecSession"), "secvf.exec.stream"),
 }
 

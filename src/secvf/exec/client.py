@@ -34,11 +34,10 @@ import enum
 import os
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from secvf.errors import (
     AgentUnavailable,
@@ -60,16 +59,7 @@ from secvf.exec.channel import (
     expect,
     peer_error,
 )
-from secvf.exec.outcome import (
-    AgentInfo,
-    DetachedProcessInfo,
-    DetachedStart,
-    ExecResult,
-    FileTransfer,
-    RestoreIssue,
-    RestoreResult,
-    RestoreShare,
-)
+from secvf.exec.outcome import ExecResult
 from secvf.exec.stream import (
     DEFAULT_MAX_OUTPUT_BYTES,
     AttachSession,
@@ -77,6 +67,16 @@ from secvf.exec.stream import (
     OutputCallback,
     StdinFeeder,
 )
+
+if TYPE_CHECKING:  # imported where they are made: a command's run does not need them
+    from secvf.exec.replies import (
+        AgentInfo,
+        DetachedProcessInfo,
+        DetachedStart,
+        FileTransfer,
+        RestoreResult,
+        RestoreShare,
+    )
 
 #: Default cap on a downloaded file.
 DEFAULT_MAX_DOWNLOAD_BYTES = 4 * 1024 * 1024 * 1024
@@ -285,6 +285,8 @@ class ExecClient:
             self._fail()
             raise
         self._end()
+        from secvf.exec.replies import AgentInfo
+
         return AgentInfo(
             agent_version=p["agent_version"],
             generation=p["generation"],
@@ -583,6 +585,8 @@ class ExecClient:
             raise _start_failed(msg)
         if msg.name == "detached_error":
             raise _detached_error(msg)
+        from secvf.exec.replies import DetachedStart
+
         return DetachedStart(msg["id"][:MAX_PEER_TEXT_CHARS], msg["pid"])
 
     def list_detached(self) -> list[DetachedProcessInfo]:
@@ -686,6 +690,8 @@ class ExecClient:
         self._end()
         if msg.name == "file_error":
             raise _file_error(msg, remote)
+        from secvf.exec.replies import FileTransfer
+
         return FileTransfer(msg["path"], msg["size"], msg["mode"])
 
     def _send_file_data(self, stream_id: int, source: BinaryIO) -> None:
@@ -713,6 +719,8 @@ class ExecClient:
             OSError: ``local``'s directory is not writable.
             AgentUnavailable, ProtocolError, StateError: the channel failed.
         """
+        import tempfile  # only downloads need it; a CLI command's start does not
+
         local = Path(local)
         stream_id = self._begin()
         fd, tmp_name = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
@@ -765,6 +773,8 @@ class ExecClient:
                 raise _file_error(end, remote)
             if end["size"] != received:
                 raise ProtocolError(f"agent announced {end['size']} bytes but sent {received}")
+            from secvf.exec.replies import FileTransfer
+
             return FileTransfer(path, received, mode & 0o7777)
 
 
@@ -778,6 +788,8 @@ def _known(kinds: type[enum.StrEnum], raw: str) -> str:
 
 def _restore_result(msg: protocol.Message, received_ns: int) -> RestoreResult:
     """A ``restored`` payload as a :class:`RestoreResult` (guest text shortened)."""
+    from secvf.exec.replies import RestoreIssue, RestoreResult, RestoreShare
+
     p = msg.payload
     offset = p["clock_offset_ns"]
     return RestoreResult(
@@ -826,6 +838,8 @@ def _detached_error(msg: protocol.Message) -> DetachedProcessError:
 def _process_info(item: dict[str, Any]) -> DetachedProcessInfo:
     """A ``process_list`` item (checked by the protocol's ``list[process]`` kind), its
     text shortened."""
+    from secvf.exec.replies import DetachedProcessInfo
+
     return DetachedProcessInfo(
         id=item["id"][:MAX_PEER_TEXT_CHARS],
         argv=tuple(arg[:MAX_PEER_TEXT_CHARS] for arg in item["argv"][:MAX_LISTED_ARGS]),

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, Self
+from typing import TYPE_CHECKING, BinaryIO, Self
 
 from secvf.errors import AgentUnavailable
 from secvf.exec import protocol
 from secvf.exec.channel import FrameChannel, expect
 from secvf.exec.outcome import (
-    AttachResult,
     ExecEvent,
     ExecResult,
     Exited,
@@ -32,6 +31,9 @@ from secvf.exec.outcome import (
     StdinError,
     Stdout,
 )
+
+if TYPE_CHECKING:
+    from secvf.exec.replies import AttachResult
 
 #: Default cap on captured stdout and on captured stderr, each.
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -281,6 +283,8 @@ class AttachSession(OutputStream):
         Raises:
             AgentUnavailable, ProtocolError, ExecRefused: see :meth:`events`.
         """
+        from secvf.exec.replies import AttachResult  # made only here (see that module)
+
         result = super().collect(
             on_stdout=on_stdout, on_stderr=on_stderr, max_output_bytes=max_output_bytes
         )

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
-
 from secvf.errors import ConfigError
 
 PRIVATE_DIR_MODE = 0o700
@@ -25,7 +23,12 @@ PRIVATE_DIR_MODE = 0o700
 def secvf_home() -> Path:
     """Return the root of the VM library (created 0700 on first use)."""
     env = os.environ.get("SECVF_HOME")
-    path = Path(env) if env else Path(platformdirs.user_data_dir("secvf"))
+    if env:
+        path = Path(env)
+    else:
+        import platformdirs  # (and the tempfile module it loads) only to find the default
+
+        path = Path(platformdirs.user_data_dir("secvf"))
     return ensure_private_dir(path)
 
 

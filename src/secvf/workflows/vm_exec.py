@@ -26,14 +26,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secvf.errors import AgentUnavailable, NoExecChannel
-from secvf.exec import DetachedProcessInfo, DetachedStart, ExecClient, ExecResult, exit_code_for
+from secvf.exec import ExecClient, ExecResult, exit_code_for
 from secvf.exec.channel import CONNECT_TIMEOUT_S
 from secvf.model.enums import VMKind, VmState
 from secvf.store.bundle import Bundle, RuntimeFiles, get_bundle
 from secvf.store.peek import running_exec_socket
+
+if TYPE_CHECKING:  # made by the client when asked for (secvf.exec.replies)
+    from secvf.exec import DetachedProcessInfo, DetachedStart
 
 #: Pause between two attempts of :func:`wait_for_exec`.
 WAIT_RETRY_S = 0.25

@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from secvf import api
-from secvf.faces.cli.app import Seconds, SecVFGroup, err, escape, new_table, note, out, print_json
+from secvf.faces.cli.app import Seconds, SecVFGroup
+from secvf.faces.cli.common import err, escape, new_table, note, out, print_json
 
 
 @click.command("analyze")

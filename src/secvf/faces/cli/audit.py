@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from secvf import api
-from secvf.faces.cli.app import escape, new_table, out, print_json
+from secvf.faces.cli.common import escape, new_table, out, print_json
 
 
 @click.command("audit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from secvf import api
-from secvf.faces.cli.app import escape, out, print_json
+from secvf.faces.cli.common import escape, out, print_json
 
 
 @click.command("gc")

@@ -8,7 +8,8 @@ import click
 
 from secvf import api
 from secvf.errors import NotFound
-from secvf.faces.cli.app import SecVFGroup, err, escape, new_table, out, print_json
+from secvf.faces.cli.app import SecVFGroup
+from secvf.faces.cli.common import err, escape, new_table, out, print_json
 
 
 @click.group(cls=SecVFGroup)

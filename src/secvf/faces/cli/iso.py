@@ -11,7 +11,8 @@ import click
 
 from secvf import api
 from secvf.errors import MediaError
-from secvf.faces.cli.app import SecVFGroup, err, escape, format_time, new_table, out, print_json
+from secvf.faces.cli.app import SecVFGroup, format_time
+from secvf.faces.cli.common import err, escape, new_table, out, print_json
 
 #: How many hex digits of a SHA-256 the ``iso list`` table shows (``--json``: all 64).
 SHORT_HASH = 16

@@ -11,15 +11,8 @@ import click
 
 from secvf import api
 from secvf.errors import SecVFError
-from secvf.faces.cli.app import (
-    SecVFGroup,
-    escape,
-    format_time,
-    new_table,
-    note,
-    out,
-    print_json,
-)
+from secvf.faces.cli.app import SecVFGroup, format_time
+from secvf.faces.cli.common import escape, new_table, note, out, print_json
 
 #: Fields the table shows in their own columns, or not at all (the chain, the writer).
 _NOT_DETAILS = frozenset({"time", "severity", "event", "vm", "vm_id", "pid", "uid",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from secvf.faces.cli.app import print_json
+from secvf.faces.cli.common import print_json
 
 
 @click.group("mcp")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from secvf import api
-from secvf.faces.cli.app import print_json
+from secvf.faces.cli.common import print_json
 
 if TYPE_CHECKING:
     from secvf.api import Packet

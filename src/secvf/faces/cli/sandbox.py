@@ -11,20 +11,11 @@ import click
 
 from secvf import api
 from secvf.errors import StateError
-from secvf.faces.cli.app import (
-    LIVE_STATES,
-    NETWORK_HELP,
-    Seconds,
-    SecVFGroup,
-    err,
-    escape,
-    new_table,
-    note,
-    out,
-    print_json,
-)
+from secvf.faces.cli.app import LIVE_STATES, NETWORK_HELP, Seconds, SecVFGroup
+from secvf.faces.cli.common import err, escape, new_table, note, out, print_json
+from secvf.faces.cli.exec_core import exec_errors
 from secvf.faces.cli.terminal import run_streaming
-from secvf.faces.cli.vm_exec import ExecCommand, exec_errors
+from secvf.faces.cli.vm_exec import ExecCommand
 
 Command = Callable[..., Any]
 

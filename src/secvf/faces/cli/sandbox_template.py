@@ -10,15 +10,8 @@ from __future__ import annotations
 import click
 
 from secvf import api
-from secvf.faces.cli.app import (
-    SecVFGroup,
-    escape,
-    format_time,
-    new_table,
-    note,
-    out,
-    print_json,
-)
+from secvf.faces.cli.app import SecVFGroup, format_time
+from secvf.faces.cli.common import escape, new_table, note, out, print_json
 
 #: How many characters of a template's ID the CLI shows (``rm`` takes any unique prefix).
 SHORT_ID_CHARS = 12

@@ -30,7 +30,7 @@ from types import FrameType
 
 from secvf import api
 from secvf.errors import ExitCode
-from secvf.faces.cli.app import note
+from secvf.faces.cli.common import note
 
 STDIN_CHUNK_BYTES = 64 * 1024
 DEFAULT_TERMINAL_SIZE = (24, 80)

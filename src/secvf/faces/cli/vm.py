@@ -11,18 +11,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from secvf import api
-from secvf.faces.cli.app import (
-    LIVE_STATES,
-    NETWORK_HELP,
-    Seconds,
-    SecVFGroup,
-    err,
-    escape,
-    new_table,
-    note,
-    out,
-    print_json,
-)
+from secvf.faces.cli.app import LIVE_STATES, NETWORK_HELP, Seconds, SecVFGroup
+from secvf.faces.cli.common import err, escape, new_table, note, out, print_json
 
 if TYPE_CHECKING:
     from rich.status import Status

@@ -15,9 +15,10 @@ import click
 
 from secvf import api
 from secvf.errors import ConfigError
-from secvf.faces.cli.app import escape, new_table, note, out, print_json
+from secvf.faces.cli.common import escape, new_table, note, out, print_json
+from secvf.faces.cli.exec_core import exec_errors
 from secvf.faces.cli.terminal import INTERRUPTED_EXIT, follow_detached
-from secvf.faces.cli.vm_exec import ExecCommand, exec_errors
+from secvf.faces.cli.vm_exec import ExecCommand
 
 
 def parse_signal(text: str) -> int:

@@ -9,46 +9,24 @@ Every failure on SecVF's side (a bad command line included) exits 125, so a scri
 tell it from the command's own status; the command not starting is 126/127 as in a
 shell; Ctrl-C exits 130. With ``--json`` stdout is always one JSON object: the result,
 or ``{"error": {type, message, exit_code}}``.
+
+The ``secvf`` script parses a plain command line without click (:mod:`.lean_exec`, which
+a test keeps in step with this command's options); this command parses every other one,
+so the help and the usage errors are click's. Either way the command then runs as
+:func:`~secvf.faces.cli.exec_core.run_vm_exec`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from secvf import api
-from secvf.errors import CommandStartFailed, ConfigError, ExitCode, SecVFError
-from secvf.faces.cli.app import Seconds, print_json
-from secvf.faces.cli.terminal import INTERRUPTED_EXIT, forwards_stdin, run_streaming
-
-
-def _error_json(kind: str, message: str, exit_code: int) -> dict[str, Any]:
-    """``--json`` for a failure that is not a SecVFError (the shape of app.error_json)."""
-    return {"error": {"type": kind, "message": message, "exit_code": exit_code}}
-
-
-@contextlib.contextmanager
-def exec_errors(as_json: bool) -> Iterator[None]:
-    """Exit statuses of ``vm exec`` and ``sandbox run`` for what goes wrong in the block.
-
-    A SecVFError leaves with exit code 125 (126/127 for a command that did not start)
-    and is reported by the CLI as usual (JSON too with ``as_json``); Ctrl-C exits 130
-    quietly (with ``as_json``, as a JSON error).
-    """
-    try:
-        yield
-    except SecVFError as exc:
-        if not isinstance(exc, CommandStartFailed):
-            exc.exit_code = ExitCode.SECVF_ERROR  # this command's code for SecVF failures
-        raise
-    except KeyboardInterrupt:
-        if as_json:
-            print_json(_error_json("KeyboardInterrupt", "interrupted", INTERRUPTED_EXIT))
-        sys.exit(INTERRUPTED_EXIT)
+from secvf.errors import ExitCode
+from secvf.faces.cli.app import Seconds
+from secvf.faces.cli.common import failure_json, print_json
+from secvf.faces.cli.exec_core import run_vm_exec
 
 
 class ExecCommand(click.Command):
@@ -67,8 +45,8 @@ class ExecCommand(click.Command):
         except click.UsageError as exc:
             options = words[:words.index("--")] if "--" in words else words
             if "--json" in options:
-                print_json(_error_json("UsageError", exc.format_message(),
-                                       ExitCode.SECVF_ERROR))
+                print_json(failure_json("UsageError", exc.format_message(),
+                                        ExitCode.SECVF_ERROR))
             exc.show()
             sys.exit(ExitCode.SECVF_ERROR)
 
@@ -137,58 +115,6 @@ def vm_exec(name: str, command: tuple[str, ...], shell: str | None, user: str | 
     or the VM stops; this prints its id (--json: {"id", "pid"}) and exits 0. Follow it
     with `secvf vm attach`, list them with `secvf vm ps`.
     """
-    with exec_errors(as_json):
-        cmd = _command(command, shell)
-        env_map = _environment(env)
-        if root and user:
-            raise ConfigError("--root and --user exclude each other")
-        user = "root" if root else user
-        if detach and (tty_mode or interactive or timeout is not None):
-            raise ConfigError("--detach takes no -t, -i or --timeout: a background process "
-                              "has no terminal and no stdin (read its output with secvf vm "
-                              "attach) and runs until it exits or secvf vm kill")
-        if wait is not None:
-            api.wait_for_exec(name, wait)
-        if detach:
-            started = api.start_detached(name, cmd, env=env_map, cwd=workdir, user=user)
-            if as_json:
-                print_json({"id": started.id, "pid": started.pid})
-            else:
-                click.echo(started.id)
-            return
-        if as_json:
-            stdin = sys.stdin.buffer if forwards_stdin(tty_mode, interactive) else None
-            result = api.run_command(name, cmd, env=env_map, cwd=workdir, user=user,
-                                     tty=tty_mode, stdin=stdin, timeout=timeout)
-            data = api.result_as_json(result)
-            print_json(data)
-            sys.exit(data["exit_status"])
-        sys.exit(run_streaming(name, cmd, env=env_map, cwd=workdir, user=user,
-                               tty_mode=tty_mode, interactive=interactive, timeout=timeout))
-
-
-def _command(words: tuple[str, ...], shell: str | None) -> str | list[str]:
-    """The argv, or the shell string of ``-c``.
-
-    Raises:
-        ConfigError: neither or both were given.
-    """
-    if bool(shell) == bool(words):
-        raise ConfigError("give a command (after NAME, or after '--') or a shell string "
-                          "with -c (not both)")
-    return shell if shell else list(words)
-
-
-def _environment(items: tuple[str, ...]) -> dict[str, str]:
-    """``-e K=V`` options as a mapping.
-
-    Raises:
-        ConfigError: an item without ``=`` or with an empty name.
-    """
-    env: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"-e {item!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
+    sys.exit(run_vm_exec(name, command, shell=shell, user=user, root=root, env=env,
+                         workdir=workdir, tty_mode=tty_mode, interactive=interactive,
+                         timeout=timeout, wait=wait, detach=detach, as_json=as_json))

@@ -10,17 +10,8 @@ from __future__ import annotations
 import click
 
 from secvf import api
-from secvf.faces.cli.app import (
-    LIVE_STATES,
-    SecVFGroup,
-    escape,
-    format_time,
-    new_table,
-    note,
-    out,
-    print_json,
-    working,
-)
+from secvf.faces.cli.app import LIVE_STATES, SecVFGroup, format_time, working
+from secvf.faces.cli.common import escape, new_table, note, out, print_json
 
 
 @click.group("snapshot", cls=SecVFGroup)
