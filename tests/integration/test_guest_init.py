@@ -279,14 +279,15 @@ def test_shutdown_sends_term_to_processes_before_powering_off(guests: Path) -> N
     ensure_running(SBX)
     workspace = guests / "sandboxes" / SBX / "workspace"
     (workspace / "term-seen").unlink(missing_ok=True)
+    (workspace / "armed").unlink(missing_ok=True)
+    # The exec waits until the handler is armed: until `setsid -f`'s child has called
+    # setsid it is still in the exec's session, which the agent ends when the exec does.
     started = sh(SBX, "setsid -f sh -c 'trap \"echo TERM > /workspace/term-seen; exit 0\" TERM;"
                       " : > /workspace/armed; while :; do sleep 1; done'"
-                      " </dev/null >/dev/null 2>&1")
-    assert started.returncode == 0, started.stderr
-    deadline = time.monotonic() + CONSOLE_TIMEOUT_S
-    while not (workspace / "armed").exists():
-        assert time.monotonic() < deadline, "the TERM handler was never armed"
-        time.sleep(0.1)
+                      " </dev/null >/dev/null 2>&1;"
+                      f" for i in $(seq {int(CONSOLE_TIMEOUT_S * 10)}); do"
+                      " [ -e /workspace/armed ] && exit 0; sleep 0.1; done; exit 1")
+    assert started.returncode == 0, "the TERM handler was never armed: " + started.stderr
     run_cli("vm", "stop", SBX, check=True)
     assert (workspace / "term-seen").read_text() == "TERM\n"
     log = serial_log(guests, SBX)
