@@ -65,9 +65,12 @@ def _proc_counts() -> tuple[int, int, int] | None:
         forks = int(stat[start : stat.index(b"\n", start)])
         _, _, _, running, last = loadavg.split()
         tasks = int(running.split(b"/")[1])
-        return forks, tasks, int(last)
+        pid = int(last)
     except (ValueError, IndexError):
         return None
+    global _latest
+    _latest = ForkMark(forks, tasks)  # for the next command (ForkMark.before_start)
+    return forks, tasks, pid
 
 
 _pid_max: int | None = None
@@ -100,8 +103,8 @@ class ForkMark:
 
     @classmethod
     def before_start(cls) -> ForkMark | None:
-        """A mark for a command about to start: the latest any sweep read (no ``/proc``
-        read here), else a new one.
+        """A mark for a command about to start: the latest counts read (by a sweep, or
+        an earlier mark; no ``/proc`` read here), else a new one.
 
         An older mark only makes the window's test more cautious: with ``f0``/``t0`` at
         the older mark, the tasks existing at the start are at most ``t0`` plus the forks
@@ -115,9 +118,7 @@ class ForkMark:
         counts, pid_max = _proc_counts(), _known_pid_max()
         if counts is None or pid_max is None:
             return None
-        forks, tasks, last = counts
-        global _latest
-        _latest = ForkMark(forks, tasks)  # for the next command (before_start)
+        forks, _, last = counts
         created = forks - self.forks
         # Each pid handed out moves the cursor past it and past every pid in use that it
         # skips: at most the tasks that existed at the mark and those created since.
