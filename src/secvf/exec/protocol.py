@@ -73,7 +73,7 @@ import enum
 import json
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -941,7 +941,7 @@ def _copy_default(value: Any) -> Any:
     return type(value)(value) if isinstance(value, list | dict) else value
 
 
-def decode_message(frame: Frame) -> Message:
+def decode_message(frame: Frame | FrameView) -> Message:
     """Parse and validate the JSON body of a CONTROL or ERROR frame.
 
     Payload keys unknown to this generation are dropped; absent optional keys get their
@@ -955,7 +955,7 @@ def decode_message(frame: Frame) -> Message:
     if frame.type not in (FrameType.CONTROL, FrameType.ERROR):
         raise BadMessage(f"frame type {frame.type.name} has no JSON body")
     try:
-        doc = json.loads(frame.body.decode("utf-8"))
+        doc = json.loads(str(frame.body, "utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadMessage(f"body is not UTF-8 JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -1035,21 +1035,10 @@ class FrameDecoder:
 
     def _next_frame(self) -> Frame | None:
         buf, start = self._buffer, self._start
-        if len(buf) - start < 2:
+        header = frame_header(buf, start, len(buf), self.max_frame_bytes)
+        if header is None:
             return None
-        if int.from_bytes(buf[start : start + 2], "big") != MAGIC:
-            raise BadFrame(f"bad magic {bytes(buf[start : start + 2])!r}: not a SecVF exec stream")
-        if len(buf) - start < HEADER_BYTES:
-            return None
-        _, type_byte, flags, stream_id, length = HEADER.unpack_from(buf, start)
-        try:
-            frame_type = FrameType(type_byte)
-        except ValueError:
-            raise BadFrame(f"unknown frame type {type_byte:#04x}") from None
-        if flags & ~KNOWN_FLAGS:
-            raise BadFrame(f"unknown flag bits {flags:#04x}")
-        if length > self.max_frame_bytes:
-            raise FrameTooLarge(length, self.max_frame_bytes)
+        frame_type, flags, stream_id, length = header
         end = start + HEADER_BYTES + length
         if len(buf) < end:
             return None
@@ -1057,6 +1046,137 @@ class FrameDecoder:
             body = bytes(view[start + HEADER_BYTES : end])
         self._start = end
         return Frame(frame_type, flags, stream_id, body)
+
+
+def frame_header(
+    buf: bytes | bytearray, start: int, end: int, max_frame_bytes: int
+) -> tuple[FrameType, int, int, int] | None:
+    """Check the frame header at ``buf[start:end]``; return its type, flags, stream id and
+    body length, or None while fewer than :data:`HEADER_BYTES` bytes are there.
+
+    The magic is checked as soon as two bytes are there, so a stream that is not SecVF's
+    fails at once.
+
+    Raises:
+        BadFrame: bad magic, unknown frame type or unknown flags.
+        FrameTooLarge: the body is longer than ``max_frame_bytes``.
+    """
+    if end - start < 2:
+        return None
+    if int.from_bytes(buf[start : start + 2], "big") != MAGIC:
+        raise BadFrame(f"bad magic {bytes(buf[start : start + 2])!r}: not a SecVF exec stream")
+    if end - start < HEADER_BYTES:
+        return None
+    _, type_byte, flags, stream_id, length = HEADER.unpack_from(buf, start)
+    try:
+        frame_type = FrameType(type_byte)
+    except ValueError:
+        raise BadFrame(f"unknown frame type {type_byte:#04x}") from None
+    if flags & ~KNOWN_FLAGS:
+        raise BadFrame(f"unknown flag bits {flags:#04x}")
+    if length > max_frame_bytes:
+        raise FrameTooLarge(length, max_frame_bytes)
+    return frame_type, flags, stream_id, length
+
+
+@dataclass(frozen=True)
+class FrameView:
+    """A frame read by :class:`FrameReader`: its body is a view of the reader's buffer,
+    valid only until the reader is asked for the next frame (copy what must outlive it)."""
+
+    type: FrameType
+    flags: int
+    stream_id: int
+    body: memoryview
+
+
+class FrameReader:
+    """Frames read from a socket into one reused buffer, bodies handed out uncopied.
+
+    ``recv_into`` is the socket's ``recv_into`` (returns 0 at EOF). :meth:`frames` yields
+    each complete frame as a :class:`FrameView` whose body is released when the next one
+    is asked for, so a consumer that writes the body on (a pipe, a file) copies it only
+    into the kernel. The buffer grows to what the frames and ``recv_bytes`` need (at most
+    one header plus ``max_frame_bytes`` plus ``recv_bytes``) and never shrinks. Headers are
+    checked as in :class:`FrameDecoder`, before a body is read.
+
+    Example::
+
+        for frame in FrameReader(sock.recv_into).frames():
+            os.write(fd, frame.body)
+    """
+
+    #: Buffer size before the peer sends more than fits (a control message or two).
+    INITIAL_BYTES = 16 * 1024
+
+    def __init__(
+        self,
+        recv_into: Callable[[memoryview], int],
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        recv_bytes: int = 256 * 1024,
+    ) -> None:
+        self._recv_into = recv_into
+        self.max_frame_bytes = max_frame_bytes
+        self.recv_bytes = recv_bytes
+        self._buffer = bytearray(self.INITIAL_BYTES)
+        self._start = 0  # unconsumed bytes are _buffer[_start:_end]
+        self._end = 0
+        self._streaming = False  # the last receive filled all the room it was given
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """True if no partial frame is buffered (a clean place for the peer to close)."""
+        return self._start == self._end
+
+    def frames(self) -> Iterator[FrameView]:
+        """Yield frames until the peer closes (returns) or breaks the framing (raises).
+
+        Raises:
+            BadFrame, FrameTooLarge: the stream is corrupt.
+            OSError: from ``recv_into``.
+        """
+        while True:
+            length = yield from self._complete_frames()
+            if not self._fill(length):
+                return
+
+    def _complete_frames(self) -> Generator[FrameView, None, int | None]:
+        """Yield the frames whole in the buffer; return the next one's body length if its
+        header is there."""
+        buf = self._buffer
+        while True:
+            header = frame_header(buf, self._start, self._end, self.max_frame_bytes)
+            if header is None:
+                return None
+            frame_type, flags, stream_id, length = header
+            body_start = self._start + HEADER_BYTES
+            if body_start + length > self._end:
+                return length
+            with memoryview(buf) as whole, whole[body_start : body_start + length] as body:
+                self._start = body_start + length
+                yield FrameView(frame_type, flags, stream_id, body)
+
+    def _fill(self, pending_length: int | None) -> int:
+        """Make room and receive once; return the bytes received (0: the peer closed).
+
+        The room is what the next frame still lacks (``pending_length`` is its body length
+        if its header is in), or ``recv_bytes`` while the peer fills whatever it is given.
+        Unconsumed bytes move to the front only when the room is not there behind them.
+        """
+        buf, unconsumed = self._buffer, self._end - self._start
+        wanted = max(HEADER_BYTES + (pending_length or 0) - unconsumed, 1)
+        if self._streaming:
+            wanted = max(wanted, self.recv_bytes)
+        if len(buf) - self._end < wanted:
+            buf[:unconsumed] = buf[self._start : self._end]
+            self._start, self._end = 0, unconsumed
+            if len(buf) - unconsumed < wanted:
+                buf.extend(bytes(unconsumed + wanted - len(buf)))
+        with memoryview(buf) as whole, whole[self._end :] as room:
+            received = self._recv_into(room)
+            self._streaming = received == len(room)
+        self._end += received
+        return received
 
 
 # --------------------------------------------------------------------------- negotiation
@@ -1158,6 +1278,9 @@ __all__ = [
     "DetachedErrorKind",
     "PROCESS_FIELDS",
     "FrameDecoder",
+    "FrameReader",
+    "FrameView",
+    "frame_header",
     "encode_frame",
     "encode_message",
     "encode_data",

@@ -311,8 +311,9 @@ class ExecTask:
 
     # -- input (reader thread) ------------------------------------------------------------
 
-    def write_stdin(self, data: bytes) -> None:
-        """Write ``data`` to the command's stdin, waiting while the pipe is full.
+    def write_stdin(self, data: bytes | memoryview) -> None:
+        """Write ``data`` to the command's stdin, waiting while the pipe is full (``data``
+        is not kept: a frame's body view is written before this returns).
 
         A failed write is reported once as ``stdin_error``; later input is dropped.
         """

@@ -63,15 +63,15 @@ class UploadTask:
             raise _file_failure(exc, self.path) from exc
         self.session.conn.message("upload_ready", self.stream_id)
 
-    def write_chunk(self, data: bytes) -> None:
-        """Append one FILE_DATA chunk."""
+    def write_chunk(self, data: bytes | memoryview) -> None:
+        """Append one FILE_DATA chunk (written before this returns; ``data`` is not kept)."""
         assert self.fd is not None
         try:
             self._write_all(data)
         except OSError as exc:
             self._fail(_file_failure(exc, self.path))
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]

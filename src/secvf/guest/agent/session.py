@@ -82,12 +82,11 @@ class Session:
 
     def serve(self) -> None:
         """Run the session until the client leaves or breaks the protocol (reader thread)."""
-        decoder = protocol.FrameDecoder()
+        reader = protocol.FrameReader(self.conn.sock.recv_into, recv_bytes=RECV_BYTES)
         try:
             self.conn.sock.settimeout(HELLO_TIMEOUT_S)
-            while data := self.conn.sock.recv(RECV_BYTES):
-                for frame in decoder.feed(data):
-                    self._handle(frame)
+            for frame in reader.frames():
+                self._handle(frame)
             self.log.debug("client closed the connection")
         except protocol.ProtocolViolation as exc:
             self.log.warning("protocol violation: %s", exc)
@@ -128,7 +127,7 @@ class Session:
 
     # -- dispatch (reader thread) ---------------------------------------------------------
 
-    def _handle(self, frame: protocol.Frame) -> None:
+    def _handle(self, frame: protocol.FrameView) -> None:
         self.log.debug(
             "<- %s stream=%d %d bytes", frame.type.name, frame.stream_id, len(frame.body)
         )
@@ -145,11 +144,11 @@ class Session:
             if isinstance(task, UploadTask):
                 task.write_chunk(frame.body)
         elif frame.type is protocol.FrameType.ERROR:
-            raise ConnectionGone(f"client sent error: {frame.body[:200]!r}")
+            raise ConnectionGone(f"client sent error: {bytes(frame.body[:200])!r}")
         else:
             raise protocol.BadFrame(f"{frame.type.name} frames cannot be sent to the agent")
 
-    def _handshake(self, frame: protocol.Frame) -> None:
+    def _handshake(self, frame: protocol.FrameView) -> None:
         msg = protocol.decode_message(frame)
         if msg.name != "hello":
             raise protocol.BadMessage(f"expected hello, got {msg.name!r}")
