@@ -1,7 +1,9 @@
 """Split virtqueue and guest memory: every guest-written index and address is checked."""
 
+import mmap
 import os
 import struct
+import time
 
 import pytest
 from hypothesis import given
@@ -16,6 +18,7 @@ from secvf.vsock.virtqueue import (
     DESC_F_WRITE,
     Descriptor,
     RingAddresses,
+    RingIndex,
     SplitVirtqueue,
     walk_chain,
 )
@@ -186,3 +189,83 @@ def test_ring_outside_memory_is_refused(ram):
         SplitVirtqueue(memory, 8, RingAddresses(0x1234, 0x1234, 0x1234), 0)
     with pytest.raises(VhostUserError, match="power of two"):
         SplitVirtqueue(memory, 6, RingAddresses(ram.va(0x100000), ram.va(0), ram.va(0)), 0)
+
+
+def _in_child(work) -> int:
+    """Fork a child that runs ``work()`` and exits; return its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _read_for(index: RingIndex, seconds: float) -> list[int]:
+    values, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        values += [index.read() for _ in range(1000)]
+    return values
+
+
+def test_a_ring_index_is_never_seen_half_written():
+    """Issue 17: ``used.idx`` written with ``struct.pack_into`` was zeroed before each store
+    (0x00FF -> 0x0000 -> 0x0100), and a guest that read the 0 took stale used entries
+    for new ones."""
+    mapping = mmap.mmap(-1, 4096)
+    writer = RingIndex(mapping, 2)
+    writer.write(0x00FF)
+
+    def flip() -> None:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                writer.write(0x0100)
+                writer.write(0x00FF)
+
+    pid = _in_child(flip)
+    try:
+        seen = set(_read_for(RingIndex(mapping, 2), 0.5))
+    finally:
+        os.waitpid(pid, 0)
+    assert seen == {0x00FF, 0x0100}  # both seen (the two ran together), nothing else
+
+
+def test_add_used_stores_used_idx_whole_for_a_concurrent_reader(ram):
+    """add_used moving used.idx across a 256 boundary again and again, read by another
+    process: only the two values it stores are ever seen."""
+    driver, queue = _queue(ram)
+    used_idx = RingIndex(*_memory(ram).va_to_offset(ram.va(driver.used) + 2, 2))
+    queue.next_used = 0x00FE
+    queue.add_used(0, 0)
+
+    def cross() -> None:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            for before in (0x00FE, 0x00FF) * 500:
+                queue.next_used = before
+                queue.add_used(0, 0)
+
+    pid = _in_child(cross)
+    try:
+        seen = set(_read_for(used_idx, 0.5))
+    finally:
+        os.waitpid(pid, 0)
+    assert seen == {0x00FF, 0x0100}
+
+
+def test_a_stopped_queue_lets_its_memory_be_unmapped(ram):
+    memory = _memory(ram)
+    driver = DriverQueue(ram, 8)
+    addresses = RingAddresses(ram.va(driver.desc), ram.va(driver.avail), ram.va(driver.used))
+    queue = SplitVirtqueue(memory, 8, addresses, next_avail=0)
+    queue.stop()
+    memory.close()  # raises BufferError if the queue still held a view of the mapping
+    assert queue.pop() is None
+    assert queue.foreign_used_idx() is None
+
+
+def test_a_misaligned_ring_index_is_refused():
+    with pytest.raises(VhostUserError, match="not 2-byte aligned"):
+        RingIndex(mmap.mmap(-1, 4096), 3)

@@ -28,6 +28,15 @@ safely needs a store-load fence that pure Python cannot issue, so callers signal
 call eventfd after every batch. Plain stores keep their order on x86-64 (TSO), which is
 what makes "write the used element, then the used index" safe here; this module is
 x86-64 only.
+
+The two indices the driver and the device share while both run, ``avail.idx`` and
+``used.idx``, are read and written through :class:`RingIndex`: one 2-byte load or store
+each. ``struct.pack_into`` zeroes its target before it packs, so a ``used.idx`` written
+with it reads 0 for a moment at every update (``0x00FF`` -> ``0x0000`` -> ``0x0100``). A
+driver that reads that 0 takes the stale used entries of the previous lap for new ones:
+it frees buffers still in flight and reports "id N is not a head" (issue 17;
+``docs/vsock.md`` has the evidence). Ring *entries* may still be packed with ``struct``:
+the driver reads them only after the index that publishes them.
 """
 
 from __future__ import annotations
@@ -55,6 +64,36 @@ _USED_ELEM = struct.Struct("<II")
 _U16_MASK = 0xFFFF
 
 log = logging.getLogger(__name__)
+
+
+class RingIndex:
+    """A le16 ring index in guest memory, read and written in one 2-byte access.
+
+    Holds a view of the mapping until :meth:`release` (the mapping cannot be closed
+    before that).
+
+    Raises:
+        VhostUserError: the index is not 2-byte aligned (the spec aligns both rings).
+    """
+
+    def __init__(self, mapping: mmap.mmap, offset: int) -> None:
+        if offset % 2:
+            raise VhostUserError(f"ring index at mapping offset {offset:#x} is not 2-byte aligned")
+        with memoryview(mapping) as whole:
+            self._view = whole[offset : offset + 2].cast("H")  # native order: x86-64 only
+
+    def read(self) -> int:
+        """The index as memory holds it now."""
+        value: int = self._view[0]
+        return value
+
+    def write(self, value: int) -> None:
+        """Store ``value`` (masked to 16 bits) in one store."""
+        self._view[0] = value & _U16_MASK
+
+    def release(self) -> None:
+        """Drop the view of the mapping (later reads and writes raise ValueError)."""
+        self._view.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +207,10 @@ class SplitVirtqueue:
         self._avail = memory.va_to_offset(addresses.avail, 4 + 2 * size)
         self._used = memory.va_to_offset(addresses.used, 4 + 8 * size)
         self._used_gpa = memory.va_to_gpa(addresses.used)
+        self._avail_idx = RingIndex(self._avail[0], self._avail[1] + 2)
+        self._used_idx = RingIndex(self._used[0], self._used[1] + 2)
         self.next_avail = next_avail & _U16_MASK
-        self.next_used = self._read_u16(self._used, 2)
+        self.next_used = self._used_idx.read()
         self.broken = False
         self.stopped = False
         self._used_added = False
@@ -192,8 +233,12 @@ class SplitVirtqueue:
         )
 
     def stop(self) -> None:
-        """Stop the ring for good: later calls neither read nor write guest memory."""
-        self.stopped = True
+        """Stop the ring for good: later calls neither read nor write guest memory (and the
+        mapping may be closed)."""
+        if not self.stopped:
+            self.stopped = True
+            self._avail_idx.release()
+            self._used_idx.release()
 
     def _refuse_late(self, what: str) -> bool:
         """Whether the ring is stopped; if so, log and trace the refused ``what``."""
@@ -210,7 +255,7 @@ class SplitVirtqueue:
         if self.broken or self._refuse_late("pop"):
             return None
         try:
-            avail_idx = self._read_u16(self._avail, 2)
+            avail_idx = self._avail_idx.read()
             pending = (avail_idx - self.next_avail) & _U16_MASK
             if pending == 0:
                 return None
@@ -251,26 +296,28 @@ class SplitVirtqueue:
                 idx=self.next_used,
                 head=head,
                 len=written,
-                mem_idx=self._read_u16(self._used, 2),
+                mem_idx=self._used_idx.read(),
             )
         _USED_ELEM.pack_into(mapping, offset + 4 + 8 * (self.next_used % self.size), head, written)
         self.next_used = (self.next_used + 1) & _U16_MASK
-        _U16.pack_into(mapping, offset + 2, self.next_used)  # x86 TSO: after the element
+        self._used_idx.write(self.next_used)  # x86 TSO: seen after the element
         self._used_added = True
 
     def foreign_used_idx(self) -> int | None:
         """``used.idx`` as memory holds it, if that is not what this device last wrote.
 
         Only the device writes ``used.idx``; a different value means another writer touched
-        the ring (the trace records it as ``foreign``)."""
-        value = self._read_u16(self._used, 2)
+        the ring (the trace records it as ``foreign``). A stopped ring has none."""
+        if self.stopped:
+            return None
+        value = self._used_idx.read()
         return None if value == self.next_used else value
 
     def memory_indices(self) -> dict[str, int]:
         """``avail.idx`` and ``used.idx`` as the ring memory holds them now (for traces)."""
         return {
-            "avail_idx": self._read_u16(self._avail, 2),
-            "used_idx": self._read_u16(self._used, 2),
+            "avail_idx": self._avail_idx.read(),
+            "used_idx": self._used_idx.read(),
         }
 
     def take_used_added(self) -> bool:
