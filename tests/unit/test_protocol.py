@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -227,23 +229,41 @@ def test_generation_negotiation():
         protocol.negotiate_generation(protocol.MIN_GENERATION - 1)
 
 
-def test_iter_chunks_splits_and_preserves_bytes():
-    data = bytes(range(256)) * 1000
-    chunks = list(protocol.iter_chunks(data, 1000))
-    assert b"".join(chunks) == data and max(map(len, chunks)) == 1000
-    assert list(protocol.iter_chunks(b"")) == []
-
-
-def test_data_frame_parts_are_the_same_bytes_as_chunked_frames():
-    data = bytes(range(256)) * 700  # 2.7 chunks of 64 KiB
-    parts = protocol.data_frame_parts(FrameType.STDOUT, 9, memoryview(data))
+@pytest.mark.parametrize("chunk", [1000, protocol.DATA_CHUNK_BYTES, protocol.STDIN_FRAME_BYTES])
+def test_data_frame_parts_are_the_same_bytes_as_chunked_frames(chunk):
+    data = bytes(range(256)) * 2100  # 8.2 chunks of 64 KiB, 2.05 of 256 KiB
+    parts = protocol.data_frame_parts(FrameType.STDOUT, 9, memoryview(data), chunk)
+    view = memoryview(data)
     expected = b"".join(
-        protocol.encode_data(FrameType.STDOUT, 9, chunk) for chunk in protocol.iter_chunks(data)
+        protocol.encode_data(FrameType.STDOUT, 9, bytes(view[i : i + chunk]))
+        for i in range(0, len(data), chunk)
     )
     assert b"".join(bytes(part) for part in parts) == expected
     assert protocol.data_frame_parts(FrameType.STDOUT, 9, b"") == []
     with pytest.raises(ValueError):
         protocol.data_frame_parts(FrameType.CONTROL, 9, data)
+    with pytest.raises(ValueError, match="frames carry"):
+        protocol.data_frame_parts(FrameType.STDIN, 9, data, protocol.MAX_FRAME_BYTES + 1)
+
+
+def test_sendmsg_all_sends_every_part_in_order_over_a_small_socket_buffer():
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # forces partial sendmsg calls
+    data = bytes(range(256)) * 4000
+    parts = protocol.data_frame_parts(FrameType.STDIN, 3, data, 100_000)
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := b.recv(65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    protocol.sendmsg_all(a, parts)
+    a.close()
+    reader.join()
+    b.close()
+    assert bytes(received) == b"".join(bytes(part) for part in parts)
 
 
 def test_decoder_returns_every_frame_of_one_feed_and_keeps_the_partial_rest():

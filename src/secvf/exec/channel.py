@@ -165,11 +165,20 @@ class FrameChannel:
             AgentUnavailable: the channel is closed or the connection broke; part of
                 ``data`` may have been sent.
         """
+        self.send_parts([data])
+
+    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Send ``parts`` (e.g. :func:`~secvf.exec.protocol.data_frame_parts`) in order,
+        whole, without joining them; blocks like :meth:`send`.
+
+        Raises:
+            AgentUnavailable: as for :meth:`send`.
+        """
         with self._send_lock:
             if self._closed:
                 raise AgentUnavailable("the exec connection is closed")
             try:
-                self.sock.sendall(data)
+                protocol.sendmsg_all(self.sock, parts)
             except OSError as exc:
                 raise AgentUnavailable(f"exec connection lost while sending: {exc}") from exc
 

@@ -72,8 +72,9 @@ from __future__ import annotations
 import enum
 import json
 import re
+import socket
 import struct
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,10 @@ HEADER_BYTES = HEADER.size
 MAX_FRAME_BYTES = 1024 * 1024
 #: Size of the data chunks (stdout, stderr, stdin, files) senders should use.
 DATA_CHUNK_BYTES = 64 * 1024
+#: Stdin frames from the host SDK: larger than output frames, so the guest (whose one vCPU
+#: is what limits stdin) handles a quarter of the frames and writes; every generation's
+#: agent accepts frames up to MAX_FRAME_BYTES.
+STDIN_FRAME_BYTES = 256 * 1024
 #: Largest stream id (u32).
 MAX_STREAM_ID = 0xFFFFFFFF
 #: Guest vsock port the agent listens on.
@@ -103,7 +108,7 @@ AGENT_SILENCE_TIMEOUT_S = 30.0
 #: Grace between SIGTERM and SIGKILL when the agent kills a command's process group.
 KILL_GRACE_S = 2.0
 
-assert DATA_CHUNK_BYTES <= MAX_FRAME_BYTES
+assert DATA_CHUNK_BYTES <= STDIN_FRAME_BYTES <= MAX_FRAME_BYTES
 assert AGENT_SILENCE_TIMEOUT_S >= 3 * KEEPALIVE_INTERVAL_S, "clients must tolerate lost beats"
 
 
@@ -891,35 +896,57 @@ def encode_data(frame_type: FrameType, stream_id: int, data: bytes, flags: int =
 
 
 def data_frame_parts(
-    frame_type: FrameType, stream_id: int, data: bytes | bytearray | memoryview
+    frame_type: FrameType,
+    stream_id: int,
+    data: bytes | bytearray | memoryview,
+    chunk_bytes: int = DATA_CHUNK_BYTES,
 ) -> list[bytes | memoryview]:
-    """Return ``data`` as consecutive data frames of at most :data:`DATA_CHUNK_BYTES`,
-    as a list ``[header, body, header, body, ...]`` for one ``socket.sendmsg``.
+    """Return ``data`` as consecutive data frames of at most ``chunk_bytes`` (at most
+    :data:`MAX_FRAME_BYTES`), as a list ``[header, body, header, body, ...]`` for
+    :func:`sendmsg_all`.
 
     The bodies are views of ``data`` (nothing is copied), so ``data`` must not change
     until the parts are sent. The bytes on the wire equal
-    ``b"".join(encode_data(frame_type, stream_id, c) for c in iter_chunks(data))``.
+    ``encode_data`` of each ``chunk_bytes`` slice of ``data``, joined.
 
     Raises:
-        ValueError: not a data frame type, or ``stream_id`` out of range.
+        ValueError: not a data frame type, ``stream_id`` out of range, or ``chunk_bytes``
+            not in 1..MAX_FRAME_BYTES.
     """
     if frame_type not in DATA_FRAME_TYPES:
         raise ValueError(f"{frame_type!r} is not a data frame type")
+    if not 0 < chunk_bytes <= MAX_FRAME_BYTES:
+        raise ValueError(f"chunk of {chunk_bytes} bytes; frames carry 1..{MAX_FRAME_BYTES}")
     if not 0 <= stream_id <= MAX_STREAM_ID:
         raise ValueError(f"stream id {stream_id} out of range")
     view = memoryview(data).cast("B")
     parts: list[bytes | memoryview] = []
-    for start in range(0, len(view), DATA_CHUNK_BYTES):
-        body = view[start : start + DATA_CHUNK_BYTES]
+    for start in range(0, len(view), chunk_bytes):
+        body = view[start : start + chunk_bytes]
         parts += (HEADER.pack(MAGIC, int(frame_type), 0, stream_id, len(body)), body)
     return parts
 
 
-def iter_chunks(data: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
-    """Yield ``data`` in slices of at most ``chunk_bytes`` (nothing for empty data)."""
-    view = memoryview(data)
-    for start in range(0, len(data), chunk_bytes):
-        yield bytes(view[start : start + chunk_bytes])
+#: Most buffers handed to one ``sendmsg`` (Linux's IOV_MAX is 1024).
+SENDMSG_MAX_PARTS = 512
+
+
+def sendmsg_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """``sendall`` for a list of buffers (e.g. :func:`data_frame_parts`): ``sendmsg``
+    until every byte is written, nothing copied.
+
+    Raises:
+        OSError: from the socket (part of the data may have been sent).
+    """
+    pending = [memoryview(part).cast("B") for part in parts if len(part)]
+    while pending:
+        sent = sock.sendmsg(pending[:SENDMSG_MAX_PARTS])
+        while sent:
+            if sent >= len(pending[0]):
+                sent -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][sent:]
+                sent = 0
 
 
 def _apply_spec(spec: MessageSpec, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -1287,8 +1314,8 @@ __all__ = [
     "encode_error_frame",
     "decode_message",
     "build_payload",
-    "iter_chunks",
     "data_frame_parts",
+    "sendmsg_all",
     "negotiate_generation",
     "describe_contract",
     "ProtocolViolation",

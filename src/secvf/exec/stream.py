@@ -179,19 +179,24 @@ class ExecSession(OutputStream):
 
     _MESSAGES = ("stdin_error",)
 
-    def write_stdin(self, data: bytes) -> None:
+    def write_stdin(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` to the command's stdin (needs ``start(..., stdin=True)`` or tty).
 
-        Blocks while the guest applies back-pressure. Data sent after the command
-        exited is dropped by the agent.
+        Blocks while the guest applies back-pressure; ``data`` goes out in
+        :data:`~secvf.exec.protocol.STDIN_FRAME_BYTES` frames, uncopied, and must not change
+        until this returns. Data sent after the command exited is dropped by the agent.
 
         Raises:
             AgentUnavailable: the connection broke; a prefix of ``data`` may have been
                 delivered.
         """
-        for chunk in protocol.iter_chunks(data):
-            self._channel.send(
-                protocol.encode_data(protocol.FrameType.STDIN, self.stream_id, chunk)
+        view = memoryview(data).cast("B")
+        step = protocol.STDIN_FRAME_BYTES
+        for start in range(0, len(view), step):  # a frame per send: signals and cancels
+            self._channel.send_parts(  # share the send lock and need not wait long
+                protocol.data_frame_parts(
+                    protocol.FrameType.STDIN, self.stream_id, view[start : start + step], step
+                )
             )
 
     def close_stdin(self) -> None:
@@ -311,9 +316,9 @@ class StdinFeeder:
     def _bh_feed(self) -> None:
         try:
             if isinstance(self._source, bytes | bytearray | memoryview):
-                self._session.write_stdin(bytes(self._source))
+                self._session.write_stdin(bytes(self._source))  # a copy the caller cannot change
             else:
-                while chunk := self._source.read(protocol.DATA_CHUNK_BYTES):
+                while chunk := self._source.read(protocol.STDIN_FRAME_BYTES):
                     self._session.write_stdin(chunk)
             self._session.close_stdin()
         except AgentUnavailable:

@@ -32,8 +32,8 @@ class Connection:
 
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send ``parts`` (e.g. :func:`~secvf.exec.protocol.data_frame_parts`) in order,
-        as whole frames, with as few ``sendmsg`` calls as the socket allows; blocks like
-        :meth:`send`.
+        as whole frames, with as few ``sendmsg`` calls as the socket allows
+        (:func:`~secvf.exec.protocol.sendmsg_all`); blocks like :meth:`send`.
 
         Raises:
             ConnectionGone: the socket is closed or the peer went away.
@@ -42,7 +42,7 @@ class Connection:
             if self.broken:
                 raise ConnectionGone("connection already failed")
             try:
-                _sendmsg_all(self.sock, parts)
+                protocol.sendmsg_all(self.sock, parts)
             except OSError as exc:
                 self.broken = True
                 raise ConnectionGone(str(exc)) from exc
@@ -59,20 +59,3 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
-
-
-#: Most buffers handed to one ``sendmsg`` (Linux's IOV_MAX is 1024).
-SENDMSG_MAX_PARTS = 512
-
-
-def _sendmsg_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
-    """``sendall`` for a list of buffers: ``sendmsg`` until every byte is written."""
-    pending = [memoryview(part).cast("B") for part in parts if len(part)]
-    while pending:
-        sent = sock.sendmsg(pending[:SENDMSG_MAX_PARTS])
-        while sent:
-            if sent >= len(pending[0]):
-                sent -= len(pending.pop(0))
-            else:
-                pending[0] = pending[0][sent:]
-                sent = 0
