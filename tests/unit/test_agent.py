@@ -121,6 +121,32 @@ def test_stdin_write_to_closed_pipe_is_a_non_terminal_event(client):
     assert b"still-here" in b"".join(e.data for e in events if isinstance(e, Stdout))
 
 
+def test_large_stdin_into_a_command_that_stops_reading_keeps_the_connection_usable(client):
+    """The agent splices big STDIN frames into the pipe; what the command no longer takes
+    is dropped from the socket and the next frames are read as frames."""
+    result = client.run(["head", "-c", "1000"], stdin=os.urandom(4 * 1024 * 1024))
+    assert result.exit_code == 0 and len(result.stdout) == 1000
+    assert client.run(["echo", "next"]).stdout == b"next\n"
+
+
+def test_large_stdin_reaches_a_terminal_whole(client):
+    """A terminal's master is not a pipe, so the rest of a big frame is received and
+    written instead of spliced."""
+    data = bytes(range(256)) * 1200  # 300 KiB: more than one STDIN frame
+    script = "stty raw -echo; echo ready; head -c 307200 | sha256sum"
+    session = client.start(script, tty=True, stdin=True, timeout=30)
+    events = iter(session)
+    output = b""
+    while b"ready" not in output:  # raw first, or the line discipline would cook the bytes
+        event = next(events)
+        output += event.data if isinstance(event, Stdout) else b""
+    session.write_stdin(data)
+    rest = list(events)
+    output += b"".join(e.data for e in rest if isinstance(e, Stdout))
+    assert hashlib.sha256(data).hexdigest().encode() in output
+    assert rest[-1] == session.exited
+
+
 # --------------------------------------------------------------------------- env, cwd
 
 

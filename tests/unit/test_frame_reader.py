@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import random
+import socket
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -222,3 +226,99 @@ def test_decode_message_rejects_a_bad_view_body_like_a_bad_frame_body():
     for view in FrameReader(FakeSocket(wire).recv_into).frames():
         with pytest.raises(BadMessage, match="not UTF-8 JSON"):
             protocol.decode_message(view)
+
+
+# -- splicing the rest of large STDIN bodies -------------------------------------------
+
+
+def _spliced_stream(frames: list[bytes]) -> tuple[socket.socket, FrameReader, threading.Thread]:
+    """A reader over a real socket pair (splice needs real descriptors), fed ``frames`` by
+    a thread that closes its end afterwards."""
+    ours, theirs = socket.socketpair()
+
+    def send() -> None:
+        with theirs:
+            theirs.sendall(b"".join(frames))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return ours, FrameReader(ours.recv_into, recv_bytes=4096, splice_from=ours.fileno()), sender
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 1 << 20):
+            into.extend(chunk)
+
+
+def test_the_rest_of_a_large_stdin_body_is_spliced_into_a_pipe():
+    bodies = [bytes([i]) * (300_000 + i) for i in range(3)]
+    frames = [protocol.encode_message("ping")]
+    frames += [protocol.encode_data(FrameType.STDIN, 5, body) for body in bodies]
+    frames.append(protocol.encode_message("ping"))
+    sock, reader, sender = _spliced_stream(frames)
+    pipe_r, pipe_w = os.pipe()
+    os.set_blocking(pipe_r, False)
+    os.set_blocking(pipe_w, False)
+    got, kinds, spliced = [], [], 0
+    with sock:
+        for frame in reader.frames():
+            kinds.append(frame.type)
+            if frame.type is not FrameType.STDIN:
+                continue
+            received = bytearray(frame.body)
+            while reader.rest:
+                reader.wait_for_rest()
+                with contextlib.suppress(BlockingIOError):
+                    spliced += reader.splice_rest(pipe_w)
+                _drain(pipe_r, received)
+            got.append(bytes(received))
+    sender.join()
+    assert kinds == [FrameType.CONTROL, *[FrameType.STDIN] * 3, FrameType.CONTROL]
+    assert got == bodies
+    assert spliced > sum(map(len, bodies)) * 0.9  # nearly all of it went kernel to kernel
+
+
+def test_a_rest_the_consumer_leaves_is_dropped_and_the_next_frames_still_come():
+    frames = [protocol.encode_data(FrameType.STDIN, 5, b"x" * 200_000),
+              protocol.encode_data(FrameType.STDOUT, 6, b"y" * 200_000),
+              protocol.encode_message("ping")]  # fmt: skip
+    sock, reader, sender = _spliced_stream(frames)
+    with sock:
+        seen = [(f.type, f.rest > 0, bytes(f.body)[:1]) for f in reader.frames()]
+    sender.join()
+    assert seen[0][:2] == (FrameType.STDIN, True)  # only STDIN is left on the socket
+    assert seen[1] == (FrameType.STDOUT, False, b"y")
+    assert seen[2][0] is FrameType.CONTROL
+
+
+def test_receive_rest_hands_the_rest_over_in_pieces():
+    body = bytes(range(256)) * 1000
+    sock, reader, sender = _spliced_stream([protocol.encode_data(FrameType.STDIN, 5, body)])
+    with sock:
+        for frame in reader.frames():
+            received = bytearray(frame.body)
+            for piece in reader.receive_rest():
+                received += piece
+    sender.join()
+    assert bytes(received) == body
+
+
+def test_the_peer_closing_inside_a_spliced_body_ends_the_frames():
+    whole = protocol.encode_data(FrameType.STDIN, 5, b"z" * 100_000)
+    sock, reader, sender = _spliced_stream([whole[:50_000]])
+    pipe_r, pipe_w = os.pipe()
+    os.set_blocking(pipe_w, False)
+    moved, frames = [], 0
+    with sock:
+        for frame in reader.frames():
+            frames += 1
+            moved.append(len(frame.body))
+            while reader.rest:
+                reader.wait_for_rest()
+                moved.append(reader.splice_rest(pipe_w))
+                if moved[-1] == 0:
+                    break
+    sender.join()
+    assert frames == 1 and moved[-1] == 0  # EOF seen, and no further frame
+    assert sum(moved) == 50_000 - HEADER_BYTES

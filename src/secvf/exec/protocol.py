@@ -71,7 +71,9 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import re
+import select
 import socket
 import struct
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -1115,6 +1117,7 @@ class FrameView:
     flags: int
     stream_id: int
     body: memoryview
+    rest: int = 0  # body bytes still on the socket, after ``body`` (see FrameReader.splice_rest)
 
 
 class FrameReader:
@@ -1127,6 +1130,13 @@ class FrameReader:
     one header plus ``max_frame_bytes`` plus ``recv_bytes``) and never shrinks. Headers are
     checked as in :class:`FrameDecoder`, before a body is read.
 
+    With ``splice_from`` (the socket's descriptor), a STDIN frame whose body has at least
+    :attr:`SPLICE_MIN_BYTES` still to come is yielded at once with what is buffered as
+    ``body`` and the count still on the socket as ``rest``: the consumer moves that part
+    with :meth:`splice_rest` (kernel to kernel, e.g. into a pipe), and whatever it leaves
+    is read and dropped when it asks for the next frame. After such a frame the reader
+    receives the next header alone, so a run of large STDIN frames is spliced whole.
+
     Example::
 
         for frame in FrameReader(sock.recv_into).frames():
@@ -1135,20 +1145,70 @@ class FrameReader:
 
     #: Buffer size before the peer sends more than fits (a control message or two).
     INITIAL_BYTES = 16 * 1024
+    #: Least body left on the socket worth splicing instead of receiving.
+    SPLICE_MIN_BYTES = 16 * 1024
+    SPLICED_TYPES = frozenset({FrameType.STDIN})
 
     def __init__(
         self,
         recv_into: Callable[[memoryview], int],
         max_frame_bytes: int = MAX_FRAME_BYTES,
         recv_bytes: int = 256 * 1024,
+        splice_from: int | None = None,
     ) -> None:
         self._recv_into = recv_into
         self.max_frame_bytes = max_frame_bytes
         self.recv_bytes = recv_bytes
+        self._splice_from = splice_from
         self._buffer = bytearray(self.INITIAL_BYTES)
         self._start = 0  # unconsumed bytes are _buffer[_start:_end]
         self._end = 0
         self._streaming = False  # the last receive filled all the room it was given
+        self._header_only = False  # the next receive takes one header, no more
+        self._rest = 0  # body bytes of the yielded frame still on the socket
+        self._eof = False  # the peer closed while a body was being spliced
+
+    @property
+    def rest(self) -> int:
+        """Body bytes of the current frame still on the socket."""
+        return self._rest
+
+    def receive_rest(self) -> Iterator[memoryview]:
+        """Receive the rest of the current frame's body into the buffer, yielding a view of
+        each piece (valid until the next one is asked for)."""
+        with memoryview(self._buffer) as whole:
+            while self._rest:
+                received = self._recv_into(whole[: min(self._rest, len(whole))])
+                if not received:
+                    self._eof = True
+                    return
+                self._rest -= received
+                with whole[:received] as piece:
+                    yield piece
+
+    def wait_for_rest(self) -> None:
+        """Block until the socket has some of the rest to splice (or the peer closed)."""
+        assert self._splice_from is not None
+        poller = select.poll()
+        poller.register(self._splice_from, select.POLLIN)
+        poller.poll()
+
+    def splice_rest(self, fd: int) -> int:
+        """Move up to :attr:`rest` bytes from the socket into ``fd`` with one
+        ``os.splice``; return how many (0: the peer closed). ``fd`` should be a
+        non-blocking pipe; the socket should be readable (:meth:`wait_for_rest`), else
+        this blocks until it is.
+
+        Raises:
+            BlockingIOError: ``fd`` is full.
+            OSError: from ``os.splice``.
+        """
+        assert self._splice_from is not None
+        moved = os.splice(self._splice_from, fd, self._rest, flags=os.SPLICE_F_NONBLOCK)
+        if moved == 0:
+            self._eof = True
+        self._rest -= moved
+        return moved
 
     @property
     def at_frame_boundary(self) -> bool:
@@ -1164,24 +1224,44 @@ class FrameReader:
         """
         while True:
             length = yield from self._complete_frames()
-            if not self._fill(length):
+            if self._eof or not self._fill(length):
                 return
 
     def _complete_frames(self) -> Generator[FrameView, None, int | None]:
-        """Yield the frames whole in the buffer; return the next one's body length if its
-        header is there."""
+        """Yield the frames whole in the buffer (and a spliceable one begun); return the
+        next one's body length if its header is there."""
         buf = self._buffer
         while True:
             header = frame_header(buf, self._start, self._end, self.max_frame_bytes)
             if header is None:
                 return None
+            self._header_only = False
             frame_type, flags, stream_id, length = header
             body_start = self._start + HEADER_BYTES
-            if body_start + length > self._end:
+            end = min(body_start + length, self._end)
+            rest = body_start + length - end
+            if rest and not self._spliceable(frame_type, rest):
                 return length
-            with memoryview(buf) as whole, whole[body_start : body_start + length] as body:
-                self._start = body_start + length
-                yield FrameView(frame_type, flags, stream_id, body)
+            with memoryview(buf) as whole, whole[body_start:end] as body:
+                self._start, self._rest = end, rest
+                yield FrameView(frame_type, flags, stream_id, body, rest)
+            if rest:
+                self._drop_rest()
+                self._header_only = True
+                if self._eof:
+                    return None
+
+    def _spliceable(self, frame_type: FrameType, rest: int) -> bool:
+        return (
+            self._splice_from is not None
+            and frame_type in self.SPLICED_TYPES
+            and rest >= self.SPLICE_MIN_BYTES
+        )
+
+    def _drop_rest(self) -> None:
+        """Receive and drop what the consumer did not take of the last frame's body."""
+        for _ in self.receive_rest():
+            pass
 
     def _fill(self, pending_length: int | None) -> int:
         """Make room and receive once; return the bytes received (0: the peer closed).
@@ -1192,14 +1272,15 @@ class FrameReader:
         """
         buf, unconsumed = self._buffer, self._end - self._start
         wanted = max(HEADER_BYTES + (pending_length or 0) - unconsumed, 1)
-        if self._streaming:
+        if self._streaming and not self._header_only:
             wanted = max(wanted, self.recv_bytes)
         if len(buf) - self._end < wanted:
             buf[:unconsumed] = buf[self._start : self._end]
             self._start, self._end = 0, unconsumed
             if len(buf) - unconsumed < wanted:
                 buf.extend(bytes(unconsumed + wanted - len(buf)))
-        with memoryview(buf) as whole, whole[self._end :] as room:
+        limit = self._end + wanted if self._header_only else len(buf)
+        with memoryview(buf) as whole, whole[self._end : limit] as room:
             received = self._recv_into(room)
             self._streaming = received == len(room)
         self._end += received

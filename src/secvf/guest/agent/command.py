@@ -341,6 +341,41 @@ class ExecTask:
                 poller.poll(STDIN_POLL_S * 1000)
                 return 0
 
+    def take_stdin_rest(self, reader: protocol.FrameReader) -> None:
+        """Move the rest of a STDIN frame's body from the socket to the command: spliced
+        into its stdin pipe (no copy through Python), or for a terminal received and
+        written. What is not taken (the command is gone, the write failed) the reader
+        drops."""
+        if self.tty_fd is not None:
+            for piece in reader.receive_rest():
+                self.write_stdin(piece)
+            return
+        while reader.rest:
+            reader.wait_for_rest()
+            try:
+                if self._splice_some(reader) == 0:
+                    return  # the client closed inside the frame
+            except _InputClosed:
+                return
+            except OSError as exc:
+                self._report_stdin_error(exc)
+                return
+
+    def _splice_some(self, reader: protocol.FrameReader) -> int | None:
+        """Splice what the pipe takes now, else wait up to STDIN_POLL_S; return bytes moved
+        (None: the pipe was full)."""
+        with self._fd_lock:
+            fd = self.stdin_fd
+            if not self._fds_open or fd is None or self.state is not TaskState.RUNNING:
+                raise _InputClosed
+            try:
+                return reader.splice_rest(fd)
+            except BlockingIOError:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                poller.poll(STDIN_POLL_S * 1000)
+                return None
+
     def _report_stdin_error(self, exc: OSError) -> None:
         self.close_stdin()
         if not self._stdin_failed:

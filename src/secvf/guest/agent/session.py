@@ -82,10 +82,13 @@ class Session:
 
     def serve(self) -> None:
         """Run the session until the client leaves or breaks the protocol (reader thread)."""
-        reader = protocol.FrameReader(self.conn.sock.recv_into, recv_bytes=RECV_BYTES)
+        sock = self.conn.sock
+        self._reader = protocol.FrameReader(
+            sock.recv_into, recv_bytes=RECV_BYTES, splice_from=sock.fileno()
+        )
         try:
-            self.conn.sock.settimeout(HELLO_TIMEOUT_S)
-            for frame in reader.frames():
+            sock.settimeout(HELLO_TIMEOUT_S)
+            for frame in self._reader.frames():
                 self._handle(frame)
             self.log.debug("client closed the connection")
         except protocol.ProtocolViolation as exc:
@@ -139,6 +142,8 @@ class Session:
             task = self._task(frame.stream_id)
             if isinstance(task, ExecTask):
                 task.write_stdin(frame.body)
+                if frame.rest:  # left on the socket by the reader: moved without a copy
+                    task.take_stdin_rest(self._reader)
         elif frame.type is protocol.FrameType.FILE_DATA:
             task = self._task(frame.stream_id)
             if isinstance(task, UploadTask):
