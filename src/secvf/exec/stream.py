@@ -190,14 +190,11 @@ class ExecSession(OutputStream):
             AgentUnavailable: the connection broke; a prefix of ``data`` may have been
                 delivered.
         """
-        view = memoryview(data).cast("B")
-        step = protocol.STDIN_FRAME_BYTES
-        for start in range(0, len(view), step):  # a frame per send: signals and cancels
-            self._channel.send_parts(  # share the send lock and need not wait long
-                protocol.data_frame_parts(
-                    protocol.FrameType.STDIN, self.stream_id, view[start : start + step], step
-                )
-            )
+        parts = protocol.data_frame_parts(
+            protocol.FrameType.STDIN, self.stream_id, data, protocol.STDIN_FRAME_BYTES
+        )
+        for start in range(0, len(parts), 2):  # a frame per send: signals and cancels share
+            self._channel.send_parts(parts[start : start + 2])  # the lock, need not wait long
 
     def close_stdin(self) -> None:
         """Send EOF on stdin (for a PTY: the terminal's EOF character).

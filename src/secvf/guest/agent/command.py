@@ -318,28 +318,15 @@ class ExecTask:
         A failed write is reported once as ``stdin_error``; later input is dropped.
         """
         view = memoryview(data)
-        while view:
-            try:
-                view = view[self._write_some(view) :]
-            except _InputClosed:
-                return
-            except OSError as exc:
-                self._report_stdin_error(exc)
-                return
 
-    def _write_some(self, view: memoryview) -> int:
-        """Write what the pipe takes now, else wait up to STDIN_POLL_S; return bytes written."""
-        with self._fd_lock:
-            fd = self.stdin_fd
-            if not self._fds_open or fd is None or self.state is not TaskState.RUNNING:
-                raise _InputClosed
-            try:
-                return os.write(fd, view)
-            except BlockingIOError:
-                poller = select.poll()
-                poller.register(fd, select.POLLOUT)
-                poller.poll(STDIN_POLL_S * 1000)
-                return 0
+        def write(fd: int) -> int:
+            return os.write(fd, view)  # what is left of it, at each call
+
+        try:
+            while view:
+                view = view[self._stdin_step(write) or 0 :]
+        except _InputClosed:
+            return
 
     def take_stdin_rest(self, reader: protocol.FrameReader) -> None:
         """Move the rest of a STDIN frame's body from the socket to the command: spliced
@@ -350,31 +337,37 @@ class ExecTask:
             for piece in reader.receive_rest():
                 self.write_stdin(piece)
             return
-        while reader.rest:
-            reader.wait_for_rest()
-            try:
-                if self._splice_some(reader) == 0:
+        try:
+            while reader.rest:
+                reader.wait_for_rest()
+                if self._stdin_step(reader.splice_rest) == 0:
                     return  # the client closed inside the frame
-            except _InputClosed:
-                return
-            except OSError as exc:
-                self._report_stdin_error(exc)
-                return
+        except _InputClosed:
+            return
 
-    def _splice_some(self, reader: protocol.FrameReader) -> int | None:
-        """Splice what the pipe takes now, else wait up to STDIN_POLL_S; return bytes moved
-        (None: the pipe was full)."""
+    def _stdin_step(self, move: Callable[[int], int]) -> int | None:
+        """Run ``move(stdin_fd)`` (a write or a splice into the pipe) once; return what it
+        returned, or None after waiting up to STDIN_POLL_S if the pipe was full.
+
+        Raises:
+            _InputClosed: stdin is closed or the command has ended, or the move failed
+                (reported once as ``stdin_error``): drop the input.
+        """
         with self._fd_lock:
             fd = self.stdin_fd
             if not self._fds_open or fd is None or self.state is not TaskState.RUNNING:
                 raise _InputClosed
             try:
-                return reader.splice_rest(fd)
+                return move(fd)
             except BlockingIOError:
                 poller = select.poll()
                 poller.register(fd, select.POLLOUT)
                 poller.poll(STDIN_POLL_S * 1000)
                 return None
+            except OSError as exc:
+                failure = exc
+        self._report_stdin_error(failure)  # outside the lock: it sends a message
+        raise _InputClosed from failure
 
     def _report_stdin_error(self, exc: OSError) -> None:
         self.close_stdin()

@@ -68,6 +68,10 @@ class Session:
     def __init__(self, agent: Agent, sock: socket.socket, number: int) -> None:
         self.agent = agent
         self.conn = Connection(sock)
+        # STDIN bodies too large for the buffer are left on the socket for ExecTask to splice
+        self._reader = protocol.FrameReader(
+            sock.recv_into, recv_bytes=RECV_BYTES, splice_from=sock.fileno()
+        )
         self.number = number
         self.state = SessionState.HANDSHAKE
         self.generation = protocol.GENERATION
@@ -82,12 +86,8 @@ class Session:
 
     def serve(self) -> None:
         """Run the session until the client leaves or breaks the protocol (reader thread)."""
-        sock = self.conn.sock
-        self._reader = protocol.FrameReader(
-            sock.recv_into, recv_bytes=RECV_BYTES, splice_from=sock.fileno()
-        )
         try:
-            sock.settimeout(HELLO_TIMEOUT_S)
+            self.conn.sock.settimeout(HELLO_TIMEOUT_S)
             for frame in self._reader.frames():
                 self._handle(frame)
             self.log.debug("client closed the connection")
