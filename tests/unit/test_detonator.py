@@ -289,6 +289,36 @@ def test_a_sample_that_kills_strace_is_reported_as_monitor_died(tmp_path: Path) 
     assert result is not None and result.monitor_died and result.timed_out
 
 
+@needs_strace
+def test_a_sample_that_kills_strace_and_ends_is_still_monitor_died(tmp_path: Path) -> None:
+    # nothing of the sample is left when strace is found dead: only the log shows that
+    # strace never wrote how the sample's process ended
+    run = _Run(tmp_path)
+    _sample(run, "#!/bin/sh\nkill -9 $PPID\n", timeout_s=30)
+    result, events = run.go()
+    assert [e["event"] for e in events] == ["medium", "start", "monitor_died", "exit", "done"]
+    assert result is not None and result.monitor_died and not result.timed_out
+    assert "kill(" in run.text()  # the unfinished last line is in the log too
+
+
+@pytest.mark.parametrize(("lines", "missing"), [
+    ([], False),  # strace traced nothing (it could not start the sample)
+    ([b"7  10:00:00.1 execve(...) = 0", b"7  10:00:00.2 +++ exited with 0 +++"], False),
+    ([b"7  10:00:00.1 execve(...) = 0", b"7  10:00:00.2 +++ killed by SIGKILL +++"], False),
+    ([b"7  10:00:00.1 execve(...) = 0", b"8  10:00:00.2 +++ exited with 0 +++"], True),
+    ([b"7  10:00:00.1 execve(...) = 0", b"7  10:00:00.2 kill(6, SIGKILL"], True),
+    ([b"7  10:00:00.1 execve(...) = 0", b"7  10:00:00.2 write(1, \"+++ exited with 0 +++\""],
+     True),
+    ([b"strace: garbage", b"7  10:00:00.2 +++ exited with 0 +++"], False),
+])
+def test_a_missing_end_of_the_sample_process_is_noticed(lines: list[bytes],
+                                                        missing: bool) -> None:
+    result = d.RunResult()
+    for line in lines:
+        d.note_traced_end(line, result)
+    assert result.end_missing is missing
+
+
 def test_the_medium_builder_writes_a_rock_ridge_iso(tmp_path: Path) -> None:
     pycdlib = pytest.importorskip("pycdlib")
     sample = tmp_path / "evil name.sh"

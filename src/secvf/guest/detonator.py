@@ -214,6 +214,7 @@ _DENIED = re.compile(
     + rb")(?: resumed>|\()(?P<args>.*)\)\s*=\s*-1\s+(?P<err>EROFS|EACCES)\b"
 )
 _OPEN_CALLS = (b"open", b"openat", b"openat2")
+_LINE_PID = re.compile(rb"^(?P<pid>\d+)\s+\S+\s+(?P<end>\+\+\+ (?:exited with|killed by) )?")
 _OPEN_WRITE_FLAGS = (b"O_WRONLY", b"O_RDWR", b"O_CREAT", b"O_TRUNC")
 
 
@@ -231,6 +232,20 @@ def denied_medium_write(line: bytes, medium: str = MOUNT_POINT) -> tuple[str, in
         if quoted.startswith(prefix) or quoted == medium.encode():
             return quoted.decode(errors="replace"), int(match["pid"])
     return None
+
+
+def note_traced_end(line: bytes, result: RunResult) -> None:
+    """Keep in ``result`` which process the strace ``line`` is about if it is the first
+    (the sample's own process) and whether it is that process's ``+++ exited with`` or
+    ``+++ killed by`` line."""
+    match = _LINE_PID.match(line)
+    if match is None:
+        return
+    pid = int(match["pid"])
+    if result.traced_pid is None:
+        result.traced_pid = pid
+    if pid == result.traced_pid and match["end"]:
+        result.traced_end_seen = True
 
 
 # ---- the manifest ----------------------------------------------------------------------
@@ -450,6 +465,14 @@ class RunResult:
     monitor_died: bool = False
     pid_limit_hit: bool = False
     denied: list[tuple[str, int]] = field(default_factory=list)
+    traced_pid: int | None = None  #: the pid of strace's first line (the sample's process)
+    traced_end_seen: bool = False  #: strace logged how that process ended
+
+    @property
+    def end_missing(self) -> bool:
+        """strace traced the sample but did not log how its process ended: strace was
+        killed (or crashed) before that, whatever became of the sample."""
+        return self.traced_pid is not None and not self.traced_end_seen
 
 
 def strace_argv(fifo: Path, manifest: Manifest, sample_path: str,
@@ -551,11 +574,11 @@ class Runner:
                 self.log.event("pid_limit", limit=manifest.pid_limit)
             status = proc.poll()
             if status is not None and not result.monitor_died:
-                self._copy(fifo_fd, splitter, result)
-                if not self._sample_left(proc.pid):
-                    self._exit(result, status, splitter)
+                self._drain(fifo_fd, splitter, result)
+                if not self._sample_left(proc.pid) and not result.end_missing:
+                    self._exit(result, status)
                     return result
-                # strace is gone but the sample is not: what follows is not traced
+                # strace is gone before the sample's end: what follows is not traced
                 result.monitor_died = True
                 self._status(result, status)
                 self.log.event("monitor_died", code=result.code, signal=result.signal)
@@ -569,8 +592,8 @@ class Runner:
                 if result.monitor_died:
                     return result
                 status = self._wait(proc)
-                self._copy(fifo_fd, splitter, result)
-                self._exit(result, status, splitter)
+                self._drain(fifo_fd, splitter, result)
+                self._exit(result, status)
                 return result
 
     def _sample_left(self, group: int) -> bool:
@@ -597,9 +620,7 @@ class Runner:
             proc.kill()
             return proc.wait()
 
-    def _exit(self, result: RunResult, status: int, splitter: LineSplitter) -> None:
-        for line in splitter.flush():
-            self._strace_line(line, result)
+    def _exit(self, result: RunResult, status: int) -> None:
         self._status(result, status)
         self.log.event("exit", code=result.code, signal=result.signal)
 
@@ -623,8 +644,15 @@ class Runner:
             for line in splitter.feed(data):
                 self._strace_line(line, result)
 
+    def _drain(self, fd: int, splitter: LineSplitter, result: RunResult) -> None:
+        """Copy what strace left in the FIFO once it has exited, its last line too."""
+        self._copy(fd, splitter, result)
+        for line in splitter.flush():
+            self._strace_line(line, result)
+
     def _strace_line(self, line: bytes, result: RunResult) -> None:
         self.log.strace(line)
+        note_traced_end(line, result)
         denied = denied_medium_write(line, self.medium)
         if denied is not None and len(result.denied) < MAX_DENIED_EVENTS:
             result.denied.append(denied)
