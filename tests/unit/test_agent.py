@@ -288,6 +288,26 @@ def test_cancel_kills_the_command(client):
     assert exited.signal == signal.SIGTERM
 
 
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_client_that_stops_reading_cannot_hold_off_the_timeout_or_a_cancel(client, how,
+                                                                             tmp_path):
+    # nothing of the output is read, so the agent's send of it blocks: the command's
+    # thread must still end the command
+    pidfile = tmp_path / "pid"
+    session = client.start(f"echo $$ > {pidfile}.new && mv {pidfile}.new {pidfile}; exec yes",
+                           timeout=1 if how == "timeout" else 60)
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = int(pidfile.read_text())
+    time.sleep(0.5)  # the client's socket buffer fills: the send blocks
+    if how == "cancel":
+        session.cancel()
+    assert _gone(pid, within_s=8), "the command outlived its end while the client was idle"
+    exited = [e for e in session if isinstance(e, Exited)][0]  # reads what piled up
+    assert (exited.timed_out, exited.cancelled) == (how == "timeout", how == "cancel")
+
+
 def test_signal_reaches_the_process_group(client):
     session = client.start("sleep 300")
     session.send_signal(signal.SIGINT)
