@@ -304,6 +304,18 @@ def test_receive_rest_hands_the_rest_over_in_pieces():
     assert bytes(received) == body
 
 
+def test_receiving_the_rest_leaves_the_frames_body_view_intact():
+    body = random.Random(7).randbytes(256_000)
+    sock, reader, sender = _spliced_stream([protocol.encode_data(FrameType.STDIN, 5, body)])
+    with sock:
+        for frame in reader.frames():
+            first = bytes(frame.body)
+            pieces = [bytes(piece) for piece in reader.receive_rest()]
+            assert bytes(frame.body) == first  # still the body's start, not the rest
+    sender.join()
+    assert first + b"".join(pieces) == body
+
+
 def test_the_peer_closing_inside_a_spliced_body_ends_the_frames():
     whole = protocol.encode_data(FrameType.STDIN, 5, b"z" * 100_000)
     sock, reader, sender = _spliced_stream([whole[:50_000]])

@@ -1127,8 +1127,10 @@ class FrameReader:
     each complete frame as a :class:`FrameView` whose body is released when the next one
     is asked for, so a consumer that writes the body on (a pipe, a file) copies it only
     into the kernel. The buffer grows to what the frames and ``recv_bytes`` need (at most
-    one header plus ``max_frame_bytes`` plus ``recv_bytes``) and never shrinks. Headers are
-    checked as in :class:`FrameDecoder`, before a body is read.
+    one header plus ``max_frame_bytes`` plus ``recv_bytes``) and never shrinks; a second
+    one of ``recv_bytes`` is made the first time the rest of a body is received rather
+    than spliced (:meth:`receive_rest`). Headers are checked as in :class:`FrameDecoder`,
+    before a body is read.
 
     With ``splice_from`` (the socket's descriptor), a STDIN frame whose body has at least
     :attr:`SPLICE_MIN_BYTES` still to come is yielded at once with what is buffered as
@@ -1166,6 +1168,7 @@ class FrameReader:
         self._streaming = False  # the last receive filled all the room it was given
         self._header_only = False  # the next receive takes one header, no more
         self._rest = 0  # body bytes of the yielded frame still on the socket
+        self._scratch: bytearray | None = None  # where receive_rest puts them (made once)
         self._eof = False  # the peer closed while a body was being spliced
 
     @property
@@ -1174,9 +1177,12 @@ class FrameReader:
         return self._rest
 
     def receive_rest(self) -> Iterator[memoryview]:
-        """Receive the rest of the current frame's body into the buffer, yielding a view of
-        each piece (valid until the next one is asked for)."""
-        with memoryview(self._buffer) as whole:
+        """Receive the rest of the current frame's body, yielding a view of each piece
+        (valid until the next one is asked for). The pieces go to a second buffer of
+        ``recv_bytes``, so the frame's ``body`` view stays what it was."""
+        if self._rest and self._scratch is None:
+            self._scratch = bytearray(self.recv_bytes)
+        with memoryview(self._scratch or b"") as whole:
             while self._rest:
                 received = self._recv_into(whole[: min(self._rest, len(whole))])
                 if not received:
