@@ -181,6 +181,20 @@ def test_brackets_in_paths_and_names_are_printed_as_they_are(
     assert "[bold]odd" in listed and str(odd / "vm.json") in listed
 
 
+def test_emoji_codes_in_names_and_paths_are_printed_as_they_are(
+        iso: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = run_cli("vm", "status", ":thumbs_up:")
+    assert refused.returncode == 1 and "VM name ':thumbs_up:' may" in refused.stderr
+    home = tmp_path / ":smile:" / "home"
+    monkeypatch.setenv("SECVF_HOME", str(home))
+    run_cli("vm", "create", "lab", "--iso", str(iso), check=True)
+    odd = home / "vms" / ":fire:odd"
+    odd.mkdir()
+    (odd / "vm.json").write_text("{not json")
+    listed = run_cli("vm", "list", check=True).stdout  # a rich table
+    assert ":fire:odd" in listed and str(odd / "vm.json") in listed
+
+
 def test_audit_keeps_the_plan_and_live_labels(iso: Path) -> None:
     run_cli("vm", "create", "lab", "--iso", str(iso), check=True)
     row = [line for line in run_cli("audit", check=True).stdout.splitlines() if "lab" in line]

@@ -184,9 +184,10 @@ def test_exit_now_flushes_stdout_and_exits_with_the_status() -> None:
 #: Lines rich prints as they are: written without it.
 PLAIN_LINES = ["secvf: error: no VM named 'x' (see: secvf vm list)", "", "x" * 300,
                "naïve café ✓ 日本語 😀", "[bold]not markup[/bold] \\[x]", "ratio 1:2 at 12:00",
-               "a: b: c", "secvf: note: connection closed (~.): the guest kills the command"]
-#: Lines rich changes (an emoji code, a tab, control characters): printed through it.
-RICH_LINES = [":smile: here", "http://host:8080/x", "tab\there", "two\nlines", "bell\a", "cr\r"]
+               "a: b: c", "secvf: note: connection closed (~.): the guest kills the command",
+               ":smile: here", "http://host:8080/x"]  # no emoji: the console has them off
+#: Lines rich changes (a tab, control characters): printed through it.
+RICH_LINES = ["tab\there", "two\nlines", "bell\a", "cr\r"]
 
 #: Prints PLAIN_LINES (rich still not loaded after them) and RICH_LINES with print_line,
 #: then all of them through a rich console; prints both outputs as JSON.

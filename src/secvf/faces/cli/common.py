@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +38,6 @@ UNLIMITED_WIDTH = 1 << 20
 #: The longest timeout a ``SECONDS`` option takes (a year).
 MAX_SECONDS = 365 * 24 * 3600.0
 
-#: Where rich could see an emoji code (``:smile:``) in text printed without markup.
-_EMOJI_CODE = re.compile(r":\S*:")
 
 
 class LazyConsole:
@@ -61,7 +58,8 @@ class LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            console = Console(stderr=self._stderr, soft_wrap=True)
+            # emoji=False: rich would turn ":smile:" in a name or message into an emoji
+            console = Console(stderr=self._stderr, soft_wrap=True, emoji=False)
             if not console.is_terminal:
                 console.width = UNLIMITED_WIDTH
             self._console = console
@@ -77,10 +75,9 @@ class LazyConsole:
         The same as ``print(text, markup=False, highlight=False)``, written without rich
         while rich is not loaded yet (so no live display of it can be showing) and the
         text is one that rich would print unchanged: printable (no tab, newline or control
-        character, which rich expands or strips) and without anything like an emoji code,
-        which rich replaces even without markup.
+        character, which rich expands or strips).
         """
-        if "rich.console" in sys.modules or not text.isprintable() or _EMOJI_CODE.search(text):
+        if "rich.console" in sys.modules or not text.isprintable():
             self.print(text, markup=False, highlight=False)
             return
         stream = sys.stderr if self._stderr else sys.stdout
