@@ -35,6 +35,8 @@ def http_server(fleet: dict):
             time.sleep(0.3)
         yield
         session.cancel()
+        for _ in session:  # until it has exited: the next test's server binds the same port
+            pass
 
 
 def _listening() -> bool:
